@@ -1,0 +1,50 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch keeps set-up small. On CI machines torch==2.13.0 resolves to a local
+# CPU wheel; elsewhere set TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build,
+# or install your CUDA build of torch into .venv first (the install step keeps it).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint typecheck unit integration bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	@$(PY) -c "import torch" 2>/dev/null || \
+		$(PY) -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pdserve demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy cluster engine prefill_worker decode_worker kv_transfer router bench
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q
+
+integration: $(STAMP)
+	$(PY) -m pytest tests/integration -q
+
+# pytest exits 5 when it collected nothing: that is a failure here, like any non-zero code.
+test: lint typecheck
+	$(PY) -m pytest tests -q -p no:cacheprovider --timeout=900
+
+bench: $(STAMP)
+	$(PY) -m pdserve.bench.engine_bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

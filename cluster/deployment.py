@@ -1,0 +1,135 @@
+"""Placing a deployment on Ray: prefill TP groups in STRICT_PACK placement groups, decode
+replicas, and the router that ties them together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.parallel import check_tp_size, is_kv_sender
+from pdserve.engine.spec import DecodeSpec, EngineSpec, PrefillSpec
+from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.router.router import PrefillInstance, Router, RouterConfig
+
+logger = logging.getLogger(__name__)
+
+PrefillActor = ray.remote(PrefillWorker)
+DecodeActor = ray.remote(DecodeWorker)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A resolved deployment: no ``auto`` left in it."""
+
+    engine: EngineSpec
+    prefill_instances: int = 1
+    prefill_tp: int = 1
+    decode_instances: int = 1
+    max_batch_tokens: int = 8192
+    max_batch_size: int = 64
+    max_num_seqs: int = 64
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int = 512 << 20
+    router: RouterConfig = field(default_factory=RouterConfig)
+    # Ray resources each actor asks for besides its device slot (e.g. {"prefill": 1}).
+    prefill_resources: dict[str, float] = field(default_factory=dict)
+    decode_resources: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_actors(self) -> int:
+        return self.prefill_instances * self.prefill_tp + self.decode_instances
+
+
+def _device_slot(engine: EngineSpec) -> dict[str, float]:
+    return {"GPU": 1.0} if engine.device == "cuda" else {"CPU": 1.0}
+
+
+@dataclass
+class Deployment:
+    """Live actors of one deployment and the router driving them."""
+
+    spec: ClusterSpec
+    config: ModelConfig
+    router: Router
+    prefill: list[PrefillInstance]
+    decode: list[Any]
+    placement_groups: list[PlacementGroup]
+
+    @classmethod
+    async def start(cls, spec: ClusterSpec, config: ModelConfig) -> Deployment:
+        check_tp_size(config.num_heads, config.num_kv_heads, spec.prefill_tp)
+        groups: list[PlacementGroup] = []
+        decode = [_make_decode(spec, j) for j in range(spec.decode_instances)]
+        prefill = []
+        for i in range(spec.prefill_instances):
+            pg = placement_group([_device_slot(spec.engine) | spec.prefill_resources] * spec.prefill_tp,
+                                 strategy="STRICT_PACK", name=f"{spec.router.link_prefix}-prefill{i}")
+            groups.append(pg)
+            prefill.append(_make_prefill(spec, config, i, pg))
+        try:
+            await asyncio.gather(*(pg.ready() for pg in groups))
+            await asyncio.gather(*(_start_prefill(p) for p in prefill),
+                                 *(d.get_load.remote() for d in decode))
+            router = Router(prefill, decode, spec.router)
+            await router.start()
+        except BaseException:
+            _kill([r for p in prefill for r in p.ranks] + decode, groups)
+            raise
+        return cls(spec, config, router, prefill, decode, groups)
+
+    def shutdown(self) -> None:
+        _kill([r for p in self.prefill for r in p.ranks] + self.decode, self.placement_groups)
+
+
+def _make_decode(spec: ClusterSpec, j: int) -> Any:
+    slot = _device_slot(spec.engine)
+    dspec = DecodeSpec(j, spec.max_num_seqs, spec.num_kv_blocks, spec.kv_cache_bytes)
+    return DecodeActor.options(
+        num_cpus=slot.get("CPU", 0), num_gpus=slot.get("GPU", 0), resources=spec.decode_resources,
+        max_concurrency=10_000,
+    ).remote(spec.engine, dspec)
+
+
+def _make_prefill(spec: ClusterSpec, config: ModelConfig, i: int, pg: PlacementGroup) -> PrefillInstance:
+    slot = _device_slot(spec.engine)
+    ranks = [
+        PrefillActor.options(
+            num_cpus=slot.get("CPU", 0), num_gpus=slot.get("GPU", 0),
+            resources=spec.prefill_resources, max_concurrency=10_000,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+        ).remote(spec.engine, PrefillSpec(i, r, spec.prefill_tp, spec.max_batch_tokens,
+                                          spec.max_batch_size))
+        for r in range(spec.prefill_tp)
+    ]
+    senders = [r for r in range(spec.prefill_tp)
+               if is_kv_sender(config.num_kv_heads, r, spec.prefill_tp)]
+    return PrefillInstance(i, ranks, senders)
+
+
+async def _start_prefill(p: PrefillInstance) -> None:
+    host, port = await p.leader.tp_address.remote()
+    await asyncio.gather(*(
+        rank.start.remote(host, port, p.ranks[1:] if r == 0 else [])
+        for r, rank in enumerate(p.ranks)
+    ))
+
+
+def _kill(actors: list[Any], groups: list[PlacementGroup]) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception as e:  # already dead: nothing to free
+            logger.debug("kill: %s", e)
+    for pg in groups:
+        try:
+            remove_placement_group(pg)
+        except Exception as e:
+            logger.debug("remove placement group: %s", e)

@@ -1,0 +1,329 @@
+"""Continuous batching for one decode replica: which sequences decode this step, and who yields
+KV blocks when the cache runs out. Pure Python over plain objects (no torch, no Ray)."""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pdserve.engine.block_manager import BlockManager
+
+
+class SchedulerError(RuntimeError):
+    """The worker broke the scheduler's protocol (unknown seq, duplicate id, missed
+    `on_step_done`, a seq past its length limit that was not finished)."""
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that leaves no room to generate within max_model_len; reject the request."""
+
+
+class SeqStatus(enum.Enum):
+    NEW = "new"  # built by the worker, not activated yet
+    READY = "ready"  # prompt K/V cached (arrived by transfer), waiting to join the batch
+    RUNNING = "running"  # in the batch: holds blocks for every cached token
+    PREEMPTED = "preempted"  # lost its blocks; waits to be recomputed
+    FINISHED = "finished"  # finished or aborted; the scheduler has forgotten it
+
+
+@dataclass(eq=False)
+class DecodeSeq:
+    """One request on a decode replica. `token_ids` = prompt + generated tokens; the first
+    generated token comes from prefill. Identity, not value, makes two seqs equal."""
+
+    seq_id: int
+    prompt_len: int
+    max_tokens: int
+    token_ids: list[int]
+    num_cached: int = 0
+    status: SeqStatus = SeqStatus.NEW
+    arrival: int = -1  # activation order on this replica; FCFS key of the recompute queue
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+
+@dataclass
+class ScheduleOutput:
+    """What the worker runs this step (see DecodeScheduler for the protocol)."""
+
+    decode: list[DecodeSeq] = field(default_factory=list)
+    recompute: list[DecodeSeq] = field(default_factory=list)
+    preempted: list[DecodeSeq] = field(default_factory=list)
+
+
+class DecodeScheduler:
+    """FCFS continuous batching with recompute preemption for one decode replica.
+
+    Life of a seq (blocks are held in `blocks` under the seq_id)::
+
+        reserve(id, n)          activate(seq)           schedule
+        ─────────────▶ reserved ─────────────▶ READY ──────────▶ RUNNING ──finish──▶ forgotten
+        blocks for n            prompt K/V      │                  │  ▲
+        prompt tokens           arrived         │ evicted  evicted │  │ schedule: re-admitted,
+                                                ▼                  │  │ the worker recomputes
+                                            PREEMPTED ◀────────────┘  │ the K/V
+                                            (no blocks) ──────────────┘
+
+        abort(id) forgets a seq in any state and frees its blocks.
+
+    Step protocol: `schedule()`; the worker runs a prefill over `token_ids[:-1]` for each seq in
+    `recompute` (their cache counts as rebuilt from now on) and one decode step for each seq in
+    `decode`, appends each sampled token to `seq.token_ids`, calls `on_step_done(decode)`, and
+    `finish()`es every seq that hit a stop condition or `reached_length_limit`.
+
+    Priority is running (admission order) > ready (activation order) > preempted (activation
+    order). A seq that needs a block when none is free evicts the lowest-priority holder below it:
+    ready seqs newest first (they have done no decode work yet), then running seqs newest first,
+    which may be the seq itself. A seq can always fit alone (max_model_len <= cache size), so a
+    running seq that evicts itself does so only because unpreemptable reservations (K/V in flight)
+    hold the rest; it is recomputed once they drain. A ready seq never evicts itself: it keeps its
+    transferred K/V and waits. A step that preempted re-admits no preempted seq (it would be the
+    next victim), and re-admission waits until the seq's next decode step fits too.
+    """
+
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_model_len: int) -> None:
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={max_num_seqs} is invalid: must be >= 1")
+        capacity = blocks.num_blocks * blocks.block_size
+        if not 2 <= max_model_len <= capacity:
+            raise ValueError(
+                f"max_model_len={max_model_len} must be in [2, {capacity}] (the KV cache holds "
+                f"{capacity} tokens): lower max_model_len or give the cache more blocks"
+            )
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self._reserved: dict[int, int] = {}  # seq_id -> prompt tokens reserved
+        self._seqs: dict[int, DecodeSeq] = {}  # every activated seq not yet finished
+        self._running: list[DecodeSeq] = []  # admission order
+        self._ready: list[DecodeSeq] = []  # activation order
+        self._preempted: list[DecodeSeq] = []  # sorted by arrival
+        self._arrivals = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Activated seqs not in the batch: ready plus preempted."""
+        return len(self._ready) + len(self._preempted)
+
+    @property
+    def num_reserved(self) -> int:
+        return len(self._reserved)
+
+    def reached_length_limit(self, seq: DecodeSeq) -> bool:
+        """True when `seq` must finish for length: max_tokens reached or max_model_len full."""
+        return seq.num_output >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len
+
+    # ---- admission -----------------------------------------------------------------------
+
+    def reserve(self, seq_id: int, num_prompt_tokens: int) -> list[int] | None:
+        """Blocks for the prompt's K/V (they arrive by transfer), or None if there is no room."""
+        if seq_id in self._reserved or seq_id in self._seqs:
+            raise SchedulerError(f"seq {seq_id} is already known on this replica")
+        if num_prompt_tokens < 1:
+            raise ValueError(f"num_prompt_tokens={num_prompt_tokens} is invalid: must be >= 1")
+        if num_prompt_tokens >= self.max_model_len:
+            raise PromptTooLongError(
+                f"a prompt of {num_prompt_tokens} tokens leaves no room to generate: prompts "
+                f"must be shorter than max_model_len={self.max_model_len}"
+            )
+        # reserve before prefill so a finished prefill never waits for decode space
+        if not self.blocks.can_allocate(num_prompt_tokens):
+            return None
+        self._reserved[seq_id] = num_prompt_tokens
+        return self.blocks.allocate(seq_id, num_prompt_tokens)
+
+    def activate(self, seq: DecodeSeq) -> None:
+        """The prompt's K/V arrived in the reserved blocks; `seq` joins the ready queue."""
+        reserved = self._reserved.get(seq.seq_id)
+        if reserved is None:
+            raise SchedulerError(f"seq {seq.seq_id} was not reserved (or was aborted)")
+        if seq.prompt_len != reserved or len(seq.token_ids) != seq.prompt_len + 1:
+            raise SchedulerError(
+                f"seq {seq.seq_id}: reserved {reserved} prompt tokens but got prompt_len="
+                f"{seq.prompt_len} and {len(seq.token_ids)} token ids (want prompt + 1st token)"
+            )
+        if self.reached_length_limit(seq):
+            raise SchedulerError(f"seq {seq.seq_id} is done after prefill; finish it instead")
+        del self._reserved[seq.seq_id]
+        seq.num_cached, seq.status, seq.arrival = seq.prompt_len, SeqStatus.READY, self._arrivals
+        self._arrivals += 1
+        self._seqs[seq.seq_id] = seq
+        self._ready.append(seq)
+
+    # ---- the step ------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduleOutput:
+        """Pick this step's batch; see the class docstring for the order and preemption."""
+        self._check_schedulable()
+        out = ScheduleOutput()
+        for seq in list(self._running):
+            if seq.status is SeqStatus.RUNNING and self._make_room(seq, out.preempted):
+                self.blocks.append(seq.seq_id, seq.num_cached + 1)
+                out.decode.append(seq)
+        self._admit_ready(out)
+        self._admit_preempted(out)
+        return out
+
+    def on_step_done(self, seqs: Sequence[DecodeSeq]) -> None:
+        """Each seq's last token is now cached (`num_cached += 1`)."""
+        if len({seq.seq_id for seq in seqs}) != len(seqs):
+            raise SchedulerError("on_step_done got the same seq twice")
+        for seq in seqs:
+            known = self._seqs.get(seq.seq_id)
+            if known is not seq or seq.status is not SeqStatus.RUNNING:
+                raise SchedulerError(f"seq {seq.seq_id} is not running on this replica")
+            if self.blocks.num_tokens(seq.seq_id) != seq.num_cached + 1:
+                raise SchedulerError(f"seq {seq.seq_id} was not scheduled for decode this step")
+        for seq in seqs:
+            seq.num_cached += 1
+
+    def finish(self, seq_id: int) -> None:
+        """`seq_id` finished (stop or length): free its blocks and forget it."""
+        if not self.abort(seq_id):
+            raise SchedulerError(f"cannot finish seq {seq_id}: unknown on this replica")
+
+    def abort(self, seq_id: int) -> bool:
+        """Forget `seq_id` in whatever state, freeing its blocks; False if it is unknown."""
+        if self._reserved.pop(seq_id, None) is not None:
+            self.blocks.free(seq_id)
+            return True
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return False
+        self.blocks.free(seq_id)
+        self._queue_of(seq).remove(seq)
+        seq.status, seq.num_cached = SeqStatus.FINISHED, 0
+        return True
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _check_schedulable(self) -> None:
+        # checked up front so a protocol error leaves the scheduler untouched
+        for seq in self._running + self._ready:
+            if seq.num_cached != len(seq.token_ids) - 1:
+                raise SchedulerError(
+                    f"seq {seq.seq_id} has {len(seq.token_ids)} tokens but {seq.num_cached} "
+                    "cached: append each sampled token and call on_step_done after every step"
+                )
+            if self.reached_length_limit(seq):
+                raise SchedulerError(
+                    f"seq {seq.seq_id} reached its length limit; finish it before scheduling"
+                )
+
+    def _make_room(self, seq: DecodeSeq, preempted: list[DecodeSeq]) -> bool:
+        """Evict lower-priority seqs until `seq` can cache one more token. False if `seq` itself
+        had to go (a running seq is preempted; a ready seq just stays ready)."""
+        while not self.blocks.can_append(seq.seq_id, seq.num_cached + 1):
+            victim = self._victim(seq)
+            if victim is None:
+                return False
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _victim(self, seq: DecodeSeq) -> DecodeSeq | None:
+        if self._ready and self._ready[-1] is not seq:
+            return self._ready[-1]
+        if seq.status is SeqStatus.RUNNING:
+            return self._running[-1]  # may be seq itself
+        return None
+
+    def _preempt(self, seq: DecodeSeq) -> None:
+        self.blocks.free(seq.seq_id)
+        self._queue_of(seq).remove(seq)
+        seq.status, seq.num_cached = SeqStatus.PREEMPTED, 0
+        bisect.insort(self._preempted, seq, key=lambda s: s.arrival)
+
+    def _admit_ready(self, out: ScheduleOutput) -> None:
+        while self._ready and len(self._running) < self.max_num_seqs:
+            seq = self._ready[0]
+            if not self._make_room(seq, out.preempted):
+                return
+            self.blocks.append(seq.seq_id, seq.num_cached + 1)
+            self._ready.pop(0)
+            self._running.append(seq)
+            seq.status = SeqStatus.RUNNING
+            out.decode.append(seq)
+
+    def _admit_preempted(self, out: ScheduleOutput) -> None:
+        if out.preempted:
+            return  # a seq re-admitted now would be the next victim
+        while self._preempted and len(self._running) < self.max_num_seqs:
+            seq = self._preempted[0]
+            # room for its next decode step too, so it is not evicted right after the recompute
+            if not self.blocks.can_allocate(len(seq.token_ids)):
+                return
+            self.blocks.allocate(seq.seq_id, len(seq.token_ids) - 1)
+            self._preempted.pop(0)
+            self._running.append(seq)
+            seq.status, seq.num_cached = SeqStatus.RUNNING, len(seq.token_ids) - 1
+            out.recompute.append(seq)
+
+    def _queue_of(self, seq: DecodeSeq) -> list[DecodeSeq]:
+        queues = {
+            SeqStatus.READY: self._ready,
+            SeqStatus.RUNNING: self._running,
+            SeqStatus.PREEMPTED: self._preempted,
+        }
+        return queues[seq.status]
+
+    # ---- self-check ----------------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        """Raise SchedulerError (or BlockManagerError) if queues, statuses and blocks disagree."""
+        self.blocks.check_integrity()
+        queues = (
+            (SeqStatus.RUNNING, self._running),
+            (SeqStatus.READY, self._ready),
+            (SeqStatus.PREEMPTED, self._preempted),
+        )
+        queued = [seq for _, queue in queues for seq in queue]
+        if sorted(s.seq_id for s in queued) != sorted(self._seqs):
+            raise SchedulerError("queues and the seq table disagree (a seq is lost or doubled)")
+        if self._reserved.keys() & self._seqs.keys():
+            raise SchedulerError("a seq is both reserved and activated")
+        holders = set(self._reserved) | {s.seq_id for s in self._running + self._ready}
+        if set(self.blocks.owners()) != holders:
+            raise SchedulerError(
+                f"block owners {sorted(self.blocks.owners())} != seqs holding blocks "
+                f"{sorted(holders)}"
+            )
+        if len(self._running) > self.max_num_seqs:
+            raise SchedulerError(f"{len(self._running)} running > max_num_seqs")
+        for seq_id, tokens in self._reserved.items():
+            if self.blocks.num_tokens(seq_id) != tokens:
+                raise SchedulerError(f"reserved seq {seq_id} lost its prompt blocks")
+        for status, queue in queues:
+            for seq in queue:
+                self._check_seq(seq, status)
+        arrivals = [s.arrival for s in self._preempted]
+        if arrivals != sorted(arrivals):
+            raise SchedulerError("the preempted queue is out of arrival order")
+
+    def _check_seq(self, seq: DecodeSeq, status: SeqStatus) -> None:
+        if seq.status is not status or self._seqs.get(seq.seq_id) is not seq:
+            raise SchedulerError(
+                f"seq {seq.seq_id} is {seq.status.value} in the {status.value} queue"
+            )
+        if status is SeqStatus.PREEMPTED:
+            ok = seq.num_cached == 0
+        else:
+            # ready: capacity == cached; running: one more while a decode step is scheduled
+            spare = self.blocks.num_tokens(seq.seq_id) - seq.num_cached
+            ok = spare in ((0,) if status is SeqStatus.READY else (0, 1))
+            ok = ok and seq.num_cached <= len(seq.token_ids)
+        if not ok:
+            raise SchedulerError(
+                f"seq {seq.seq_id} ({seq.status.value}) caches {seq.num_cached} of "
+                f"{len(seq.token_ids)} tokens, which its blocks do not match"
+            )

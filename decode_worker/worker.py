@@ -1,0 +1,281 @@
+"""The decode actor: one data-parallel replica with a paged KV cache and continuous batching.
+
+Life of a request here (keyed by the router's transfer id)::
+
+    reserve ──▶ RESERVED ──KV + first token land──▶ scheduler (ready/running) ──stop──▶ freed
+                   │ abort: freed now if no KV is coming, else when it has landed      │
+                   └──────────────────────────────────── abort: freed after the step ◀─┘
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.decode_worker.runner import DecodeRunner
+from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, ScheduleOutput
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.kv_cache import allocate_kv_cache, num_blocks_for_bytes
+from pdserve.engine.loader import load_model
+from pdserve.engine.parallel import TPGroup
+from pdserve.engine.load import DecodeLoad
+from pdserve.engine.request import DecodeRequest, StepDelta
+from pdserve.engine.sampling import SamplerOutput, SamplingRow
+from pdserve.engine.spec import resolve_host, DecodeSpec, EngineSpec
+from pdserve.engine.stop import check_token_stop
+from pdserve.kv_transfer.descriptor import TransferItem
+from pdserve.kv_transfer.link import RECEIVER, KVLink, resolve_backend
+from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    req: DecodeRequest
+    queue: asyncio.Queue[StepDelta] = field(default_factory=asyncio.Queue)
+    heads: int = 0  # KV heads landed so far (summed over the prefill ranks' slices)
+    first_token: int | None = None
+    kv_bytes: int = 0
+    transfer_s: float = 0.0
+    aborted: bool = False  # abort asked while KV is in flight: free once it has landed
+    running: bool = False
+
+
+class DecodeWorker:
+    """Ray actor (async). Construct through ``cluster``; methods are called by the router."""
+
+    def __init__(self, engine: EngineSpec, spec: DecodeSpec) -> None:
+        torch.set_num_threads(engine.num_threads)
+        self.engine = engine
+        self.spec = spec
+        self.device = torch.device(engine.device)
+        self.host = resolve_host(engine.host)
+        cfg = ModelConfig.from_pretrained(
+            engine.model, dtype=engine.dtype, device=engine.device, max_model_len=engine.max_model_len
+        )
+        self.config = cfg
+        num_blocks = spec.num_blocks or num_blocks_for_bytes(cfg, 1, engine.block_size,
+                                                             spec.kv_cache_bytes)
+        self.blocks = BlockManager(num_blocks, engine.block_size)
+        self.scheduler = DecodeScheduler(self.blocks, spec.max_num_seqs, cfg.max_model_len)
+        kv_cache = allocate_kv_cache(cfg, 1, num_blocks, engine.block_size, self.device)
+        model = load_model(cfg, TPGroup.single(), self.device)
+        self.runner = DecodeRunner(model, kv_cache, engine.block_size, self.device)
+        self._requests: dict[int, _Request] = {}
+        self._inflight: dict[str, set[int]] = defaultdict(set)  # link -> transfers mid-receive
+        self._receivers: dict[str, KVReceiver] = {}
+        self._deferred_aborts: set[int] = set()
+        self._stepping = False
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._step_task: asyncio.Task[None] | None = None
+
+    def _ensure_loop(self) -> None:
+        if self._step_task is None:
+            self._loop = asyncio.get_running_loop()
+            self._step_task = self._loop.create_task(self._step_loop())
+
+    # -- links ------------------------------------------------------------------------------
+
+    async def listen(self, name: str) -> tuple[str, int]:
+        """Host link ``name``; the prefill rank joins at the returned address."""
+        self._ensure_loop()
+        store = KVLink.host_store(self.host)
+        backend = resolve_backend(self.engine.kv_backend, self.device)
+        assert self._loop is not None
+        loop = self._loop
+
+        def join() -> None:
+            link = KVLink.connect(name, backend, RECEIVER, self.device, self.host,
+                                  store.port, store=store)
+            receiver = KVReceiver(
+                link, self.runner.kv_cache, self.engine.block_size,
+                lambda item: self._accept(name, item),
+                lambda b: loop.call_soon_threadsafe(self._on_batch, b),
+                lambda n, e: loop.call_soon_threadsafe(self._on_link_error, n, e),
+            )
+            self._receivers[name] = receiver
+            receiver.start()
+
+        loop.run_in_executor(None, join)
+        return self.host, store.port
+
+    def _accept(self, link: str, item: TransferItem) -> bool:
+        # runs on a receiver thread: only reads the dict and adds to a set
+        r = self._requests.get(item.transfer_id)
+        if r is None or r.running:
+            return False
+        if tuple(self.blocks.block_table(item.transfer_id)) != item.block_ids:
+            logger.error("transfer %d names blocks it does not hold; dropped", item.transfer_id)
+            return False
+        self._inflight[link].add(item.transfer_id)
+        return True
+
+    def _on_batch(self, batch: ReceivedBatch) -> None:
+        share = batch.nbytes / max(batch.header.num_tokens, 1)
+        for i, (item, ok) in enumerate(zip(batch.header.items, batch.accepted)):
+            self._inflight[batch.link].discard(item.transfer_id)
+            r = self._requests.get(item.transfer_id)
+            if not ok or r is None:
+                continue
+            r.heads += batch.header.num_heads
+            r.kv_bytes += int(share * item.num_tokens)
+            r.transfer_s = max(r.transfer_s, batch.seconds)
+            if batch.first_tokens is not None:
+                r.first_token = batch.first_tokens[i]
+            if r.heads == self.config.num_kv_heads and r.first_token is not None:
+                self._land(r)
+
+    def _on_link_error(self, name: str, error: BaseException) -> None:
+        self._receivers.pop(name, None)
+        for tid in self._inflight.pop(name, set()):
+            r = self._requests.get(tid)
+            if r is not None and not r.running:
+                self._drop(r, StepDelta(error=f"KV transfer failed on link {name}: {error}"))
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def reserve(self, req: DecodeRequest) -> tuple[list[int] | None, DecodeLoad]:
+        """Reserve blocks for the prompt's KV before its prefill runs; None when full."""
+        self._ensure_loop()
+        blocks = self.scheduler.reserve(req.transfer_id, len(req.prompt_token_ids))
+        if blocks is not None:
+            self._requests[req.transfer_id] = _Request(req)
+        return blocks, self.load()
+
+    async def abort(self, transfer_id: int, transfer_pending: bool) -> bool:
+        """Forget a request and free its blocks; with KV still in flight, once it has landed."""
+        r = self._requests.get(transfer_id)
+        if r is None:
+            return False
+        if r.running and self._stepping:
+            self._deferred_aborts.add(transfer_id)
+        elif not r.running and transfer_pending:
+            r.aborted = True
+        else:
+            self._drop(r, StepDelta(finish_reason="abort"))
+        return True
+
+    async def stream(self, transfer_id: int) -> AsyncIterator[StepDelta]:
+        """Deltas of one request until it finishes; batches whatever piled up between reads."""
+        r = self._requests.get(transfer_id)
+        if r is None:
+            yield StepDelta(error=f"transfer {transfer_id} is unknown on this decode replica")
+            return
+        queue = r.queue
+        while True:
+            delta = await queue.get()
+            while not queue.empty():
+                delta.merge(queue.get_nowait())
+            delta.load = self.load()
+            yield delta
+            if delta.finish_reason or delta.error:
+                return
+
+    def load(self) -> DecodeLoad:
+        s = self.scheduler
+        return DecodeLoad(self.spec.instance, self.blocks.num_free_blocks, self.blocks.num_blocks,
+                          s.num_running, s.num_waiting)
+
+    async def get_load(self) -> DecodeLoad:
+        return self.load()
+
+    async def check_integrity(self) -> int:
+        """Raise if any block is lost or double-owned; returns the number of known requests."""
+        self.scheduler.check_integrity()
+        known = set(self.blocks.owners())
+        assert known <= set(self._requests), f"blocks held by forgotten requests: {known - set(self._requests)}"
+        return len(self._requests)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _land(self, r: _Request) -> None:
+        """All KV slices and the first token are here: start decoding (or finish at once)."""
+        tid, req = r.req.transfer_id, r.req
+        if r.aborted:
+            self._drop(r, StepDelta(finish_reason="abort"))
+            return
+        assert r.first_token is not None
+        prompt = list(req.prompt_token_ids)
+        seq = DecodeSeq(tid, len(prompt), req.sampling.max_tokens, prompt + [r.first_token])
+        stats = StepDelta(kv_bytes=r.kv_bytes, transfer_s=r.transfer_s)
+        reason = self._stop_reason(seq, r.first_token)
+        if reason is not None:
+            stats.finish_reason = reason
+            self._drop(r, stats)
+            return
+        self.scheduler.activate(seq)
+        r.running = True
+        r.queue.put_nowait(stats)
+        self._wake.set()
+
+    def _stop_reason(self, seq: DecodeSeq, token: int) -> str | None:
+        reason = check_token_stop(token, seq.num_output, len(seq.token_ids),
+                                  self._requests[seq.seq_id].req.sampling,
+                                  self.config.eos_token_ids, self.config.max_model_len)
+        if reason is None and self.scheduler.reached_length_limit(seq):
+            reason = "length"
+        return reason
+
+    def _drop(self, r: _Request, last: StepDelta) -> None:
+        tid = r.req.transfer_id
+        self.scheduler.abort(tid)
+        self._requests.pop(tid, None)
+        r.queue.put_nowait(last)
+
+    async def _step_loop(self) -> None:
+        while True:
+            out = self.scheduler.schedule()
+            if not out.decode and not out.recompute:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._stepping = True
+            try:
+                result = await asyncio.to_thread(self._run_step, out)
+            except Exception as e:  # a failed step fails its requests, never the replica
+                logger.exception("decode step failed")
+                for seq in out.decode + out.recompute:
+                    if seq.seq_id in self._requests:
+                        self._drop(self._requests[seq.seq_id], StepDelta(error=f"decode step failed: {e}"))
+                continue
+            finally:
+                self._stepping = False
+            self._apply(out, result)
+            for tid in self._deferred_aborts:
+                if tid in self._requests:
+                    self._drop(self._requests[tid], StepDelta(finish_reason="abort"))
+            self._deferred_aborts.clear()
+            await asyncio.sleep(0)  # let reserve/abort/stream calls in between steps
+
+    def _run_step(self, out: ScheduleOutput) -> SamplerOutput | None:
+        table = self.blocks.block_table
+        if out.recompute:
+            self.runner.recompute(out.recompute, [table(s.seq_id) for s in out.recompute])
+        if not out.decode:
+            return None
+        rows = [SamplingRow(self._requests[s.seq_id].req.sampling,
+                            s.token_ids[: s.prompt_len], s.token_ids[s.prompt_len :])
+                for s in out.decode]
+        return self.runner.step(out.decode, [table(s.seq_id) for s in out.decode], rows)
+
+    def _apply(self, out: ScheduleOutput, result: SamplerOutput | None) -> None:
+        if result is None:
+            return
+        self.scheduler.on_step_done(out.decode)
+        for seq, token, logprobs in zip(out.decode, result.token_ids, result.logprobs):
+            seq.token_ids.append(token)
+            r = self._requests[seq.seq_id]
+            reason = self._stop_reason(seq, token)
+            delta = StepDelta([token], [logprobs], finish_reason=reason)
+            if reason is None:
+                r.queue.put_nowait(delta)
+            else:
+                self._drop(r, delta)

@@ -1,0 +1,25 @@
+"""Load snapshots the workers report and the router's dispatch policies read (plain data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrefillLoad:
+    """What the router knows about one prefill instance's queue."""
+
+    instance: int
+    queued_tokens: int
+    queued_requests: int
+
+
+@dataclass(frozen=True)
+class DecodeLoad:
+    """What the router knows about one decode replica's KV cache and batch."""
+
+    instance: int
+    free_blocks: int
+    total_blocks: int
+    running: int
+    waiting: int

@@ -1,0 +1,189 @@
+"""CausalLM: the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) as one compact module.
+
+Tensor parallelism (Megatron style): q/k/v and gate/up are column-parallel (each rank holds its
+heads and its slice of the MLP), o_proj and down_proj are row-parallel, so a layer needs one
+all-reduce after attention and one after the MLP. The embedding and lm_head are replicated on
+every rank: simple, and logits come out complete without a gather.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.engine.attention import (
+    DecodeMetadata,
+    PrefillMetadata,
+    decode_attention,
+    prefill_attention,
+    write_kv,
+)
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.layers import (
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    empty_param,
+    apply_rope,
+)
+from pdserve.engine.parallel import TPGroup, check_tp_size, kv_head_range
+
+KVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+Metadata = PrefillMetadata | DecodeMetadata
+
+
+class Attention(nn.Module):
+    """Self-attention over this rank's heads: fused qkv, optional q/k norm, RoPE, paged cache."""
+
+    def __init__(self, config: ModelConfig, tp: TPGroup, layer: int) -> None:
+        super().__init__()
+        kv_start, kv_end = kv_head_range(config.num_kv_heads, tp.rank, tp.size)
+        self.layer = layer
+        self.num_heads = config.num_heads // tp.size
+        self.num_kv_heads = kv_end - kv_start
+        self.head_dim = d = config.head_dim
+        self.scale = d**-0.5
+        self.window = config.sliding_window
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * d
+        self.qkv_proj = Linear(config.hidden_size, qkv_out, config.qkv_bias, config.dtype)
+        self.o_proj = RowParallelLinear(
+            self.num_heads * d, config.hidden_size, config.o_bias, config.dtype, tp
+        )
+        self.q_norm = RMSNorm(d, config.rms_norm_eps, config.dtype) if config.qk_norm else None
+        self.k_norm = RMSNorm(d, config.rms_norm_eps, config.dtype) if config.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: Metadata,
+        cache: torch.Tensor | None,
+        kv_hook: KVHook | None,
+    ) -> torch.Tensor:
+        # x: [T, hidden]; cache: [2, num_blocks, block_size, kv_heads_local, head_dim] or None
+        t, d = x.shape[0], self.head_dim
+        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # Qwen3: per-head RMSNorm before RoPE
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_hook is not None:
+            kv_hook(self.layer, k, v.contiguous())  # k, v: [T, kv_heads_local, head_dim]
+        out = self._attend(q, k, v, meta, cache)
+        return self.o_proj(out.reshape(t, q_size))
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: Metadata,
+        cache: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if isinstance(meta, PrefillMetadata):
+            if cache is not None and meta.slot_mapping is not None:
+                write_kv(cache[0], cache[1], k, v, meta.slot_mapping)
+            return prefill_attention(q, k, v, meta.seq_lens, self.scale, self.window)
+        if cache is None:
+            raise ValueError("decode needs the paged kv_cache the prefill wrote")
+        write_kv(cache[0], cache[1], k, v, meta.slot_mapping)
+        return decode_attention(q, cache[0], cache[1], meta, self.scale, self.window)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate/up fused and column-parallel, down row-parallel."""
+
+    def __init__(self, config: ModelConfig, tp: TPGroup) -> None:
+        super().__init__()
+        if config.intermediate_size % tp.size != 0:
+            raise ValueError(
+                f"tensor-parallel size {tp.size} must divide intermediate_size "
+                f"{config.intermediate_size}"
+            )
+        inter = config.intermediate_size // tp.size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * inter, config.mlp_bias, config.dtype)
+        self.down_proj = RowParallelLinear(
+            inter, config.hidden_size, config.mlp_bias, config.dtype, tp
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, tp: TPGroup, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.self_attn = Attention(config, tp, layer)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, config.dtype
+        )
+        self.mlp = MLP(config, tp)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: Metadata,
+        cache: torch.Tensor | None,
+        kv_hook: KVHook | None,
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, cache, kv_hook)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM over packed tokens; weights are filled by pdserve.engine.loader."""
+
+    def __init__(self, config: ModelConfig, tp: TPGroup) -> None:
+        super().__init__()
+        check_tp_size(config.num_heads, config.num_kv_heads, tp.size)
+        self.config = config
+        self.tp = tp
+        self.embed_tokens = empty_param(config.vocab_size, config.hidden_size, dtype=config.dtype)
+        self.rotary = RotaryEmbedding(config)
+        self.layers = nn.ModuleList(DecoderLayer(config, tp, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        # Tied checkpoints share one tensor between the embedding and the output projection.
+        self.lm_head = (
+            self.embed_tokens
+            if config.tie_word_embeddings
+            else empty_param(config.vocab_size, config.hidden_size, dtype=config.dtype)
+        )
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: Metadata,
+        kv_cache: torch.Tensor | None = None,
+        kv_hook: KVHook | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden] (after the final norm).
+
+        kv_cache: [num_layers, 2, num_blocks, block_size, kv_heads_local, head_dim]. kv_hook(layer,
+        k, v) sees each layer's K/V ([T, kv_heads_local, head_dim], after RoPE) before that
+        layer's attention runs, so a sender can overlap with the rest of the forward pass.
+        """
+        h = F.embedding(input_ids, self.embed_tokens)
+        cos, sin = self.rotary(positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            cache = kv_cache[i] if kv_cache is not None else None
+            h = layer(h, cos, sin, meta, cache, kv_hook)
+        return self.norm(h)
+
+    @torch.no_grad()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> logits [N, vocab] float32, complete on every rank."""
+        return F.linear(hidden, self.lm_head).float()

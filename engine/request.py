@@ -1,0 +1,100 @@
+"""Request-level types shared by the router and both workers (one dataclass per message)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.engine.load import DecodeLoad
+from pdserve.engine.sampling import TokenLogprobs
+from pdserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class PrefillItem:
+    """Router -> prefill instance: prefill this prompt and ship its KV to ``decode_instance``."""
+
+    transfer_id: int
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    decode_instance: int
+    block_ids: tuple[int, ...]  # reserved on the decode replica before dispatch
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """Prefill instance -> router: the first token, sampled from the last prompt position."""
+
+    transfer_id: int
+    first_token: int
+    logprobs: TokenLogprobs | None
+    queue_s: float  # waiting in the prefill queue
+    compute_s: float  # the batch's forward pass incl. sending the KV
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """Router -> decode replica at reservation time: everything decode needs besides the KV."""
+
+    transfer_id: int
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+
+
+@dataclass
+class StepDelta:
+    """Decode replica -> router: tokens generated since the last delta of one request."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    kv_bytes: int = 0  # set once, when the request's KV has landed
+    transfer_s: float = 0.0
+    load: DecodeLoad | None = None
+
+    def merge(self, other: StepDelta) -> None:
+        self.token_ids += other.token_ids
+        self.logprobs += other.logprobs
+        self.finish_reason = self.finish_reason or other.finish_reason
+        self.error = self.error or other.error
+        self.kv_bytes += other.kv_bytes
+        self.transfer_s += other.transfer_s
+        self.load = other.load or self.load
+
+
+@dataclass
+class RequestMetrics:
+    """Per-request latencies in seconds (vLLM's definitions)."""
+
+    arrival_time: float
+    queue_s: float = 0.0  # router admission + prefill queue
+    prefill_s: float = 0.0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    kv_bytes: int = 0
+    transfer_s: float = 0.0
+    num_output_tokens: int = 0
+
+    @property
+    def tpot(self) -> float:
+        """(E2E - TTFT) / (output tokens - 1); 0 for a single-token output."""
+        if self.num_output_tokens <= 1:
+            return 0.0
+        return (self.e2e - self.ttft) / (self.num_output_tokens - 1)
+
+
+@dataclass
+class RequestOutput:
+    """What ``LLM.generate`` returns per prompt."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    metrics: RequestMetrics
+    logprobs: list[TokenLogprobs | None] | None = None

@@ -1,0 +1,105 @@
+"""Transfer descriptors: the msgpack metadata that precedes a batch of KV on a link.
+
+A prefill rank sends, per batch and per destination decode replica, one *header* naming every
+request in the batch bound there (the router-assigned transfer id is the only pairing key), then
+one tensor per layer holding all those requests' K and V for the rank's head slice, then (from the
+rank that sampled them) a *trailer* with the first generated tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+
+# Bounded message size: a header for a batch of a few hundred requests is a few KiB.
+MAX_HEADER_BYTES = 1 << 20
+PROTOCOL_VERSION = 1
+
+
+class TransferProtocolError(RuntimeError):
+    """The peer sent bytes that are not a valid pdserve transfer header."""
+
+
+@dataclass(frozen=True)
+class TransferItem:
+    """One request's part of a batched transfer."""
+
+    transfer_id: int
+    request_id: str
+    num_tokens: int  # prompt tokens whose K/V are in this transfer
+    block_ids: tuple[int, ...]  # destination blocks, reserved by the router on the decode side
+
+
+@dataclass(frozen=True)
+class TransferHeader:
+    """What the receiver needs to post the layer receives and place the data."""
+
+    items: tuple[TransferItem, ...]
+    num_layers: int
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
+    head_start: int  # KV heads [head_start, head_end) of the full model carried by this link
+    head_end: int
+    head_dim: int
+    has_trailer: bool  # this rank also sends the first sampled token of every item
+    close: bool = False  # the sender is closing the link; nothing follows
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_tokens for item in self.items)
+
+    @property
+    def num_heads(self) -> int:
+        return self.head_end - self.head_start
+
+    def layer_shape(self) -> tuple[int, int, int, int]:
+        # per layer: [2 (K, V), tokens of all items, heads of this slice, head_dim]
+        return (2, self.num_tokens, self.num_heads, self.head_dim)
+
+    def encode(self) -> bytes:
+        body = {
+            "v": PROTOCOL_VERSION,
+            "items": [[i.transfer_id, i.request_id, i.num_tokens, list(i.block_ids)] for i in self.items],
+            "layers": self.num_layers,
+            "dtype": self.dtype,
+            "heads": [self.head_start, self.head_end, self.head_dim],
+            "trailer": self.has_trailer,
+            "close": self.close,
+        }
+        data: bytes = msgpack.packb(body, use_bin_type=True)
+        if len(data) > MAX_HEADER_BYTES:
+            raise TransferProtocolError(
+                f"transfer header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}; "
+                "lower the prefill batch size"
+            )
+        return data
+
+    @classmethod
+    def decode(cls, data: bytes) -> TransferHeader:
+        if len(data) > MAX_HEADER_BYTES:
+            raise TransferProtocolError(f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
+        try:
+            body = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0)
+            if body["v"] != PROTOCOL_VERSION:
+                raise TransferProtocolError(f"protocol version {body['v']} != {PROTOCOL_VERSION}")
+            items = tuple(
+                TransferItem(int(t), str(r), int(n), tuple(int(b) for b in blocks))
+                for t, r, n, blocks in body["items"]
+            )
+            start, end, head_dim = (int(x) for x in body["heads"])
+            return cls(
+                items=items,
+                num_layers=int(body["layers"]),
+                dtype=str(body["dtype"]),
+                head_start=start,
+                head_end=end,
+                head_dim=head_dim,
+                has_trailer=bool(body["trailer"]),
+                close=bool(body["close"]),
+            )
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
+            raise TransferProtocolError(f"malformed transfer header: {e}") from e
+
+    @classmethod
+    def closing(cls) -> TransferHeader:
+        return cls((), 0, "float32", 0, 0, 0, has_trailer=False, close=True)

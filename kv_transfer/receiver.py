@@ -1,0 +1,90 @@
+"""The decode side of a link: a thread that receives batches of KV and writes them into blocks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
+from pdserve.kv_transfer.layout import slot_index, write_layer
+from pdserve.kv_transfer.link import KVLink
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReceivedBatch:
+    """One header's worth of KV, written into the cache."""
+
+    link: str
+    header: TransferHeader
+    accepted: tuple[bool, ...]  # per item: written (True) or drained and dropped (False)
+    first_tokens: tuple[int, ...] | None  # per item, when the sender sampled them
+    nbytes: int
+    seconds: float  # from the header's arrival to the last layer written
+
+
+class KVReceiver:
+    """Receives on one link until the sender closes it or the link fails.
+
+    All layer receives of a batch are posted at once, so the wire stays busy while earlier layers
+    are scattered into blocks. ``accept`` is asked once per item when its header arrives: an item
+    refused (unknown or aborted transfer) is still drained to keep the stream in step, but not
+    written. The owner must not reuse an accepted item's blocks before ``on_batch`` reports it.
+    """
+
+    def __init__(self, link: KVLink, kv_cache: torch.Tensor, block_size: int,
+                 accept: Callable[[TransferItem], bool],
+                 on_batch: Callable[[ReceivedBatch], None],
+                 on_error: Callable[[str, BaseException], None]) -> None:
+        self.link = link
+        self._kv_cache = kv_cache  # [layers, 2, num_blocks, block_size, heads, head_dim]
+        self._block_size = block_size
+        self._accept = accept
+        self._on_batch = on_batch
+        self._on_error = on_error
+        self._thread = threading.Thread(target=self._run, name=f"kv-recv-{link.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                header = self.link.recv_header()
+                if header.close:
+                    logger.info("kv link %s closed by sender", self.link.name)
+                    return
+                self._on_batch(self._receive(header))
+        except Exception as e:  # the link is dead; the owner fails its transfers
+            logger.error("kv link %s failed: %s", self.link.name, e)
+            self._on_error(self.link.name, e)
+
+    def _receive(self, header: TransferHeader) -> ReceivedBatch:
+        start = time.perf_counter()
+        dtype = getattr(torch, header.dtype)
+        if header.num_layers != self._kv_cache.shape[0]:
+            raise ValueError(f"header has {header.num_layers} layers, cache has {self._kv_cache.shape[0]}")
+        bufs = [torch.empty(header.layer_shape(), dtype=dtype, device=self.link.device)
+                for _ in range(header.num_layers)]
+        works = [self.link.recv_tensor(buf) for buf in bufs]
+        trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
+        trailer_work = self.link.recv_tensor(trailer) if header.has_trailer else None
+        accepted = tuple(self._accept(item) for item in header.items)
+        keep = torch.cat([torch.full((item.num_tokens,), ok) for item, ok in zip(header.items, accepted)])
+        slots = slot_index(header.items, self._block_size)
+        for layer, (buf, work) in enumerate(zip(bufs, works)):
+            work.wait()
+            write_layer(self._kv_cache[layer], buf, slots, header.head_start, None if keep.all() else keep)
+        first = None
+        if trailer_work is not None:
+            trailer_work.wait()
+            first = tuple(int(t) for t in trailer.tolist())
+        nbytes = sum(b.numel() * b.element_size() for b in bufs)
+        return ReceivedBatch(self.link.name, header, accepted, first, nbytes,
+                             time.perf_counter() - start)

@@ -1,0 +1,168 @@
+"""The prefill actor: one per TP rank; rank 0 (the leader) queues, batches and drives the rest.
+
+    router --prefill(item)--> leader queue --take_batch--> execute(batch) on every rank at once
+                                                            |  forward + all-reduces (TP group)
+                                                            |  KV slices -> decode, layer by layer
+    router <--PrefillResult-- leader <----- first tokens ---+
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.loader import load_model
+from pdserve.engine.parallel import TPGroup, make_process_group
+from pdserve.engine.request import PrefillItem, PrefillResult
+from pdserve.engine.spec import resolve_host, EngineSpec, PrefillSpec
+from pdserve.kv_transfer.link import SENDER, KVLink, resolve_backend
+from pdserve.prefill_worker.batching import take_batch
+from pdserve.prefill_worker.runner import PrefillRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Queued:
+    item: PrefillItem
+    future: asyncio.Future[PrefillResult]
+    enqueued: float
+
+
+class PrefillWorker:
+    """Ray actor (async). Construct through ``cluster``; methods are called by the router."""
+
+    def __init__(self, engine: EngineSpec, spec: PrefillSpec) -> None:
+        torch.set_num_threads(engine.num_threads)
+        self.engine = engine
+        self.spec = spec
+        self.device = torch.device(engine.device)
+        self.host = resolve_host(engine.host)
+        self.config = ModelConfig.from_pretrained(
+            engine.model, dtype=engine.dtype, device=engine.device, max_model_len=engine.max_model_len
+        )
+        self._tp_store: torch.distributed.TCPStore | None = None
+        self._runner: PrefillRunner | None = None
+        self._links: dict[int, KVLink] = {}
+        self._peers: list[Any] = []  # follower actor handles (leader only)
+        self._queue: deque[_Queued] = deque()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._busy = False
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    async def tp_address(self) -> tuple[str, int]:
+        """Leader: host the TP group's rendezvous store; every rank joins it in ``start``."""
+        self._tp_store = KVLink.host_store(self.host)
+        return self.host, self._tp_store.port
+
+    async def start(self, tp_host: str, tp_port: int, peers: Sequence[Any] = ()) -> None:
+        """Join the TP group, load this rank's shard; the leader also starts its batch loop."""
+        await asyncio.to_thread(self._start, tp_host, tp_port)
+        if self.spec.tp_rank == 0:
+            self._peers = list(peers)
+            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+
+    def _start(self, host: str, port: int) -> None:
+        tp = TPGroup.single()
+        if self.spec.tp_size > 1:
+            store = self._tp_store or torch.distributed.TCPStore(host, port, 2, False)
+            self._tp_store = store
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            pg = make_process_group(backend, torch.distributed.PrefixStore("tp", store),
+                                    self.spec.tp_rank, self.spec.tp_size)
+            tp = TPGroup(self.spec.tp_rank, self.spec.tp_size, pg)
+        model = load_model(self.config, tp, self.device)
+        self._runner = PrefillRunner(model, tp, self.device)
+        logger.info("prefill instance %d rank %d ready", self.spec.instance, self.spec.tp_rank)
+
+    async def connect_link(self, decode_instance: int, name: str, host: str, port: int) -> bool:
+        """Join the link a decode replica is hosting; False when this rank sends no KV."""
+        assert self._runner is not None, "start() first"
+        if not self._runner.sends_kv:
+            return False
+        backend = resolve_backend(self.engine.kv_backend, self.device)
+        link = await asyncio.to_thread(
+            KVLink.connect, name, backend, SENDER, self.device, host, port
+        )
+        self._links[decode_instance] = link
+        return True
+
+    # -- serving (leader) -------------------------------------------------------------------
+
+    async def prefill(self, item: PrefillItem) -> PrefillResult:
+        """Queue one prompt; resolves once its batch ran and its KV has left."""
+        future: asyncio.Future[PrefillResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(item, future, time.perf_counter()))
+        self._wake.set()
+        return await future
+
+    async def abort(self, transfer_id: int) -> bool:
+        """Drop a still-queued prompt. False when it is already running (its KV will be sent)."""
+        for queued in self._queue:
+            if queued.item.transfer_id == transfer_id:
+                self._queue.remove(queued)
+                queued.future.cancel()
+                return True
+        return False
+
+    async def queued_tokens(self) -> int:
+        return sum(len(q.item.prompt_token_ids) for q in self._queue)
+
+    async def _batch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                n = take_batch([len(q.item.prompt_token_ids) for q in self._queue],
+                               self.spec.max_batch_tokens, self.spec.max_batch_size)
+                batch = [self._queue.popleft() for _ in range(n)]
+                await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Queued]) -> None:
+        items = [q.item for q in batch]
+        start = time.perf_counter()
+        try:
+            calls = [peer.execute.remote(items) for peer in self._peers]
+            out, *_ = await asyncio.gather(self.execute(items), *calls)
+        except Exception as e:  # a failed batch fails its requests, not the instance
+            logger.exception("prefill batch of %d failed", len(items))
+            for q in batch:
+                if not q.future.done():
+                    q.future.set_exception(e)
+            return
+        compute_s = time.perf_counter() - start
+        assert out is not None
+        for i, q in enumerate(batch):
+            if not q.future.done():
+                q.future.set_result(PrefillResult(q.item.transfer_id, out.token_ids[i],
+                                                  out.logprobs[i], start - q.enqueued, compute_s))
+
+    # -- every rank -------------------------------------------------------------------------
+
+    async def execute(self, items: list[PrefillItem]) -> Any:
+        """Run one batch on this rank (the leader calls it on all ranks at once)."""
+        assert self._runner is not None, "start() first"
+        runner, links = self._runner, self._links
+        try:
+            return await asyncio.to_thread(runner.run, items, links)
+        except Exception:
+            # A batch that died half-sent leaves its links out of step: drop them so the router
+            # rebuilds them, and the decode side fails only the transfers that were in flight.
+            for dest in {it.decode_instance for it in items}:
+                link = self._links.pop(dest, None)
+                if link is not None:
+                    link.abort()
+            raise
+
+    async def ready(self) -> bool:
+        return self._runner is not None

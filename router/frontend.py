@@ -1,0 +1,116 @@
+"""The front of the router: validation, tokenization, detokenization, stop strings, metrics.
+
+Workers deal in token ids only; text lives here, as in vLLM's output processor. A stop string is
+found here and ends the request, which closes the router stream and aborts decode.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.request import RequestMetrics, RequestOutput
+from pdserve.engine.sampling import TokenLogprobs
+from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from pdserve.engine.stop import StopStringMatcher
+from pdserve.engine.tokenizer import encode_prompt
+from pdserve.router.router import RequestTrace, Router
+
+
+class RequestFailedError(RuntimeError):
+    """A request failed inside the cluster (the cluster itself keeps serving)."""
+
+
+@dataclass
+class OutputDelta:
+    """What a streaming caller sees per step: new tokens and the text they completed."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    metrics: RequestMetrics | None = None  # set on the last delta
+
+
+class Frontend:
+    """Turns prompts into token streams through a Router and back into text."""
+
+    def __init__(self, router: Router, tokenizer: PreTrainedTokenizerBase, max_model_len: int) -> None:
+        self.router = router
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        """Prompt ids, or InvalidRequestError naming what to fix."""
+        if isinstance(prompt, str) and not prompt:
+            raise InvalidRequestError("the prompt is empty: send at least one character")
+        ids = encode_prompt(self.tokenizer, prompt)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the model's context is "
+                f"{self.max_model_len} tokens (prompt + output): shorten the prompt"
+            )
+        return ids
+
+    async def stream(self, prompt: str | Sequence[int], params: SamplingParams,
+                     request_id: str | None = None) -> AsyncIterator[OutputDelta]:
+        """Stream one request; the last delta has finish_reason and metrics."""
+        request_id = request_id or uuid.uuid4().hex
+        ids = self.tokenize(prompt)
+        metrics = RequestMetrics(arrival_time=time.perf_counter())
+        trace = RequestTrace()
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        gen = self.router.generate(request_id, ids, params, trace)
+        try:
+            async for delta in gen:
+                if delta.error:
+                    raise RequestFailedError(f"request {request_id} failed: {delta.error}")
+                now = time.perf_counter()
+                if delta.token_ids and metrics.num_output_tokens == 0:
+                    metrics.ttft = now - metrics.arrival_time
+                metrics.num_output_tokens += len(delta.token_ids)
+                text, stopped = stops.feed(detok.add(delta.token_ids))
+                finish = "stop" if stopped else delta.finish_reason
+                if finish is not None and not stopped:
+                    text += stops.feed(detok.flush())[0] + stops.flush()
+                out = OutputDelta(request_id, text, delta.token_ids, delta.logprobs, finish)
+                if finish is not None:
+                    metrics.e2e = now - metrics.arrival_time
+                    metrics.queue_s, metrics.prefill_s = trace.prefill_queue_s, trace.prefill_s
+                    metrics.kv_bytes, metrics.transfer_s = trace.kv_bytes, trace.transfer_s
+                    out.metrics = metrics
+                    yield out
+                    return
+                yield out
+        finally:
+            await gen.aclose()  # a stop string or a caller going away aborts the request
+
+    async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
+                       request_id: str | None = None) -> RequestOutput:
+        """Run one request to completion."""
+        text, token_ids, logprobs = [], [], []
+        last: OutputDelta | None = None
+        ids = self.tokenize(prompt)
+        async for delta in self.stream(ids, params, request_id):
+            text.append(delta.text)
+            token_ids += delta.token_ids
+            logprobs += delta.logprobs
+            last = delta
+        assert last is not None and last.metrics is not None
+        return RequestOutput(
+            request_id=last.request_id,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=ids,
+            token_ids=token_ids,
+            text="".join(text),
+            finish_reason=last.finish_reason,
+            metrics=last.metrics,
+            logprobs=logprobs if params.logprobs is not None else None,
+        )

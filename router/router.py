@@ -1,0 +1,188 @@
+"""The router: reserves decode space, dispatches prefills, wires KV links, fans tokens out.
+
+Life of a request (the transfer id is assigned here and is the only pairing key)::
+
+    generate ─▶ pick decode + reserve blocks ─▶ ensure links ─▶ open decode stream
+             ─▶ pick prefill + dispatch ─▶ first token (TTFT) ─▶ decode deltas … ─▶ finish
+    abort at any point: queued prefill removed, or decode told to free once the KV has landed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve.engine.load import DecodeLoad, PrefillLoad
+from pdserve.engine.request import DecodeRequest, PrefillItem, PrefillResult, StepDelta
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.router.policies import pick_decode, pick_prefill
+
+logger = logging.getLogger(__name__)
+
+
+class NoCapacityError(RuntimeError):
+    """No decode replica can ever hold this prompt's KV."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    prefill_policy: str = "least_loaded"
+    decode_policy: str = "most_free_blocks"
+    block_size: int = 16
+    link_prefix: str = "pdserve"  # unique per deployment: link names never collide
+
+
+@dataclass
+class PrefillInstance:
+    """A TP group: ``ranks[0]`` is the leader; ``senders`` are the ranks that send KV."""
+
+    index: int
+    ranks: list[Any]
+    senders: list[int]
+    queued_tokens: int = 0
+    queued_requests: int = 0
+
+    @property
+    def leader(self) -> Any:
+        return self.ranks[0]
+
+
+@dataclass
+class RequestTrace:
+    """Phase timestamps (time.perf_counter) for the metrics; filled as the request moves."""
+
+    prefill_queue_s: float = 0.0
+    prefill_s: float = 0.0
+    kv_bytes: int = 0
+    transfer_s: float = 0.0
+    decode_instance: int = -1
+    prefill_instance: int = -1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Router:
+    """Drives requests through one deployment's pools. All methods run on one event loop."""
+
+    def __init__(self, prefill: Sequence[PrefillInstance], decode: Sequence[Any],
+                 config: RouterConfig) -> None:
+        self.prefill = list(prefill)
+        self.decode = list(decode)
+        self.config = config
+        self._ids = itertools.count(1)
+        self._counter = itertools.count()
+        self._loads: list[DecodeLoad] = []
+        self._links: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._capacity = asyncio.Condition()
+
+    async def start(self) -> None:
+        self._loads = list(await asyncio.gather(*(d.get_load.remote() for d in self.decode)))
+
+    # -- the request path -------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
+                       trace: RequestTrace | None = None) -> AsyncIterator[StepDelta]:
+        """Yields the first token (from prefill), then decode's deltas until a finish."""
+        trace = trace or RequestTrace()
+        tid = next(self._ids)
+        d, blocks = await self._reserve(DecodeRequest(tid, request_id, tuple(prompt), sampling))
+        p = self._pick_prefill()
+        trace.decode_instance, trace.prefill_instance = d, p.index
+        phase = "reserved"
+        try:
+            await self._ensure_links(p, d)
+            stream = self.decode[d].stream.remote(tid)
+            item = PrefillItem(tid, request_id, tuple(prompt), sampling, d, tuple(blocks))
+            phase = "prefill"
+            result = await self._prefill(p, item)
+            phase = "decode"
+            trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s
+            yield StepDelta([result.first_token], [result.logprobs])
+            async for ref in stream:
+                delta: StepDelta = await ref
+                if delta.load is not None:
+                    self._loads[d] = delta.load
+                trace.kv_bytes += delta.kv_bytes
+                trace.transfer_s += delta.transfer_s
+                if delta.finish_reason or delta.error:
+                    phase = "done"
+                yield delta
+                if phase == "done":
+                    return
+        finally:
+            if phase != "done":
+                await asyncio.shield(self._abort(tid, p, d, phase))
+            async with self._capacity:
+                self._capacity.notify_all()
+
+    async def _prefill(self, p: PrefillInstance, item: PrefillItem) -> PrefillResult:
+        n = len(item.prompt_token_ids)
+        p.queued_tokens += n
+        p.queued_requests += 1
+        try:
+            result: PrefillResult = await p.leader.prefill.remote(item)
+            return result
+        finally:
+            p.queued_tokens -= n
+            p.queued_requests -= 1
+
+    async def _abort(self, tid: int, p: PrefillInstance, d: int, phase: str) -> None:
+        pending = False
+        if phase == "prefill":
+            removed = await p.leader.abort.remote(tid)
+            pending = not removed
+        await self.decode[d].abort.remote(tid, pending)
+
+    # -- placement --------------------------------------------------------------------------
+
+    def _pick_prefill(self) -> PrefillInstance:
+        loads = [PrefillLoad(p.index, p.queued_tokens, p.queued_requests) for p in self.prefill]
+        return self.prefill[pick_prefill(self.config.prefill_policy, loads, next(self._counter))]
+
+    async def _reserve(self, req: DecodeRequest) -> tuple[int, list[int]]:
+        """Blocks on some decode replica; waits while all are full (never when impossible)."""
+        needed = -(-len(req.prompt_token_ids) // self.config.block_size)
+        if all(needed > load.total_blocks for load in self._loads):
+            raise NoCapacityError(
+                f"a prompt of {len(req.prompt_token_ids)} tokens needs {needed} KV blocks; the "
+                f"largest decode replica has {max(x.total_blocks for x in self._loads)}: "
+                "give decode a larger KV cache or send a shorter prompt"
+            )
+        while True:
+            tried: set[int] = set()
+            while len(tried) < len(self.decode):
+                loads = [x for x in self._loads if x.instance not in tried]
+                d = pick_decode(self.config.decode_policy, loads, needed, next(self._counter))
+                if d is None:
+                    break
+                blocks, load = await self.decode[d].reserve.remote(req)
+                self._loads[d] = load
+                if blocks is not None:
+                    return d, blocks
+                tried.add(d)
+            async with self._capacity:  # a finishing request frees blocks and wakes us
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._capacity.wait(), timeout=1.0)
+            self._loads = list(await asyncio.gather(*(x.get_load.remote() for x in self.decode)))
+
+    async def _ensure_links(self, p: PrefillInstance, d: int) -> None:
+        """Create the links from each KV-sending rank of ``p`` to replica ``d`` once."""
+        key = (p.index, d)
+        task = self._links.get(key)
+        if task is None or (task.done() and task.exception() is not None):
+            task = asyncio.get_running_loop().create_task(self._connect(p, d))
+            self._links[key] = task
+        await asyncio.shield(task)
+
+    async def _connect(self, p: PrefillInstance, d: int) -> None:
+        async def one(rank: int) -> None:
+            name = f"{self.config.link_prefix}/p{p.index}r{rank}-d{d}"
+            host, port = await self.decode[d].listen.remote(name)
+            await p.ranks[rank].connect_link.remote(d, name, host, port)
+
+        await asyncio.gather(*(one(r) for r in p.senders))
+        logger.info("kv links prefill %d -> decode %d up", p.index, d)
