@@ -138,12 +138,15 @@ class LLM:
         finally:
             future.cancel()
 
-    def check_integrity(self) -> None:
-        """Raise unless every decode replica's blocks are all accounted for."""
-        async def check() -> None:
-            await asyncio.gather(*(d.check_integrity.remote() for d in self.deployment.decode))
+    def check_integrity(self) -> int:
+        """Raise unless every decode replica's blocks are all accounted for; returns how many
+        requests the decode pool still holds (0 when idle)."""
 
-        self._loop.run(check())
+        async def check() -> list[int]:
+            decode = self.deployment.decode
+            return list(await asyncio.gather(*(d.check_integrity.remote() for d in decode)))
+
+        return sum(self._loop.run(check()))
 
     def shutdown(self) -> None:
         """Kill the actors (closing their KV links) and stop Ray if this LLM started it."""

@@ -94,9 +94,12 @@ def decode_attention(
     batch, max_blocks = meta.block_tables.shape
     block_size, kv_heads, head_dim = k_cache.shape[1:]
     length = max_blocks * block_size
-    # gather: [B, max_blocks, block_size, kv_heads, D] -> [B, kv_heads, L, D] (a strided view)
-    k = k_cache[meta.block_tables].view(batch, length, kv_heads, head_dim).transpose(1, 2)
-    v = v_cache[meta.block_tables].view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    # gather whole blocks: [B * max_blocks, block_size, kv_heads, D] -> [B, kv_heads, L, D], the
+    # last step a strided view SDPA reads as is. index_select copies block-sized rows, several
+    # times faster on CPU than advanced indexing (k_cache[block_tables]), which copies elements.
+    flat = meta.block_tables.flatten()
+    k = k_cache.index_select(0, flat).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(batch, length, kv_heads, head_dim).transpose(1, 2)
     pos = torch.arange(length, device=q.device)[None, :]
     ctx = meta.context_lens[:, None]
     visible = pos < ctx  # [B, L]: padding slots and unused tails of blocks are hidden

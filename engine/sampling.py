@@ -84,6 +84,7 @@ class Sampler:
         # logits: [S, V] for the non-greedy rows only
         device = logits.device
         temperature = torch.tensor([r.params.temperature for r in rows], device=device)
+        temperature = temperature.clamp(min=1e-5)  # smaller ones would overflow; greedy anyway
         logits = logits / temperature[:, None]
         logits = apply_top_k_top_p(logits, rows)
         logits = apply_min_p(logits, rows)

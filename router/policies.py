@@ -7,30 +7,11 @@ instances in id order starting at `counter`, so the caller owns the only state (
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from pdserve.engine.load import DecodeLoad, PrefillLoad
 
 PREFILL_POLICIES: tuple[str, ...] = ("round_robin", "least_loaded")
 DECODE_POLICIES: tuple[str, ...] = ("round_robin", "most_free_blocks", "fewest_running")
-
-
-@dataclass(frozen=True)
-class PrefillLoad:
-    """What the router knows about one prefill instance's queue."""
-
-    instance: int
-    queued_tokens: int
-    queued_requests: int
-
-
-@dataclass(frozen=True)
-class DecodeLoad:
-    """What the router knows about one decode replica's KV cache and batch."""
-
-    instance: int
-    free_blocks: int
-    total_blocks: int
-    running: int
-    waiting: int
 
 
 def pick_prefill(policy: str, loads: Sequence[PrefillLoad], counter: int) -> int:

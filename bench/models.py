@@ -1,0 +1,121 @@
+"""Benchmark-size random-weight checkpoints, built locally (never downloaded), and loaders that
+give pdserve and transformers the very same weights.
+
+`small` is Llama-shaped and big enough that compute, not Python overhead, dominates on a CPU:
+hidden 512, 8 layers, 8 heads / 4 KV heads, vocab 32000, about 58M parameters in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.envs import cache_dir
+from pdserve.engine.loader import load_model
+from pdserve.engine.model import CausalLM
+from pdserve.engine.parallel import TPGroup
+from pdserve.engine.tiny_model import default_tiny_model
+
+MARKER = "pdserve_bench_model.json"
+BUILTIN_MODELS = ("tiny", "small")
+
+
+@dataclass(frozen=True)
+class BenchModelSpec:
+    """Shape of a random Llama checkpoint built for benchmarking."""
+
+    hidden_size: int = 512
+    intermediate_size: int = 1536
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    vocab_size: int = 32000
+    max_position_embeddings: int = 4096
+    seed: int = 0
+    version: int = 1  # bump when the recipe changes so cached builds are redone
+
+    def hf_config(self) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=1e-6,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            architectures=["LlamaForCausalLM"],
+        )
+
+
+def make_bench_model(out_dir: str | Path, spec: BenchModelSpec | None = None) -> Path:
+    """Build a random Llama checkpoint (config.json + safetensors) into out_dir; reuse it when
+    already built from the same spec."""
+    spec = spec or BenchModelSpec()
+    out = Path(out_dir)
+    stamp = asdict(spec)
+    marker = out / MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return out
+    if out.exists() and any(out.iterdir()) and not marker.is_file():
+        raise ValueError(f"{out} exists and is not a pdserve bench model; choose an empty directory")
+    # Build beside the target, then rename: a concurrent run never sees a half-written model.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
+        model = LlamaForCausalLM(spec.hf_config())
+    model.save_pretrained(str(tmp))
+    (tmp / MARKER).write_text(json.dumps(stamp))
+    if marker.is_file():  # a stale build from another spec: replace it
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (marker.is_file() and json.loads(marker.read_text()) == stamp):
+            raise
+    return out
+
+
+def resolve_model(name: str) -> Path:
+    """`tiny` (the built-in test model), `small` (built into the cache dir) or a checkpoint dir."""
+    if name == "tiny":
+        return default_tiny_model()
+    if name == "small":
+        return make_bench_model(cache_dir() / "bench-small-llama")
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"--model {name!r} is neither one of {BUILTIN_MODELS} nor a directory with a "
+            "config.json; pass tiny, small or a local Hugging Face checkpoint"
+        )
+    return path
+
+
+def load_pdserve(path: Path) -> CausalLM:
+    """pdserve's model in float32 on the CPU, single rank."""
+    config = ModelConfig.from_pretrained(str(path), dtype="float32")
+    return load_model(config, TPGroup.single())
+
+
+def load_hf(path: Path) -> PreTrainedModel:
+    """transformers' model of the same checkpoint in float32 on the CPU (the baseline)."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return model.eval()
+
+
+def num_params(model: torch.nn.Module) -> int:
+    """Distinct parameters (a tied embedding counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
