@@ -15,14 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
-
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.envs import cache_dir
 from pdserve.engine.loader import load_model
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.tiny_model import default_tiny_model
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 MARKER = "pdserve_bench_model.json"
 BUILTIN_MODELS = ("tiny", "small")
@@ -69,7 +68,9 @@ def make_bench_model(out_dir: str | Path, spec: BenchModelSpec | None = None) ->
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out
     if out.exists() and any(out.iterdir()) and not marker.is_file():
-        raise ValueError(f"{out} exists and is not a pdserve bench model; choose an empty directory")
+        raise ValueError(
+            f"{out} exists and is not a pdserve bench model; choose an empty directory"
+        )
     # Build beside the target, then rename: a concurrent run never sees a half-written model.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

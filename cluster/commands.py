@@ -7,41 +7,67 @@ import sys
 import time
 from collections.abc import Sequence
 
-from rich.console import Console
-from rich.table import Table
-
 from pdserve.cluster.cli import model_or_default
 from pdserve.cluster.llm import LLM
 from pdserve.engine.request import RequestMetrics
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from rich.console import Console
+from rich.table import Table
 
 
 def _start(args: argparse.Namespace, console: Console) -> LLM:
     model = model_or_default(args.model)
-    with console.status(f"starting a local cluster: prefill TP={args.prefill_tp}, "
-                        f"{args.decode_instances} decode replica(s), model {model}"):
+    with console.status(
+        f"starting a local cluster: prefill TP={args.prefill_tp}, "
+        f"{args.decode_instances} decode replica(s), model {model}"
+    ):
         start = time.perf_counter()
-        llm = LLM(model, prefill_tensor_parallel_size=args.prefill_tp,
-                  decode_instances=args.decode_instances, dtype=args.dtype, device=args.device,
-                  ray_address=args.ray_address)
-    console.print(f"[green]cluster ready[/] in {time.perf_counter() - start:.1f} s "
-                  f"(device {llm.spec.engine.device})", highlight=False)
+        llm = LLM(
+            model,
+            prefill_tensor_parallel_size=args.prefill_tp,
+            decode_instances=args.decode_instances,
+            dtype=args.dtype,
+            device=args.device,
+            ray_address=args.ray_address,
+        )
+    console.print(
+        f"[green]cluster ready[/] in {time.perf_counter() - start:.1f} s "
+        f"(device {llm.spec.engine.device})",
+        highlight=False,
+    )
     return llm
 
 
 def _metrics_table(rows: Sequence[tuple[str, str | None, RequestMetrics]]) -> Table:
     table = Table(title="per-request metrics")
-    for col in ("prompt", "finish", "tokens", "TTFT ms", "TPOT ms", "E2E ms", "KV bytes", "KV xfer ms"):
+    for col in (
+        "prompt",
+        "finish",
+        "tokens",
+        "TTFT ms",
+        "TPOT ms",
+        "E2E ms",
+        "KV bytes",
+        "KV xfer ms",
+    ):
         table.add_column(col, justify="left" if col == "prompt" else "right")
     for prompt, finish, m in rows:
-        table.add_row(prompt[:32], finish or "-", str(m.num_output_tokens), f"{m.ttft * 1e3:.1f}",
-                      f"{m.tpot * 1e3:.2f}", f"{m.e2e * 1e3:.1f}", f"{m.kv_bytes:,}",
-                      f"{m.transfer_s * 1e3:.2f}")
+        table.add_row(
+            prompt[:32],
+            finish or "-",
+            str(m.num_output_tokens),
+            f"{m.ttft * 1e3:.1f}",
+            f"{m.tpot * 1e3:.2f}",
+            f"{m.e2e * 1e3:.1f}",
+            f"{m.kv_bytes:,}",
+            f"{m.transfer_s * 1e3:.2f}",
+        )
     return table
 
 
-def _stream_prompts(llm: LLM, prompts: Sequence[str], params: SamplingParams,
-                    console: Console) -> list[tuple[str, str | None, RequestMetrics]]:
+def _stream_prompts(
+    llm: LLM, prompts: Sequence[str], params: SamplingParams, console: Console
+) -> list[tuple[str, str | None, RequestMetrics]]:
     rows = []
     for prompt in prompts:
         console.print(f"[bold]{prompt}[/]", end="", highlight=False)
@@ -57,9 +83,14 @@ def _stream_prompts(llm: LLM, prompts: Sequence[str], params: SamplingParams,
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                          ignore_eos=args.ignore_eos)
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -87,9 +118,11 @@ def generate(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace, prompts: Sequence[str]) -> int:
     console = Console()
-    console.print("[bold]pdserve demo[/]: a prefill actor computes each prompt's KV cache and "
-                  "ships it over torch.distributed to a decode actor, which streams the tokens.\n"
-                  "The built-in tiny model has random weights, so its text is gibberish by design.\n")
+    console.print(
+        "[bold]pdserve demo[/]: a prefill actor computes each prompt's KV cache and "
+        "ships it over torch.distributed to a decode actor, which streams the tokens.\n"
+        "The built-in tiny model has random weights, so its text is gibberish by design.\n"
+    )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     with _start(args, console) as llm:
         rows = _stream_prompts(llm, prompts, params, console)

@@ -9,15 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.parallel import check_tp_size, is_kv_sender
 from pdserve.engine.spec import DecodeSpec, EngineSpec, PrefillSpec
 from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.router.router import PrefillInstance, Router, RouterConfig
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +69,18 @@ class Deployment:
         decode = [_make_decode(spec, j) for j in range(spec.decode_instances)]
         prefill = []
         for i in range(spec.prefill_instances):
-            pg = placement_group([_device_slot(spec.engine) | spec.prefill_resources] * spec.prefill_tp,
-                                 strategy="STRICT_PACK", name=f"{spec.router.link_prefix}-prefill{i}")
+            pg = placement_group(
+                [_device_slot(spec.engine) | spec.prefill_resources] * spec.prefill_tp,
+                strategy="STRICT_PACK",
+                name=f"{spec.router.link_prefix}-prefill{i}",
+            )
             groups.append(pg)
             prefill.append(_make_prefill(spec, config, i, pg))
         try:
             await asyncio.gather(*(pg.ready() for pg in groups))
-            await asyncio.gather(*(_start_prefill(p) for p in prefill),
-                                 *(d.get_load.remote() for d in decode))
+            await asyncio.gather(
+                *(_start_prefill(p) for p in prefill), *(d.get_load.remote() for d in decode)
+            )
             router = Router(prefill, decode, spec.router)
             await router.start()
         except BaseException:
@@ -93,33 +96,46 @@ def _make_decode(spec: ClusterSpec, j: int) -> Any:
     slot = _device_slot(spec.engine)
     dspec = DecodeSpec(j, spec.max_num_seqs, spec.num_kv_blocks, spec.kv_cache_bytes)
     return DecodeActor.options(
-        num_cpus=slot.get("CPU", 0), num_gpus=slot.get("GPU", 0), resources=spec.decode_resources,
+        num_cpus=slot.get("CPU", 0),
+        num_gpus=slot.get("GPU", 0),
+        resources=spec.decode_resources,
         max_concurrency=10_000,
     ).remote(spec.engine, dspec)
 
 
-def _make_prefill(spec: ClusterSpec, config: ModelConfig, i: int, pg: PlacementGroup) -> PrefillInstance:
+def _make_prefill(
+    spec: ClusterSpec, config: ModelConfig, i: int, pg: PlacementGroup
+) -> PrefillInstance:
     slot = _device_slot(spec.engine)
     ranks = [
         PrefillActor.options(
-            num_cpus=slot.get("CPU", 0), num_gpus=slot.get("GPU", 0),
-            resources=spec.prefill_resources, max_concurrency=10_000,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-        ).remote(spec.engine, PrefillSpec(i, r, spec.prefill_tp, spec.max_batch_tokens,
-                                          spec.max_batch_size))
+            num_cpus=slot.get("CPU", 0),
+            num_gpus=slot.get("GPU", 0),
+            resources=spec.prefill_resources,
+            max_concurrency=10_000,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=r
+            ),
+        ).remote(
+            spec.engine,
+            PrefillSpec(i, r, spec.prefill_tp, spec.max_batch_tokens, spec.max_batch_size),
+        )
         for r in range(spec.prefill_tp)
     ]
-    senders = [r for r in range(spec.prefill_tp)
-               if is_kv_sender(config.num_kv_heads, r, spec.prefill_tp)]
+    senders = [
+        r for r in range(spec.prefill_tp) if is_kv_sender(config.num_kv_heads, r, spec.prefill_tp)
+    ]
     return PrefillInstance(i, ranks, senders)
 
 
 async def _start_prefill(p: PrefillInstance) -> None:
     host, port = await p.leader.tp_address.remote()
-    await asyncio.gather(*(
-        rank.start.remote(host, port, p.ranks[1:] if r == 0 else [])
-        for r, rank in enumerate(p.ranks)
-    ))
+    await asyncio.gather(
+        *(
+            rank.start.remote(host, port, p.ranks[1:] if r == 0 else [])
+            for r, rank in enumerate(p.ranks)
+        )
+    )
 
 
 def _kill(actors: list[Any], groups: list[PlacementGroup]) -> None:

@@ -11,8 +11,6 @@ from collections.abc import Iterator, Sequence
 from types import TracebackType
 
 import ray
-from tqdm import tqdm
-
 from pdserve.cluster.deployment import ClusterSpec, Deployment
 from pdserve.cluster.loop import LoopThread
 from pdserve.engine.config import ModelConfig
@@ -22,6 +20,7 @@ from pdserve.engine.spec import EngineSpec
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.router.frontend import Frontend, OutputDelta
 from pdserve.router.router import RouterConfig
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +44,12 @@ def ensure_ray(address: str | None, num_cpus_needed: int, namespace: str) -> boo
         ray.init(address=address, namespace=namespace, log_to_driver=False)
         return False
     # Logical CPU slots: each CPU worker pins its own torch threads, so slots may exceed cores.
-    ray.init(num_cpus=max(num_cpus_needed, os.cpu_count() or 1), namespace=namespace,
-             include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=max(num_cpus_needed, os.cpu_count() or 1),
+        namespace=namespace,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     return True
 
 
@@ -57,27 +60,50 @@ class LLM:
     Use it as a context manager, or call ``shutdown()``, to release the actors and KV links.
     """
 
-    def __init__(self, model: str, *, prefill_tensor_parallel_size: int = 1,
-                 decode_instances: int = 1, prefill_instances: int = 1, dtype: str = "auto",
-                 device: str = "auto", max_model_len: int | None = None, block_size: int = 16,
-                 num_kv_blocks: int | None = None, max_num_seqs: int = 64,
-                 max_batch_tokens: int = 8192, kv_transfer_backend: str = "auto",
-                 num_threads: int = 1, ray_address: str | None = None) -> None:
-        self.config = ModelConfig.from_pretrained(model, dtype=dtype, device="cpu",
-                                                  max_model_len=max_model_len)
+    def __init__(
+        self,
+        model: str,
+        *,
+        prefill_tensor_parallel_size: int = 1,
+        decode_instances: int = 1,
+        prefill_instances: int = 1,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        max_num_seqs: int = 64,
+        max_batch_tokens: int = 8192,
+        kv_transfer_backend: str = "auto",
+        num_threads: int = 1,
+        ray_address: str | None = None,
+    ) -> None:
+        self.config = ModelConfig.from_pretrained(
+            model, dtype=dtype, device="cpu", max_model_len=max_model_len
+        )
         self.tokenizer = load_tokenizer(model)
         namespace = f"pdserve-{uuid.uuid4().hex[:8]}"
         needed = prefill_instances * prefill_tensor_parallel_size + decode_instances
         self._owns_ray = ensure_ray(ray_address, needed, namespace)
         self._loop = LoopThread()
-        engine = EngineSpec(model, dtype, resolve_device(device), max_model_len, num_threads,
-                            kv_transfer_backend, block_size)
+        engine = EngineSpec(
+            model,
+            dtype,
+            resolve_device(device),
+            max_model_len,
+            num_threads,
+            kv_transfer_backend,
+            block_size,
+        )
         self.spec = ClusterSpec(
-            engine=engine, prefill_instances=prefill_instances,
-            prefill_tp=prefill_tensor_parallel_size, decode_instances=decode_instances,
-            max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
-            num_kv_blocks=num_kv_blocks, router=RouterConfig(block_size=block_size,
-                                                             link_prefix=namespace),
+            engine=engine,
+            prefill_instances=prefill_instances,
+            prefill_tp=prefill_tensor_parallel_size,
+            decode_instances=decode_instances,
+            max_batch_tokens=max_batch_tokens,
+            max_num_seqs=max_num_seqs,
+            num_kv_blocks=num_kv_blocks,
+            router=RouterConfig(block_size=block_size, link_prefix=namespace),
         )
         try:
             self.deployment = self._loop.run(Deployment.start(self.spec, self.config))
@@ -86,9 +112,13 @@ class LLM:
             raise
         self.frontend = Frontend(self.deployment.router, self.tokenizer, self.config.max_model_len)
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs in prompt order.
 
         Every prompt is validated before any work starts, so a bad one raises
@@ -114,7 +144,9 @@ class LLM:
 
         return self._loop.run(run_all())
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[OutputDelta]:
+    def stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None
+    ) -> Iterator[OutputDelta]:
         """Yield deltas of one request as decode produces them."""
         params = sampling_params or SamplingParams()
         ids = self.frontend.tokenize(prompt)
@@ -164,31 +196,38 @@ class LLM:
     def __enter__(self) -> LLM:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.shutdown()
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # type: ignore[list-item]  # one prompt given as token ids
-    if not prompts:
+    items = list(prompts)
+    if not items:
         raise InvalidRequestError("no prompts given: pass a string, token ids, or a list of them")
-    return prompts  # type: ignore[return-value]
+    if all(isinstance(t, int) for t in items):
+        return [items]  # type: ignore[list-item]  # one prompt given as token ids
+    return items  # type: ignore[return-value]
 
 
-def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None,
-                    n: int) -> list[SamplingParams]:
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
     if params is None:
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
     params = list(params)
     if len(params) != n:
-        raise InvalidRequestError(f"got {len(params)} sampling params for {n} prompts: pass one or {n}")
+        raise InvalidRequestError(
+            f"got {len(params)} sampling params for {n} prompts: pass one or {n}"
+        )
     return params
 
 

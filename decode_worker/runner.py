@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from pdserve.decode_worker.scheduler import DecodeSeq
 from pdserve.engine.attention import DecodeMetadata, PrefillMetadata
 from pdserve.engine.model import CausalLM
@@ -15,8 +14,9 @@ from pdserve.engine.sampling import Sampler, SamplerOutput, SamplingRow
 class DecodeRunner:
     """Runs decode steps (and recompute prefills after preemption) against the paged cache."""
 
-    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, block_size: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, device: torch.device
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
         self.block_size = block_size
@@ -38,8 +38,12 @@ class DecodeRunner:
         self.model(ids, positions, meta, self.kv_cache)
 
     @torch.inference_mode()
-    def step(self, seqs: Sequence[DecodeSeq], tables: Sequence[Sequence[int]],
-             rows: Sequence[SamplingRow]) -> SamplerOutput:
+    def step(
+        self,
+        seqs: Sequence[DecodeSeq],
+        tables: Sequence[Sequence[int]],
+        rows: Sequence[SamplingRow],
+    ) -> SamplerOutput:
         """Cache each seq's last token and sample its next one."""
         positions = [len(s.token_ids) - 1 for s in seqs]
         width = max(len(t) for t in tables)
@@ -50,7 +54,8 @@ class DecodeRunner:
             context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(
                 [self._slots(t, range(p, p + 1))[0] for t, p in zip(tables, positions)],
-                dtype=torch.int64, device=dev,
+                dtype=torch.int64,
+                device=dev,
             ),
         )
         ids = torch.tensor([s.token_ids[-1] for s in seqs], device=dev)

@@ -16,18 +16,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
-
 from pdserve.decode_worker.runner import DecodeRunner
 from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, ScheduleOutput
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.kv_cache import allocate_kv_cache, num_blocks_for_bytes
+from pdserve.engine.load import DecodeLoad, DecodeStats
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup
-from pdserve.engine.load import DecodeLoad
 from pdserve.engine.request import DecodeRequest, StepDelta
 from pdserve.engine.sampling import SamplerOutput, SamplingRow
-from pdserve.engine.spec import resolve_host, DecodeSpec, EngineSpec
+from pdserve.engine.spec import DecodeSpec, EngineSpec, resolve_host
 from pdserve.engine.stop import check_token_stop
 from pdserve.kv_transfer.descriptor import TransferItem
 from pdserve.kv_transfer.link import RECEIVER, KVLink, resolve_backend
@@ -58,11 +57,15 @@ class DecodeWorker:
         self.device = torch.device(engine.device)
         self.host = resolve_host(engine.host)
         cfg = ModelConfig.from_pretrained(
-            engine.model, dtype=engine.dtype, device=engine.device, max_model_len=engine.max_model_len
+            engine.model,
+            dtype=engine.dtype,
+            device=engine.device,
+            max_model_len=engine.max_model_len,
         )
         self.config = cfg
-        num_blocks = spec.num_blocks or num_blocks_for_bytes(cfg, 1, engine.block_size,
-                                                             spec.kv_cache_bytes)
+        num_blocks = spec.num_blocks or num_blocks_for_bytes(
+            cfg, 1, engine.block_size, spec.kv_cache_bytes
+        )
         self.blocks = BlockManager(num_blocks, engine.block_size)
         self.scheduler = DecodeScheduler(self.blocks, spec.max_num_seqs, cfg.max_model_len)
         kv_cache = allocate_kv_cache(cfg, 1, num_blocks, engine.block_size, self.device)
@@ -73,6 +76,7 @@ class DecodeWorker:
         self._receivers: dict[str, KVReceiver] = {}
         self._deferred_aborts: set[int] = set()
         self._stepping = False
+        self.num_preemptions = 0
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._step_task: asyncio.Task[None] | None = None
@@ -93,10 +97,13 @@ class DecodeWorker:
         loop = self._loop
 
         def join() -> None:
-            link = KVLink.connect(name, backend, RECEIVER, self.device, self.host,
-                                  store.port, store=store)
+            link = KVLink.connect(
+                name, backend, RECEIVER, self.device, self.host, store.port, store=store
+            )
             receiver = KVReceiver(
-                link, self.runner.kv_cache, self.engine.block_size,
+                link,
+                self.runner.kv_cache,
+                self.engine.block_size,
                 lambda item: self._accept(name, item),
                 lambda b: loop.call_soon_threadsafe(self._on_batch, b),
                 lambda n, e: loop.call_soon_threadsafe(self._on_link_error, n, e),
@@ -181,17 +188,32 @@ class DecodeWorker:
 
     def load(self) -> DecodeLoad:
         s = self.scheduler
-        return DecodeLoad(self.spec.instance, self.blocks.num_free_blocks, self.blocks.num_blocks,
-                          s.num_running, s.num_waiting)
+        return DecodeLoad(
+            self.spec.instance,
+            self.blocks.num_free_blocks,
+            self.blocks.num_blocks,
+            s.num_running,
+            s.num_waiting,
+        )
 
     async def get_load(self) -> DecodeLoad:
         return self.load()
+
+    async def stats(self) -> DecodeStats:
+        return DecodeStats(
+            self.load(),
+            self.scheduler.num_reserved,
+            self.num_preemptions,
+            tuple(sorted(self._receivers)),
+        )
 
     async def check_integrity(self) -> int:
         """Raise if any block is lost or double-owned; returns the number of known requests."""
         self.scheduler.check_integrity()
         known = set(self.blocks.owners())
-        assert known <= set(self._requests), f"blocks held by forgotten requests: {known - set(self._requests)}"
+        assert known <= set(self._requests), (
+            f"blocks held by forgotten requests: {known - set(self._requests)}"
+        )
         return len(self._requests)
 
     # -- internals --------------------------------------------------------------------------
@@ -204,7 +226,7 @@ class DecodeWorker:
             return
         assert r.first_token is not None
         prompt = list(req.prompt_token_ids)
-        seq = DecodeSeq(tid, len(prompt), req.sampling.max_tokens, prompt + [r.first_token])
+        seq = DecodeSeq(tid, len(prompt), req.sampling.max_tokens, [*prompt, r.first_token])
         stats = StepDelta(kv_bytes=r.kv_bytes, transfer_s=r.transfer_s)
         reason = self._stop_reason(seq, r.first_token)
         if reason is not None:
@@ -217,9 +239,14 @@ class DecodeWorker:
         self._wake.set()
 
     def _stop_reason(self, seq: DecodeSeq, token: int) -> str | None:
-        reason = check_token_stop(token, seq.num_output, len(seq.token_ids),
-                                  self._requests[seq.seq_id].req.sampling,
-                                  self.config.eos_token_ids, self.config.max_model_len)
+        reason = check_token_stop(
+            token,
+            seq.num_output,
+            len(seq.token_ids),
+            self._requests[seq.seq_id].req.sampling,
+            self.config.eos_token_ids,
+            self.config.max_model_len,
+        )
         if reason is None and self.scheduler.reached_length_limit(seq):
             reason = "length"
         return reason
@@ -237,6 +264,7 @@ class DecodeWorker:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            self.num_preemptions += len(out.preempted)
             self._stepping = True
             try:
                 result = await asyncio.to_thread(self._run_step, out)
@@ -244,7 +272,9 @@ class DecodeWorker:
                 logger.exception("decode step failed")
                 for seq in out.decode + out.recompute:
                     if seq.seq_id in self._requests:
-                        self._drop(self._requests[seq.seq_id], StepDelta(error=f"decode step failed: {e}"))
+                        self._drop(
+                            self._requests[seq.seq_id], StepDelta(error=f"decode step failed: {e}")
+                        )
                 continue
             finally:
                 self._stepping = False
@@ -261,9 +291,14 @@ class DecodeWorker:
             self.runner.recompute(out.recompute, [table(s.seq_id) for s in out.recompute])
         if not out.decode:
             return None
-        rows = [SamplingRow(self._requests[s.seq_id].req.sampling,
-                            s.token_ids[: s.prompt_len], s.token_ids[s.prompt_len :])
-                for s in out.decode]
+        rows = [
+            SamplingRow(
+                self._requests[s.seq_id].req.sampling,
+                s.token_ids[: s.prompt_len],
+                s.token_ids[s.prompt_len :],
+            )
+            for s in out.decode
+        ]
         return self.runner.step(out.decode, [table(s.seq_id) for s in out.decode], rows)
 
     def _apply(self, out: ScheduleOutput, result: SamplerOutput | None) -> None:

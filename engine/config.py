@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
-
 from pdserve.engine.parallel import kv_head_range
+from transformers import AutoConfig, PretrainedConfig
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM",
@@ -57,7 +56,9 @@ class ModelConfig:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
-    sliding_window: int | None  # each query sees the last `sliding_window` positions, itself included
+    sliding_window: (
+        int | None
+    )  # each query sees the last `sliding_window` positions, itself included
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     dtype: torch.dtype
@@ -195,7 +196,9 @@ def _sliding_window(hf: PretrainedConfig, architecture: str) -> int | None:
         return None
     if sliding == {True}:
         return int(window)
-    raise ModelLoadError("checkpoints mixing sliding-window and full-attention layers are not supported")
+    raise ModelLoadError(
+        "checkpoints mixing sliding-window and full-attention layers are not supported"
+    )
 
 
 def _max_model_len(requested: int | None, max_pos: int) -> int:
@@ -241,5 +244,7 @@ def _resolve_dtype(dtype: str, device: str, hf: PretrainedConfig) -> torch.dtype
             return torch.float32
         return _checkpoint_dtype(hf)
     if dtype not in _DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not one of 'auto', {', '.join(map(repr, _DTYPES))}")
+        raise ModelLoadError(
+            f"dtype {dtype!r} is not one of 'auto', {', '.join(map(repr, _DTYPES))}"
+        )
     return _DTYPES[dtype]

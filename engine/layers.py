@@ -10,10 +10,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.parallel import TPGroup
+from torch import nn
 
 
 def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -105,7 +104,9 @@ def _yarn_inv_freq(config: ModelConfig, s: dict) -> tuple[torch.Tensor, float]:
     attention_factor = s.get("attention_factor")
     if attention_factor is None:
         m, m_all = s.get("mscale"), s.get("mscale_all_dim")
-        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        attention_factor = (
+            mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        )
 
     def correction_dim(rotations: float) -> float:
         return (dim * math.log(orig_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
@@ -132,7 +133,9 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T] -> cos, sin: [T, head_dim]
         freqs = positions[:, None].float() * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -23,3 +23,13 @@ class DecodeLoad:
     total_blocks: int
     running: int
     waiting: int
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    """A decode replica's counters, for status displays and tests."""
+
+    load: DecodeLoad
+    reserved: int  # requests whose KV is still on its way
+    preemptions: int  # total since start
+    links: tuple[str, ...]  # KV links currently receiving

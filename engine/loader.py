@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from tqdm import tqdm
-
 from pdserve.engine.config import ModelConfig, ModelLoadError
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup, kv_head_range
+from safetensors import safe_open
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +151,7 @@ def _check_coverage(config: ModelConfig, files: dict[str, Path], wanted: set[str
             f"needs, e.g. {missing[:3]}"
         )
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    unused = sorted(
-        n for n in set(files) - wanted - ignorable if not n.endswith(_IGNORED_SUFFIXES)
-    )
+    unused = sorted(n for n in set(files) - wanted - ignorable if not n.endswith(_IGNORED_SUFFIXES))
     if unused:
         raise ModelLoadError(
             f"checkpoint {config.path} has {len(unused)} tensor(s) config.json does not explain, "

@@ -12,8 +12,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pdserve.engine.attention import (
     DecodeMetadata,
     PrefillMetadata,
@@ -27,10 +25,11 @@ from pdserve.engine.layers import (
     RMSNorm,
     RotaryEmbedding,
     RowParallelLinear,
-    empty_param,
     apply_rope,
+    empty_param,
 )
 from pdserve.engine.parallel import TPGroup, check_tp_size, kv_head_range
+from torch import nn
 
 KVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 Metadata = PrefillMetadata | DecodeMetadata

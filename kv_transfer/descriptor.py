@@ -59,7 +59,9 @@ class TransferHeader:
     def encode(self) -> bytes:
         body = {
             "v": PROTOCOL_VERSION,
-            "items": [[i.transfer_id, i.request_id, i.num_tokens, list(i.block_ids)] for i in self.items],
+            "items": [
+                [i.transfer_id, i.request_id, i.num_tokens, list(i.block_ids)] for i in self.items
+            ],
             "layers": self.num_layers,
             "dtype": self.dtype,
             "heads": [self.head_start, self.head_end, self.head_dim],

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from pdserve.kv_transfer.descriptor import TransferItem
 
 
@@ -48,8 +47,13 @@ def slot_index(items: Sequence[TransferItem], block_size: int) -> torch.Tensor:
     return torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
 
 
-def write_layer(layer_cache: torch.Tensor, data: torch.Tensor, slots: torch.Tensor,
-                head_start: int, keep: torch.Tensor | None = None) -> None:
+def write_layer(
+    layer_cache: torch.Tensor,
+    data: torch.Tensor,
+    slots: torch.Tensor,
+    head_start: int,
+    keep: torch.Tensor | None = None,
+) -> None:
     """Scatter one received layer into the paged cache at the link's head offset.
 
     layer_cache: [2, num_blocks, block_size, heads, head_dim]; data: [2, T, h, head_dim];

@@ -12,7 +12,6 @@ import logging
 
 import torch
 import torch.distributed as dist
-
 from pdserve.engine.parallel import CommGroup, make_process_group
 from pdserve.kv_transfer.descriptor import MAX_HEADER_BYTES, TransferHeader, TransferProtocolError
 
@@ -34,7 +33,9 @@ def resolve_backend(backend: str, device: torch.device, same_gpu: bool = False) 
     if backend == "auto":
         return "nccl" if device.type == "cuda" and not same_gpu else "gloo"
     if backend == "nccl" and device.type != "cuda":
-        raise ValueError("kv transfer backend 'nccl' needs CUDA devices; use 'gloo' or 'auto' on CPU")
+        raise ValueError(
+            "kv transfer backend 'nccl' needs CUDA devices; use 'gloo' or 'auto' on CPU"
+        )
     return backend
 
 
@@ -42,8 +43,9 @@ class KVLink:
     """One direction of KV traffic over a private process group. Not thread-safe per direction:
     a link has one sending thread (prefill rank) and one receiving thread (decode replica)."""
 
-    def __init__(self, name: str, pg: CommGroup, rank: int, device: torch.device,
-                 store: dist.Store) -> None:
+    def __init__(
+        self, name: str, pg: CommGroup, rank: int, device: torch.device, store: dist.Store
+    ) -> None:
         self.name = name
         self.rank = rank
         self.device = device  # where tensors on the wire live (cuda for nccl, cpu for gloo)
@@ -59,9 +61,17 @@ class KVLink:
         return dist.TCPStore(host, 0, 2, True, timeout, wait_for_workers=False)
 
     @classmethod
-    def connect(cls, name: str, backend: str, rank: int, device: torch.device,
-                host: str, port: int, store: dist.TCPStore | None = None,
-                timeout_s: float = 300.0) -> KVLink:
+    def connect(
+        cls,
+        name: str,
+        backend: str,
+        rank: int,
+        device: torch.device,
+        host: str,
+        port: int,
+        store: dist.TCPStore | None = None,
+        timeout_s: float = 300.0,
+    ) -> KVLink:
         """Join the 2-rank group; blocks until the peer joins too (run it off the event loop)."""
         if store is None:
             timeout = datetime.timedelta(seconds=timeout_s)
@@ -103,7 +113,9 @@ class KVLink:
         self.recv_tensor(frame).wait()
         magic, size = (int(x) for x in frame.tolist())
         if magic != _MAGIC or not 0 < size <= MAX_HEADER_BYTES:
-            raise TransferProtocolError(f"link {self.name}: bad frame (magic {magic:#x}, size {size})")
+            raise TransferProtocolError(
+                f"link {self.name}: bad frame (magic {magic:#x}, size {size})"
+            )
         payload = torch.empty(size, dtype=torch.uint8, device=self.device)
         self.recv_tensor(payload).wait()
         return TransferHeader.decode(payload.cpu().numpy().tobytes())

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
 from pdserve.kv_transfer.layout import slot_index, write_layer
 from pdserve.kv_transfer.link import KVLink
@@ -38,10 +37,15 @@ class KVReceiver:
     written. The owner must not reuse an accepted item's blocks before ``on_batch`` reports it.
     """
 
-    def __init__(self, link: KVLink, kv_cache: torch.Tensor, block_size: int,
-                 accept: Callable[[TransferItem], bool],
-                 on_batch: Callable[[ReceivedBatch], None],
-                 on_error: Callable[[str, BaseException], None]) -> None:
+    def __init__(
+        self,
+        link: KVLink,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        accept: Callable[[TransferItem], bool],
+        on_batch: Callable[[ReceivedBatch], None],
+        on_error: Callable[[str, BaseException], None],
+    ) -> None:
         self.link = link
         self._kv_cache = kv_cache  # [layers, 2, num_blocks, block_size, heads, head_dim]
         self._block_size = block_size
@@ -69,22 +73,31 @@ class KVReceiver:
         start = time.perf_counter()
         dtype = getattr(torch, header.dtype)
         if header.num_layers != self._kv_cache.shape[0]:
-            raise ValueError(f"header has {header.num_layers} layers, cache has {self._kv_cache.shape[0]}")
-        bufs = [torch.empty(header.layer_shape(), dtype=dtype, device=self.link.device)
-                for _ in range(header.num_layers)]
+            raise ValueError(
+                f"header has {header.num_layers} layers, cache has {self._kv_cache.shape[0]}"
+            )
+        bufs = [
+            torch.empty(header.layer_shape(), dtype=dtype, device=self.link.device)
+            for _ in range(header.num_layers)
+        ]
         works = [self.link.recv_tensor(buf) for buf in bufs]
         trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
         trailer_work = self.link.recv_tensor(trailer) if header.has_trailer else None
         accepted = tuple(self._accept(item) for item in header.items)
-        keep = torch.cat([torch.full((item.num_tokens,), ok) for item, ok in zip(header.items, accepted)])
+        keep = torch.cat(
+            [torch.full((item.num_tokens,), ok) for item, ok in zip(header.items, accepted)]
+        )
         slots = slot_index(header.items, self._block_size)
         for layer, (buf, work) in enumerate(zip(bufs, works)):
             work.wait()
-            write_layer(self._kv_cache[layer], buf, slots, header.head_start, None if keep.all() else keep)
+            write_layer(
+                self._kv_cache[layer], buf, slots, header.head_start, None if keep.all() else keep
+            )
         first = None
         if trailer_work is not None:
             trailer_work.wait()
             first = tuple(int(t) for t in trailer.tolist())
         nbytes = sum(b.numel() * b.element_size() for b in bufs)
-        return ReceivedBatch(self.link.name, header, accepted, first, nbytes,
-                             time.perf_counter() - start)
+        return ReceivedBatch(
+            self.link.name, header, accepted, first, nbytes, time.perf_counter() - start
+        )

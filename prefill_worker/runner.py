@@ -6,7 +6,6 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import torch
-
 from pdserve.engine.attention import PrefillMetadata
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup, is_kv_sender, kv_head_range
@@ -30,7 +29,9 @@ class PrefillRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def run(self, items: Sequence[PrefillItem], links: Mapping[int, KVLink]) -> SamplerOutput | None:
+    def run(
+        self, items: Sequence[PrefillItem], links: Mapping[int, KVLink]
+    ) -> SamplerOutput | None:
         """Prefill ``items``; returns sampled first tokens on rank 0, None elsewhere.
 
         Every KV-sending rank sends each destination one header, then one tensor per layer as soon
@@ -52,10 +53,17 @@ class PrefillRunner:
             for dest, idx in by_dest.items():
                 links[dest].send_tensor(pack_layer(k, v, [ranges[i] for i in idx]))
 
-        input_ids = torch.tensor([t for it in items for t in it.prompt_token_ids], device=self.device)
+        input_ids = torch.tensor(
+            [t for it in items for t in it.prompt_token_ids], device=self.device
+        )
         positions = torch.cat([torch.arange(n) for n in seq_lens]).to(self.device)
-        hidden = self.model(input_ids, positions, PrefillMetadata(seq_lens), None,
-                            send_layer if self.sends_kv else None)
+        hidden = self.model(
+            input_ids,
+            positions,
+            PrefillMetadata(seq_lens),
+            None,
+            send_layer if self.sends_kv else None,
+        )
         out = None
         if self.tp.rank == 0:
             last = torch.tensor([end - 1 for _, end in ranges], device=self.device)
@@ -83,4 +91,3 @@ class PrefillRunner:
             head_dim=cfg.head_dim,
             has_trailer=self.tp.rank == 0,
         )
-

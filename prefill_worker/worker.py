@@ -1,9 +1,9 @@
 """The prefill actor: one per TP rank; rank 0 (the leader) queues, batches and drives the rest.
 
-    router --prefill(item)--> leader queue --take_batch--> execute(batch) on every rank at once
-                                                            |  forward + all-reduces (TP group)
-                                                            |  KV slices -> decode, layer by layer
-    router <--PrefillResult-- leader <----- first tokens ---+
+router --prefill(item)--> leader queue --take_batch--> execute(batch) on every rank at once
+                                                        |  forward + all-reduces (TP group)
+                                                        |  KV slices -> decode, layer by layer
+router <--PrefillResult-- leader <----- first tokens ---+
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup, make_process_group
 from pdserve.engine.request import PrefillItem, PrefillResult
-from pdserve.engine.spec import resolve_host, EngineSpec, PrefillSpec
+from pdserve.engine.spec import EngineSpec, PrefillSpec, resolve_host
 from pdserve.kv_transfer.link import SENDER, KVLink, resolve_backend
 from pdserve.prefill_worker.batching import take_batch
 from pdserve.prefill_worker.runner import PrefillRunner
@@ -47,7 +46,10 @@ class PrefillWorker:
         self.device = torch.device(engine.device)
         self.host = resolve_host(engine.host)
         self.config = ModelConfig.from_pretrained(
-            engine.model, dtype=engine.dtype, device=engine.device, max_model_len=engine.max_model_len
+            engine.model,
+            dtype=engine.dtype,
+            device=engine.device,
+            max_model_len=engine.max_model_len,
         )
         self._tp_store: torch.distributed.TCPStore | None = None
         self._runner: PrefillRunner | None = None
@@ -78,8 +80,12 @@ class PrefillWorker:
             store = self._tp_store or torch.distributed.TCPStore(host, port, 2, False)
             self._tp_store = store
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            pg = make_process_group(backend, torch.distributed.PrefixStore("tp", store),
-                                    self.spec.tp_rank, self.spec.tp_size)
+            pg = make_process_group(
+                backend,
+                torch.distributed.PrefixStore("tp", store),
+                self.spec.tp_rank,
+                self.spec.tp_size,
+            )
             tp = TPGroup(self.spec.tp_rank, self.spec.tp_size, pg)
         model = load_model(self.config, tp, self.device)
         self._runner = PrefillRunner(model, tp, self.device)
@@ -123,8 +129,11 @@ class PrefillWorker:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                n = take_batch([len(q.item.prompt_token_ids) for q in self._queue],
-                               self.spec.max_batch_tokens, self.spec.max_batch_size)
+                n = take_batch(
+                    [len(q.item.prompt_token_ids) for q in self._queue],
+                    self.spec.max_batch_tokens,
+                    self.spec.max_batch_size,
+                )
                 batch = [self._queue.popleft() for _ in range(n)]
                 await self._run_batch(batch)
 
@@ -144,8 +153,15 @@ class PrefillWorker:
         assert out is not None
         for i, q in enumerate(batch):
             if not q.future.done():
-                q.future.set_result(PrefillResult(q.item.transfer_id, out.token_ids[i],
-                                                  out.logprobs[i], start - q.enqueued, compute_s))
+                q.future.set_result(
+                    PrefillResult(
+                        q.item.transfer_id,
+                        out.token_ids[i],
+                        out.logprobs[i],
+                        start - q.enqueued,
+                        compute_s,
+                    )
+                )
 
     # -- every rank -------------------------------------------------------------------------
 

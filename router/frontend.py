@@ -11,8 +11,6 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from transformers import PreTrainedTokenizerBase
-
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.request import RequestMetrics, RequestOutput
 from pdserve.engine.sampling import TokenLogprobs
@@ -20,6 +18,7 @@ from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.stop import StopStringMatcher
 from pdserve.engine.tokenizer import encode_prompt
 from pdserve.router.router import RequestTrace, Router
+from transformers import PreTrainedTokenizerBase
 
 
 class RequestFailedError(RuntimeError):
@@ -41,7 +40,9 @@ class OutputDelta:
 class Frontend:
     """Turns prompts into token streams through a Router and back into text."""
 
-    def __init__(self, router: Router, tokenizer: PreTrainedTokenizerBase, max_model_len: int) -> None:
+    def __init__(
+        self, router: Router, tokenizer: PreTrainedTokenizerBase, max_model_len: int
+    ) -> None:
         self.router = router
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -58,8 +59,9 @@ class Frontend:
             )
         return ids
 
-    async def stream(self, prompt: str | Sequence[int], params: SamplingParams,
-                     request_id: str | None = None) -> AsyncIterator[OutputDelta]:
+    async def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[OutputDelta]:
         """Stream one request; the last delta has finish_reason and metrics."""
         request_id = request_id or uuid.uuid4().hex
         ids = self.tokenize(prompt)
@@ -92,8 +94,9 @@ class Frontend:
         finally:
             await gen.aclose()  # a stop string or a caller going away aborts the request
 
-    async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
-                       request_id: str | None = None) -> RequestOutput:
+    async def generate(
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestOutput:
         """Run one request to completion."""
         text, token_ids, logprobs = [], [], []
         last: OutputDelta | None = None

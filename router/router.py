@@ -68,8 +68,9 @@ class RequestTrace:
 class Router:
     """Drives requests through one deployment's pools. All methods run on one event loop."""
 
-    def __init__(self, prefill: Sequence[PrefillInstance], decode: Sequence[Any],
-                 config: RouterConfig) -> None:
+    def __init__(
+        self, prefill: Sequence[PrefillInstance], decode: Sequence[Any], config: RouterConfig
+    ) -> None:
         self.prefill = list(prefill)
         self.decode = list(decode)
         self.config = config
@@ -84,8 +85,13 @@ class Router:
 
     # -- the request path -------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
-                       trace: RequestTrace | None = None) -> AsyncIterator[StepDelta]:
+    async def generate(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        trace: RequestTrace | None = None,
+    ) -> AsyncIterator[StepDelta]:
         """Yields the first token (from prefill), then decode's deltas until a finish."""
         trace = trace or RequestTrace()
         tid = next(self._ids)

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from transformers import AutoModelForCausalLM
-
 from pdserve.engine.tiny_model import TINY_ARCHS, make_tiny_model
+from transformers import AutoModelForCausalLM
 
 PROMPT_LENS = (1, 7, 100, 300)
 NEW_TOKENS = 32
@@ -20,8 +19,12 @@ NEW_TOKENS = 32
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """A local Ray instance with logical CPU slots for every actor the tests start at once."""
-    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False,
-             namespace="pdserve-tests", log_to_driver=False)
+    ray.init(
+        num_cpus=max(8, os.cpu_count() or 1),
+        include_dashboard=False,
+        namespace="pdserve-tests",
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 
@@ -46,5 +49,5 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> lis
     with torch.inference_mode():
         for ids in prompts:
             seq = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens)
-            out.append(seq[0, len(ids):].tolist())
+            out.append(seq[0, len(ids) :].tolist())
     return out

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from conftest import NEW_TOKENS, hf_greedy, parity_prompts
-
 from pdserve.cluster import LLM, SamplingParams
 from pdserve.engine.tiny_model import TINY_ARCHS
 
@@ -16,8 +15,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_greedy_parity_with_transformers(ray_session: None, tiny_dirs: dict[str, Path],
-                                         arch: str, tp: int) -> None:
+def test_greedy_parity_with_transformers(
+    ray_session: None, tiny_dirs: dict[str, Path], arch: str, tp: int
+) -> None:
     model = tiny_dirs[arch]
     with LLM(str(model), prefill_tensor_parallel_size=tp, dtype="float32") as llm:
         prompts = parity_prompts(len(llm.tokenizer))

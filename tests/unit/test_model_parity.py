@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
-
 from pdserve.engine.attention import DecodeMetadata, PrefillMetadata
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.kv_cache import allocate_kv_cache
@@ -21,6 +19,7 @@ from pdserve.engine.loader import load_model
 from pdserve.engine.model import CausalLM, KVHook
 from pdserve.engine.parallel import TPGroup, make_process_group
 from pdserve.engine.tiny_model import TINY_ARCHS
+from transformers import AutoModelForCausalLM
 
 PROMPT_LENS = (1, 7, 100, 300)
 MAX_NEW = 32

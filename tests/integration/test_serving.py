@@ -1,0 +1,139 @@
+"""Serving behaviour through the real cluster: sampling, stops, aborts, bad input, preemption."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import parity_prompts
+from pdserve.cluster import LLM, InvalidRequestError, SamplingParams
+from pdserve.engine.config import ModelLoadError
+from pdserve.engine.load import DecodeStats
+
+pytestmark = pytest.mark.integration
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(ray_session: None, tiny_dirs: dict[str, Path]) -> Iterator[LLM]:
+    with LLM(str(tiny_dirs["llama"]), prefill_tensor_parallel_size=2) as llm:
+        yield llm
+
+
+def wait_idle(llm: LLM, timeout: float = 20.0) -> None:
+    """Aborts land asynchronously: wait until decode holds no request, checking integrity."""
+    deadline = time.monotonic() + timeout
+    while llm.check_integrity() != 0:
+        assert time.monotonic() < deadline, "decode still holds requests after the abort"
+        time.sleep(0.05)
+
+
+def test_seed_reproducible_whatever_the_batch(llm: LLM) -> None:
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)
+    alone = llm.generate("a seeded prompt", seeded)[0].token_ids
+    mates = [
+        SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True),
+        seeded,
+        SamplingParams(max_tokens=16, temperature=0.8, seed=7, ignore_eos=True),
+    ]
+    batch = llm.generate(["other text", "a seeded prompt", "more"], mates)
+    assert batch[1].token_ids == alone
+    other_seed = SamplingParams(max_tokens=16, temperature=1.0, seed=99, ignore_eos=True)
+    assert llm.generate("a seeded prompt", other_seed)[0].token_ids != alone
+    assert llm.check_integrity() == 0
+
+
+def test_stop_token_ids_end_generation(llm: LLM) -> None:
+    ref = llm.generate("stop token test", GREEDY)[0].token_ids
+    i = next(i for i in range(2, len(ref)) if ref[i] not in ref[:i])
+    out = llm.generate(
+        "stop token test",
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=[ref[i]]),
+    )[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == ref[: i + 1]
+    assert llm.check_integrity() == 0
+
+
+def test_stop_string_ends_generation_and_is_cut(llm: LLM) -> None:
+    ref = llm.generate("stop string test", GREEDY)[0].text
+    start = len(ref) // 2
+    stop = ref[start : start + 3]
+    cut = ref.index(stop)
+    out = llm.generate(
+        "stop string test",
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop]),
+    )[0]
+    assert out.finish_reason == "stop"
+    assert out.text == ref[:cut]
+    wait_idle(llm)  # the stop string is found by the front, which aborts decode
+
+
+def test_max_tokens_one_and_logprobs(llm: LLM) -> None:
+    out = llm.generate("one token", SamplingParams(max_tokens=1, temperature=0.0, logprobs=3))[0]
+    assert len(out.token_ids) == 1 and out.finish_reason == "length"
+    lp = llm.generate(
+        "logprobs", SamplingParams(max_tokens=5, temperature=0.0, logprobs=3, ignore_eos=True)
+    )[0]
+    assert lp.logprobs is not None and len(lp.logprobs) == 5
+    for token, entry in zip(lp.token_ids, lp.logprobs):
+        assert entry is not None and len(entry.top) == 3
+        assert entry.top[0][0] == token  # greedy picks the most likely token
+        assert entry.logprob == pytest.approx(entry.top[0][1])
+    assert llm.check_integrity() == 0
+
+
+def test_bad_input_is_rejected_and_cluster_keeps_serving(llm: LLM) -> None:
+    too_long = [5] * llm.config.max_model_len
+    for prompt in ("", [], too_long, [10**9]):
+        with pytest.raises(InvalidRequestError):
+            llm.generate(prompt, GREEDY)  # type: ignore[arg-type]
+    for bad in ({"max_tokens": 0}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1.0}):
+        with pytest.raises(InvalidRequestError, match=next(iter(bad))):
+            SamplingParams(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ModelLoadError, match="not"):
+        LLM("/nonexistent/model/dir")
+    assert llm.generate("still serving", GREEDY)[0].finish_reason == "length"
+    assert llm.check_integrity() == 0
+
+
+def test_abort_mid_stream_frees_every_block(llm: LLM) -> None:
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    got = 0
+    for delta in llm.stream(parity_prompts(len(llm.tokenizer))[2], params):
+        got += len(delta.token_ids)
+        if got >= 3:
+            break  # the caller goes away mid-decode
+    wait_idle(llm)
+    assert llm.generate("after abort", GREEDY)[0].finish_reason == "length"
+
+
+def test_many_concurrent_requests(llm: LLM) -> None:
+    prompts = [f"request number {i}" for i in range(24)]
+    outs = llm.generate(prompts, GREEDY)
+    assert [len(o.token_ids) for o in outs] == [24] * 24
+    assert outs[3].token_ids == llm.generate(prompts[3], GREEDY)[0].token_ids  # batch-invariant ids
+    assert llm.check_integrity() == 0
+
+
+async def _stats(llm: LLM) -> DecodeStats:
+    stats: DecodeStats = await llm.deployment.decode[0].stats.remote()
+    return stats
+
+
+def test_small_kv_cache_queues_and_preempts_without_changing_outputs(
+    ray_session: None, tiny_dirs: dict[str, Path]
+) -> None:
+    prompts = [parity_prompts(700, seed=s)[2] for s in range(6)]  # six 100-token prompts
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    with LLM(str(tiny_dirs["llama"]), max_model_len=256, num_kv_blocks=24) as small:
+        outs = small.generate(prompts, params)  # 24 blocks hold ~2.7 of these requests at once
+        assert small.check_integrity() == 0
+        stats = small._loop.run(_stats(small))
+        assert stats.preemptions > 0  # the recompute path really ran
+    with LLM(str(tiny_dirs["llama"])) as roomy:
+        refs = roomy.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [r.token_ids for r in refs]
