@@ -79,33 +79,52 @@ def prefill_attention(
     return out
 
 
+@dataclass
+class DecodePlan:
+    """What every layer of one decode step gathers and masks, worked out once per step."""
+
+    slot_mapping: torch.Tensor  # [B] where the new token's K/V goes
+    block_ids: torch.Tensor  # [B * n] blocks to gather, n per sequence in position order
+    visible: torch.Tensor  # [B, 1, 1, n * block_size] bool: gathered slots the query may see
+
+
+def plan_decode(meta: DecodeMetadata, block_size: int, window: int | None) -> DecodePlan:
+    """Gather whole blocks; with a sliding window only the ones the window can reach."""
+    tables, ctx = meta.block_tables, meta.context_lens[:, None]
+    batch, n = tables.shape
+    first = torch.zeros_like(ctx)  # [B, 1] first gathered block, in table order
+    if window is not None and (window - 1) // block_size + 2 < n:
+        # positions ctx-window .. ctx-1 touch at most (window-1)//block_size + 2 blocks
+        n = (window - 1) // block_size + 2
+        lowest = (ctx - window).clamp(min=0) // block_size
+        first = lowest.clamp(max=tables.shape[1] - n)
+        tables = tables.gather(1, first + torch.arange(n, device=tables.device))
+    pos = first * block_size + torch.arange(n * block_size, device=tables.device)  # [B, L]
+    visible = pos < ctx  # hides table padding and the unused tail of the last block
+    if window is not None:
+        visible &= pos >= ctx - window
+    return DecodePlan(meta.slot_mapping, tables.flatten(), visible[:, None, None, :])
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    meta: DecodeMetadata,
+    plan: DecodePlan,
     scale: float,
-    window: int | None,
 ) -> torch.Tensor:
     """One query per sequence against its cached blocks, one batched SDPA call.
 
     q: [B, heads, head_dim] -> [B, heads, head_dim]
     """
-    batch, max_blocks = meta.block_tables.shape
-    block_size, kv_heads, head_dim = k_cache.shape[1:]
-    length = max_blocks * block_size
-    # gather whole blocks: [B * max_blocks, block_size, kv_heads, D] -> [B, kv_heads, L, D], the
-    # last step a strided view SDPA reads as is. index_select copies block-sized rows, several
+    batch = q.shape[0]
+    kv_heads, head_dim = k_cache.shape[2:]
+    # gather whole blocks: [B * n, block_size, kv_heads, D] -> [B, kv_heads, L, D], the last
+    # step a strided view SDPA reads as is. index_select copies block-sized rows, several
     # times faster on CPU than advanced indexing (k_cache[block_tables]), which copies elements.
-    flat = meta.block_tables.flatten()
-    k = k_cache.index_select(0, flat).view(batch, length, kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, flat).view(batch, length, kv_heads, head_dim).transpose(1, 2)
-    pos = torch.arange(length, device=q.device)[None, :]
-    ctx = meta.context_lens[:, None]
-    visible = pos < ctx  # [B, L]: padding slots and unused tails of blocks are hidden
-    if window is not None:
-        visible &= pos >= ctx - window
+    k = k_cache.index_select(0, plan.block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, plan.block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
     o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=True
+        q.unsqueeze(2), k, v, attn_mask=plan.visible, scale=scale, enable_gqa=True
     )  # [B, heads, 1, D]
     return o.squeeze(2)

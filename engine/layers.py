@@ -136,17 +136,18 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T] -> cos, sin: [T, head_dim]
+        """positions: [T] -> cos, signed sin: [T, 1, head_dim], as apply_rope takes them."""
         freqs = positions[:, None].float() * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
+        half = freqs.shape[-1]
+        # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]: one roll instead of
+        # slice, slice, neg, cat per call, bit for bit the same result.
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, head_dim]; cos, sin: [T, head_dim] (rotate-half layout, as in HF checkpoints)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, head_dim]; cos, signed_sin: [T, 1, head_dim] (HF rotate-half layout)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

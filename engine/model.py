@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from pdserve.engine.attention import (
     DecodeMetadata,
+    DecodePlan,
     PrefillMetadata,
     decode_attention,
+    plan_decode,
     prefill_attention,
     write_kv,
 )
@@ -60,39 +62,41 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        meta: Metadata,
+        meta: PrefillMetadata | DecodePlan,
         cache: torch.Tensor | None,
         kv_hook: KVHook | None,
     ) -> torch.Tensor:
         # x: [T, hidden]; cache: [2, num_blocks, block_size, kv_heads_local, head_dim] or None
-        t, d = x.shape[0], self.head_dim
-        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
+        t, d, nh = x.shape[0], self.head_dim, self.num_heads
+        qkv = self.qkv_proj(x)
+        split = (nh + self.num_kv_heads) * d
+        qk = qkv[:, :split].view(t, -1, d)  # [T, heads + kv_heads, D]: q and k side by side
+        v = qkv[:, split:].view(t, -1, d)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)  # Qwen3: per-head RMSNorm before RoPE
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # Qwen3: per-head RMSNorm before RoPE
+            qk = torch.cat((self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])), dim=1)
+        qk = apply_rope(qk, cos, sin)  # one call rotates q and k together
+        q, k = qk[:, :nh], qk[:, nh:]
         if kv_hook is not None:
-            kv_hook(self.layer, k, v.contiguous())  # k, v: [T, kv_heads_local, head_dim]
+            kv_hook(self.layer, k.contiguous(), v.contiguous())  # [T, kv_heads_local, D]
         out = self._attend(q, k, v, meta, cache)
-        return self.o_proj(out.reshape(t, q_size))
+        return self.o_proj(out.reshape(t, nh * d))
 
     def _attend(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        meta: Metadata,
+        meta: PrefillMetadata | DecodePlan,
         cache: torch.Tensor | None,
     ) -> torch.Tensor:
         if isinstance(meta, PrefillMetadata):
             if cache is not None and meta.slot_mapping is not None:
                 write_kv(cache[0], cache[1], k, v, meta.slot_mapping)
             return prefill_attention(q, k, v, meta.seq_lens, self.scale, self.window)
-        if cache is None:
-            raise ValueError("decode needs the paged kv_cache the prefill wrote")
+        assert cache is not None  # CausalLM.forward checks
         write_kv(cache[0], cache[1], k, v, meta.slot_mapping)
-        return decode_attention(q, cache[0], cache[1], meta, self.scale, self.window)
+        return decode_attention(q, cache[0], cache[1], meta, self.scale)
 
 
 class MLP(nn.Module):
@@ -133,7 +137,7 @@ class DecoderLayer(nn.Module):
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        meta: Metadata,
+        meta: PrefillMetadata | DecodePlan,
         cache: torch.Tensor | None,
         kv_hook: KVHook | None,
     ) -> torch.Tensor:
@@ -175,11 +179,16 @@ class CausalLM(nn.Module):
         k, v) sees each layer's K/V ([T, kv_heads_local, head_dim], after RoPE) before that
         layer's attention runs, so a sender can overlap with the rest of the forward pass.
         """
+        step: PrefillMetadata | DecodePlan = meta
+        if isinstance(meta, DecodeMetadata):
+            if kv_cache is None:
+                raise ValueError("decode needs the paged kv_cache the prefill wrote")
+            step = plan_decode(meta, kv_cache.shape[3], self.config.sliding_window)
         h = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary(positions, h.dtype)
         for i, layer in enumerate(self.layers):
             cache = kv_cache[i] if kv_cache is not None else None
-            h = layer(h, cos, sin, meta, cache, kv_hook)
+            h = layer(h, cos, sin, step, cache, kv_hook)
         return self.norm(h)
 
     @torch.no_grad()

@@ -25,6 +25,14 @@ class RequestFailedError(RuntimeError):
     """A request failed inside the cluster (the cluster itself keeps serving)."""
 
 
+class QueueFullError(RuntimeError):
+    """Admission refused: too many requests in flight. Retry after ``retry_after`` seconds."""
+
+    def __init__(self, limit: int, retry_after: float = 1.0) -> None:
+        super().__init__(f"the server has {limit} requests in flight, its limit: retry later")
+        self.retry_after = retry_after
+
+
 @dataclass
 class OutputDelta:
     """What a streaming caller sees per step: new tokens and the text they completed."""
@@ -41,11 +49,17 @@ class Frontend:
     """Turns prompts into token streams through a Router and back into text."""
 
     def __init__(
-        self, router: Router, tokenizer: PreTrainedTokenizerBase, max_model_len: int
+        self,
+        router: Router,
+        tokenizer: PreTrainedTokenizerBase,
+        max_model_len: int,
+        max_inflight: int = 1 << 30,
     ) -> None:
         self.router = router
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.max_inflight = max_inflight  # bounded admission: beyond it, QueueFullError (429)
+        self.inflight = 0
 
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         """Prompt ids, or InvalidRequestError naming what to fix."""
@@ -59,17 +73,25 @@ class Frontend:
             )
         return ids
 
-    async def stream(
+    def stream(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[OutputDelta]:
-        """Stream one request; the last delta has finish_reason and metrics."""
-        request_id = request_id or uuid.uuid4().hex
+        """Validate and admit one request now (raising InvalidRequestError or QueueFullError),
+        and return its stream; the last delta has finish_reason and metrics."""
         ids = self.tokenize(prompt)
+        if self.inflight >= self.max_inflight:
+            raise QueueFullError(self.max_inflight)
+        return self._stream(ids, params, request_id or uuid.uuid4().hex)
+
+    async def _stream(
+        self, ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[OutputDelta]:
         metrics = RequestMetrics(arrival_time=time.perf_counter())
         trace = RequestTrace()
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
         stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
         gen = self.router.generate(request_id, ids, params, trace)
+        self.inflight += 1
         try:
             async for delta in gen:
                 if delta.error:
@@ -92,6 +114,7 @@ class Frontend:
                     return
                 yield out
         finally:
+            self.inflight -= 1
             await gen.aclose()  # a stop string or a caller going away aborts the request
 
     async def generate(
