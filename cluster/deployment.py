@@ -63,7 +63,11 @@ class Deployment:
     placement_groups: list[PlacementGroup]
 
     @classmethod
-    async def start(cls, spec: ClusterSpec, config: ModelConfig) -> Deployment:
+    async def start(
+        cls, spec: ClusterSpec, config: ModelConfig, *, detached: bool = False
+    ) -> Deployment:
+        """Create and start every actor; ``detached`` placement groups outlive the driver that
+        created the (detached) controller."""
         check_tp_size(config.num_heads, config.num_kv_heads, spec.prefill_tp)
         groups: list[PlacementGroup] = []
         decode = [_make_decode(spec, j) for j in range(spec.decode_instances)]
@@ -73,6 +77,7 @@ class Deployment:
                 [_device_slot(spec.engine) | spec.prefill_resources] * spec.prefill_tp,
                 strategy="STRICT_PACK",
                 name=f"{spec.router.link_prefix}-prefill{i}",
+                lifetime="detached" if detached else None,
             )
             groups.append(pg)
             prefill.append(_make_prefill(spec, config, i, pg))

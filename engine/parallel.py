@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import Backend as C10dBackend
-
-# What make_process_group returns: a c10d backend (ProcessGroupGloo / ProcessGroupNCCL) built
-# directly on a store. It has the collective and point-to-point verbs of a ProcessGroup
-# (allreduce, send, recv, barrier), each returning a Work to wait on.
-CommGroup = C10dBackend | dist.ProcessGroup
 
 
 @dataclass
@@ -21,7 +16,7 @@ class TPGroup:
 
     rank: int
     size: int
-    pg: CommGroup | None = None
+    pg: dist.ProcessGroup | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -83,19 +78,29 @@ def make_process_group(
     rank: int,
     size: int,
     timeout_s: float = 1800,
-) -> CommGroup:
+) -> dist.ProcessGroup:
     """A process group on `store`, built directly (not init_process_group).
 
     A process holds several groups at once (its TP group, KV links), so none of them may be
-    the global default group. Give each group its own store or a PrefixStore.
+    the global default group. Give each group its own store or a PrefixStore. Use its verbs
+    directly: pg.allreduce([t]).wait(), pg.send([t], dst, tag).wait(), pg.recv(...).
     """
     timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, size, timeout)
-    if backend == "nccl":
+        impl: Any = dist.ProcessGroupGloo(store, rank, size, timeout)
+        kind, device = dist.ProcessGroup.BackendType.GLOO, torch.device("cpu")
+    elif backend == "nccl":
         if not dist.is_nccl_available():
             raise ValueError("backend 'nccl' needs a CUDA build of torch; use 'gloo' on CPU")
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, size, options)
-    raise ValueError(f"unknown process-group backend {backend!r}; use 'gloo' or 'nccl'")
+        impl = dist.ProcessGroupNCCL(store, rank, size, options)
+        kind, device = dist.ProcessGroup.BackendType.NCCL, torch.device("cuda")
+    else:
+        raise ValueError(f"unknown process-group backend {backend!r}; use 'gloo' or 'nccl'")
+    # Wrap the backend in a ProcessGroup, as torch's own group factory does, so callers get
+    # the typed ProcessGroup verbs.
+    pg = dist.ProcessGroup(store, rank, size)
+    pg._register_backend(device, kind, impl)
+    pg._set_default_backend(kind)
+    return pg
