@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import datetime
 import logging
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pdserve.engine.parallel import CommGroup, make_process_group
+from pdserve.engine.parallel import make_process_group
 from pdserve.kv_transfer.descriptor import MAX_HEADER_BYTES, TransferHeader, TransferProtocolError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class KVLink:
     a link has one sending thread (prefill rank) and one receiving thread (decode replica)."""
 
     def __init__(
-        self, name: str, pg: CommGroup, rank: int, device: torch.device, store: dist.Store
+        self, name: str, pg: Any, rank: int, device: torch.device, store: dist.Store
     ) -> None:
         self.name = name
         self.rank = rank

@@ -1,0 +1,160 @@
+"""KV transfer throughput: pdserve's link protocol vs raw torch.distributed send/recv.
+
+Two processes, as in a deployment: a sender (prefill rank) and a receiver (decode replica). For
+each prompt length it moves one request's KV cache three ways, timed on the sender from the first
+send to the receiver's 8-byte acknowledgement (the same round trip for all three):
+
+- raw-1:   one send of all the bytes (the best case for the backend);
+- raw-L:   one send per layer (the message pattern pdserve uses), received into plain buffers;
+- pdserve: KVLink header + per-layer sends + trailer, received by KVReceiver, scattered into a
+           paged cache at the head offset (what decode really does).
+
+    python -m pdserve.bench.kv_bench --tokens 128 512 1024 2048 4096 --out kv.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pdserve.engine.parallel import make_process_group
+from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
+from pdserve.kv_transfer.link import RECEIVER, SENDER, KVLink
+from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 24
+    kv_heads: int = 8
+    head_dim: int = 64
+    block_size: int = 16
+    dtype: str = "float32"
+
+    def bytes_per_token(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim * getattr(torch, self.dtype).itemsize
+
+
+def _header(shape: Shape, tokens: int) -> TransferHeader:
+    blocks = tuple(range(-(-tokens // shape.block_size)))
+    return TransferHeader((TransferItem(1, "bench", tokens, blocks),), shape.layers, shape.dtype,
+                          0, shape.kv_heads, shape.head_dim, has_trailer=True)
+
+
+def _sender(port: int, shape: Shape, tokens_list: list[int], repeats: int, out: dict) -> None:
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, 2, False, datetime.timedelta(seconds=60))
+    link = KVLink.connect("bench/link", "gloo", SENDER, torch.device("cpu"), "127.0.0.1", port, store)
+    raw = make_process_group("gloo", dist.PrefixStore("raw", store), SENDER, 2)
+    dtype = getattr(torch, shape.dtype)
+    ack = torch.zeros(1, dtype=torch.int64)
+    results = {}
+    for tokens in tokens_list:
+        layer = torch.randn(2, tokens, shape.kv_heads, shape.head_dim).to(dtype)
+        whole = torch.randn(shape.layers, *layer.shape).to(dtype)
+        times: dict[str, list[float]] = {"raw-1": [], "raw-L": [], "pdserve": []}
+        for rep in range(repeats + 1):  # the first round warms up
+            for mode in times:
+                start = time.perf_counter()
+                if mode == "raw-1":
+                    raw.send([whole], RECEIVER, 0).wait()
+                elif mode == "raw-L":
+                    works = [raw.send([whole[i]], RECEIVER, 0) for i in range(shape.layers)]
+                    for w in works:
+                        w.wait()
+                else:
+                    link.send_header(_header(shape, tokens))
+                    for i in range(shape.layers):
+                        link.send_tensor(whole[i])
+                    link.send_tensor(torch.tensor([7]))
+                    link.flush()
+                raw.recv([ack], RECEIVER, 1).wait()
+                if rep:
+                    times[mode].append(time.perf_counter() - start)
+        nbytes = tokens * shape.bytes_per_token()
+        results[tokens] = {m: nbytes / statistics.median(t) / 1e9 for m, t in times.items()}
+        results[tokens]["bytes"] = nbytes
+        del layer
+    link.close()
+    out.update(results)
+
+
+def _receiver(store: dist.TCPStore, shape: Shape, tokens_list: list[int], repeats: int) -> None:
+    torch.set_num_threads(1)
+    link = KVLink.connect("bench/link", "gloo", RECEIVER, torch.device("cpu"), "127.0.0.1",
+                          store.port, store)
+    raw = make_process_group("gloo", dist.PrefixStore("raw", store), RECEIVER, 2)
+    dtype = getattr(torch, shape.dtype)
+    max_blocks = -(-max(tokens_list) // shape.block_size)
+    cache = torch.zeros(shape.layers, 2, max_blocks, shape.block_size, shape.kv_heads,
+                        shape.head_dim, dtype=dtype)
+    landed = threading.Semaphore(0)
+
+    def on_batch(_: ReceivedBatch) -> None:
+        landed.release()
+
+    receiver = KVReceiver(link, cache, shape.block_size, lambda _: True, on_batch,
+                          lambda n, e: print("link error", n, e))
+    receiver.start()
+    ack = torch.ones(1, dtype=torch.int64)
+    for tokens in tokens_list:
+        whole = torch.empty(shape.layers, 2, tokens, shape.kv_heads, shape.head_dim, dtype=dtype)
+        for _ in range(repeats + 1):
+            raw.recv([whole], SENDER, 0).wait()
+            raw.send([ack], SENDER, 1).wait()
+            works = [raw.recv([whole[i]], SENDER, 0) for i in range(shape.layers)]
+            for w in works:
+                w.wait()
+            raw.send([ack], SENDER, 1).wait()
+            landed.acquire()
+            raw.send([ack], SENDER, 1).wait()
+
+
+def run(shape: Shape, tokens_list: list[int], repeats: int) -> dict:
+    store = KVLink.host_store("127.0.0.1")
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    out = manager.dict()
+    proc = ctx.Process(target=_sender, args=(store.port, shape, tokens_list, repeats, out))
+    proc.start()
+    _receiver(store, shape, tokens_list, repeats)
+    proc.join()
+    return dict(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096],
+                   help="prompt lengths (one request's KV each)")
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per case (median)")
+    p.add_argument("--out", default=None, help="write the raw numbers as JSON here")
+    args = p.parse_args()
+    shape = Shape(args.layers, args.kv_heads, args.head_dim, 16, args.dtype)
+    results = run(shape, args.tokens, args.repeats)
+    print(f"KV shape: {asdict(shape)}; {shape.bytes_per_token()} bytes/token; backend gloo (CPU)")
+    print(f"{'tokens':>7} {'MiB':>8} {'raw-1 GB/s':>11} {'raw-L GB/s':>11} {'pdserve GB/s':>13} "
+          f"{'vs raw-1':>9} {'vs raw-L':>9}")
+    for tokens in args.tokens:
+        r = results[tokens]
+        print(f"{tokens:>7} {r['bytes'] / 2**20:>8.1f} {r['raw-1']:>11.2f} {r['raw-L']:>11.2f} "
+              f"{r['pdserve']:>13.2f} {r['pdserve'] / r['raw-1']:>9.2f} {r['pdserve'] / r['raw-L']:>9.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"shape": asdict(shape), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
