@@ -9,14 +9,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.parallel import check_tp_size, is_kv_sender
 from pdserve.engine.spec import DecodeSpec, EngineSpec, PrefillSpec
 from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.router.router import PrefillInstance, Router, RouterConfig
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class ClusterSpec:
     # Ray resources each actor asks for besides its device slot (e.g. {"prefill": 1}).
     prefill_resources: dict[str, float] = field(default_factory=dict)
     decode_resources: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def colocated(self) -> bool:
+        """No prefill pool: every decode instance prefills its own prompts."""
+        return self.prefill_instances == 0
 
     @property
     def num_actors(self) -> int:
@@ -99,7 +105,9 @@ class Deployment:
 
 def _make_decode(spec: ClusterSpec, j: int) -> Any:
     slot = _device_slot(spec.engine)
-    dspec = DecodeSpec(j, spec.max_num_seqs, spec.num_kv_blocks, spec.kv_cache_bytes)
+    dspec = DecodeSpec(
+        j, spec.max_num_seqs, spec.num_kv_blocks, spec.kv_cache_bytes, spec.max_batch_tokens
+    )
     return DecodeActor.options(
         num_cpus=slot.get("CPU", 0),
         num_gpus=slot.get("GPU", 0),

@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 from types import TracebackType
 
 import ray
+from tqdm import tqdm
+
 from pdserve.cluster.deployment import ClusterSpec, Deployment
 from pdserve.cluster.loop import LoopThread
 from pdserve.engine.config import ModelConfig
@@ -20,7 +22,6 @@ from pdserve.engine.spec import EngineSpec
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.router.frontend import Frontend, OutputDelta
 from pdserve.router.router import RouterConfig
-from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def ensure_ray(address: str | None, num_cpus_needed: int, namespace: str) -> boo
 class LLM:
     """A prefill pool (TP groups) and a decode pool (replicas) on Ray, driven in-process.
 
+    ``mode="colocated"`` is the baseline instead: ``decode_instances`` instances, each running
+    both phases on the same engine with continuous batching and prefill priority.
+
     ``LLM(model)`` starts a local Ray instance when none is running (and stops it on shutdown).
     Use it as a context manager, or call ``shutdown()``, to release the actors and KV links.
     """
@@ -67,6 +71,7 @@ class LLM:
         prefill_tensor_parallel_size: int = 1,
         decode_instances: int = 1,
         prefill_instances: int = 1,
+        mode: str = "disaggregated",
         dtype: str = "auto",
         device: str = "auto",
         max_model_len: int | None = None,
@@ -82,6 +87,10 @@ class LLM:
             model, dtype=dtype, device="cpu", max_model_len=max_model_len
         )
         self.tokenizer = load_tokenizer(model)
+        if mode not in ("disaggregated", "colocated"):
+            raise ValueError(f"mode={mode!r} is unknown; use 'disaggregated' or 'colocated'")
+        if mode == "colocated":  # decode_instances instances, each running both phases
+            prefill_instances = 0
         namespace = f"pdserve-{uuid.uuid4().hex[:8]}"
         needed = prefill_instances * prefill_tensor_parallel_size + decode_instances
         self._owns_ray = ensure_ray(ray_address, needed, namespace)

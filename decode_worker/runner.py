@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from pdserve.decode_worker.scheduler import DecodeSeq
 from pdserve.engine.attention import DecodeMetadata, PrefillMetadata
 from pdserve.engine.model import CausalLM
@@ -27,15 +28,30 @@ class DecodeRunner:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in positions]
 
-    @torch.inference_mode()
     def recompute(self, seqs: Sequence[DecodeSeq], tables: Sequence[Sequence[int]]) -> None:
         """Rebuild the cache of preempted seqs: a prefill over all but their last token."""
-        seq_lens = [len(s.token_ids) - 1 for s in seqs]
-        ids = torch.tensor([t for s in seqs for t in s.token_ids[:-1]], device=self.device)
-        positions = torch.cat([torch.arange(n) for n in seq_lens]).to(self.device)
+        self.prefill([s.token_ids[:-1] for s in seqs], tables)
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        prompts: Sequence[Sequence[int]],
+        tables: Sequence[Sequence[int]],
+        rows: Sequence[SamplingRow] | None = None,
+    ) -> SamplerOutput | None:
+        """Write the K/V of ``prompts`` into their blocks; with ``rows``, sample each one's next
+        token from its last position (colocated prefill)."""
+        seq_lens = [len(p) for p in prompts]
+        dev = self.device
+        ids = torch.tensor([t for p in prompts for t in p], device=dev)
+        positions = torch.cat([torch.arange(n) for n in seq_lens]).to(dev)
         slots = [x for t, n in zip(tables, seq_lens) for x in self._slots(t, range(n))]
-        meta = PrefillMetadata(seq_lens, torch.tensor(slots, device=self.device))
-        self.model(ids, positions, meta, self.kv_cache)
+        meta = PrefillMetadata(seq_lens, torch.tensor(slots, device=dev))
+        hidden = self.model(ids, positions, meta, self.kv_cache)
+        if rows is None:
+            return None
+        last = torch.tensor(seq_lens, device=dev).cumsum(0) - 1
+        return self.sampler(self.model.compute_logits(hidden.index_select(0, last)), rows)
 
     @torch.inference_mode()
     def step(

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from pdserve.decode_worker.runner import DecodeRunner
 from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, ScheduleOutput
+from pdserve.engine.batching import take_batch
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.kv_cache import allocate_kv_cache, num_blocks_for_bytes
@@ -25,7 +27,7 @@ from pdserve.engine.load import DecodeLoad, DecodeStats
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.request import DecodeRequest, StepDelta
-from pdserve.engine.sampling import SamplerOutput, SamplingRow
+from pdserve.engine.sampling import SamplerOutput, SamplingRow, TokenLogprobs
 from pdserve.engine.spec import DecodeSpec, EngineSpec, resolve_host
 from pdserve.engine.stop import check_token_stop
 from pdserve.kv_transfer.descriptor import TransferItem
@@ -45,6 +47,7 @@ class _Request:
     transfer_s: float = 0.0
     aborted: bool = False  # abort asked while KV is in flight: free once it has landed
     running: bool = False
+    first_logprobs: TokenLogprobs | None = None  # colocated: from the local prefill
 
 
 class DecodeWorker:
@@ -75,6 +78,8 @@ class DecodeWorker:
         self._inflight: dict[str, set[int]] = defaultdict(set)  # link -> transfers mid-receive
         self._receivers: dict[str, KVReceiver] = {}
         self._deferred_aborts: set[int] = set()
+        self._prefill_queue: deque[int] = deque()  # colocated: reserved, waiting for local prefill
+        self._prefilling: set[int] = set()  # in the local prefill running now
         self._stepping = False
         self.num_preemptions = 0
         self._wake = asyncio.Event()
@@ -155,6 +160,9 @@ class DecodeWorker:
         blocks = self.scheduler.reserve(req.transfer_id, len(req.prompt_token_ids))
         if blocks is not None:
             self._requests[req.transfer_id] = _Request(req)
+            if req.local_prefill:
+                self._prefill_queue.append(req.transfer_id)
+                self._wake.set()
         return blocks, self.load()
 
     async def abort(self, transfer_id: int, transfer_pending: bool) -> bool:
@@ -162,7 +170,7 @@ class DecodeWorker:
         r = self._requests.get(transfer_id)
         if r is None:
             return False
-        if r.running and self._stepping:
+        if (r.running and self._stepping) or transfer_id in self._prefilling:
             self._deferred_aborts.add(transfer_id)
         elif not r.running and transfer_pending:
             r.aborted = True
@@ -228,6 +236,8 @@ class DecodeWorker:
         prompt = list(req.prompt_token_ids)
         seq = DecodeSeq(tid, len(prompt), req.sampling.max_tokens, [*prompt, r.first_token])
         stats = StepDelta(kv_bytes=r.kv_bytes, transfer_s=r.transfer_s)
+        if req.local_prefill:  # nobody else has streamed the first token
+            stats.token_ids, stats.logprobs = [r.first_token], [r.first_logprobs]
         reason = self._stop_reason(seq, r.first_token)
         if reason is not None:
             stats.finish_reason = reason
@@ -255,35 +265,68 @@ class DecodeWorker:
         tid = r.req.transfer_id
         self.scheduler.abort(tid)
         self._requests.pop(tid, None)
+        if tid in self._prefill_queue:
+            self._prefill_queue.remove(tid)
         r.queue.put_nowait(last)
 
     async def _step_loop(self) -> None:
         while True:
-            out = self.scheduler.schedule()
-            if not out.decode and not out.recompute:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            self.num_preemptions += len(out.preempted)
-            self._stepping = True
-            try:
-                result = await asyncio.to_thread(self._run_step, out)
-            except Exception as e:  # a failed step fails its requests, never the replica
-                logger.exception("decode step failed")
-                for seq in out.decode + out.recompute:
-                    if seq.seq_id in self._requests:
-                        self._drop(
-                            self._requests[seq.seq_id], StepDelta(error=f"decode step failed: {e}")
-                        )
-                continue
-            finally:
-                self._stepping = False
-            self._apply(out, result)
+            if self._prefill_queue:  # colocated: prefill has priority, as in vLLM's default
+                await self._local_prefill()
+            else:
+                out = self.scheduler.schedule()
+                if not out.decode and not out.recompute:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await self._decode_step(out)
             for tid in self._deferred_aborts:
                 if tid in self._requests:
                     self._drop(self._requests[tid], StepDelta(finish_reason="abort"))
             self._deferred_aborts.clear()
             await asyncio.sleep(0)  # let reserve/abort/stream calls in between steps
+
+    async def _decode_step(self, out: ScheduleOutput) -> None:
+        self.num_preemptions += len(out.preempted)
+        self._stepping = True
+        try:
+            result = await asyncio.to_thread(self._run_step, out)
+        except Exception as e:  # a failed step fails its requests, never the replica
+            logger.exception("decode step failed")
+            self._fail(out.decode + out.recompute, f"decode step failed: {e}")
+            return
+        finally:
+            self._stepping = False
+        self._apply(out, result)
+
+    async def _local_prefill(self) -> None:
+        queue = self._prefill_queue
+        lens = [len(self._requests[t].req.prompt_token_ids) for t in queue]
+        n = take_batch(lens, self.spec.max_prefill_tokens, self.spec.max_num_seqs)
+        batch = [self._requests[queue.popleft()] for _ in range(n)]
+        self._prefilling = {r.req.transfer_id for r in batch}
+        prompts = [r.req.prompt_token_ids for r in batch]
+        tables = [self.blocks.block_table(r.req.transfer_id) for r in batch]
+        rows = [SamplingRow(r.req.sampling, r.req.prompt_token_ids, ()) for r in batch]
+        try:
+            out = await asyncio.to_thread(self.runner.prefill, prompts, tables, rows)
+        except Exception as e:
+            logger.exception("local prefill failed")
+            self._fail(batch, f"prefill failed: {e}")
+            return
+        finally:
+            self._prefilling = set()
+        assert out is not None
+        for r, token, logprobs in zip(batch, out.token_ids, out.logprobs):
+            r.first_token, r.first_logprobs = token, logprobs
+            r.heads = self.config.num_kv_heads
+            self._land(r)
+
+    def _fail(self, items: Sequence[DecodeSeq | _Request], message: str) -> None:
+        for item in items:
+            tid = item.seq_id if isinstance(item, DecodeSeq) else item.req.transfer_id
+            if tid in self._requests:
+                self._drop(self._requests[tid], StepDelta(error=message))
 
     def _run_step(self, out: ScheduleOutput) -> SamplerOutput | None:
         table = self.blocks.block_table

@@ -41,6 +41,7 @@ class DecodeRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
+    local_prefill: bool = False  # colocated: this replica prefills the prompt itself
 
 
 @dataclass

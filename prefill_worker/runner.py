@@ -6,6 +6,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import torch
+
 from pdserve.engine.attention import PrefillMetadata
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup, is_kv_sender, kv_head_range

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from pdserve.engine.batching import take_batch
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup, make_process_group
 from pdserve.engine.request import PrefillItem, PrefillResult
 from pdserve.engine.spec import EngineSpec, PrefillSpec, resolve_host
 from pdserve.kv_transfer.link import SENDER, KVLink, resolve_backend
-from pdserve.prefill_worker.batching import take_batch
 from pdserve.prefill_worker.runner import PrefillRunner
 
 logger = logging.getLogger(__name__)

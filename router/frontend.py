@@ -11,6 +11,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from transformers import PreTrainedTokenizerBase
+
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.request import RequestMetrics, RequestOutput
 from pdserve.engine.sampling import TokenLogprobs
@@ -18,7 +20,6 @@ from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.stop import StopStringMatcher
 from pdserve.engine.tokenizer import encode_prompt
 from pdserve.router.router import RequestTrace, Router
-from transformers import PreTrainedTokenizerBase
 
 
 class RequestFailedError(RuntimeError):

@@ -92,22 +92,32 @@ class Router:
         sampling: SamplingParams,
         trace: RequestTrace | None = None,
     ) -> AsyncIterator[StepDelta]:
-        """Yields the first token (from prefill), then decode's deltas until a finish."""
+        """Yields the first token, then decode's deltas until one carries a finish or error.
+
+        Disaggregated: the first token comes from the prefill instance (TTFT does not wait for
+        the KV transfer tail). Colocated (no prefill pool): the instance prefills locally and its
+        stream carries the first token too.
+        """
         trace = trace or RequestTrace()
         tid = next(self._ids)
-        d, blocks = await self._reserve(DecodeRequest(tid, request_id, tuple(prompt), sampling))
-        p = self._pick_prefill()
-        trace.decode_instance, trace.prefill_instance = d, p.index
-        phase = "reserved"
+        colocated = not self.prefill
+        req = DecodeRequest(tid, request_id, tuple(prompt), sampling, local_prefill=colocated)
+        d, blocks = await self._reserve(req)
+        p = None if colocated else self._pick_prefill()
+        trace.decode_instance = d
+        phase = "decode" if colocated else "reserved"
         try:
-            await self._ensure_links(p, d)
+            if p is not None:
+                trace.prefill_instance = p.index
+                await self._ensure_links(p, d)
             stream = self.decode[d].stream.remote(tid)
-            item = PrefillItem(tid, request_id, tuple(prompt), sampling, d, tuple(blocks))
-            phase = "prefill"
-            result = await self._prefill(p, item)
-            phase = "decode"
-            trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s
-            yield StepDelta([result.first_token], [result.logprobs])
+            if p is not None:
+                item = PrefillItem(tid, request_id, tuple(prompt), sampling, d, tuple(blocks))
+                phase = "prefill"
+                result = await self._prefill(p, item)
+                phase = "decode"
+                trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s
+                yield StepDelta([result.first_token], [result.logprobs])
             async for ref in stream:
                 delta: StepDelta = await ref
                 if delta.load is not None:
@@ -136,9 +146,9 @@ class Router:
             p.queued_tokens -= n
             p.queued_requests -= 1
 
-    async def _abort(self, tid: int, p: PrefillInstance, d: int, phase: str) -> None:
+    async def _abort(self, tid: int, p: PrefillInstance | None, d: int, phase: str) -> None:
         pending = False
-        if phase == "prefill":
+        if phase == "prefill" and p is not None:
             removed = await p.leader.abort.remote(tid)
             pending = not removed
         await self.decode[d].abort.remote(tid, pending)

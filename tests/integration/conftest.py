@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from pdserve.engine.tiny_model import TINY_ARCHS, make_tiny_model
 from transformers import AutoModelForCausalLM
+
+from pdserve.engine.tiny_model import TINY_ARCHS, make_tiny_model
 
 PROMPT_LENS = (1, 7, 100, 300)
 NEW_TOKENS = 32

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import NEW_TOKENS, hf_greedy, parity_prompts
+
 from pdserve.cluster import LLM, SamplingParams
 from pdserve.engine.tiny_model import TINY_ARCHS
 
@@ -29,3 +30,16 @@ def test_greedy_parity_with_transformers(
     expected = hf_greedy(model, prompts, NEW_TOKENS)
     for n, out, ref in zip(map(len, prompts), outs, expected):
         assert out.token_ids == ref, f"{arch} TP={tp}, prompt of {n} tokens diverged"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_greedy_parity_colocated(ray_session: None, tiny_dirs: dict[str, Path], arch: str) -> None:
+    model = tiny_dirs[arch]
+    with LLM(str(model), mode="colocated", decode_instances=1, dtype="float32") as llm:
+        prompts = parity_prompts(len(llm.tokenizer))
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        outs = llm.generate(prompts, params)
+        assert llm.check_integrity() == 0
+    expected = hf_greedy(model, prompts, NEW_TOKENS)
+    assert [o.token_ids for o in outs] == expected
+    assert all(o.metrics.kv_bytes == 0 for o in outs)  # nothing crossed a link

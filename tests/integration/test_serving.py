@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import parity_prompts
+
 from pdserve.cluster import LLM, InvalidRequestError, SamplingParams
 from pdserve.engine.config import ModelLoadError
 from pdserve.engine.load import DecodeStats

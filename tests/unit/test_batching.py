@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from pdserve.prefill_worker.batching import take_batch
+
+from pdserve.engine.batching import take_batch
 
 
 @pytest.mark.parametrize(
