@@ -46,14 +46,23 @@ class Shape:
 
 def _header(shape: Shape, tokens: int) -> TransferHeader:
     blocks = tuple(range(-(-tokens // shape.block_size)))
-    return TransferHeader((TransferItem(1, "bench", tokens, blocks),), shape.layers, shape.dtype,
-                          0, shape.kv_heads, shape.head_dim, has_trailer=True)
+    return TransferHeader(
+        (TransferItem(1, "bench", tokens, blocks),),
+        shape.layers,
+        shape.dtype,
+        0,
+        shape.kv_heads,
+        shape.head_dim,
+        has_trailer=True,
+    )
 
 
 def _sender(port: int, shape: Shape, tokens_list: list[int], repeats: int, out: dict) -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, 2, False, datetime.timedelta(seconds=60))
-    link = KVLink.connect("bench/link", "gloo", SENDER, torch.device("cpu"), "127.0.0.1", port, store)
+    link = KVLink.connect(
+        "bench/link", "gloo", SENDER, torch.device("cpu"), "127.0.0.1", port, store
+    )
     raw = make_process_group("gloo", dist.PrefixStore("raw", store), SENDER, 2)
     dtype = getattr(torch, shape.dtype)
     ack = torch.zeros(1, dtype=torch.int64)
@@ -90,20 +99,28 @@ def _sender(port: int, shape: Shape, tokens_list: list[int], repeats: int, out: 
 
 def _receiver(store: dist.TCPStore, shape: Shape, tokens_list: list[int], repeats: int) -> None:
     torch.set_num_threads(1)
-    link = KVLink.connect("bench/link", "gloo", RECEIVER, torch.device("cpu"), "127.0.0.1",
-                          store.port, store)
+    link = KVLink.connect(
+        "bench/link", "gloo", RECEIVER, torch.device("cpu"), "127.0.0.1", store.port, store
+    )
     raw = make_process_group("gloo", dist.PrefixStore("raw", store), RECEIVER, 2)
     dtype = getattr(torch, shape.dtype)
     max_blocks = -(-max(tokens_list) // shape.block_size)
-    cache = torch.zeros(shape.layers, 2, max_blocks, shape.block_size, shape.kv_heads,
-                        shape.head_dim, dtype=dtype)
+    cache = torch.zeros(
+        shape.layers, 2, max_blocks, shape.block_size, shape.kv_heads, shape.head_dim, dtype=dtype
+    )
     landed = threading.Semaphore(0)
 
     def on_batch(_: ReceivedBatch) -> None:
         landed.release()
 
-    receiver = KVReceiver(link, cache, shape.block_size, lambda _: True, on_batch,
-                          lambda n, e: print("link error", n, e))
+    receiver = KVReceiver(
+        link,
+        cache,
+        shape.block_size,
+        lambda _: True,
+        on_batch,
+        lambda n, e: print("link error", n, e),
+    )
     receiver.start()
     ack = torch.ones(1, dtype=torch.int64)
     for tokens in tokens_list:
@@ -132,9 +149,16 @@ def run(shape: Shape, tokens_list: list[int], repeats: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 1024, 2048, 4096],
-                   help="prompt lengths (one request's KV each)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=[128, 512, 1024, 2048, 4096],
+        help="prompt lengths (one request's KV each)",
+    )
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -145,12 +169,16 @@ def main() -> None:
     shape = Shape(args.layers, args.kv_heads, args.head_dim, 16, args.dtype)
     results = run(shape, args.tokens, args.repeats)
     print(f"KV shape: {asdict(shape)}; {shape.bytes_per_token()} bytes/token; backend gloo (CPU)")
-    print(f"{'tokens':>7} {'MiB':>8} {'raw-1 GB/s':>11} {'raw-L GB/s':>11} {'pdserve GB/s':>13} "
-          f"{'vs raw-1':>9} {'vs raw-L':>9}")
+    print(
+        f"{'tokens':>7} {'MiB':>8} {'raw-1 GB/s':>11} {'raw-L GB/s':>11} {'pdserve GB/s':>13} "
+        f"{'vs raw-1':>9} {'vs raw-L':>9}"
+    )
     for tokens in args.tokens:
         r = results[tokens]
-        print(f"{tokens:>7} {r['bytes'] / 2**20:>8.1f} {r['raw-1']:>11.2f} {r['raw-L']:>11.2f} "
-              f"{r['pdserve']:>13.2f} {r['pdserve'] / r['raw-1']:>9.2f} {r['pdserve'] / r['raw-L']:>9.2f}")
+        print(
+            f"{tokens:>7} {r['bytes'] / 2**20:>8.1f} {r['raw-1']:>11.2f} {r['raw-L']:>11.2f} "
+            f"{r['pdserve']:>13.2f} {r['pdserve'] / r['raw-1']:>9.2f} {r['pdserve'] / r['raw-L']:>9.2f}"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"shape": asdict(shape), "results": results}, f, indent=2)

@@ -7,12 +7,13 @@ import sys
 import time
 from collections.abc import Sequence
 
+from rich.console import Console
+from rich.table import Table
+
 from pdserve.cluster.cli import model_or_default
 from pdserve.cluster.llm import LLM
 from pdserve.engine.request import RequestMetrics
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
-from rich.console import Console
-from rich.table import Table
 
 
 def _start(args: argparse.Namespace, console: Console) -> LLM:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
 from pdserve.kv_transfer.layout import slot_index, write_layer
 from pdserve.kv_transfer.link import KVLink
