@@ -38,6 +38,7 @@ class ClusterSpec:
     max_num_seqs: int = 64
     num_kv_blocks: int | None = None
     kv_cache_bytes: int = 512 << 20
+    kv_cache_memory_fraction: float | None = None
     router: RouterConfig = field(default_factory=RouterConfig)
     # Ray resources each actor asks for besides its device slot (e.g. {"prefill": 1}).
     prefill_resources: dict[str, float] = field(default_factory=dict)
@@ -106,7 +107,12 @@ class Deployment:
 def _make_decode(spec: ClusterSpec, j: int) -> Any:
     slot = _device_slot(spec.engine)
     dspec = DecodeSpec(
-        j, spec.max_num_seqs, spec.num_kv_blocks, spec.kv_cache_bytes, spec.max_batch_tokens
+        instance=j,
+        max_num_seqs=spec.max_num_seqs,
+        num_blocks=spec.num_kv_blocks,
+        kv_cache_bytes=spec.kv_cache_bytes,
+        kv_cache_memory_fraction=spec.kv_cache_memory_fraction,
+        max_prefill_tokens=spec.max_batch_tokens,
     )
     return DecodeActor.options(
         num_cpus=slot.get("CPU", 0),

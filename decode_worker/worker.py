@@ -66,13 +66,13 @@ class DecodeWorker:
             max_model_len=engine.max_model_len,
         )
         self.config = cfg
+        model = load_model(cfg, TPGroup.single(), self.device)  # first: the cache gets the rest
         num_blocks = spec.num_blocks or num_blocks_for_bytes(
-            cfg, 1, engine.block_size, spec.kv_cache_bytes
+            cfg, 1, engine.block_size, self._kv_budget(spec)
         )
         self.blocks = BlockManager(num_blocks, engine.block_size)
         self.scheduler = DecodeScheduler(self.blocks, spec.max_num_seqs, cfg.max_model_len)
         kv_cache = allocate_kv_cache(cfg, 1, num_blocks, engine.block_size, self.device)
-        model = load_model(cfg, TPGroup.single(), self.device)
         self.runner = DecodeRunner(model, kv_cache, engine.block_size, self.device)
         self._requests: dict[int, _Request] = {}
         self._inflight: dict[str, set[int]] = defaultdict(set)  # link -> transfers mid-receive
@@ -85,6 +85,21 @@ class DecodeWorker:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._step_task: asyncio.Task[None] | None = None
+
+    def _kv_budget(self, spec: DecodeSpec) -> int:
+        """Bytes for the KV cache: a fixed size, or (CUDA) a fraction of the GPU's memory less
+        what the weights already use, keeping 10% of the remainder for activations."""
+        if spec.kv_cache_memory_fraction is None or self.device.type != "cuda":
+            return spec.kv_cache_bytes
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * spec.kv_cache_memory_fraction) - (total - free)
+        if budget <= 0:
+            raise ValueError(
+                f"decode.kv_cache.memory_fraction={spec.kv_cache_memory_fraction} leaves no room "
+                f"for the KV cache after the weights ({(total - free) / 2**30:.1f} GiB used of "
+                f"{total / 2**30:.1f} GiB): raise the fraction or use a smaller model"
+            )
+        return int(budget * 0.9)
 
     def _ensure_loop(self) -> None:
         if self._step_task is None:

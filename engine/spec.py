@@ -36,6 +36,7 @@ class DecodeSpec:
     max_num_seqs: int = 64
     num_blocks: int | None = None  # None: from kv_cache_bytes
     kv_cache_bytes: int = 512 << 20
+    kv_cache_memory_fraction: float | None = None  # CUDA: share of GPU memory (weights included)
     # colocated mode: prompt-token budget of one local prefill batch
     max_prefill_tokens: int = 8192
 

@@ -1,0 +1,314 @@
+"""The deploy spec's schema: pydantic models for the YAML edge, frozen, unknown keys rejected.
+
+Each field validator raises ``ValueError`` with a message that says what to write instead, and
+``describe_error`` turns each pydantic error into one line: the key path, then the fix.
+Values written ``auto`` stay ``auto`` here; ``spec.resolve`` settles them once at launch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic_core import ErrorDetails
+
+from pdserve.router.policies import DECODE_POLICIES, PREFILL_POLICIES
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+KV_BACKENDS = ("auto", "nccl", "gloo")
+MODES = ("disaggregated", "colocated")
+# Ray asks for these per actor itself (one CPU or GPU slot each); a spec lists custom ones only.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
+_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ADDRESS_RE = re.compile(r"(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_MEMORY_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+_COMPARISONS = (
+    ("greater than or equal to", ">="),
+    ("less than or equal to", "<="),
+    ("greater than", ">"),
+    ("less than", "<"),
+)
+# Names people write for a valid value that spelling distance would not find.
+_ALIASES = {"gpu": "cuda", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+_ALIASES |= {"fp32": "float32", "float": "float32", "disaggregate": "disaggregated"}
+
+
+def did_you_mean(value: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice (or known alias), else an empty string."""
+    alias = _ALIASES.get(value.lower())
+    close = [alias] if alias in choices else difflib.get_close_matches(value, list(choices), 1, 0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _one_of(*choices: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(
+                f"must be one of {', '.join(choices)}, got {value!r}{did_you_mean(value, choices)}"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def _check(predicate: Callable[[Any], bool], requirement: str) -> AfterValidator:
+    def check(value: Any) -> Any:
+        if not predicate(value):
+            raise ValueError(f"{requirement}, got {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _auto_or_positive_int(value: Any) -> int | Literal["auto"]:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value  # type: ignore[no-any-return]
+    raise ValueError(f"must be auto or a positive integer, got {value!r}")
+
+
+def parse_memory(value: Any) -> int | None:
+    """Bytes from ``2GiB``, ``512MiB``, ``1.5GB`` or a plain integer count of bytes."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _MEMORY_RE.fullmatch(value.strip().lower()) if isinstance(value, str) else None
+    if match is None or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f'must be a size such as "512MiB", "2GiB" or "8GB", got {value!r}')
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _check_resources(value: dict[str, float]) -> dict[str, float]:
+    for key in value:
+        if key in RAY_BUILTIN_RESOURCES:
+            raise ValueError(
+                f"{key!r} is requested per actor already (one GPU on cuda, one CPU on cpu); "
+                "list custom resources only, e.g. {prefill: 1}"
+            )
+    return value
+
+
+def _check_model_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a local Hugging Face model directory or builtin:tiny-llama")
+    name = value.removeprefix(BUILTIN_PREFIX)
+    if value.startswith(BUILTIN_PREFIX) and name not in BUILTIN_MODELS:
+        builtins = [BUILTIN_PREFIX + m for m in BUILTIN_MODELS]
+        raise ValueError(
+            f"unknown built-in model {value!r}{did_you_mean(value, builtins)}; "
+            f"choose one of {', '.join(builtins)}"
+        )
+    return value
+
+
+def _check_api_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value:
+        raise ValueError('must be null (no key), a literal key, or "env:VARNAME", got ""')
+    var = value.removeprefix("env:")
+    if value.startswith("env:") and not _ENV_RE.fullmatch(var):
+        raise ValueError(
+            f'"env:" must be followed by a variable name such as PDSERVE_API_KEY, got {value!r}'
+        )
+    return value
+
+
+def _check_address(value: str | None) -> str | None:
+    if value is None or value == "auto" or _ADDRESS_RE.fullmatch(value):
+        return value
+    raise ValueError(f"must be null (start a local Ray), auto, or host:port, got {value!r}")
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+Positive = Annotated[int, Field(ge=1)]
+Resources = Annotated[dict[str, Annotated[float, Field(gt=0)]], AfterValidator(_check_resources)]
+AutoInt = Annotated[int | Literal["auto"], PlainValidator(_auto_or_positive_int)]
+Memory = Annotated[int | None, PlainValidator(parse_memory)]
+NonEmpty = Annotated[str, _check(lambda s: bool(s.strip()), "must not be empty")]
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, strict types (no "8" for 8), unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ModelSection(Section):
+    """Which checkpoint to serve, in which dtype, on which device."""
+
+    path: Annotated[str, AfterValidator(_check_model_path)] = BUILTIN_PREFIX + "tiny-llama"
+    dtype: Annotated[str, _one_of(*DTYPES)] = "auto"
+    device: Annotated[str, _one_of(*DEVICES)] = "auto"
+    max_model_len: AutoInt = "auto"
+    served_name: NonEmpty = "auto"
+
+
+class PrefillPool(Section):
+    """Prefill instances, each a tensor-parallel group of actors (one device each)."""
+
+    instances: Positive = 1
+    tensor_parallel_size: Annotated[
+        int,
+        _check(
+            _power_of_two,
+            "must be a power of two (1, 2, 4, 8) dividing the model's attention heads",
+        ),
+    ] = 1
+    max_batch_tokens: Positive = 8192
+    max_batch_size: Positive = 64
+    resources: Resources = Field(default_factory=dict)
+
+
+class KVCache(Section):
+    """Each decode replica's KV cache: at most one of the three sizes; none given = auto."""
+
+    blocks: Positive | None = None
+    memory: Memory = None
+    memory_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_auto(cls, data: Any) -> Any:
+        if data == "auto":
+            return {}
+        if isinstance(data, int) and not isinstance(data, bool):
+            raise ValueError(f'write {{blocks: {data}}} for a block count or {{memory: "2GiB"}}')
+        return data
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> KVCache:
+        given = [k for k in ("blocks", "memory", "memory_fraction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of blocks, memory or memory_fraction, not {given}")
+        return self
+
+
+class DecodePool(Section):
+    """Decode replicas (one device each); in colocated mode, the colocated instances."""
+
+    instances: Positive = 1
+    max_num_seqs: Positive = 64
+    block_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    kv_cache: KVCache = Field(default_factory=KVCache)
+    resources: Resources = Field(default_factory=dict)
+
+
+class KVTransferSection(Section):
+    backend: Annotated[str, _one_of(*KV_BACKENDS)] = "auto"
+
+
+class RouterSection(Section):
+    prefill_policy: Annotated[str, _one_of(*PREFILL_POLICIES)] = "least_loaded"
+    decode_policy: Annotated[str, _one_of(*DECODE_POLICIES)] = "most_free_blocks"
+    max_queued_requests: Positive = 256
+
+
+class ServerSection(Section):
+    host: NonEmpty = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    api_key: Annotated[str | None, AfterValidator(_check_api_key)] = None
+    max_request_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
+
+
+class RaySection(Section):
+    address: Annotated[str | None, AfterValidator(_check_address)] = None
+    num_threads_per_cpu_worker: Positive = 1
+
+
+class DeploySpec(Section):
+    """A whole deployment as written in YAML (see deploy/local.yaml and docs/operations.md)."""
+
+    name: Annotated[
+        str,
+        _check(
+            lambda s: bool(_NAME_RE.fullmatch(s)),
+            "must be 1-32 characters of a-z, 0-9 and '-' (not at either end), e.g. my-model",
+        ),
+    ]
+    mode: Annotated[str, _one_of(*MODES)] = "disaggregated"
+    model: ModelSection = Field(default_factory=ModelSection)
+    prefill: PrefillPool | None = None  # None: defaults (disaggregated) or no pool (colocated)
+    decode: DecodePool = Field(default_factory=DecodePool)
+    kv_transfer: KVTransferSection = Field(default_factory=KVTransferSection)
+    router: RouterSection = Field(default_factory=RouterSection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    ray: RaySection = Field(default_factory=RaySection)
+
+    @property
+    def prefill_pool(self) -> PrefillPool:
+        return self.prefill or PrefillPool()
+
+
+def describe_error(err: ErrorDetails) -> str:
+    """One pydantic error as ``key.path: what is wrong, what to write``."""
+    loc = tuple(str(part) for part in err["loc"])
+    path = ".".join(loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key{_key_hint(loc[-1], _keys_at(loc[:-1]))}"
+    if kind == "missing":
+        return f"{path}: missing; add it" + (" (e.g. name: my-model)" if loc == ("name",) else "")
+    if kind in ("model_type", "model_attributes_type"):
+        keys = ", ".join(_keys_at(loc))
+        auto = "auto or " if _section_at(loc) is KVCache else ""
+        return f"{path}: must be {auto}a section with keys {keys}, got {err['input']!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind in ("value_error", "assertion_error"):
+        return f"{path}: {msg}"
+    value = err["input"]
+    unquote = " (write it without quotes)" if isinstance(value, str) and _is_number(value) else ""
+    for words, symbol in _COMPARISONS:
+        msg = msg.replace(words, symbol)
+    return f"{path}: {msg.replace('Input should', 'must', 1)}, got {value!r}{unquote}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _section_at(loc: Sequence[str]) -> type[BaseModel] | None:
+    """The schema section at a key path (None if the path is not a section)."""
+    model: type[BaseModel] = DeploySpec
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        candidates = (field.annotation, *get_args(field.annotation))
+        nested = [t for t in candidates if isinstance(t, type) and issubclass(t, Section)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def _keys_at(loc: Sequence[str]) -> list[str]:
+    section = _section_at(loc)
+    return list(section.model_fields) if section is not None else []
+
+
+def _key_hint(key: str, valid: list[str]) -> str:
+    """Closest valid key, or the section the key belongs to, or the list of valid keys."""
+    suggestion = did_you_mean(key, valid)
+    if suggestion:
+        return suggestion.replace(" (", "; ", 1).removesuffix(")")
+    homes = [name for name in DeploySpec.model_fields if key in _keys_at((name,))]
+    if homes:
+        return f"; it belongs under {homes[0]}"
+    return f"; valid keys here: {', '.join(valid)}"

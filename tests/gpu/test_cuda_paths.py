@@ -1,0 +1,63 @@
+"""CUDA paths: skipped without a GPU (run them on a GPU machine with `pytest -m gpu`)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pdserve.engine.tiny_model import make_tiny_model
+from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
+from pdserve.kv_transfer.link import RECEIVER, SENDER, KVLink, resolve_backend
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_auto_backend_is_nccl_across_gpus_and_gloo_on_one() -> None:
+    assert resolve_backend("auto", torch.device("cuda")) == "nccl"
+    assert resolve_backend("auto", torch.device("cuda"), same_gpu=True) == "gloo"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL links need two GPUs")
+def test_nccl_link_moves_kv_between_gpus() -> None:
+    store = KVLink.host_store("127.0.0.1")
+    header = TransferHeader((TransferItem(1, "r", 4, (0,)),), 2, "bfloat16", 0, 2, 8, True)
+    sent = torch.randn(2, 4, 2, 8, device="cuda:0").bfloat16()
+    got: dict[str, object] = {}
+
+    def receiver() -> None:
+        torch.cuda.set_device(1)
+        link = KVLink.connect("gpu", "nccl", RECEIVER, torch.device("cuda:1"), "127.0.0.1",
+                              store.port, store)
+        got["header"] = link.recv_header()
+        buf = torch.empty(2, 4, 2, 8, device="cuda:1", dtype=torch.bfloat16)
+        link.recv_tensor(buf).wait()
+        got["data"] = buf.cpu()
+
+    t = threading.Thread(target=receiver)
+    t.start()
+    torch.cuda.set_device(0)
+    link = KVLink.connect("gpu", "nccl", SENDER, torch.device("cuda:0"), "127.0.0.1", store.port)
+    link.send_header(header)
+    link.send_tensor(sent)
+    link.flush()
+    t.join(timeout=120)
+    assert got["header"] == header
+    assert torch.equal(got["data"], sent.cpu())  # type: ignore[arg-type]
+    dist.destroy_process_group() if dist.is_initialized() else None
+
+
+def test_llm_generates_on_cuda(tmp_path: Path) -> None:
+    from pdserve.cluster import LLM, SamplingParams
+
+    model = make_tiny_model(tmp_path / "tiny", "llama")
+    with LLM(str(model), device="cuda", dtype="float32") as llm:
+        out = llm.generate("hello", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        assert len(out[0].token_ids) == 8
+        assert llm.check_integrity() == 0
