@@ -1,4 +1,4 @@
-"""The ``pdserve`` command line."""
+"""The ``pdserve`` command line. Heavy modules (Ray, torch) load only for the verbs that need them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pdserve.engine.tiny_model import TINY_ARCHS, default_tiny_model, make_tiny_model
+from pdserve.bench.serve_bench import add_bench_args
+from pdserve.cluster.job_commands import add_jobs_args, add_submit_args
+
+# engine.tiny_model.TINY_ARCHS, spelled out so `--help` does not import torch (a test keeps them equal)
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
 DEMO_PROMPTS = (
     "The capital of France is",
@@ -15,6 +19,7 @@ DEMO_PROMPTS = (
     "def fibonacci(n):",
     "Disaggregated serving splits prefill and decode because",
 )
+DEFAULT_DEPLOYMENT = "local"
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +48,36 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens whatever")
 
 
+def _add_up_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-f",
+        "--file",
+        default=None,
+        help="deploy spec YAML (default: the embedded deploy/local.yaml)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to deploy onto ('auto' = the running one); default: the "
+        "spec's ray.address, else a local Ray instance that lives as long as `up`",
+    )
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="return once serving (needs a running Ray cluster: --address)",
+    )
+
+
+def _add_name_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-n",
+        "--name",
+        default=DEFAULT_DEPLOYMENT,
+        help=f"deployment name, the spec's `name` (default: {DEFAULT_DEPLOYMENT})",
+    )
+    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdserve",
@@ -54,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "generate",
-        help="generate completions for prompts given on the command line",
+        help="generate completions for prompts on the command line",
         description="Start a local cluster, run the prompts, print completions.",
     )
     p.add_argument("prompts", nargs="+", help="one or more prompts")
@@ -64,13 +99,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="run the built-in tiny model end to end (what `make demo` runs)",
+        help="run the built-in tiny model end to end (`make demo`)",
         description="Builds the tiny random-weight model (cached), starts a local "
         "cluster, streams a few completions and prints TTFT, TPOT and KV bytes. "
         "The tiny model's weights are random: its text is gibberish by design.",
     )
     _add_engine_args(p)
     p.add_argument("--max-tokens", type=int, default=24)
+
+    p = sub.add_parser(
+        "up",
+        help="deploy onto a Ray cluster from a YAML spec and serve HTTP",
+        description="Validate the deploy spec, place each prefill instance's TP "
+        "ranks in a STRICT_PACK placement group and the decode replicas on the "
+        "decode resources, and serve the OpenAI-compatible and native APIs.",
+    )
+    _add_up_args(p)
+    p = sub.add_parser("status", help="show a deployment's pools, KV usage, queues and links")
+    _add_name_args(p)
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p = sub.add_parser("down", help="tear a deployment down (workers, links, HTTP server)")
+    _add_name_args(p)
+
+    p = sub.add_parser(
+        "submit",
+        help="submit a JSONL file of prompts as a batch job",
+        description="Submit prompts as a job that runs on the cluster; results are "
+        "written there as they complete, so you can disconnect and fetch them later.",
+    )
+    add_submit_args(p)
+    p = sub.add_parser("jobs", help="list jobs, or wait for / fetch / cancel one")
+    add_jobs_args(p)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure latency, SLO attainment and goodput against a server",
+        description="Replay a workload against an OpenAI-compatible server at a "
+        "request rate and report TTFT/TPOT/ITL/E2E, SLO attainment and goodput "
+        "(the result block of `vllm bench serve`).",
+    )
+    add_bench_args(p)
 
     p = sub.add_parser(
         "make-tiny-model",
@@ -91,18 +159,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "make-tiny-model":
+        from pdserve.engine.tiny_model import make_tiny_model
+
         print(make_tiny_model(args.out_dir, args.arch, args.seed))
         return 0
-    from pdserve.cluster import commands  # heavy imports (ray, torch) only when needed
+    if args.command in ("submit", "jobs"):
+        from pdserve.cluster import job_commands
+
+        run = job_commands.run_submit if args.command == "submit" else job_commands.run_jobs
+        return run(args)
+    if args.command == "bench":
+        from pdserve.bench.serve_bench import run_bench
+
+        return run_bench(args)
+    if args.command in ("up", "status", "down"):
+        from pdserve.cluster import deploy_commands  # Ray and torch from here on
+
+        return int(getattr(deploy_commands, args.command)(args))
+    from pdserve.cluster import commands
 
     if args.command == "generate":
         return commands.generate(args)
-    if args.command == "demo":
-        return commands.demo(args, DEMO_PROMPTS)
-    raise AssertionError(args.command)
+    return commands.demo(args, DEMO_PROMPTS)
 
 
 def model_or_default(model: str | None) -> str:
+    from pdserve.engine.tiny_model import default_tiny_model
+
     return model if model is not None else str(default_tiny_model())
 
 

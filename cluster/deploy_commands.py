@@ -22,26 +22,9 @@ from pdserve.cluster.spec import (
     with_ray_address,
 )
 
-DEFAULT_NAME = "local"
-
 
 def namespace_of(name: str) -> str:
     return f"pdserve-{name}"
-
-
-def add_up_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--file", default=None,
-                   help="deploy spec YAML (default: the embedded deploy/local.yaml)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to deploy onto ('auto' = the running one); default: the spec's "
-                   "ray.address, else start a local Ray instance for as long as `up` runs")
-    p.add_argument("--detach", action="store_true",
-                   help="return once serving (needs a running Ray cluster: --address)")
-
-
-def add_name_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--name", default=DEFAULT_NAME, help="deployment name (the spec's name)")
-    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
 
 
 def up(args: argparse.Namespace) -> int:
@@ -55,8 +38,10 @@ def up(args: argparse.Namespace) -> int:
         return 2
     address = spec.ray.address
     if args.detach and not address:
-        console.print("[red]--detach needs a running Ray cluster[/]: start one with "
-                      "`ray start --head` and pass `--address auto`")
+        console.print(
+            "[red]--detach needs a running Ray cluster[/]: start one with "
+            "`ray start --head` and pass `--address auto`"
+        )
         return 2
     if address:
         ray.init(address=address, namespace="pdserve", log_to_driver=False)
@@ -72,20 +57,26 @@ def up(args: argparse.Namespace) -> int:
         cpus = max(resolved.cluster.num_actors, os.cpu_count() or 1)
         ray.init(num_cpus=cpus, namespace="pdserve", include_dashboard=False, log_to_driver=False)
     c = resolved.cluster
-    what = (f"{c.decode_instances} colocated instance(s)" if c.colocated else
-            f"{c.prefill_instances} prefill instance(s) x TP{c.prefill_tp}, "
-            f"{c.decode_instances} decode replica(s)")
-    with console.status(f"deploying [bold]{resolved.name}[/]: {what} on {c.engine.device}, "
-                        f"model {c.engine.model}"):
+    what = (
+        f"{c.decode_instances} colocated instance(s)"
+        if c.colocated
+        else f"{c.prefill_instances} prefill instance(s) x TP{c.prefill_tp}, "
+        f"{c.decode_instances} decode replica(s)"
+    )
+    with console.status(
+        f"deploying [bold]{resolved.name}[/]: {what} on {c.engine.device}, model {c.engine.model}"
+    ):
         start = time.perf_counter()
         actor, url = launch(resolved, detached=args.detach)
-    console.print(f"[green]serving[/] {resolved.name} at {url} "
-                  f"(ready in {time.perf_counter() - start:.1f} s)\n"
-                  f"  try: curl {url}/v1/completions -H 'Content-Type: application/json' "
-                  f"-d '{{\"model\": \"{resolved.server.served_model_name}\", "
-                  f"\"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
-                  f"  status: pdserve status -n {resolved.name}    stop: pdserve down -n {resolved.name}",
-                  highlight=False)
+    console.print(
+        f"[green]serving[/] {resolved.name} at {url} "
+        f"(ready in {time.perf_counter() - start:.1f} s)\n"
+        f"  try: curl {url}/v1/completions -H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{resolved.server.served_model_name}", '
+        f'"prompt": "Hello", "max_tokens": 16}}\'\n'
+        f"  status: pdserve status -n {resolved.name}    stop: pdserve down -n {resolved.name}",
+        highlight=False,
+    )
     if args.detach:
         return 0
     try:
@@ -115,9 +106,12 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    console.print(f"[bold]{info['name']}[/] {info['state']} at {info.get('url')} "
-                  f"({info.get('mode')}, model {info.get('model')}, up {info.get('uptime_s')} s, "
-                  f"{info.get('inflight')} in flight)", highlight=False)
+    console.print(
+        f"[bold]{info['name']}[/] {info['state']} at {info.get('url')} "
+        f"({info.get('mode')}, model {info.get('model')}, up {info.get('uptime_s')} s, "
+        f"{info.get('inflight')} in flight)",
+        highlight=False,
+    )
     console.print(_table("prefill pool", info.get("prefill", [])))
     console.print(_table("decode pool", info.get("decode", [])))
     return 0

@@ -12,3 +12,8 @@ def cache_dir() -> pathlib.Path:
     if value:
         return pathlib.Path(value).expanduser()
     return pathlib.Path.home() / ".cache" / "pdserve"
+
+
+def api_key() -> str | None:
+    """The API key clients send to a pdserve server: $PDSERVE_API_KEY, or None when unset."""
+    return os.environ.get("PDSERVE_API_KEY") or None

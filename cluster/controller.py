@@ -1,0 +1,214 @@
+"""The controller: one detached Ray actor per deployment, owning its workers and HTTP server.
+
+``pdserve up`` creates it (named ``controller`` in the deployment's namespace); ``pdserve status``
+and ``pdserve down`` find it by that name. The router, frontend, job manager and the uvicorn server
+all run on the actor's one event loop, so a request never hops threads on the control path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import ray
+import uvicorn
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from pdserve.cluster.deployment import Deployment
+from pdserve.cluster.jobs import JobManager
+from pdserve.cluster.metrics import ServingMetrics
+from pdserve.cluster.native_api import make_native_router
+from pdserve.cluster.server import create_app
+from pdserve.cluster.spec import ResolvedDeployment
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.router.frontend import Frontend
+
+logger = logging.getLogger(__name__)
+
+CONTROLLER_NAME = "controller"
+LOAD_REFRESH_S = 1.0
+
+
+class Controller:
+    """Ray actor (async, detached). Start with ``launch``; stop with ``shutdown``."""
+
+    def __init__(self, resolved: ResolvedDeployment, detached: bool = False) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.resolved = resolved
+        self.detached = detached
+        self.started = time.time()
+        self._deployment: Deployment | None = None
+        self._frontend: Frontend | None = None
+        self._jobs: JobManager | None = None
+        self._server: uvicorn.Server | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._closed = asyncio.Event()
+
+    async def start(self) -> str:
+        """Start the workers, then serve HTTP; returns the base URL once it answers."""
+        r = self.resolved
+        engine = r.cluster.engine
+        config = await asyncio.to_thread(
+            ModelConfig.from_pretrained,
+            engine.model,
+            dtype=engine.dtype,
+            device=engine.device,
+            max_model_len=engine.max_model_len,
+        )
+        tokenizer = await asyncio.to_thread(load_tokenizer, engine.model)
+        self._deployment = await Deployment.start(r.cluster, config, detached=self.detached)
+        frontend = Frontend(
+            self._deployment.router,
+            tokenizer,
+            config.max_model_len,
+            max_inflight=r.server.max_queued_requests,
+        )
+        self._frontend = frontend
+        self._jobs = JobManager(frontend, r.server.jobs_dir) if r.server.jobs_dir else None
+        self.metrics = ServingMetrics(r.server.served_model_name)
+        app = create_app(
+            frontend,
+            r.server,
+            extra_routers=[make_native_router(frontend, self._jobs, r.server.max_request_bytes)],
+            status=self.status,
+            metrics=self.metrics,
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app, host=r.server.host, port=r.server.port, log_level="warning", access_log=False
+            )
+        )
+        self._server = server
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(server.serve()), loop.create_task(self._refresh_load())]
+        while not server.started:
+            if self._tasks[0].done():  # e.g. the port is taken
+                self._tasks[0].result()
+                raise RuntimeError(f"HTTP server on {r.server.host}:{r.server.port} did not start")
+            await asyncio.sleep(0.05)
+        return f"http://{r.server.host}:{r.server.port}"
+
+    async def _refresh_load(self) -> None:
+        while True:
+            await asyncio.sleep(LOAD_REFRESH_S)
+            with contextlib.suppress(Exception):  # a status blip must not stop serving
+                dep = self._deployment
+                assert dep is not None
+                loads = await asyncio.gather(*(d.get_load.remote() for d in dep.decode))
+                total = sum(x.total_blocks for x in loads)
+                used = total - sum(x.free_blocks for x in loads)
+                queued = sum(p.queued_requests for p in dep.prefill)
+                self.metrics.set_load(
+                    used / max(total, 1),
+                    sum(x.running for x in loads),
+                    sum(x.waiting for x in loads),
+                    queued,
+                )
+
+    async def status(self) -> dict[str, Any]:
+        """Pools, instances, KV usage, queue depths and links, as plain data."""
+        dep = self._deployment
+        r = self.resolved
+        if dep is None:
+            return {"name": r.name, "state": "starting"}
+        stats = await asyncio.gather(*(d.stats.remote() for d in dep.decode))
+        return {
+            "name": r.name,
+            "namespace": r.namespace,
+            "state": "serving",
+            "mode": r.mode,
+            "model": r.cluster.engine.model,
+            "url": f"http://{r.server.host}:{r.server.port}",
+            "uptime_s": round(time.time() - self.started, 1),
+            "inflight": self._frontend.inflight if self._frontend else 0,
+            "prefill": [
+                {
+                    "instance": p.index,
+                    "tp": len(p.ranks),
+                    "queued_requests": p.queued_requests,
+                    "queued_tokens": p.queued_tokens,
+                }
+                for p in dep.prefill
+            ],
+            "decode": [
+                {
+                    "instance": s.load.instance,
+                    "kv_used_blocks": s.load.total_blocks - s.load.free_blocks,
+                    "kv_total_blocks": s.load.total_blocks,
+                    "running": s.load.running,
+                    "waiting": s.load.waiting,
+                    "reserved": s.reserved,
+                    "preemptions": s.preemptions,
+                    "links": len(s.links),
+                }
+                for s in stats
+            ],
+        }
+
+    async def check_integrity(self) -> int:
+        """Every decode replica's block check; returns requests still held (0 when idle)."""
+        assert self._deployment is not None
+        counts = await asyncio.gather(
+            *(d.check_integrity.remote() for d in self._deployment.decode)
+        )
+        return sum(counts)
+
+    async def shutdown(self) -> None:
+        """Stop serving, cancel jobs, kill the workers."""
+        if self._server is not None:
+            self._server.should_exit = True
+        for task in self._tasks[1:]:
+            task.cancel()
+        if self._tasks:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._tasks[0], timeout=10)
+        if self._jobs is not None:
+            await self._jobs.close()
+        if self._deployment is not None:
+            self._deployment.shutdown()
+            self._deployment = None
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+ControllerActor: Any = ray.remote(Controller)
+
+
+def launch(resolved: ResolvedDeployment, *, detached: bool) -> tuple[Any, str]:
+    """Create the controller on this node (where the HTTP port is expected) and start it."""
+    node = ray.get_runtime_context().get_node_id()
+    existing = find_controller(resolved.namespace)
+    if existing is not None:
+        raise RuntimeError(
+            f"a deployment named {resolved.name!r} is already running in namespace "
+            f"{resolved.namespace!r}: `pdserve down -n {resolved.name}` first, or pick another name"
+        )
+    actor: Any = ControllerActor.options(
+        name=CONTROLLER_NAME,
+        namespace=resolved.namespace,
+        num_cpus=0,
+        lifetime="detached" if detached else None,
+        max_concurrency=100_000,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+    ).remote(resolved, detached)
+    try:
+        url = str(ray.get(actor.start.remote()))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ray.get(actor.shutdown.remote(), timeout=30)
+        ray.kill(actor)
+        raise
+    return actor, url
+
+
+def find_controller(namespace: str) -> Any | None:
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=namespace)
+    except ValueError:
+        return None

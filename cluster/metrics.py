@@ -1,0 +1,114 @@
+"""Prometheus metrics of one serving app, named as vLLM names them (prefix ``pdserve:``).
+
+Each ServingMetrics owns its CollectorRegistry, so two apps in one process never collide. Request
+histograms are observed once per finished request from its RequestMetrics; the load gauges are set
+by whoever polls the workers (the controller, every second or so).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pdserve.engine.request import RequestMetrics
+
+__all__ = ["CONTENT_TYPE", "ServingMetrics"]
+
+PREFIX = "pdserve:"
+# vLLM's buckets, so dashboards built for vLLM read these unchanged.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)  # fmt: skip
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+# Queue, prefill and transfer phases are often sub-millisecond to a few seconds.
+PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                 5.0, 10.0, 30.0, 60.0, 120.0)  # fmt: skip
+
+
+class ServingMetrics:
+    """Request latencies, token and byte counters and load gauges, labelled with model_name.
+
+    ``inter_token_latency_seconds`` is observed once per request with its TPOT
+    ((E2E - TTFT) / (output tokens - 1)), for requests of two or more output tokens.
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        self._ttft = self._histogram("time_to_first_token_seconds", "First token.", TTFT_BUCKETS)
+        self._itl = self._histogram(
+            "inter_token_latency_seconds",
+            "Mean time between output tokens, per request.",
+            ITL_BUCKETS,
+        )
+        self._e2e = self._histogram(
+            "e2e_request_latency_seconds", "Arrival to last token.", REQUEST_BUCKETS
+        )
+        self._queue = self._histogram(
+            "request_queue_time_seconds", "Waiting before prefill compute.", PHASE_BUCKETS
+        )
+        self._prefill = self._histogram(
+            "request_prefill_time_seconds", "Prefill compute incl. sending the KV.", PHASE_BUCKETS
+        )
+        self._transfer = self._histogram(
+            "kv_transfer_time_seconds", "KV transfer prefill -> decode.", PHASE_BUCKETS
+        )
+        self._kv_bytes = self._counter("kv_transfer_bytes", "KV bytes received by decode.")
+        self._prompt_tokens = self._counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self._generation_tokens = self._counter("generation_tokens", "Generated tokens.")
+        self._success = Counter(
+            PREFIX + "request_success",
+            "Finished requests by reason.",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self._kv_usage = self._gauge("kv_cache_usage_perc", "Decode KV blocks in use, 0 to 1.")
+        self._running = self._gauge("num_requests_running", "Sequences decoding.")
+        self._waiting = self._gauge("num_requests_waiting", "Sequences waiting on decode.")
+        self._prefill_queued = self._gauge("num_prefill_queued", "Requests queued for prefill.")
+
+    def observe_request(
+        self, m: RequestMetrics, finish_reason: str | None, prompt_tokens: int
+    ) -> None:
+        """Record one finished request."""
+        self._ttft.observe(m.ttft)
+        if m.num_output_tokens > 1:
+            self._itl.observe(m.tpot)
+        self._e2e.observe(m.e2e)
+        self._queue.observe(m.queue_s)
+        self._prefill.observe(m.prefill_s)
+        if m.kv_bytes > 0:  # a request whose KV never moved has no transfer to time
+            self._transfer.observe(m.transfer_s)
+            self._kv_bytes.inc(m.kv_bytes)
+        self._prompt_tokens.inc(prompt_tokens)
+        self._generation_tokens.inc(m.num_output_tokens)
+        reason = finish_reason or "abort"
+        self._success.labels(model_name=self.model_name, finished_reason=reason).inc()
+
+    def set_load(self, kv_usage: float, running: int, waiting: int, queued_prefill: int) -> None:
+        """The cluster's current load, summed over replicas (kv_usage in [0, 1])."""
+        self._kv_usage.set(kv_usage)
+        self._running.set(running)
+        self._waiting.set(waiting)
+        self._prefill_queued.set(queued_prefill)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric (Content-Type: ``CONTENT_TYPE``)."""
+        return generate_latest(self.registry)
+
+    # -- construction: each metric has one child, bound to this app's model_name -----------------
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        h = Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=self.registry)
+        return h.labels(model_name=self.model_name)
+
+    def _counter(self, name: str, doc: str) -> Counter:
+        # prometheus_client appends "_total" to counter names.
+        c = Counter(PREFIX + name, doc, ["model_name"], registry=self.registry)
+        return c.labels(model_name=self.model_name)
+
+    def _gauge(self, name: str, doc: str) -> Gauge:
+        g = Gauge(PREFIX + name, doc, ["model_name"], registry=self.registry)
+        return g.labels(model_name=self.model_name)

@@ -1,0 +1,317 @@
+"""The native API the client library speaks: msgpack bodies both ways, under ``/pdserve/v1``.
+
+=========================  ============================================  ======================
+route                      request body (msgpack map)                    response (msgpack)
+=========================  ============================================  ======================
+POST /generate             {prompt, sampling?, request_id?}              {request_id, text,
+                                                                         token_ids,
+                                                                         finish_reason, metrics}
+POST /stream               same                                          delta maps (below)
+POST /cancel/{request_id}  -                                             {request_id, cancelled}
+POST /jobs                 {prompts, sampling?, name?}                   JobInfo map
+GET  /jobs                 -                                             [JobInfo map, ...]
+GET  /jobs/{id}            -                                             JobInfo map
+GET  /jobs/{id}/results    ?start=N&limit=M                              [result map, ...]
+DELETE /jobs/{id}          -                                             JobInfo map
+=========================  ============================================  ======================
+
+Stream framing: the body of ``/stream`` is a sequence of msgpack maps written back to back with
+no separator (msgpack values delimit themselves): feed the chunks to ``msgpack.Unpacker`` and
+iterate. Each map is a delta ``{request_id, text, token_ids, finish_reason, logprobs?,
+metrics?}``; the last has a non-null ``finish_reason`` ("cancelled" after a cancel) and metrics.
+An error after the stream started arrives as a final ``{"error": {"message", "type"}}`` map.
+
+Errors before a response starts are the server's JSON error objects (400, 404, 413, 429, 500).
+Bodies are read up to ``max_request_bytes`` and decoded without ext types; never pickle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any, Protocol
+
+import anyio
+import msgpack
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pdserve.cluster.jobs import Generator, JobInfo, JobManager, check_prompt, metrics_dict
+from pdserve.cluster.openai_protocol import OpenAIError
+from pdserve.cluster.openai_serving import unless_disconnected
+from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from pdserve.router.frontend import OutputDelta
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "/pdserve/v1"
+MSGPACK = "application/x-msgpack"
+RESULTS_PAGE = 1000  # results per GET /jobs/{id}/results unless ?limit= says otherwise
+MAX_RESULTS_PAGE = 10_000
+
+
+class StreamingFrontend(Generator, Protocol):
+    """What the native API needs from the Frontend: ``generate`` for jobs, ``stream`` here."""
+
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[OutputDelta]: ...
+
+
+def parse_sampling(d: object) -> SamplingParams:
+    """SamplingParams from a request map; any mistake is an InvalidRequestError (400)."""
+    if d is None:
+        return SamplingParams()
+    if not isinstance(d, dict):
+        raise InvalidRequestError(f"sampling must be a map of parameters, not {type(d).__name__}")
+    try:
+        return SamplingParams.from_dict(d)
+    except InvalidRequestError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. temperature="hot"
+        raise InvalidRequestError(f"invalid sampling parameters {d!r}: {e}") from e
+
+
+def delta_dict(d: OutputDelta) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "request_id": d.request_id,
+        "text": d.text,
+        "token_ids": d.token_ids,
+        "finish_reason": d.finish_reason,
+    }
+    if any(lp is not None for lp in d.logprobs):
+        out["logprobs"] = [
+            None if lp is None else {"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}
+            for lp in d.logprobs
+        ]
+    if d.metrics is not None:
+        out["metrics"] = metrics_dict(d.metrics)
+    return out
+
+
+def _pack(obj: Any) -> Response:
+    return Response(content=msgpack.packb(obj), media_type=MSGPACK)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise InvalidRequestError(f"msgpack ext type {code} is not accepted: send plain values")
+
+
+class _Run:
+    """One generate/stream in flight. A task pumps the frontend's deltas into a queue, so a
+    cancel, or the client going away, cancels that task, which closes the frontend stream and
+    so aborts the request in the cluster."""
+
+    def __init__(self, stream: AsyncIterator[OutputDelta], request_id: str) -> None:
+        self.request_id = request_id
+        # deltas, then None at the end; an exception to re-raise in the reader
+        self._queue: asyncio.Queue[OutputDelta | Exception | None] = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._pump(stream))
+        self.task.add_done_callback(self._done)
+
+    async def _pump(self, stream: AsyncIterator[OutputDelta]) -> None:
+        try:
+            async for delta in stream:
+                self._queue.put_nowait(delta)
+        except Exception as e:  # handed to the reader, which raises it
+            self._queue.put_nowait(e)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        # here, not in _pump: a task cancelled before its first step never runs _pump's code
+        if task.cancelled():
+            self._queue.put_nowait(OutputDelta(self.request_id, "", [], finish_reason="cancelled"))
+        self._queue.put_nowait(None)
+
+    async def deltas(self) -> AsyncIterator[OutputDelta]:
+        while (item := await self._queue.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+
+class _FrameStream(StreamingResponse):
+    """A msgpack frame stream whose source is closed however the response ends, so a client
+    that goes away aborts its request at once rather than when the generator is collected."""
+
+    media_type = MSGPACK
+
+    def __init__(self, frames: AsyncGenerator[bytes, None]) -> None:
+        super().__init__(frames, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._frames = frames
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):  # finish the abort even while being cancelled
+                await self._frames.aclose()
+
+
+class NativeApi:
+    """Routes of the native API (see the module docstring); ``router`` goes to create_app.
+
+    ``jobs`` is None when the deployment keeps no jobs directory: the job routes then answer 404.
+    """
+
+    def __init__(
+        self,
+        frontend: StreamingFrontend,
+        jobs: JobManager | None,
+        max_request_bytes: int = 1 << 20,
+    ) -> None:
+        self.frontend = frontend
+        self.jobs = jobs
+        self.max_request_bytes = max_request_bytes
+        self.runs: dict[str, _Run] = {}  # request_id -> generate/stream in flight, for cancel
+        r = APIRouter(prefix=PREFIX, tags=["native"])
+        r.add_api_route("/generate", self.generate, methods=["POST"])
+        r.add_api_route("/stream", self.stream, methods=["POST"])
+        r.add_api_route("/cancel/{request_id}", self.cancel, methods=["POST"])
+        r.add_api_route("/jobs", self.submit_job, methods=["POST"])
+        r.add_api_route("/jobs", self.list_jobs, methods=["GET"])
+        r.add_api_route("/jobs/{job_id}", self.job_status, methods=["GET"])
+        r.add_api_route("/jobs/{job_id}/results", self.job_results, methods=["GET"])
+        r.add_api_route("/jobs/{job_id}", self.cancel_job, methods=["DELETE"])
+        self.router = r
+
+    async def generate(self, request: Request) -> Response:
+        run = await self._start(request)
+        return await unless_disconnected(request, self._collect(run))
+
+    async def stream(self, request: Request) -> StreamingResponse:
+        run = await self._start(request)
+        return _FrameStream(self._frames(run))
+
+    async def cancel(self, request_id: str) -> Response:
+        run = self.runs.get(request_id)
+        cancelled = run is not None and run.task.cancel()
+        return _pack({"request_id": request_id, "cancelled": cancelled})
+
+    async def submit_job(self, request: Request) -> Response:
+        jobs = self._jobs()
+        body = await self._read(request, {"prompts", "sampling", "name"})
+        params = parse_sampling(body.get("sampling"))
+        info = await jobs.submit(body.get("prompts"), params, body.get("name"))
+        return _pack(info.to_dict())
+
+    async def list_jobs(self) -> Response:
+        return _pack([info.to_dict() for info in self._jobs().list()])
+
+    async def job_status(self, job_id: str) -> Response:
+        return _pack(self._info(job_id).to_dict())
+
+    async def job_results(
+        self,
+        job_id: str,
+        start: int = Query(0, ge=0),
+        limit: int = Query(RESULTS_PAGE, ge=1, le=MAX_RESULTS_PAGE),
+    ) -> Response:
+        self._info(job_id)
+        return _pack(list(self._jobs().iter_results(job_id, start, limit)))
+
+    async def cancel_job(self, job_id: str) -> Response:
+        self._info(job_id)
+        return _pack((await self._jobs().cancel(job_id)).to_dict())
+
+    async def _start(self, request: Request) -> _Run:
+        """Parse a generate/stream body and admit it (InvalidRequestError, QueueFullError)."""
+        body = await self._read(request, {"prompt", "sampling", "request_id"})
+        prompt = check_prompt(body.get("prompt"))
+        params = parse_sampling(body.get("sampling"))
+        request_id = body.get("request_id") or uuid.uuid4().hex
+        if not isinstance(request_id, str) or len(request_id) > 200:
+            raise InvalidRequestError("request_id must be a string of at most 200 characters")
+        if request_id in self.runs:
+            raise InvalidRequestError(f"request_id {request_id!r} is in use: pick a fresh one")
+        run = _Run(self.frontend.stream(prompt, params, request_id), request_id)
+        self.runs[request_id] = run
+        run.task.add_done_callback(lambda _: self._forget(run))
+        return run
+
+    def _forget(self, run: _Run) -> None:
+        if self.runs.get(run.request_id) is run:
+            del self.runs[run.request_id]
+
+    async def _collect(self, run: _Run) -> Response:
+        text: list[str] = []
+        out: dict[str, Any] = {"request_id": run.request_id, "token_ids": []}
+        logprobs: list[Any] = []
+        try:
+            async for delta in run.deltas():
+                d = delta_dict(delta)
+                text.append(d["text"])
+                out["token_ids"] += d["token_ids"]
+                logprobs += d.get("logprobs", [])
+                out.update(finish_reason=d["finish_reason"], metrics=d.get("metrics"))
+        finally:
+            run.task.cancel()  # no-op once finished; aborts the request if we were cancelled
+        out["text"] = "".join(text)
+        if logprobs:
+            out["logprobs"] = logprobs
+        return _pack(out)
+
+    async def _frames(self, run: _Run) -> AsyncGenerator[bytes, None]:
+        try:
+            async for delta in run.deltas():
+                yield msgpack.packb(delta_dict(delta))
+        except Exception as e:  # the status line is gone: report in-band, then end the stream
+            logger.warning("stream %s failed: %s", run.request_id, e)
+            yield msgpack.packb({"error": {"message": str(e), "type": type(e).__name__}})
+        finally:
+            run.task.cancel()  # the client went away (or we are done): abort the request
+
+    async def _read(self, request: Request, allowed: set[str]) -> dict[str, Any]:
+        """The body as a msgpack map with only ``allowed`` keys, read at most to the limit."""
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.max_request_bytes:
+                raise OpenAIError(
+                    413,
+                    f"the request body exceeds {self.max_request_bytes} bytes: send less "
+                    "(split a job into several) or raise server.max_request_bytes",
+                )
+        try:
+            body = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True, ext_hook=_no_ext)
+        except InvalidRequestError:
+            raise
+        except ValueError as e:  # msgpack's FormatError, ExtraData, StackError...
+            raise InvalidRequestError(
+                f"the body is not valid msgpack ({e or type(e).__name__}): "
+                f"send one msgpack map with Content-Type: {MSGPACK}"
+            ) from e
+        if not isinstance(body, dict):
+            raise InvalidRequestError(f"the body must be a msgpack map, not {type(body).__name__}")
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise InvalidRequestError(f"unknown field(s) {unknown}; known: {sorted(allowed)}")
+        return body
+
+    def _jobs(self) -> JobManager:
+        if self.jobs is None:
+            raise OpenAIError(
+                404,
+                "this deployment runs no batch jobs: set server.jobs_dir",
+                type="not_found_error",
+            )
+        return self.jobs
+
+    def _info(self, job_id: str) -> JobInfo:
+        try:
+            return self._jobs().status(job_id)
+        except KeyError:
+            raise OpenAIError(
+                404, f"no job {job_id!r}: `pdserve jobs` lists them", type="not_found_error"
+            ) from None
+
+
+def make_native_router(
+    frontend: StreamingFrontend, jobs: JobManager | None, max_request_bytes: int = 1 << 20
+) -> APIRouter:
+    """The native API's routes, to pass to ``create_app(extra_routers=[...])``."""
+    return NativeApi(frontend, jobs, max_request_bytes).router

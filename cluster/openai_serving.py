@@ -1,0 +1,223 @@
+"""Serving OpenAI completions and chat requests through the Frontend: replies and SSE streams.
+
+A request is validated and admitted (``frontend.stream``) before any response exists, so a bad
+request or a full queue is a 4xx, never a broken stream. However a response ends (finished,
+client gone, server shutting down), the frontend's iterator is closed at once: that aborts the
+request in the cluster and frees its KV blocks on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
+from typing import Any, Protocol
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+from transformers import PreTrainedTokenizerBase
+
+from pdserve.cluster.metrics import ServingMetrics
+from pdserve.cluster.openai_format import ChatFormat, CompletionFormat, ReplyFormat, sse
+from pdserve.cluster.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    OpenAIError,
+    UsageInfo,
+)
+from pdserve.cluster.settings import ServerSettings
+from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from pdserve.engine.tokenizer import apply_chat_template, encode_prompt
+from pdserve.router.frontend import OutputDelta, RequestFailedError
+
+logger = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+CLIENT_CLOSED = 499  # nginx's code; nobody reads it, the client is gone
+
+
+class ServingFrontend(Protocol):
+    """What the HTTP server needs of pdserve.router.frontend.Frontend."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_model_len: int
+
+    def stream(
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[OutputDelta]: ...
+
+
+class OpenAIServing:
+    """Runs /v1/completions and /v1/chat/completions requests and shapes their replies."""
+
+    def __init__(
+        self, frontend: ServingFrontend, settings: ServerSettings, metrics: ServingMetrics
+    ) -> None:
+        self.frontend = frontend
+        self.settings = settings
+        self.metrics = metrics
+
+    async def completions(self, req: CompletionRequest, request: Request) -> Response:
+        self._check_model(req.model)
+        if req.echo:
+            raise InvalidRequestError("echo=true is not supported: send echo=false (the default)")
+        ids = encode_prompt(self.frontend.tokenizer, req.single_prompt())
+        max_tokens = req.max_tokens
+        params = req.sampling_params(
+            self.settings.max_tokens_default if max_tokens is None else max_tokens, req.logprobs
+        )
+        fmt = CompletionFormat(
+            self.frontend.tokenizer, self.settings.served_model_name, f"cmpl-{uuid.uuid4().hex}"
+        )
+        return await self._run(fmt, ids, params, req.stream, req.include_usage, request)
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        self._check_model(req.model)
+        ids = apply_chat_template(self.frontend.tokenizer, req.message_dicts())
+        max_tokens = req.max_new_tokens(len(ids), self.frontend.max_model_len)
+        params = req.sampling_params(max_tokens, req.logprobs_count())
+        fmt = ChatFormat(
+            self.frontend.tokenizer, self.settings.served_model_name, f"chatcmpl-{uuid.uuid4().hex}"
+        )
+        return await self._run(fmt, ids, params, req.stream, req.include_usage, request)
+
+    def _check_model(self, model: str | None) -> None:
+        served = self.settings.served_model_name
+        if model is not None and model != served:
+            raise OpenAIError(
+                404,
+                f"model {model!r} does not exist: this server serves {served!r} (see /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def _run(
+        self,
+        fmt: ReplyFormat,
+        ids: list[int],
+        params: SamplingParams,
+        stream: bool,
+        include_usage: bool,
+        request: Request,
+    ) -> Response:
+        # Validates and admits now: InvalidRequestError (400) and QueueFullError (429) escape here.
+        deltas = self.frontend.stream(ids, params, fmt.request_id)
+        if stream:
+            return SSEResponse(self._events(fmt, deltas, len(ids), include_usage))
+        return await unless_disconnected(request, self._collect(fmt, deltas, len(ids)))
+
+    async def _collect(
+        self, fmt: ReplyFormat, deltas: AsyncIterator[OutputDelta], num_prompt: int
+    ) -> Response:
+        texts: list[str] = []
+        logprobs = []
+        num_output = 0
+        last: OutputDelta | None = None
+        try:
+            async for d in deltas:
+                texts.append(d.text)
+                logprobs += d.logprobs
+                num_output += len(d.token_ids)
+                last = d
+        finally:
+            await close(deltas)
+        if last is None:
+            raise RequestFailedError(f"request {fmt.request_id} ended without a finish")
+        self._observe(last, num_prompt)
+        usage = UsageInfo.of(num_prompt, num_output)
+        reply = fmt.reply("".join(texts), logprobs, last.finish_reason, usage)
+        return Response(reply.model_dump_json(), media_type="application/json")
+
+    async def _events(
+        self,
+        fmt: ReplyFormat,
+        deltas: AsyncIterator[OutputDelta],
+        num_prompt: int,
+        include_usage: bool,
+    ) -> AsyncGenerator[str, None]:
+        num_output = 0
+        try:
+            for chunk in fmt.opening():
+                yield sse(chunk)
+            async for d in deltas:
+                num_output += len(d.token_ids)
+                # An empty delta (bytes of a character still incomplete) is sent only to carry
+                # logprobs; the final one always goes, with its finish_reason.
+                if d.text or d.finish_reason is not None or any(d.logprobs):
+                    yield sse(fmt.chunk(d.text, d.logprobs, d.finish_reason))
+                if d.finish_reason is not None:
+                    self._observe(d, num_prompt)
+            if include_usage:
+                yield sse(fmt.usage_chunk(UsageInfo.of(num_prompt, num_output)))
+        except Exception as e:  # the response has started: report in-band, as OpenAI does
+            yield sse(stream_error(e, fmt.request_id))
+        finally:
+            await close(deltas)
+        yield DONE
+
+    def _observe(self, last: OutputDelta, num_prompt: int) -> None:
+        if last.metrics is not None:
+            self.metrics.observe_request(last.metrics, last.finish_reason, num_prompt)
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events whose source is closed however the response ends, so a client that
+    goes away aborts its request at once instead of when the generator is garbage-collected."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[str, None]) -> None:
+        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Shielded: the abort it triggers must finish even when this task is being cancelled.
+            with anyio.CancelScope(shield=True):
+                await self._events.aclose()
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
+    """Run ``work``; cancel it (closing its stream, aborting the request) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return Response(status_code=CLIENT_CLOSED)
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body is read already, so the next message the server has for us is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def close(deltas: AsyncIterator[OutputDelta]) -> None:
+    """Close a frontend stream (aborting its request unless it finished)."""
+    if isinstance(deltas, AsyncGenerator):
+        await deltas.aclose()
+
+
+def stream_error(e: Exception, request_id: str) -> ErrorResponse:
+    if isinstance(e, RequestFailedError):
+        message = str(e)
+    else:
+        logger.exception("request %s failed while streaming", request_id)
+        message = f"internal error while streaming request {request_id}: {type(e).__name__}"
+    return ErrorResponse(error=ErrorInfo(message=message, type="server_error"))

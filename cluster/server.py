@@ -1,0 +1,279 @@
+"""The HTTP server: an OpenAI-compatible API, health, status and Prometheus metrics (FastAPI).
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (never needs
+the API key), GET /metrics, GET /status; plus any routers passed in (the native msgpack API).
+Every error is an OpenAI error object ``{"error": {"message", "type", "param", "code"}}``.
+
+Two pure-ASGI middlewares wrap every route: the API key check (when configured) and the body-size
+limit, which counts streamed bytes too, so a chunked upload cannot bypass Content-Length.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pdserve.cluster.metrics import CONTENT_TYPE, ServingMetrics
+from pdserve.cluster.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorType,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+)
+from pdserve.cluster.openai_serving import OpenAIServing, ServingFrontend
+from pdserve.cluster.settings import ServerSettings
+from pdserve.engine.sampling_params import InvalidRequestError
+from pdserve.router.frontend import QueueFullError, RequestFailedError
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health"})  # answered without the API key (load balancer probes)
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def create_app(
+    frontend: ServingFrontend,
+    settings: ServerSettings,
+    *,
+    extra_routers: Sequence[APIRouter] = (),
+    status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    metrics: ServingMetrics | None = None,
+) -> FastAPI:
+    """The app serving ``frontend``; ``app.state.metrics`` is its ServingMetrics."""
+    metrics = metrics or ServingMetrics(settings.served_model_name)
+    app = FastAPI(title="pdserve", summary="Disaggregated prefill/decode LLM serving")
+    app.state.metrics = metrics
+    app.include_router(_openai_routes(OpenAIServing(frontend, settings, metrics)))
+    app.include_router(_ops_routes(frontend, settings, metrics, status))
+    for router in extra_routers:
+        app.include_router(router)
+    _install_error_handlers(app)
+    # The last added runs first: the key is checked before the body is read.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    return app
+
+
+def _openai_routes(serving: OpenAIServing) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+
+    @router.post("/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await serving.completions(body, request)
+
+    @router.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await serving.chat(body, request)
+
+    return router
+
+
+def _ops_routes(
+    frontend: ServingFrontend,
+    settings: ServerSettings,
+    metrics: ServingMetrics,
+    status: Callable[[], Awaitable[dict[str, Any]]] | None,
+) -> APIRouter:
+    router = APIRouter()
+    started = int(time.time())
+    card = ModelCard(
+        id=settings.served_model_name, created=started, max_model_len=frontend.max_model_len
+    )
+
+    @router.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[card])
+
+    @router.get("/v1/models/{model:path}")
+    async def model(model: str) -> ModelCard:
+        if model != card.id:
+            raise OpenAIError(404, f"model {model!r} does not exist", code="model_not_found")
+        return card
+
+    @router.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @router.get("/status")
+    async def status_route() -> dict[str, Any]:
+        if status is None:
+            return {"model": settings.served_model_name, "state": "serving"}
+        return await status()
+
+    return router
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type: ErrorType = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """An OpenAI error object with ``status``."""
+    e = OpenAIError(status, message, type=type, param=param, code=code, headers=headers)
+    return JSONResponse(e.body.model_dump(), status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def openai_error(_: Request, e: Exception) -> Response:
+        assert isinstance(e, OpenAIError)
+        return JSONResponse(e.body.model_dump(), status_code=e.status, headers=e.headers)
+
+    async def invalid(_: Request, e: Exception) -> Response:
+        # SamplingParams names the field first ("temperature=-1 is invalid: ..."): it is the param.
+        named = re.match(r"(\w+)=", str(e))
+        return error_response(400, str(e), param=named.group(1) if named else None)
+
+    async def validation(_: Request, e: Exception) -> Response:
+        assert isinstance(e, RequestValidationError)
+        message, param = _describe_validation(e.errors())
+        return error_response(400, message, param=param)
+
+    async def queue_full(_: Request, e: Exception) -> Response:
+        assert isinstance(e, QueueFullError)
+        retry = str(max(1, math.ceil(e.retry_after)))
+        return error_response(
+            429, str(e), type="requests", code="rate_limit_exceeded", headers={"Retry-After": retry}
+        )
+
+    async def failed(_: Request, e: Exception) -> Response:
+        return error_response(500, str(e), type="server_error")
+
+    async def unexpected(request: Request, e: Exception) -> Response:
+        logger.error("unhandled error serving %s", request.url.path, exc_info=e)
+        return error_response(
+            500, f"internal server error: {type(e).__name__}", type="server_error"
+        )
+
+    app.add_exception_handler(OpenAIError, openai_error)
+    app.add_exception_handler(InvalidRequestError, invalid)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(QueueFullError, queue_full)
+    app.add_exception_handler(RequestFailedError, failed)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _describe_validation(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """A message naming the first bad field (pydantic's 422 detail, as a 400)."""
+    first = errors[0] if errors else {}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return f"the body is not valid JSON: {first.get('msg', '')}", None
+    if not loc:
+        return "the request body is missing or not a JSON object: send a JSON object", None
+    # Union members show up as extra loc parts ("prompt.str"); the top-level field is the param.
+    param = loc[0]
+    return f"invalid value for {'.'.join(loc)!r}: {first.get('msg', 'invalid')}", param
+
+
+# -- middleware ---------------------------------------------------------------------------------
+
+
+class ApiKeyMiddleware:
+    """Requires ``Authorization: Bearer KEY`` on every route but /health (routers included)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401,
+            "missing or incorrect API key: send the header 'Authorization: Bearer <key>' with "
+            "the key this server was started with",
+            type="authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = _header(scope, b"authorization") or b""
+        return hmac.compare_digest(given, self._expected)
+
+
+class BodyLimitMiddleware:
+    """Answers 413 for bodies over ``limit`` bytes, declared (Content-Length) or streamed.
+
+    The body is read here, bounded, and replayed to the app; later messages (the disconnect)
+    pass through, so streaming responses still see the client go away.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(bytes(body), receive), send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = (
+            f"the request body is over this server's limit of {self.limit} bytes: send a "
+            "smaller request (or raise server.max_request_bytes in the deploy spec)"
+        )
+        await error_response(413, message)(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
