@@ -68,6 +68,7 @@ def up(args: argparse.Namespace) -> int:
     ):
         start = time.perf_counter()
         actor, url = launch(resolved, detached=args.detach)
+    console.print(f"ray cluster: {ray.get_runtime_context().gcs_address}", highlight=False)
     console.print(
         f"[green]serving[/] {resolved.name} at {url} "
         f"(ready in {time.perf_counter() - start:.1f} s)\n"

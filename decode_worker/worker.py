@@ -36,6 +36,8 @@ from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch
 
 logger = logging.getLogger(__name__)
 
+MAX_UNCLAIMED = 10_000
+
 
 @dataclass
 class _Request:
@@ -47,6 +49,7 @@ class _Request:
     transfer_s: float = 0.0
     aborted: bool = False  # abort asked while KV is in flight: free once it has landed
     running: bool = False
+    attached: bool = False  # a stream() call is reading the queue
     first_logprobs: TokenLogprobs | None = None  # colocated: from the local prefill
 
 
@@ -78,6 +81,8 @@ class DecodeWorker:
         self._inflight: dict[str, set[int]] = defaultdict(set)  # link -> transfers mid-receive
         self._receivers: dict[str, KVReceiver] = {}
         self._deferred_aborts: set[int] = set()
+        # finished before their stream() call arrived; oldest dropped beyond MAX_UNCLAIMED
+        self._unclaimed: dict[int, asyncio.Queue[StepDelta]] = {}
         self._prefill_queue: deque[int] = deque()  # colocated: reserved, waiting for local prefill
         self._prefilling: set[int] = set()  # in the local prefill running now
         self._stepping = False
@@ -196,10 +201,14 @@ class DecodeWorker:
     async def stream(self, transfer_id: int) -> AsyncIterator[StepDelta]:
         """Deltas of one request until it finishes; batches whatever piled up between reads."""
         r = self._requests.get(transfer_id)
-        if r is None:
+        if r is not None:
+            r.attached = True
+            queue = r.queue
+        elif (done := self._unclaimed.pop(transfer_id, None)) is not None:
+            queue = done  # it finished before this call arrived
+        else:
             yield StepDelta(error=f"transfer {transfer_id} is unknown on this decode replica")
             return
-        queue = r.queue
         while True:
             delta = await queue.get()
             while not queue.empty():
@@ -218,6 +227,12 @@ class DecodeWorker:
             s.num_running,
             s.num_waiting,
         )
+
+    async def node_id(self) -> str:
+        """The Ray node this worker runs on (placement checks, status)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
 
     async def get_load(self) -> DecodeLoad:
         return self.load()
@@ -283,6 +298,10 @@ class DecodeWorker:
         if tid in self._prefill_queue:
             self._prefill_queue.remove(tid)
         r.queue.put_nowait(last)
+        if not r.attached:  # the router's stream call may still be on its way: keep the deltas
+            self._unclaimed[tid] = r.queue
+            while len(self._unclaimed) > MAX_UNCLAIMED:
+                self._unclaimed.pop(next(iter(self._unclaimed)))
 
     async def _step_loop(self) -> None:
         while True:

@@ -91,7 +91,7 @@ class DecodePlan:
 def plan_decode(meta: DecodeMetadata, block_size: int, window: int | None) -> DecodePlan:
     """Gather whole blocks; with a sliding window only the ones the window can reach."""
     tables, ctx = meta.block_tables, meta.context_lens[:, None]
-    batch, n = tables.shape
+    n = tables.shape[1]
     first = torch.zeros_like(ctx)  # [B, 1] first gathered block, in table order
     if window is not None and (window - 1) // block_size + 2 < n:
         # positions ctx-window .. ctx-1 touch at most (window-1)//block_size + 2 blocks
@@ -108,23 +108,23 @@ def plan_decode(meta: DecodeMetadata, block_size: int, window: int | None) -> De
 
 def decode_attention(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    cache: torch.Tensor,
     plan: DecodePlan,
     scale: float,
 ) -> torch.Tensor:
     """One query per sequence against its cached blocks, one batched SDPA call.
 
-    q: [B, heads, head_dim] -> [B, heads, head_dim]
+    q: [B, heads, head_dim]; cache: [2, num_blocks, block_size, kv_heads, D] -> [B, heads, D]
     """
-    batch = q.shape[0]
-    kv_heads, head_dim = k_cache.shape[2:]
-    # gather whole blocks: [B * n, block_size, kv_heads, D] -> [B, kv_heads, L, D], the last
-    # step a strided view SDPA reads as is. index_select copies block-sized rows, several
-    # times faster on CPU than advanced indexing (k_cache[block_tables]), which copies elements.
-    k = k_cache.index_select(0, plan.block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, plan.block_ids).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-    o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=plan.visible, scale=scale, enable_gqa=True
-    )  # [B, heads, 1, D]
-    return o.squeeze(2)
+    batch, heads, _ = q.shape
+    kv_heads, head_dim = cache.shape[3:]
+    # Gather whole blocks of K and V in one call: [2, B * n, block_size, kv_heads, D].
+    # index_select copies block-sized rows, several times faster on CPU than advanced
+    # indexing (cache[:, block_tables]), which copies element by element.
+    kv = cache.index_select(1, plan.block_ids).view(2, batch, -1, kv_heads, head_dim)
+    k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, kv_heads, L, D], strided views
+    # GQA as a query length: the heads sharing a KV head become its queries, so each K/V row
+    # is read once per KV head (faster on CPU than enable_gqa). [B, kv_heads, group, D]
+    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+    o = F.scaled_dot_product_attention(grouped, k, v, attn_mask=plan.visible, scale=scale)
+    return o.reshape(batch, heads, head_dim)

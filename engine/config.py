@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pdserve.engine.parallel import kv_head_range
 from transformers import AutoConfig, PretrainedConfig
+
+from pdserve.engine.parallel import kv_head_range
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM",
@@ -17,6 +18,13 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
+# For config.json files that name no architectures, only a model_type.
+_ARCH_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _DTYPES = {
     "float32": torch.float32,
@@ -140,12 +148,13 @@ def _read_architecture(root: Path) -> str:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{config_file} is not valid JSON: {e}") from e
-    declared = raw.get("architectures") or []
+    declared = raw.get("architectures") or [_ARCH_BY_MODEL_TYPE.get(raw.get("model_type"))]
     for arch in declared:
         if arch in SUPPORTED_ARCHITECTURES:
             return str(arch)
     raise ModelLoadError(
-        f"{config_file} declares architectures {declared}; supported are "
+        f"{config_file} declares architectures {declared} (model_type "
+        f"{raw.get('model_type')!r}); supported are "
         f"{', '.join(SUPPORTED_ARCHITECTURES)}"
     )
 

@@ -7,6 +7,7 @@ Layout: [num_layers, 2 (K, V), num_blocks, block_size, kv_heads_local, head_dim]
 from __future__ import annotations
 
 import torch
+
 from pdserve.engine.config import ModelConfig
 
 

@@ -10,9 +10,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.parallel import TPGroup
-from torch import nn
 
 
 def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
 from pdserve.engine.config import ModelConfig, ModelLoadError
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup, kv_head_range
-from safetensors import safe_open
-from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,12 @@ every rank: simple, and logits come out complete without a gather.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from pdserve.engine.attention import (
     DecodeMetadata,
     DecodePlan,
@@ -31,10 +34,9 @@ from pdserve.engine.layers import (
     empty_param,
 )
 from pdserve.engine.parallel import TPGroup, check_tp_size, kv_head_range
-from torch import nn
 
 KVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
-Metadata = PrefillMetadata | DecodeMetadata
+Metadata: TypeAlias = PrefillMetadata | DecodeMetadata
 
 
 class Attention(nn.Module):
@@ -96,7 +98,7 @@ class Attention(nn.Module):
             return prefill_attention(q, k, v, meta.seq_lens, self.scale, self.window)
         assert cache is not None  # CausalLM.forward checks
         write_kv(cache[0], cache[1], k, v, meta.slot_mapping)
-        return decode_attention(q, cache[0], cache[1], meta, self.scale)
+        return decode_attention(q, cache, meta, self.scale)
 
 
 class MLP(nn.Module):

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from pdserve.engine.sampling_params import SamplingParams
 from torch import Tensor
+
+from pdserve.engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 

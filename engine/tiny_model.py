@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pdserve.engine.envs import cache_dir
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
@@ -30,6 +29,8 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+from pdserve.engine.envs import cache_dir
 
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 BUILDER_VERSION = 1  # bump when the recipe changes so cached builds are redone

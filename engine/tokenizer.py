@@ -6,8 +6,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from pdserve.engine.sampling_params import InvalidRequestError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from pdserve.engine.sampling_params import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 

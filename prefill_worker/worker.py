@@ -181,5 +181,11 @@ class PrefillWorker:
                     link.abort()
             raise
 
+    async def node_id(self) -> str:
+        """The Ray node this worker runs on (placement checks, status)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
     async def ready(self) -> bool:
         return self._runner is not None

@@ -75,10 +75,18 @@ class Router:
         self.decode = list(decode)
         self.config = config
         self._ids = itertools.count(1)
-        self._counter = itertools.count()
+        # one round-robin position per pool: a shared one would alias with two picks a request
+        self._prefill_turn = itertools.count()
+        self._decode_turn = itertools.count()
         self._loads: list[DecodeLoad] = []
         self._links: dict[tuple[int, int], asyncio.Task[None]] = {}
         self._capacity = asyncio.Condition()
+        self._phases: dict[str, str] = {}  # request id -> reserved | prefill | decode
+
+    def phase(self, request_id: str) -> str | None:
+        """Where a request is: ``reserved`` (decode blocks held, prefill not dispatched yet),
+        ``prefill`` (queued, computing or sending its KV), ``decode``; None when unknown."""
+        return self._phases.get(request_id)
 
     async def start(self) -> None:
         self._loads = list(await asyncio.gather(*(d.get_load.remote() for d in self.decode)))
@@ -106,6 +114,7 @@ class Router:
         p = None if colocated else self._pick_prefill()
         trace.decode_instance = d
         phase = "decode" if colocated else "reserved"
+        self._phases[request_id] = phase
         try:
             if p is not None:
                 trace.prefill_instance = p.index
@@ -113,9 +122,9 @@ class Router:
             stream = self.decode[d].stream.remote(tid)
             if p is not None:
                 item = PrefillItem(tid, request_id, tuple(prompt), sampling, d, tuple(blocks))
-                phase = "prefill"
+                phase = self._phases[request_id] = "prefill"
                 result = await self._prefill(p, item)
-                phase = "decode"
+                phase = self._phases[request_id] = "decode"
                 trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s
                 yield StepDelta([result.first_token], [result.logprobs])
             async for ref in stream:
@@ -130,6 +139,7 @@ class Router:
                 if phase == "done":
                     return
         finally:
+            self._phases.pop(request_id, None)
             if phase != "done":
                 await asyncio.shield(self._abort(tid, p, d, phase))
             async with self._capacity:
@@ -157,7 +167,9 @@ class Router:
 
     def _pick_prefill(self) -> PrefillInstance:
         loads = [PrefillLoad(p.index, p.queued_tokens, p.queued_requests) for p in self.prefill]
-        return self.prefill[pick_prefill(self.config.prefill_policy, loads, next(self._counter))]
+        return self.prefill[
+            pick_prefill(self.config.prefill_policy, loads, next(self._prefill_turn))
+        ]
 
     async def _reserve(self, req: DecodeRequest) -> tuple[int, list[int]]:
         """Blocks on some decode replica; waits while all are full (never when impossible)."""
@@ -172,7 +184,7 @@ class Router:
             tried: set[int] = set()
             while len(tried) < len(self.decode):
                 loads = [x for x in self._loads if x.instance not in tried]
-                d = pick_decode(self.config.decode_policy, loads, needed, next(self._counter))
+                d = pick_decode(self.config.decode_policy, loads, needed, next(self._decode_turn))
                 if d is None:
                     break
                 blocks, load = await self.decode[d].reserve.remote(req)

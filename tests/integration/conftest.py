@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from pdserve.engine.tiny_model import TINY_ARCHS, make_tiny_model
@@ -17,9 +20,10 @@ PROMPT_LENS = (1, 7, 100, 300)
 NEW_TOKENS = 32
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
-    """A local Ray instance with logical CPU slots for every actor the tests start at once."""
+    """A local Ray instance per test module (the multi-node module builds its own cluster), with
+    logical CPU slots for every actor a test starts at once."""
     ray.init(
         num_cpus=max(8, os.cpu_count() or 1),
         include_dashboard=False,
@@ -52,3 +56,21 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> lis
             seq = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens)
             out.append(seq[0, len(ids) :].tolist())
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def deploy_spec(path: str, name: str, model: Path, **overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deploy/ YAML as a dict with a unique name, a free port and a given model."""
+    spec: dict[str, Any] = yaml.safe_load(Path(path).read_text())
+    spec["name"] = name
+    spec["model"]["path"] = str(model)
+    spec["model"]["served_name"] = "tiny-llama"
+    spec.setdefault("server", {})["port"] = free_port()
+    for section, values in overrides.items():
+        spec.setdefault(section, {}).update(values)
+    return spec

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from pdserve.engine.tiny_model import TINY_ARCHS, make_tiny_model
 
 

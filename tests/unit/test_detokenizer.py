@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 import pytest
 from _tok import WORDS, byte_token_ids, make_tokenizer
-from pdserve.engine.detokenizer import IncrementalDetokenizer
 from transformers import PreTrainedTokenizerFast
+
+from pdserve.engine.detokenizer import IncrementalDetokenizer
 
 REPLACEMENT = "\ufffd"
 

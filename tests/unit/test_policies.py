@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pdserve.router.policies import (
     DECODE_POLICIES,
     PREFILL_POLICIES,

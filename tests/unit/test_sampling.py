@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from pdserve.engine.sampling import Sampler, SamplingRow, apply_penalties
 from pdserve.engine.sampling_params import SamplingParams
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.stop import StopStringMatcher, check_token_stop
 

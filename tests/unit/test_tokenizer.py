@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from _tok import make_tokenizer
+
 from pdserve.engine.sampling_params import InvalidRequestError
 from pdserve.engine.tokenizer import (
     TokenizerLoadError,

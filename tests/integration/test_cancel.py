@@ -1,0 +1,123 @@
+"""Cancellation in every phase frees every KV block, on a model slow enough to catch each phase."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pdserve.cluster import LLM, SamplingParams
+
+pytestmark = pytest.mark.integration
+LONG = 2500  # prompt tokens: prefill takes a good fraction of a second on this model
+
+
+@pytest.fixture(scope="module")
+def slow_llm(
+    ray_session: None, tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LLM]:
+    out = tmp_path_factory.mktemp("slow-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=768,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    for f in tiny_dirs["llama"].glob("*token*"):
+        shutil.copy(f, out)
+    with LLM(str(out)) as llm:
+        yield llm
+
+
+async def _consume(llm: LLM, prompt: list[int], seen: list[int]) -> None:
+    params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    async for delta in llm.frontend.stream(prompt, params, request_id=f"r{len(prompt)}"):
+        seen.extend(delta.token_ids)
+
+
+async def _until(cond: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await cond():
+        assert time.monotonic() < deadline, "phase never reached"
+        await asyncio.sleep(0.002)
+
+
+def _run(llm: LLM, scenario: Any) -> None:
+    llm._loop.run(scenario())  # the router lives on the LLM's loop: drive it there
+    deadline = time.monotonic() + 30
+    while llm.check_integrity() != 0:
+        assert time.monotonic() < deadline, "KV blocks still held after the cancel"
+        time.sleep(0.05)
+
+
+def test_cancel_while_queued_for_prefill(slow_llm: LLM) -> None:
+    router = slow_llm.deployment.router
+    leader = slow_llm.deployment.prefill[0].leader
+
+    async def scenario() -> None:
+        long_task = asyncio.ensure_future(_consume(slow_llm, [7] * LONG, []))
+        await _until(lambda: _phase_is(router, f"r{LONG}", "prefill"))
+        short = asyncio.ensure_future(_consume(slow_llm, [9] * 40, []))
+        await _until(lambda: _queued(leader, 40))  # behind the long prefill in the queue
+        short.cancel()
+        long_task.cancel()
+        await asyncio.gather(short, long_task, return_exceptions=True)
+
+    _run(slow_llm, scenario)
+
+
+def test_cancel_while_prefilling_and_transferring(slow_llm: LLM) -> None:
+    router = slow_llm.deployment.router
+    leader = slow_llm.deployment.prefill[0].leader
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(_consume(slow_llm, [5] * LONG, []))
+        await _until(lambda: _phase_is(router, f"r{LONG}", "prefill"))
+        await _until(lambda: _queued(leader, 0))  # out of the queue: computing and sending
+        assert router.phase(f"r{LONG}") == "prefill"
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    _run(slow_llm, scenario)
+
+
+def test_cancel_while_decoding(slow_llm: LLM) -> None:
+    router = slow_llm.deployment.router
+
+    async def scenario() -> None:
+        seen: list[int] = []
+        task = asyncio.ensure_future(_consume(slow_llm, [3] * 64, seen))
+        await _until(lambda: _true(len(seen) >= 3))
+        assert router.phase("r64") == "decode"
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    _run(slow_llm, scenario)
+    out = slow_llm.generate([3] * 64, SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(out[0].token_ids) == 4  # and it keeps serving
+
+
+async def _phase_is(router: Any, request_id: str, phase: str) -> bool:
+    return bool(router.phase(request_id) == phase)
+
+
+async def _queued(leader: Any, tokens: int) -> bool:
+    return bool(await leader.queued_tokens.remote() == tokens)
+
+
+async def _true(value: bool) -> bool:
+    return value

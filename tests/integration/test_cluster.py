@@ -1,0 +1,154 @@
+"""The deployed cluster: a controller started from deploy/local-tp2.yaml (TP=2 prefill, 2 decode
+replicas) serving HTTP, used through curl-like requests, the client library and the openai package."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import ray
+from conftest import NEW_TOKENS, deploy_spec, hf_greedy, parity_prompts
+
+from pdserve.cluster import Client
+from pdserve.cluster.controller import launch
+from pdserve.cluster.spec import load_spec, resolve
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def served(ray_session: None, tiny_dirs: dict[str, Path]) -> Iterator[tuple[Any, str]]:
+    spec = deploy_spec("deploy/local-tp2.yaml", "itest-tp2", tiny_dirs["llama"])
+    actor, url = launch(resolve(load_spec(spec), gpus_available=False), detached=False)
+    yield actor, url
+    ray.get(actor.shutdown.remote(), timeout=120)
+    ray.kill(actor)
+
+
+def assert_idle(actor: Any, timeout: float = 20.0) -> None:
+    """Every decode replica passes check_integrity and holds no request (aborts land async)."""
+    deadline = time.monotonic() + timeout
+    while (held := ray.get(actor.check_integrity.remote())) != 0:
+        assert time.monotonic() < deadline, f"{held} requests still hold KV blocks"
+        time.sleep(0.05)
+
+
+def test_parity_over_http_and_client_across_both_replicas(
+    served: tuple[Any, str], tiny_dirs: dict[str, Path]
+) -> None:
+    actor, url = served
+    model = tiny_dirs["llama"]
+    tok_count = 700
+    prompts = parity_prompts(tok_count)
+    expected = hf_greedy(model, prompts, NEW_TOKENS)
+    with Client(url) as client:
+        for prompt, ref in zip(prompts, expected):
+            out = client.generate(prompt, max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+            assert out["token_ids"] == ref
+    texts = [client_text for client_text in _http_texts(url, prompts)]
+    with Client(url) as client:
+        refs = [
+            client.generate(p, max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)["text"]
+            for p in prompts
+        ]
+    assert texts == refs
+    status = ray.get(actor.status.remote())
+    assert [d["links"] > 0 for d in status["decode"]] == [True, True]  # both replicas served
+    assert_idle(actor)
+
+
+def _http_texts(url: str, prompts: list[list[int]]) -> list[str]:
+    body = {"model": "tiny-llama", "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    out = []
+    for prompt in prompts:
+        r = httpx.post(f"{url}/v1/completions", json=body | {"prompt": prompt}, timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "length"
+        out.append(choice["text"])
+    return out
+
+
+def test_openai_package_against_the_server(served: tuple[Any, str]) -> None:
+    actor, url = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    done = client.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=0)
+    assert done.usage is not None and done.usage.completion_tokens == 5
+    chunks = list(
+        client.completions.create(
+            model=model,
+            prompt="Hello",
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    chat = client.chat.completions.create(
+        model=model, max_tokens=4, temperature=0, messages=[{"role": "user", "content": "Hi"}]
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.usage is not None
+    stream = client.chat.completions.create(
+        model=model,
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        messages=[{"role": "user", "content": "Hi"}],
+        stream_options={"include_usage": True},
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=model, prompt="x", max_tokens=0)
+    assert_idle(actor)
+
+
+def test_batch_job_of_200_survives_client_disconnect(
+    served: tuple[Any, str], tmp_path: Path
+) -> None:
+    actor, url = served
+    prompts = [f"job prompt {i}" for i in range(200)]
+    with Client(url) as first:
+        job = first.submit_job(prompts, max_tokens=4, temperature=0.0, ignore_eos=True)
+    # the first client is gone mid-job; a new one comes back for the results
+    with Client(url) as second:
+        info = second.job(job.id).wait()
+        assert info["state"] == "completed" and info["completed"] == 200
+        results = second.job(job.id).results()
+    assert [r["index"] for r in results] == list(range(200))
+    assert [r["prompt"] for r in results] == prompts
+    assert all(len(r["token_ids"]) == 4 and not r.get("error") for r in results)
+    assert_idle(actor)
+
+
+@pytest.mark.parametrize("when", ["before first token", "mid decode"])
+def test_client_disconnect_frees_blocks(served: tuple[Any, str], when: str) -> None:
+    actor, url = served
+    body = {
+        "model": "tiny-llama",
+        "prompt": "disconnect " * 50,
+        "max_tokens": 400,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+    async def go() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                if when == "mid decode":
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            break
+
+    asyncio.run(go())
+    assert_idle(actor)
