@@ -1,273 +1,351 @@
-"""Engine benchmark: pdserve's decode and prefill against transformers, same model, same prompts.
+"""Engine benchmark: pdserve's decode and prefill against transformers, same model, same prompts,
+same process, same thread count. Prints a table and optionally writes the raw numbers as JSON.
 
-Each measurement is one timed call returning seconds (and, for decode, the generated tokens).
-Definitions, identical on both sides:
+    python -m pdserve.bench.engine_bench --model small --out engine.json
 
-- decode tokens/s = B * (new_tokens - 1) / seconds from the moment the first token (sampled
-  from the prefill logits) exists to the moment the last one does: the time of new_tokens - 1
-  decode steps, greedy, EOS ignored. Prefill time is excluded on both sides.
-- prefill tokens/s = B * prompt_len / seconds of one forward pass over the batch plus the
-  logits of each sequence's last position (no KV cache kept).
+What is timed, and how, is defined in pdserve.bench.engine_timers. Runs of the engines being
+compared are interleaved (A, B, C, A, B, C, ...) so a change of load on a shared machine hits
+them alike; each figure is the median over --repeats runs after --warmup untimed ones.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import queue
+import argparse
+import json
+import os
+import platform
+import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
-from pdserve.decode_worker.runner import DecodeRunner
-from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq
-from pdserve.engine.attention import PrefillMetadata
-from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.kv_cache import allocate_kv_cache
-from pdserve.engine.model import CausalLM
-from pdserve.engine.parallel import TPGroup
-from pdserve.engine.request import PrefillItem
-from pdserve.engine.sampling import SamplingRow
-from pdserve.engine.sampling_params import SamplingParams
-from pdserve.kv_transfer.link import RECEIVER, SENDER, KVLink
-from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch
-from pdserve.prefill_worker.runner import PrefillRunner
-from transformers import (
-    GenerationConfig,
-    PreTrainedModel,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
-from transformers.generation.configuration_utils import ContinuousBatchingConfig
+import transformers
+from tqdm import tqdm
+from transformers import PreTrainedModel
 
-CPU = torch.device("cpu")
-GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
+from pdserve.bench import engine_timers as timers
+from pdserve.bench.engine_timers import Timed
+from pdserve.bench.models import load_hf, load_pdserve, num_params, resolve_model
+from pdserve.engine.model import CausalLM
+
+DECODE_TARGET = (32, 1.5)  # (batch, ratio): decode at batch 32 >= 1.5x static-batch generate
+PREFILL_TARGET = 0.95  # prefill >= 0.95x a plain transformers forward, at every batch size
 
 
 @dataclass
-class DecodeRun:
-    """One timed decode: seconds of the decode steps and each sequence's generated tokens."""
+class Series:
+    """One engine's repeated timings of one phase at one batch size."""
 
-    seconds: float
-    tokens: list[list[int]]  # [B][new_tokens], the prefill's first token included
-    counted: int  # tokens generated inside the timed window
+    phase: str
+    batch: int
+    engine: str
+    seconds: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    same_outputs: str | None = None  # "k/B" sequences identical to pdserve's (decode baselines)
 
+    @property
+    def rates(self) -> list[float]:
+        return [n / s for n, s in zip(self.tokens, self.seconds, strict=True)]
 
-def make_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
-    """B random prompts of prompt_len ids, avoiding the low ids where special tokens live."""
-    g = torch.Generator().manual_seed(seed)
-    low = min(8, vocab_size - 1)
-    return torch.randint(low, vocab_size, (batch, prompt_len), generator=g).tolist()
-
-
-def _packed(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    # input_ids, positions: [sum(lens)]; prompts back to back, each from position 0
-    lens = [len(p) for p in prompts]
-    ids = torch.tensor([t for p in prompts for t in p])
-    positions = torch.cat([torch.arange(n) for n in lens])
-    return ids, positions, lens
+    @property
+    def median_rate(self) -> float:
+        return statistics.median(self.rates)
 
 
-def _last_positions(lens: list[int]) -> torch.Tensor:
-    return torch.tensor(lens).cumsum(0) - 1
+@dataclass
+class Row:
+    """pdserve against one baseline on one phase and batch size."""
+
+    phase: str
+    batch: int
+    ours: Series
+    base: Series
+    target: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.ours.median_rate / self.base.median_rate
+
+    @property
+    def best_ratio(self) -> float:
+        return max(self.ours.rates) / max(self.base.rates)
+
+    def verdict(self) -> str:
+        if self.target is None:
+            return ""
+        return f">= {self.target:.2f}x: {'met' if self.ratio >= self.target else 'NOT met'}"
 
 
-# ---- pdserve ---------------------------------------------------------------------------------
+def measure(
+    phase: str,
+    batch: int,
+    engines: dict[str, Callable[[], Timed]],
+    args: argparse.Namespace,
+    bar: tqdm,
+) -> dict[str, Series]:
+    """Warm every engine up, then time them round robin, `args.repeats` rounds."""
+    bar.set_postfix_str(f"{phase} B={batch}")
+    for _ in range(args.warmup):
+        for run in engines.values():
+            run()
+            bar.update()
+    series = {name: Series(phase, batch, name) for name in engines}
+    outputs: dict[str, list[list[int]]] = {}
+    for _ in range(args.repeats):
+        for name, run in engines.items():
+            timed = run()
+            series[name].seconds.append(timed.seconds)
+            series[name].tokens.append(timed.tokens)
+            outputs.setdefault(name, timed.outputs)
+            bar.update()
+    ours = outputs.get("pdserve", [])
+    for name, s in series.items():
+        if name != "pdserve" and ours and outputs[name]:
+            same = sum(a == b for a, b in zip(ours, outputs[name], strict=True))
+            s.same_outputs = f"{same}/{len(ours)}"
+    return series
 
 
-@torch.inference_mode()
-def pdserve_prefill(model: CausalLM, prompts: list[list[int]]) -> float:
-    """Seconds of CausalLM over the packed batch (no cache write) + last-position logits."""
-    ids, positions, lens = _packed(prompts)
-    start = time.perf_counter()
-    hidden = model(ids, positions, PrefillMetadata(lens))
-    model.compute_logits(hidden.index_select(0, _last_positions(lens))).argmax(-1)
-    return time.perf_counter() - start
+def run_benchmark(args: argparse.Namespace) -> tuple[list[Row], dict]:
+    """Every phase at every batch size; returns the comparison rows and run facts."""
+    torch.set_num_threads(args.threads)
+    timers.quiet_transformers()
+    path = resolve_model(args.model)
+    model, hf = load_pdserve(path), load_hf(path)
+    vocab = model.config.vocab_size
+    per_batch = args.warmup + args.repeats
+    engines_per_batch = 2 + args.generate_batch + 2 + args.kv_send
+    kv = (
+        timers.KVSendBench(model, max(args.batch_sizes), args.prompt_len, args.block_size)
+        if args.kv_send
+        else None
+    )
+    rows: list[Row] = []
+    total = len(args.batch_sizes) * per_batch * engines_per_batch
+    try:
+        with tqdm(total=total, desc="engine bench", unit="run") as bar:
+            for b in args.batch_sizes:
+                prompts = timers.make_prompts(b, args.prompt_len, vocab, args.seed)
+                rows += _decode_rows(b, prompts, model, hf, args, bar)
+                rows += _prefill_rows(b, prompts, model, hf, kv, args, bar)
+    finally:
+        if kv is not None:
+            kv.close()
+    facts = {"model_path": str(path), "params": num_params(model), **machine_facts(args.threads)}
+    return rows, facts
 
 
-def _admit(
-    scheduler: DecodeScheduler, runner: DecodeRunner, prompts: list[list[int]], max_tokens: int
-) -> list[DecodeSeq]:
-    """What a decode replica sees after a transfer: prompt K/V in reserved blocks, first token."""
-    seqs = []
-    slots: list[int] = []
-    bs = runner.block_size
-    for i, prompt in enumerate(prompts):
-        table = scheduler.reserve(i, len(prompt))
-        assert table is not None, "the benchmark sizes the cache for every sequence"
-        slots += [table[p // bs] * bs + p % bs for p in range(len(prompt))]
-    ids, positions, lens = _packed(prompts)
-    with torch.inference_mode():
-        meta = PrefillMetadata(lens, torch.tensor(slots))
-        hidden = runner.model(ids, positions, meta, runner.kv_cache)
-        first = runner.model.compute_logits(hidden[_last_positions(lens)]).argmax(-1).tolist()
-    for i, (prompt, token) in enumerate(zip(prompts, first, strict=True)):
-        seqs.append(DecodeSeq(i, len(prompt), max_tokens, [*prompt, token]))
-        scheduler.activate(seqs[-1])
-    return seqs
+def _decode_rows(
+    b: int,
+    prompts: list[list[int]],
+    model: CausalLM,
+    hf: PreTrainedModel,
+    args: argparse.Namespace,
+    bar: tqdm,
+) -> list[Row]:
+    n = args.new_tokens
+    engines = {
+        "pdserve": lambda: timers.pdserve_decode(model, prompts, n, args.block_size),
+        "generate": lambda: timers.hf_generate(hf, prompts, n),
+    }
+    if args.generate_batch:
+        engines["generate_batch"] = lambda: timers.hf_generate_batch(hf, prompts, n)
+    s = measure("decode", b, engines, args, bar)
+    target = DECODE_TARGET[1] if b == DECODE_TARGET[0] else None
+    rows = [Row("decode", b, s["pdserve"], s["generate"], target)]
+    if "generate_batch" in s:
+        rows.append(Row("decode", b, s["pdserve"], s["generate_batch"]))
+    return rows
 
 
-def _decode_step(scheduler: DecodeScheduler, runner: DecodeRunner) -> int:
-    """One step as the decode worker runs it; returns the number of tokens generated."""
-    out = scheduler.schedule()
-    assert not out.recompute and not out.preempted, "the cache holds every sequence"
-    table = scheduler.blocks.block_table
-    rows = [
-        SamplingRow(GREEDY, s.token_ids[: s.prompt_len], s.token_ids[s.prompt_len :])
-        for s in out.decode
-    ]
-    result = runner.step(out.decode, [table(s.seq_id) for s in out.decode], rows)
-    scheduler.on_step_done(out.decode)
-    for seq, token in zip(out.decode, result.token_ids, strict=True):
-        seq.token_ids.append(token)
-        if scheduler.reached_length_limit(seq):
-            scheduler.finish(seq.seq_id)
-    return len(out.decode)
+def _prefill_rows(
+    b: int,
+    prompts: list[list[int]],
+    model: CausalLM,
+    hf: PreTrainedModel,
+    kv: timers.KVSendBench | None,
+    args: argparse.Namespace,
+    bar: tqdm,
+) -> list[Row]:
+    engines = {
+        "pdserve": lambda: timers.pdserve_prefill(model, prompts),
+        "forward": lambda: timers.hf_prefill(hf, prompts),
+    }
+    if kv is not None:
+        engines["pdserve+send"] = lambda: kv.run(prompts)
+    s = measure("prefill", b, engines, args, bar)
+    rows = [Row("prefill", b, s["pdserve"], s["forward"], PREFILL_TARGET)]
+    if "pdserve+send" in s:
+        rows.append(Row("prefill + KV send", b, s["pdserve+send"], s["forward"]))
+    return rows
 
 
-def pdserve_decode(
-    model: CausalLM, prompts: list[list[int]], new_tokens: int, block_size: int
-) -> DecodeRun:
-    """Prefill into a paged cache, then time BlockManager + DecodeScheduler + DecodeRunner
-    steps until every sequence has new_tokens tokens."""
-    max_len = max(len(p) for p in prompts) + new_tokens
-    blocks = BlockManager(len(prompts) * math.ceil(max_len / block_size), block_size)
-    scheduler = DecodeScheduler(blocks, max_num_seqs=len(prompts), max_model_len=max_len)
-    kv_cache = allocate_kv_cache(model.config, 1, blocks.num_blocks, block_size, CPU)
-    runner = DecodeRunner(model, kv_cache, block_size, CPU)
-    seqs = _admit(scheduler, runner, prompts, new_tokens)
-    counted = 0
-    start = time.perf_counter()
-    while scheduler.num_running or scheduler.num_waiting:
-        counted += _decode_step(scheduler, runner)
-    seconds = time.perf_counter() - start
-    blocks.check_integrity()
-    return DecodeRun(seconds, [s.token_ids[s.prompt_len :] for s in seqs], counted)
-
-
-class KVSendBench:
-    """PrefillRunner sending every layer's K/V over a real gloo KVLink to a KVReceiver thread of
-    this process, which scatters it into a paged cache. Timed until the receiver reports the
-    batch written (KV landed), so the number includes the whole transfer."""
-
-    def __init__(self, model: CausalLM, max_batch: int, prompt_len: int, block_size: int) -> None:
-        store = KVLink.host_store("127.0.0.1")
-        with ThreadPoolExecutor(1) as pool:  # both ranks must join at once
-            peer = pool.submit(
-                KVLink.connect, "bench", "gloo", RECEIVER, CPU, "127.0.0.1", store.port, store
-            )
-            self.sender = KVLink.connect("bench", "gloo", SENDER, CPU, "127.0.0.1", store.port)
-            receiving = peer.result()
-        per_seq = math.ceil(prompt_len / block_size)
-        self.blocks = BlockManager(max_batch * per_seq, block_size)
-        cache = allocate_kv_cache(model.config, 1, self.blocks.num_blocks, block_size, CPU)
-        self._landed: queue.Queue[ReceivedBatch | BaseException] = queue.Queue()
-        self.receiver = KVReceiver(
-            receiving,
-            cache,
-            block_size,
-            lambda _: True,
-            self._landed.put,
-            lambda _, e: self._landed.put(e),
-        )
-        self.receiver.start()
-        self.runner = PrefillRunner(model, TPGroup.single(), CPU)
-
-    def run(self, prompts: list[list[int]]) -> float:
-        """Seconds from the start of the prefill until all K/V is in the receiver's cache."""
-        for owner in self.blocks.owners():
-            self.blocks.free(owner)
-        items = [
-            PrefillItem(
-                i, f"bench-{i}", tuple(p), GREEDY, 0, tuple(self.blocks.allocate(i, len(p)))
-            )
-            for i, p in enumerate(prompts)
+def machine_facts(threads: int) -> dict:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
         ]
-        start = time.perf_counter()
-        self.runner.run(items, {0: self.sender})
-        landed = self._landed.get(timeout=600)
-        seconds = time.perf_counter() - start
-        if isinstance(landed, BaseException):
-            raise RuntimeError(f"KV transfer failed during the benchmark: {landed}") from landed
-        return seconds
-
-    def close(self) -> None:
-        self.sender.close()  # the receiver thread sees the closing header and ends
-
-
-# ---- transformers ------------------------------------------------------------------------------
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": threads,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
-class _TokenClock(StoppingCriteria):
-    """Never stops; records when each new token exists (generate calls it after every token)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def __call__(
-        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object
-    ) -> torch.Tensor:
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-
-@torch.inference_mode()
-def hf_prefill(hf: PreTrainedModel, prompts: list[list[int]]) -> float:
-    """Seconds of a plain forward on the [B, prompt_len] batch, last-position logits only."""
-    ids = torch.tensor(prompts)
-    start = time.perf_counter()
-    hf(input_ids=ids, use_cache=False, logits_to_keep=1).logits.argmax(-1)
-    return time.perf_counter() - start
-
-
-@torch.inference_mode()
-def hf_generate(hf: PreTrainedModel, prompts: list[list[int]], new_tokens: int) -> DecodeRun:
-    """`generate` with the prompts as one static batch (equal lengths: no padding)."""
-    ids = torch.tensor(prompts)
-    clock = _TokenClock()
-    out = hf.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        stopping_criteria=StoppingCriteriaList([clock]),
-        pad_token_id=0,
+def format_table(rows: Sequence[Row]) -> str:
+    head = (
+        "phase",
+        "B",
+        "pdserve tok/s",
+        "baseline",
+        "tok/s",
+        "ratio",
+        "best",
+        "same out",
+        "target",
     )
-    assert len(clock.times) == new_tokens, len(clock.times)
-    tokens = out[:, ids.shape[1] :].tolist()
-    return DecodeRun(clock.times[-1] - clock.times[0], tokens, len(prompts) * (new_tokens - 1))
+    body = [
+        (
+            r.phase,
+            str(r.batch),
+            f"{r.ours.median_rate:,.0f}",
+            r.base.engine,
+            f"{r.base.median_rate:,.0f}",
+            f"{r.ratio:.2f}x",
+            f"{r.best_ratio:.2f}x",
+            r.base.same_outputs or "",
+            r.verdict(),
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in (head, *body)
+    ]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def hf_generate_batch(hf: PreTrainedModel, prompts: list[list[int]], new_tokens: int) -> DecodeRun:
-    """transformers' continuous batching. Window: from the moment every sequence has its first
-    token to the last token; counts the tokens generated inside it (all of them after the
-    first when the prefills run together, as here: the token budget fits the whole batch)."""
-    b, n = len(prompts), max(len(p) for p in prompts)
-    config = GenerationConfig(
-        do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0
+def to_json(rows: Sequence[Row], facts: dict, args: argparse.Namespace) -> dict:
+    return {
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "facts": facts,
+        "rows": [
+            {
+                "phase": r.phase,
+                "batch": r.batch,
+                "baseline": r.base.engine,
+                "pdserve_tok_s": r.ours.median_rate,
+                "baseline_tok_s": r.base.median_rate,
+                "ratio": r.ratio,
+                "best_ratio": r.best_ratio,
+                "target": r.target,
+            }
+            for r in rows
+        ],
+        "series": [asdict(s) | {"rates": s.rates} for s in _unique_series(rows)],
+    }
+
+
+def _unique_series(rows: Sequence[Row]) -> list[Series]:
+    seen: dict[int, Series] = {}
+    for r in rows:
+        seen.setdefault(id(r.ours), r.ours)
+        seen.setdefault(id(r.base), r.base)
+    return list(seen.values())
+
+
+def _batch_sizes(text: str) -> list[int]:
+    sizes = [int(x) for x in text.split(",") if x.strip()]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive batch sizes, e.g. 1,8,32")
+    return sizes
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pdserve.bench.engine_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=timers.__doc__,
     )
-    cb = ContinuousBatchingConfig(
-        num_blocks=b * math.ceil((n + new_tokens) / 256) + 2,  # 256 = default page size
-        max_batch_tokens=b * n,
-        max_requests_per_batch=b,
-        allow_block_sharing=False,
+    p.add_argument(
+        "--model",
+        default="small",
+        help="tiny (built-in test model), small (random 58M Llama, built into the "
+        "pdserve cache dir on first use) or a local Hugging Face checkpoint dir",
     )
-    outs = hf.generate_batch(
-        prompts, generation_config=config, continuous_batching_config=cb, record_timestamps=True
+    p.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=[1, 8, 32],
+        help="comma-separated batch sizes (default 1,8,32)",
     )
-    results = [outs[k] for k in sorted(outs, key=lambda k: int(k.rsplit("_", 1)[-1]))]
-    failed = [r.error for r in results if r.error or not r.timestamps]
-    if failed:
-        raise RuntimeError(f"generate_batch failed: {failed[0]}")
-    stamps = [r.timestamps or [] for r in results]
-    start, end = max(s[0] for s in stamps), max(s[-1] for s in stamps)
-    counted = sum(t > start for s in stamps for t in s)
-    return DecodeRun(end - start, [list(r.generated_tokens) for r in results], counted)
+    p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt (default 256)")
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        default=64,
+        help="tokens generated per sequence, the prefill's first included (default 64)",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both sides (default 1, as a pdserve CPU worker)",
+    )
+    p.add_argument("--block-size", type=int, default=16, help="pdserve KV block size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument(
+        "--no-generate-batch",
+        dest="generate_batch",
+        action="store_false",
+        help="skip transformers' continuous batching (generate_batch)",
+    )
+    p.add_argument(
+        "--no-kv-send", dest="kv_send", action="store_false", help="skip the prefill + KV send rows"
+    )
+    p.add_argument("--out", type=Path, help="write the raw numbers as JSON here")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        p.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if args.prompt_len < 1 or args.new_tokens < 2:
+        p.error("--prompt-len must be >= 1 and --new-tokens >= 2 (one prefill token + decode)")
+    return args
 
 
-def quiet_transformers() -> None:
-    """Silence transformers' CPU-only notices (psutil, eos) that would break the progress bar;
-    failures still surface through GenerationOutput.error."""
-    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.CRITICAL)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows, facts = run_benchmark(args)
+    print(
+        f"\nmodel {args.model} ({facts['params'] / 1e6:.1f}M params, float32)  "
+        f"prompt {args.prompt_len} tokens, {args.new_tokens} new  "
+        f"median of {args.repeats} (+{args.warmup} warm-up)"
+    )
+    print(
+        f"{facts['cpu']} x{facts['cpu_count']}  torch {facts['torch']}  transformers "
+        f"{facts['transformers']}  threads {facts['threads']}\n"
+    )
+    print(format_table(rows))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(to_json(rows, facts, args), indent=2, default=str))
+        print(f"\nraw numbers: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -33,8 +33,9 @@ def test_nccl_link_moves_kv_between_gpus() -> None:
 
     def receiver() -> None:
         torch.cuda.set_device(1)
-        link = KVLink.connect("gpu", "nccl", RECEIVER, torch.device("cuda:1"), "127.0.0.1",
-                              store.port, store)
+        link = KVLink.connect(
+            "gpu", "nccl", RECEIVER, torch.device("cuda:1"), "127.0.0.1", store.port, store
+        )
         got["header"] = link.recv_header()
         buf = torch.empty(2, 4, 2, 8, device="cuda:1", dtype=torch.bfloat16)
         link.recv_tensor(buf).wait()

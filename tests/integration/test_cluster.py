@@ -142,13 +142,15 @@ def test_client_disconnect_frees_blocks(served: tuple[Any, str], when: str) -> N
     }
 
     async def go() -> None:
-        async with httpx.AsyncClient(timeout=30) as client:
-            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                assert r.status_code == 200
-                if when == "mid decode":
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {"):
-                            break
+        async with (
+            httpx.AsyncClient(timeout=30) as client,
+            client.stream("POST", f"{url}/v1/completions", json=body) as r,
+        ):
+            assert r.status_code == 200
+            if when == "mid decode":
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        break
 
     asyncio.run(go())
     assert_idle(actor)
