@@ -149,6 +149,12 @@ class Controller:
             ],
         }
 
+    async def debug_handles(self) -> dict[str, list[Any]]:
+        """Worker actor handles (tests check where Ray placed them)."""
+        assert self._deployment is not None
+        ranks = [r for p in self._deployment.prefill for r in p.ranks]
+        return {"prefill": ranks, "decode": list(self._deployment.decode)}
+
     async def check_integrity(self) -> int:
         """Every decode replica's block check; returns requests still held (0 when idle)."""
         assert self._deployment is not None

@@ -81,6 +81,7 @@ class Router:
         self._loads: list[DecodeLoad] = []
         self._links: dict[tuple[int, int], asyncio.Task[None]] = {}
         self._capacity = asyncio.Condition()
+        self._background: set[asyncio.Task[None]] = set()
         self._phases: dict[str, str] = {}  # request id -> reserved | prefill | decode
 
     def phase(self, request_id: str) -> str | None:
@@ -187,7 +188,7 @@ class Router:
                 d = pick_decode(self.config.decode_policy, loads, needed, next(self._decode_turn))
                 if d is None:
                     break
-                blocks, load = await self.decode[d].reserve.remote(req)
+                blocks, load = await self._reserve_on(d, req)
                 self._loads[d] = load
                 if blocks is not None:
                     return d, blocks
@@ -196,6 +197,26 @@ class Router:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._capacity.wait(), timeout=1.0)
             self._loads = list(await asyncio.gather(*(x.get_load.remote() for x in self.decode)))
+
+    async def _reserve_on(self, d: int, req: DecodeRequest) -> tuple[list[int] | None, DecodeLoad]:
+        """One reserve call that cannot leak: if the caller goes away while it is in flight,
+        whatever it reserved is released as soon as it answers."""
+        call = asyncio.ensure_future(self.decode[d].reserve.remote(req))
+        try:
+            result: tuple[list[int] | None, DecodeLoad] = await asyncio.shield(call)
+            return result
+        except asyncio.CancelledError:
+            task = asyncio.get_running_loop().create_task(
+                self._release_late(call, d, req.transfer_id)
+            )
+            self._background.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._background.discard)
+            raise
+
+    async def _release_late(self, call: asyncio.Future[Any], d: int, tid: int) -> None:
+        blocks, _ = await call
+        if blocks is not None:
+            await self.decode[d].abort.remote(tid, False)
 
     async def _ensure_links(self, p: PrefillInstance, d: int) -> None:
         """Create the links from each KV-sending rank of ``p`` to replica ``d`` once."""
