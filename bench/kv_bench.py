@@ -39,6 +39,7 @@ class Shape:
     head_dim: int = 64
     block_size: int = 16
     dtype: str = "float32"
+    scattered: bool = False  # destination blocks not one ascending run (a churned cache)
 
     def bytes_per_token(self) -> int:
         return self.layers * 2 * self.kv_heads * self.head_dim * getattr(torch, self.dtype).itemsize
@@ -46,6 +47,8 @@ class Shape:
 
 def _header(shape: Shape, tokens: int) -> TransferHeader:
     blocks = tuple(range(-(-tokens // shape.block_size)))
+    if shape.scattered:  # blocks out of order: the receiver stages and scatters
+        blocks = blocks[::-1]
     return TransferHeader(
         (TransferItem(1, "bench", tokens, blocks),),
         shape.layers,
@@ -83,7 +86,8 @@ def _sender(port: int, shape: Shape, tokens_list: list[int], repeats: int, out: 
                 else:
                     link.send_header(_header(shape, tokens))
                     for i in range(shape.layers):
-                        link.send_tensor(whole[i])
+                        link.send_tensor(whole[i, 0])  # K, then V, as prefill sends them
+                        link.send_tensor(whole[i, 1])
                     link.send_tensor(torch.tensor([7]))
                     link.flush()
                 raw.recv([ack], RECEIVER, 1).wait()
@@ -164,9 +168,14 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per case (median)")
+    p.add_argument(
+        "--scattered",
+        action="store_true",
+        help="destination blocks out of order (no in-place receive: staging + scatter)",
+    )
     p.add_argument("--out", default=None, help="write the raw numbers as JSON here")
     args = p.parse_args()
-    shape = Shape(args.layers, args.kv_heads, args.head_dim, 16, args.dtype)
+    shape = Shape(args.layers, args.kv_heads, args.head_dim, 16, args.dtype, args.scattered)
     results = run(shape, args.tokens, args.repeats)
     print(f"KV shape: {asdict(shape)}; {shape.bytes_per_token()} bytes/token; backend gloo (CPU)")
     print(

@@ -22,15 +22,18 @@ def token_ranges(seq_lens: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def pack_layer(k: torch.Tensor, v: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """K and V of the given token ranges of a packed batch, as one wire tensor.
+def pack_layer(
+    k: torch.Tensor, v: torch.Tensor, ranges: Sequence[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the given token ranges of a packed batch, as the two wire tensors of a layer.
 
-    k, v: [T, heads, head_dim] -> [2, sum(range lengths), heads, head_dim]
+    k, v: [T, heads, head_dim] -> two [sum(range lengths), heads, head_dim]; no copy when the
+    ranges cover the whole batch (one destination), which is the common case.
     """
     if len(ranges) == 1 and ranges[0] == (0, k.shape[0]):
-        return torch.stack((k, v))
+        return k.contiguous(), v.contiguous()
     index = torch.cat([torch.arange(s, e) for s, e in ranges]).to(k.device)
-    return torch.stack((k.index_select(0, index), v.index_select(0, index)))
+    return k.index_select(0, index), v.index_select(0, index)
 
 
 def slot_index(items: Sequence[TransferItem], block_size: int) -> torch.Tensor:
@@ -46,6 +49,16 @@ def slot_index(items: Sequence[TransferItem], block_size: int) -> torch.Tensor:
             )
         slots.append(blocks[pos // block_size] * block_size + pos % block_size)
     return torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
+
+
+def contiguous_start(slots: torch.Tensor) -> int | None:
+    """The first slot when ``slots`` is one ascending run (the KV can land in place), else None."""
+    if slots.numel() == 0:
+        return None
+    start = int(slots[0])
+    if int(slots[-1]) - start + 1 != slots.numel():
+        return None
+    return start if torch.equal(slots, torch.arange(start, start + slots.numel())) else None
 
 
 def write_layer(

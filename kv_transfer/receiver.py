@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
-from pdserve.kv_transfer.layout import slot_index, write_layer
+from pdserve.kv_transfer.layout import contiguous_start, slot_index, write_layer
 from pdserve.kv_transfer.link import KVLink
 
 logger = logging.getLogger(__name__)
@@ -79,31 +79,56 @@ class KVReceiver:
             raise ValueError(
                 f"header has {header.num_layers} layers, cache has {self._kv_cache.shape[0]}"
             )
-        # all layers land in one reused staging arena: fresh buffers per transfer would cost a
-        # page fault per 4 KiB written, which on CPU halves the link's throughput
-        staging = self._staging(header.num_layers * math.prod(header.layer_shape()), dtype)
-        bufs = list(staging.view(header.num_layers, *header.layer_shape()).unbind(0))
-        works = [self.link.recv_tensor(buf) for buf in bufs]
-        trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
-        trailer_work = self.link.recv_tensor(trailer) if header.has_trailer else None
         accepted = tuple(self._accept(item) for item in header.items)
         keep = torch.cat(
             [torch.full((item.num_tokens,), ok) for item, ok in zip(header.items, accepted)]
         )
         slots = slot_index(header.items, self._block_size)
-        for layer, (buf, work) in enumerate(zip(bufs, works)):
-            work.wait()
-            write_layer(
-                self._kv_cache[layer], buf, slots, header.head_start, None if keep.all() else keep
-            )
+        targets, bufs = self._targets(header, dtype, slots, bool(keep.all()))
+        works = [self.link.recv_tensor(t) for t in targets]  # K then V, layer by layer
+        trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
+        trailer_work = self.link.recv_tensor(trailer) if header.has_trailer else None
+        for layer in range(header.num_layers):
+            works[2 * layer].wait()
+            works[2 * layer + 1].wait()
+            if bufs is not None:
+                write_layer(
+                    self._kv_cache[layer],
+                    bufs[layer],
+                    slots,
+                    header.head_start,
+                    None if keep.all() else keep,
+                )
+        nbytes = sum(t.numel() * t.element_size() for t in targets)
         first = None
         if trailer_work is not None:
             trailer_work.wait()
             first = tuple(int(t) for t in trailer.tolist())
-        nbytes = sum(b.numel() * b.element_size() for b in bufs)
         return ReceivedBatch(
             self.link.name, header, accepted, first, nbytes, time.perf_counter() - start
         )
+
+    def _targets(
+        self, header: TransferHeader, dtype: torch.dtype, slots: torch.Tensor, all_kept: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Where each layer's K and V land: straight into the cache when the link carries every
+        head and the blocks form one ascending run (no copy at all), else a staging arena that
+        is scattered into the blocks afterwards. Returns the targets and the staging buffers."""
+        cache = self._kv_cache  # [layers, 2, num_blocks, block_size, heads, head_dim]
+        start = contiguous_start(slots) if all_kept else None
+        in_place = cache.dtype == dtype and cache.device == self.link.device
+        if start is not None and in_place and header.num_heads == cache.shape[-2]:
+            flat = cache.view(cache.shape[0], 2, -1, *cache.shape[-2:])
+            end = start + header.num_tokens
+            return [
+                flat[layer, kv, start:end] for layer in range(header.num_layers) for kv in (0, 1)
+            ], None
+        # a reused arena: fresh buffers per transfer would cost a page fault per 4 KiB written,
+        # which on CPU halves the link's throughput
+        shape = header.layer_shape()
+        staging = self._staging(header.num_layers * math.prod(shape), dtype)
+        bufs = list(staging.view(header.num_layers, *shape).unbind(0))
+        return [buf[kv] for buf in bufs for kv in (0, 1)], bufs
 
     def _staging(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A [numel] tensor of ``dtype`` backed by the arena, grown (never shrunk) on demand."""

@@ -52,7 +52,8 @@ class PrefillRunner:
         def send_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             # k, v: [T, kv_heads_local, head_dim] for the whole packed batch
             for dest, idx in by_dest.items():
-                links[dest].send_tensor(pack_layer(k, v, [ranges[i] for i in idx]))
+                for part in pack_layer(k, v, [ranges[i] for i in idx]):  # K, then V
+                    links[dest].send_tensor(part)
 
         input_ids = torch.tensor(
             [t for it in items for t in it.prompt_token_ids], device=self.device

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 import ray
-from conftest import NEW_TOKENS, deploy_spec, hf_greedy, parity_prompts
+from cluster_helpers import NEW_TOKENS, deploy_spec, hf_greedy, parity_prompts
 
 from pdserve.cluster import Client
 from pdserve.cluster.controller import launch

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import ray
-from conftest import deploy_spec, hf_greedy
+from cluster_helpers import deploy_spec, hf_greedy
 from ray.cluster_utils import Cluster
 
 from pdserve.cluster.controller import launch
@@ -32,10 +32,15 @@ def cluster() -> Iterator[dict[str, str]]:
 
 
 def test_actors_follow_resources_and_kv_crosses_nodes(
-        cluster: dict[str, str], tiny_dirs: dict[str, Path]) -> None:
-    spec = deploy_spec("deploy/local-tp2.yaml", "itest-multinode", tiny_dirs["llama"],
-                       prefill={"resources": {"prefill": 1}},
-                       decode={"resources": {"decode": 1}})
+    cluster: dict[str, str], tiny_dirs: dict[str, Path]
+) -> None:
+    spec = deploy_spec(
+        "deploy/local-tp2.yaml",
+        "itest-multinode",
+        tiny_dirs["llama"],
+        prefill={"resources": {"prefill": 1}},
+        decode={"resources": {"decode": 1}},
+    )
     actor, url = launch(resolve(load_spec(spec), gpus_available=False), detached=False)
     try:
         dep: Any = ray.get(actor.debug_handles.remote())
@@ -44,15 +49,23 @@ def test_actors_follow_resources_and_kv_crosses_nodes(
         assert set(prefill_nodes) == {cluster["prefill"]}  # both TP ranks, STRICT_PACK
         assert set(decode_nodes) == {cluster["decode"]}
         prompt = list(range(10, 60))
-        body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 16, "temperature": 0,
-                "ignore_eos": True, "logprobs": 1}
+        body = {
+            "model": "tiny-llama",
+            "prompt": prompt,
+            "max_tokens": 16,
+            "temperature": 0,
+            "ignore_eos": True,
+            "logprobs": 1,
+        }
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
         ref = hf_greedy(tiny_dirs["llama"], [prompt], 16)[0]
         text = r.json()["choices"][0]["text"]
         from transformers import AutoTokenizer
 
-        assert text == AutoTokenizer.from_pretrained(tiny_dirs["llama"]).decode(ref, skip_special_tokens=True)
+        assert text == AutoTokenizer.from_pretrained(tiny_dirs["llama"]).decode(
+            ref, skip_special_tokens=True
+        )
         status = ray.get(actor.status.remote())
         assert sum(d["links"] for d in status["decode"]) >= 1
         assert ray.get(actor.check_integrity.remote()) == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import NEW_TOKENS, hf_greedy, parity_prompts
+from cluster_helpers import NEW_TOKENS, hf_greedy, parity_prompts
 
 from pdserve.cluster import LLM, SamplingParams
 from pdserve.engine.tiny_model import TINY_ARCHS

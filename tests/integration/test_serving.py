@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import parity_prompts
+from cluster_helpers import parity_prompts
 
 from pdserve.cluster import LLM, InvalidRequestError, SamplingParams
 from pdserve.engine.config import ModelLoadError
