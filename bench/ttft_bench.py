@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -21,11 +22,13 @@ from typing import Any
 
 import httpx
 import ray
+import torch
 from tqdm import tqdm
 
 from pdserve.bench.engine_timers import make_prompts, pdserve_prefill
 from pdserve.bench.models import load_pdserve, resolve_model
 from pdserve.cluster import LLM, SamplingParams
+from pdserve.engine.tiny_model import default_tiny_model
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -33,7 +36,17 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def ttft_breakdown(model: Path, prompt_len: int, n: int) -> dict[str, float]:
+def _with_tokenizer(model: Path) -> Path:
+    """Bench checkpoints have no tokenizer; prompts are token ids, so the tiny one serves."""
+    if not (model / "tokenizer.json").exists():
+        for f in default_tiny_model().glob("*token*"):
+            shutil.copy(f, model)
+    return model
+
+
+def ttft_breakdown(model: Path, prompt_len: int, n: int, threads: int) -> dict[str, float]:
+    model = _with_tokenizer(model)
+    torch.set_num_threads(threads)  # the baseline gets the threads a prefill actor gets
     prompts = make_prompts(n, prompt_len, 500, seed=1)
     local = load_pdserve(model)
     pdserve_prefill(local, prompts[:1])  # warm-up
@@ -42,7 +55,7 @@ def ttft_breakdown(model: Path, prompt_len: int, n: int) -> dict[str, float]:
     rows: dict[str, list[float]] = {
         k: [] for k in ("queue", "prefill+send", "transfer", "ttft", "first_step")
     }
-    with LLM(str(model), dtype="float32") as llm:
+    with LLM(str(model), dtype="float32", num_threads=threads) as llm:
         two = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         llm.generate(prompts[0], two)  # warm-up: links, caches
         for p in tqdm(prompts, desc="through the cluster"):
@@ -94,10 +107,11 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--requests", type=int, default=10, help="TTFT samples (median reported)")
     p.add_argument("--http-requests", type=int, default=200, help="1-token HTTP samples")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker and baseline")
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = p.parse_args()
     model = resolve_model(args.model)
-    result = ttft_breakdown(model, args.prompt_len, args.requests)
+    result = ttft_breakdown(model, args.prompt_len, args.requests, args.threads)
     result |= http_overhead(resolve_model("tiny"), args.http_requests)
     for key, value in result.items():
         print(f"{key:>22}: {value:9.2f}")
