@@ -18,8 +18,17 @@ PDSERVE = str(Path(sys.executable).parent / "pdserve")
 
 def test_help_explains_every_verb() -> None:
     out = subprocess.run([PDSERVE, "--help"], capture_output=True, text=True, check=True).stdout
-    for verb in ("generate", "demo", "up", "status", "down", "submit", "jobs", "bench",
-                 "make-tiny-model"):
+    for verb in (
+        "generate",
+        "demo",
+        "up",
+        "status",
+        "down",
+        "submit",
+        "jobs",
+        "bench",
+        "make-tiny-model",
+    ):
         assert verb in out
 
 
@@ -34,8 +43,12 @@ def test_up_status_request_down(tmp_path: Path) -> None:
     with pytest.raises(httpx.ConnectError):  # nothing else may answer on the spec's port
         httpx.get("http://127.0.0.1:8001/health", timeout=2)
     log = (tmp_path / "up.log").open("w+")
-    up = subprocess.Popen([PDSERVE, "up", "-f", "deploy/local-tp2.yaml"], stdout=log,
-                          stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen(
+        [PDSERVE, "up", "-f", "deploy/local-tp2.yaml"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = "http://127.0.0.1:8001"
         deadline = time.monotonic() + 240
@@ -53,12 +66,12 @@ def test_up_status_request_down(tmp_path: Path) -> None:
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
         assert re.search(r"ray cluster: \S+", Path(log.name).read_text())
         args = ["-n", "local-tp2"]  # --address auto: the local cluster `up` started
-        status = subprocess.run([PDSERVE, "status", *args, "--json"], capture_output=True,
-                                text=True, timeout=120)
+        status = subprocess.run(
+            [PDSERVE, "status", *args, "--json"], capture_output=True, text=True, timeout=120
+        )
         assert status.returncode == 0, status.stderr[-2000:]
         assert '"state": "serving"' in status.stdout and '"tp": 2' in status.stdout
-        down = subprocess.run([PDSERVE, "down", *args], capture_output=True, text=True,
-                              timeout=180)
+        down = subprocess.run([PDSERVE, "down", *args], capture_output=True, text=True, timeout=180)
         assert down.returncode == 0, down.stderr[-2000:]
         assert up.wait(timeout=120) == 0  # `up` returns once the deployment is down
     finally:
