@@ -43,3 +43,18 @@ def test_greedy_parity_colocated(ray_session: None, tiny_dirs: dict[str, Path], 
     expected = hf_greedy(model, prompts, NEW_TOKENS)
     assert [o.token_ids for o in outs] == expected
     assert all(o.metrics.kv_bytes == 0 for o in outs)  # nothing crossed a link
+
+
+def test_greedy_parity_tp4_replicated_kv_heads(
+    ray_session: None, tiny_dirs: dict[str, Path]
+) -> None:
+    """The tiny llama has 2 KV heads: at TP=4 ranks pair up on a head and only the first of
+    each pair sends it; decode assembles both heads from two of the four ranks."""
+    model = tiny_dirs["llama"]
+    with LLM(str(model), prefill_tensor_parallel_size=4, dtype="float32") as llm:
+        assert llm.deployment.prefill[0].senders == [0, 2]
+        prompts = parity_prompts(len(llm.tokenizer))
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        outs = llm.generate(prompts, params)
+        assert llm.check_integrity() == 0
+    assert [o.token_ids for o in outs] == hf_greedy(model, prompts, NEW_TOKENS)
