@@ -49,9 +49,12 @@ def _metrics_table(rows: Sequence[tuple[str, str | None, RequestMetrics]]) -> Ta
         "TPOT ms",
         "E2E ms",
         "KV bytes",
-        "KV xfer ms",
+        "KV ms",
     ):
-        table.add_column(col, justify="left" if col == "prompt" else "right")
+        if col == "prompt":
+            table.add_column(col, no_wrap=True, max_width=18, overflow="ellipsis")
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
     for prompt, finish, m in rows:
         table.add_row(
             prompt[:32],
@@ -118,7 +121,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace, prompts: Sequence[str]) -> int:
-    console = Console()
+    console = Console(width=max(Console().width, 100))  # the metrics table needs ~95 columns
     console.print(
         "[bold]pdserve demo[/]: a prefill actor computes each prompt's KV cache and "
         "ships it over torch.distributed to a decode actor, which streams the tokens.\n"
