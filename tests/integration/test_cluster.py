@@ -154,3 +154,35 @@ def test_client_disconnect_frees_blocks(served: tuple[Any, str], when: str) -> N
 
     asyncio.run(go())
     assert_idle(actor)
+
+
+def test_two_deployments_share_a_ray_cluster(
+    served: tuple[Any, str], tiny_dirs: dict[str, Path]
+) -> None:
+    """A second deployment (deploy/local.yaml's shape) beside the first: its own namespace,
+    port and KV links; both answer, neither sees the other's workers."""
+    first, first_url = served
+    spec = deploy_spec("deploy/local.yaml", "itest-second", tiny_dirs["llama"])
+    second, second_url = launch(resolve(load_spec(spec), gpus_available=False), detached=False)
+    try:
+        assert second_url != first_url
+        body = {
+            "model": "tiny-llama",
+            "prompt": [5, 6, 7],
+            "max_tokens": 6,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        texts = [
+            httpx.post(f"{u}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+            for u in (first_url, second_url)
+        ]
+        assert texts[0] == texts[1]  # same model, same greedy text, different clusters of actors
+        a, b = ray.get([first.status.remote(), second.status.remote()])
+        assert a["namespace"] != b["namespace"]
+        assert (len(a["decode"]), len(b["decode"])) == (2, 1)
+        assert ray.get(second.check_integrity.remote()) == 0
+    finally:
+        ray.get(second.shutdown.remote(), timeout=120)
+        ray.kill(second)
+    assert_idle(first)
