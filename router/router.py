@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
+
 from pdserve.engine.load import DecodeLoad, PrefillLoad
 from pdserve.engine.request import DecodeRequest, PrefillItem, PrefillResult, StepDelta
 from pdserve.engine.sampling_params import SamplingParams
@@ -82,6 +84,7 @@ class Router:
         self._links: dict[tuple[int, int], asyncio.Task[None]] = {}
         self._capacity = asyncio.Condition()
         self._background: set[asyncio.Task[None]] = set()
+        self._dead: set[int] = set()  # decode replicas whose actor died
         self._phases: dict[str, str] = {}  # request id -> reserved | prefill | decode
 
     def phase(self, request_id: str) -> str | None:
@@ -182,21 +185,33 @@ class Router:
                 "give decode a larger KV cache or send a shorter prompt"
             )
         while True:
-            tried: set[int] = set()
+            tried: set[int] = set(self._dead)
             while len(tried) < len(self.decode):
                 loads = [x for x in self._loads if x.instance not in tried]
                 d = pick_decode(self.config.decode_policy, loads, needed, next(self._decode_turn))
                 if d is None:
                     break
-                blocks, load = await self._reserve_on(d, req)
+                try:
+                    blocks, load = await self._reserve_on(d, req)
+                except ray.exceptions.RayActorError:
+                    # a dead replica takes its links with it; the rest of the pool serves on
+                    logger.error("decode replica %d is dead; routing around it", d)
+                    self._dead.add(d)
+                    tried.add(d)
+                    continue
                 self._loads[d] = load
                 if blocks is not None:
                     return d, blocks
                 tried.add(d)
+            if len(self._dead) == len(self.decode):
+                raise NoCapacityError("no decode replica is alive: redeploy (pdserve down/up)")
             async with self._capacity:  # a finishing request frees blocks and wakes us
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._capacity.wait(), timeout=1.0)
-            self._loads = list(await asyncio.gather(*(x.get_load.remote() for x in self.decode)))
+            alive = [i for i in range(len(self.decode)) if i not in self._dead]
+            fresh = await asyncio.gather(*(self.decode[i].get_load.remote() for i in alive))
+            for i, load in zip(alive, fresh):
+                self._loads[i] = load
 
     async def _reserve_on(self, d: int, req: DecodeRequest) -> tuple[list[int] | None, DecodeLoad]:
         """One reserve call that cannot leak: if the caller goes away while it is in flight,

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray
 from cluster_helpers import parity_prompts
 
 from pdserve.cluster import LLM, InvalidRequestError, SamplingParams
@@ -138,3 +139,17 @@ def test_small_kv_cache_queues_and_preempts_without_changing_outputs(
     with LLM(str(tiny_dirs["llama"])) as roomy:
         refs = roomy.generate(prompts, params)
     assert [o.token_ids for o in outs] == [r.token_ids for r in refs]
+
+
+def test_dead_decode_replica_is_routed_around(
+    ray_session: None, tiny_dirs: dict[str, Path]
+) -> None:
+    """A replica's death is confined to it and its links: the router marks it dead on the next
+    reservation and the rest of the pool serves every request."""
+    with LLM(str(tiny_dirs["llama"]), decode_instances=2) as llm:
+        first = llm.generate("warm up", GREEDY)[0].token_ids  # links to replica 0 exist now
+        ray.kill(llm.deployment.decode[0])
+        outs = llm.generate(["warm up", "a", "b", "c"], GREEDY)
+        assert [o.finish_reason for o in outs] == ["length"] * 4
+        assert outs[0].token_ids == first  # same answer from the surviving replica
+        assert ray.get(llm.deployment.decode[1].check_integrity.remote()) == 0
