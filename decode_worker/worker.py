@@ -192,11 +192,15 @@ class DecodeWorker:
             return False
         if (r.running and self._stepping) or transfer_id in self._prefilling:
             self._deferred_aborts.add(transfer_id)
-        elif not r.running and transfer_pending:
-            r.aborted = True
+        elif not r.running and (transfer_pending or self._receiving(transfer_id)):
+            r.aborted = True  # a receiver may be writing its blocks: free once it lands or fails
         else:
             self._drop(r, StepDelta(finish_reason="abort"))
         return True
+
+    def _receiving(self, transfer_id: int) -> bool:
+        # list(): receiver threads may add a link entry meanwhile
+        return any(transfer_id in tids for tids in list(self._inflight.values()))
 
     async def stream(self, transfer_id: int) -> AsyncIterator[StepDelta]:
         """Deltas of one request until it finishes; batches whatever piled up between reads."""

@@ -127,7 +127,13 @@ class Router:
             if p is not None:
                 item = PrefillItem(tid, request_id, tuple(prompt), sampling, d, tuple(blocks))
                 phase = self._phases[request_id] = "prefill"
-                result = await self._prefill(p, item)
+                try:
+                    result = await self._prefill(p, item)
+                except Exception:
+                    # the prefill side failed (its batch raised, or its actor died): it sends
+                    # nothing more, and a batch that died half-sent dropped its links
+                    phase = "prefill-failed"
+                    raise
                 phase = self._phases[request_id] = "decode"
                 trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s
                 yield StepDelta([result.first_token], [result.logprobs])
@@ -161,11 +167,17 @@ class Router:
             p.queued_requests -= 1
 
     async def _abort(self, tid: int, p: PrefillInstance | None, d: int, phase: str) -> None:
+        """Free the request on both sides; decode keeps blocks whose KV may still arrive."""
         pending = False
         if phase == "prefill" and p is not None:
-            removed = await p.leader.abort.remote(tid)
-            pending = not removed
-        await self.decode[d].abort.remote(tid, pending)
+            try:
+                pending = not await p.leader.abort.remote(tid)
+            except ray.exceptions.RayActorError:
+                pending = False  # a dead prefill sends nothing more
+        try:
+            await self.decode[d].abort.remote(tid, pending)
+        except ray.exceptions.RayActorError:
+            logger.warning("decode replica %d died holding transfer %d", d, tid)
 
     # -- placement --------------------------------------------------------------------------
 

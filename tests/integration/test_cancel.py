@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import ray
 
+from pdserve.bench.models import BenchModelSpec, make_bench_model
 from pdserve.cluster import LLM, SamplingParams
 
 pytestmark = pytest.mark.integration
@@ -20,26 +20,25 @@ LONG = 2500  # prompt tokens: prefill takes a good fraction of a second on this 
 
 
 @pytest.fixture(scope="module")
-def slow_llm(
-    ray_session: None, tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LLM]:
-    out = tmp_path_factory.mktemp("slow-llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=768,
+def slow_model(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Llama big enough that each phase lasts long enough to be caught."""
+    spec = BenchModelSpec(
         hidden_size=384,
         intermediate_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-        bos_token_id=0,
-        eos_token_id=1,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        vocab_size=768,
     )
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    for f in tiny_dirs["llama"].glob("*token*"):
+    out = make_bench_model(tmp_path_factory.mktemp("slow") / "llama", spec)
+    for f in tiny_dirs["llama"].glob("*token*"):  # prompts are token ids; any tokenizer serves
         shutil.copy(f, out)
-    with LLM(str(out)) as llm:
+    return out
+
+
+@pytest.fixture(scope="module")
+def slow_llm(ray_session: None, slow_model: Path) -> Iterator[LLM]:
+    with LLM(str(slow_model)) as llm:
         yield llm
 
 
@@ -121,3 +120,24 @@ async def _queued(leader: Any, tokens: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_prefill_dying_mid_request_frees_the_reservation(
+    ray_session: None, slow_model: Path
+) -> None:
+    """The prefill actor dies while it computes one request (whose KV is mid-transfer) with
+    another queued behind it (no KV sent yet): both fail, and decode frees both reservations."""
+    with LLM(str(slow_model)) as llm:
+        router = llm.deployment.router
+        leader = llm.deployment.prefill[0].leader
+
+        async def scenario() -> None:
+            task = asyncio.ensure_future(_consume(llm, [5] * LONG, []))
+            await _until(lambda: _phase_is(router, f"r{LONG}", "prefill"))
+            queued = asyncio.ensure_future(_consume(llm, [9] * 40, []))  # no KV sent for it yet
+            await _until(lambda: _queued(leader, 40))
+            ray.kill(leader, no_restart=True)
+            results = await asyncio.gather(task, queued, return_exceptions=True)
+            assert all(isinstance(r, Exception) for r in results)  # the callers hear about it
+
+        _run(llm, scenario)
