@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Iterator
 
 
 class BlockManagerError(RuntimeError):
@@ -17,9 +17,13 @@ class BlockManager:
     `table[p // block_size]`. An owner's capacity (`num_tokens`) only grows, through `append`,
     until `free` returns every block at once.
 
-    The free list is FIFO: a freed block goes to the back of the queue and is handed out again as
-    late as possible, so a late write into a freed block (a transfer for an aborted request still
-    landing) is unlikely to hit a block that a live owner already holds.
+    Free blocks are kept as runs of consecutive ids, merged with their neighbours on free, so a
+    new owner usually gets one ascending run: a KV transfer into such a table lands straight in
+    the cache with no staging copy (see `kv_transfer.receiver`). `allocate` takes the smallest
+    run that fits whole (best fit keeps the big runs for big prompts), else the largest runs
+    first; `append` (decode growth, a block at a time) extends the owner's last block in place
+    when the next id is free, else takes from the smallest run. A freed block may be handed out
+    again at once: the decode worker defers a free while a transfer is still writing into it.
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
@@ -29,17 +33,19 @@ class BlockManager:
             raise ValueError(f"block_size={block_size} is invalid: need at least 1 token a block")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._runs: dict[int, int] = {0: num_blocks}  # free runs: start -> length
+        self._run_ends: dict[int, int] = {num_blocks: 0}  # free runs: end (exclusive) -> start
+        self._num_free = num_blocks
         self._tables: dict[int, list[int]] = {}
         self._tokens: dict[int, int] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self._num_free
 
     @property
     def usage(self) -> float:
@@ -52,17 +58,17 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) <= len(self._free)
+        return self.blocks_for(num_tokens) <= self._num_free
 
     def allocate(self, owner: int, num_tokens: int) -> list[int]:
         """Give a new owner blocks for `num_tokens` tokens; returns its block table."""
         if owner in self._tables:
             raise BlockManagerError(f"owner {owner} already holds blocks; free it first")
         needed = self.blocks_for(num_tokens)
-        if needed > len(self._free):
+        if needed > self._num_free:
             raise BlockManagerError(
                 f"owner {owner} needs {needed} blocks for {num_tokens} tokens but only "
-                f"{len(self._free)} are free; check can_allocate first"
+                f"{self._num_free} are free; check can_allocate first"
             )
         self._tables[owner] = self._take(needed)
         self._tokens[owner] = num_tokens
@@ -70,7 +76,7 @@ class BlockManager:
 
     def can_append(self, owner: int, num_tokens: int) -> bool:
         """Can `owner`'s table grow to hold `num_tokens` tokens in total?"""
-        return self._extra_blocks(owner, num_tokens) <= len(self._free)
+        return self._extra_blocks(owner, num_tokens) <= self._num_free
 
     def append(self, owner: int, num_tokens: int) -> list[int]:
         """Grow `owner`'s table to hold `num_tokens` tokens in total; returns only the new blocks.
@@ -78,13 +84,14 @@ class BlockManager:
         Asking for less than the current capacity is a no-op (capacity never shrinks).
         """
         extra = self._extra_blocks(owner, num_tokens)
-        if extra > len(self._free):
+        if extra > self._num_free:
             raise BlockManagerError(
                 f"owner {owner} needs {extra} more blocks to hold {num_tokens} tokens but only "
-                f"{len(self._free)} are free; check can_append first"
+                f"{self._num_free} are free; check can_append first"
             )
-        new_blocks = self._take(extra)
-        self._tables[owner].extend(new_blocks)
+        table = self._tables[owner]
+        new_blocks = self._take(extra, after=table[-1] if table else None)
+        table.extend(new_blocks)
         self._tokens[owner] = max(self._tokens[owner], num_tokens)
         return new_blocks
 
@@ -94,7 +101,8 @@ class BlockManager:
         if table is None:
             return 0
         del self._tokens[owner]
-        self._free.extend(table)
+        for start, length in _runs_of(sorted(table)):
+            self._add_run(start, length)
         return len(table)
 
     def block_table(self, owner: int) -> list[int]:
@@ -115,8 +123,17 @@ class BlockManager:
         """Raise BlockManagerError if any block is lost, shared, duplicated or out of range, or if
         a table's length does not match its owner's capacity."""
         seen: dict[int, str] = {}
-        for block in self._free:
-            self._claim(seen, block, "the free list")
+        if len(self._runs) != len(self._run_ends) or any(
+            self._run_ends.get(start + length) != start for start, length in self._runs.items()
+        ):
+            raise BlockManagerError("the free-run index is inconsistent")
+        for start, length in self._runs.items():
+            if length < 1 or start + length in self._runs:
+                raise BlockManagerError(f"free run at block {start} is empty or not merged")
+            for block in range(start, start + length):
+                self._claim(seen, block, "the free list")
+        if sum(self._runs.values()) != self._num_free:
+            raise BlockManagerError("the free-block count disagrees with the free runs")
         for owner, table in self._tables.items():
             for block in table:
                 self._claim(seen, block, f"owner {owner}")
@@ -149,10 +166,60 @@ class BlockManager:
     def _extra_blocks(self, owner: int, num_tokens: int) -> int:
         return max(0, self.blocks_for(num_tokens) - len(self._table(owner)))
 
-    def _take(self, n: int) -> list[int]:
-        return [self._free.popleft() for _ in range(n)]
+    def _take(self, n: int, after: int | None = None) -> list[int]:
+        """`n` free blocks, as few runs as possible; first the ones right `after` a block."""
+        taken: list[int] = []
+        if after is not None and after + 1 in self._runs:
+            taken += self._cut(after + 1, n)
+        while len(taken) < n:
+            want = n - len(taken)
+            fits = [(length, start) for start, length in self._runs.items() if length >= want]
+            if fits:  # best fit: the smallest run that holds the rest
+                start = min(fits)[1]
+            else:  # nothing holds it whole: the largest run, then the next
+                start = max(self._runs.items(), key=lambda run: (run[1], -run[0]))[0]
+            taken += self._cut(start, want)
+        return taken
+
+    def _cut(self, start: int, n: int) -> list[int]:
+        """Take up to `n` blocks from the front of the free run at `start`."""
+        length = self._runs.pop(start)
+        del self._run_ends[start + length]
+        k = min(n, length)
+        if k < length:
+            self._runs[start + k] = length - k
+            self._run_ends[start + length] = start + k
+        self._num_free -= k
+        return list(range(start, start + k))
+
+    def _add_run(self, start: int, length: int) -> None:
+        """Return the free run [start, start + length), merged with free neighbours."""
+        self._num_free += length
+        end = start + length
+        left = self._run_ends.pop(start, None)
+        if left is not None:  # a free run ends where this one starts
+            del self._runs[left]
+            start = left
+        right_len = self._runs.pop(end, None)
+        if right_len is not None:  # a free run starts where this one ends
+            del self._run_ends[end + right_len]
+            end += right_len
+        self._runs[start] = end - start
+        self._run_ends[end] = start
 
 
 def _check_tokens(num_tokens: int) -> None:
     if num_tokens < 0:
         raise ValueError(f"num_tokens={num_tokens} is invalid: must be >= 0")
+
+
+def _runs_of(blocks: list[int]) -> Iterator[tuple[int, int]]:
+    """(start, length) of each run of consecutive ids in sorted `blocks`."""
+    start = prev = blocks[0] if blocks else 0
+    for block in blocks[1:]:
+        if block != prev + 1:
+            yield start, prev + 1 - start
+            start = block
+        prev = block
+    if blocks:
+        yield start, prev + 1 - start
