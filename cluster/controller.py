@@ -115,7 +115,10 @@ class Controller:
         r = self.resolved
         if dep is None:
             return {"name": r.name, "state": "starting"}
-        stats = await asyncio.gather(*(d.stats.remote() for d in dep.decode))
+        stats = await asyncio.gather(
+            *(d.stats.remote() for d in dep.decode), return_exceptions=True
+        )
+        dead = dep.router.dead_instances
         return {
             "name": r.name,
             "namespace": r.namespace,
@@ -128,6 +131,7 @@ class Controller:
             "prefill": [
                 {
                     "instance": p.index,
+                    "state": "dead" if p.index in dead["prefill"] else "up",
                     "tp": len(p.ranks),
                     "queued_requests": p.queued_requests,
                     "queued_tokens": p.queued_tokens,
@@ -135,8 +139,11 @@ class Controller:
                 for p in dep.prefill
             ],
             "decode": [
-                {
+                {"instance": i, "state": "dead", "error": type(s).__name__}
+                if isinstance(s, BaseException)
+                else {
                     "instance": s.load.instance,
+                    "state": "dead" if i in dead["decode"] else "up",
                     "kv_used_blocks": s.load.total_blocks - s.load.free_blocks,
                     "kv_total_blocks": s.load.total_blocks,
                     "running": s.load.running,
@@ -145,7 +152,7 @@ class Controller:
                     "preemptions": s.preemptions,
                     "links": len(s.links),
                 }
-                for s in stats
+                for i, s in enumerate(stats)
             ],
         }
 

@@ -120,10 +120,12 @@ def status(args: argparse.Namespace) -> int:
 
 def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     table = Table(title=title)
-    for key in rows[0] if rows else ["(none)"]:
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # a dead instance has fewer
+    for key in keys or ["(none)"]:
         table.add_column(key)
     for row in rows:
-        table.add_row(*(", ".join(v) if isinstance(v, list) else str(v) for v in row.values()))
+        values = (row.get(k, "-") for k in keys)
+        table.add_row(*(", ".join(v) if isinstance(v, list) else str(v) for v in values))
     return table
 
 

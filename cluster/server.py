@@ -36,6 +36,7 @@ from pdserve.cluster.openai_serving import OpenAIServing, ServingFrontend
 from pdserve.cluster.settings import ServerSettings
 from pdserve.engine.sampling_params import InvalidRequestError
 from pdserve.router.frontend import QueueFullError, RequestFailedError
+from pdserve.router.router import NoCapacityError
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def failed(_: Request, e: Exception) -> Response:
         return error_response(500, str(e), type="server_error")
 
+    async def unavailable(_: Request, e: Exception) -> Response:
+        # a pool with no live instance, or a prompt no decode replica can ever hold
+        return error_response(503, str(e), type="service_unavailable")
+
     async def unexpected(request: Request, e: Exception) -> Response:
         logger.error("unhandled error serving %s", request.url.path, exc_info=e)
         return error_response(
@@ -173,6 +178,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(QueueFullError, queue_full)
     app.add_exception_handler(RequestFailedError, failed)
+    app.add_exception_handler(NoCapacityError, unavailable)
     app.add_exception_handler(Exception, unexpected)
 
 

@@ -85,6 +85,7 @@ class Router:
         self._capacity = asyncio.Condition()
         self._background: set[asyncio.Task[None]] = set()
         self._dead: set[int] = set()  # decode replicas whose actor died
+        self._dead_prefill: set[int] = set()  # prefill instances with a dead rank
         self._phases: dict[str, str] = {}  # request id -> reserved | prefill | decode
 
     def phase(self, request_id: str) -> str | None:
@@ -114,25 +115,37 @@ class Router:
         tid = next(self._ids)
         colocated = not self.prefill
         req = DecodeRequest(tid, request_id, tuple(prompt), sampling, local_prefill=colocated)
+        if not colocated and len(self._dead_prefill) == len(self.prefill):
+            raise NoCapacityError("no prefill instance is alive: redeploy (pdserve down/up)")
         d, blocks = await self._reserve(req)
-        p = None if colocated else self._pick_prefill()
+        try:
+            p = None if colocated else self._pick_prefill()
+        except NoCapacityError:  # the last one died while we waited for blocks
+            await self.decode[d].abort.remote(tid, False)
+            raise
         trace.decode_instance = d
         phase = "decode" if colocated else "reserved"
         self._phases[request_id] = phase
         try:
             if p is not None:
                 trace.prefill_instance = p.index
-                await self._ensure_links(p, d)
+                try:
+                    await self._ensure_links(p, d)
+                except ray.exceptions.RayActorError:
+                    self._mark_prefill_dead(p)
+                    raise
             stream = self.decode[d].stream.remote(tid)
             if p is not None:
                 item = PrefillItem(tid, request_id, tuple(prompt), sampling, d, tuple(blocks))
                 phase = self._phases[request_id] = "prefill"
                 try:
                     result = await self._prefill(p, item)
-                except Exception:
+                except Exception as e:
                     # the prefill side failed (its batch raised, or its actor died): it sends
                     # nothing more, and a batch that died half-sent dropped its links
                     phase = "prefill-failed"
+                    if isinstance(e, ray.exceptions.RayActorError):
+                        self._mark_prefill_dead(p)
                     raise
                 phase = self._phases[request_id] = "decode"
                 trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s
@@ -182,10 +195,25 @@ class Router:
     # -- placement --------------------------------------------------------------------------
 
     def _pick_prefill(self) -> PrefillInstance:
-        loads = [PrefillLoad(p.index, p.queued_tokens, p.queued_requests) for p in self.prefill]
-        return self.prefill[
-            pick_prefill(self.config.prefill_policy, loads, next(self._prefill_turn))
-        ]
+        alive = [p for p in self.prefill if p.index not in self._dead_prefill]
+        if not alive:
+            raise NoCapacityError("no prefill instance is alive: redeploy (pdserve down/up)")
+        loads = [PrefillLoad(i, p.queued_tokens, p.queued_requests) for i, p in enumerate(alive)]
+        return alive[pick_prefill(self.config.prefill_policy, loads, next(self._prefill_turn))]
+
+    def _mark_prefill_dead(self, p: PrefillInstance) -> None:
+        """A dead rank takes its instance out of rotation (its TP group cannot run a batch);
+        its links go with it, the rest of the pool serves on."""
+        if p.index not in self._dead_prefill:
+            logger.error("prefill instance %d has a dead rank; routing around it", p.index)
+            self._dead_prefill.add(p.index)
+            for key in [k for k in self._links if k[0] == p.index]:
+                del self._links[key]
+
+    @property
+    def dead_instances(self) -> dict[str, list[int]]:
+        """Instances taken out of rotation after their actors died (for status)."""
+        return {"prefill": sorted(self._dead_prefill), "decode": sorted(self._dead)}
 
     async def _reserve(self, req: DecodeRequest) -> tuple[int, list[int]]:
         """Blocks on some decode replica; waits while all are full (never when impossible)."""

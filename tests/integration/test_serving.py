@@ -153,3 +153,34 @@ def test_dead_decode_replica_is_routed_around(
         assert [o.finish_reason for o in outs] == ["length"] * 4
         assert outs[0].token_ids == first  # same answer from the surviving replica
         assert ray.get(llm.deployment.decode[1].check_integrity.remote()) == 0
+
+
+def test_dead_prefill_instance_is_routed_around(
+    ray_session: None, tiny_dirs: dict[str, Path]
+) -> None:
+    """A prefill instance whose actor died is taken out of rotation on its first failure; the
+    request that hit it fails with an error and frees its decode blocks, every later request
+    goes to the survivor, and with no prefill instance left requests fail fast."""
+    from pdserve.router.router import NoCapacityError
+
+    with LLM(str(tiny_dirs["llama"]), prefill_instances=2) as llm:
+        first = llm.generate("warm up", GREEDY)[0].token_ids
+        router = llm.deployment.router
+        ray.kill(llm.deployment.prefill[0].leader)
+        outs = []
+        for prompt in ["warm up", "a", "b", "c"]:
+            try:
+                outs.extend(llm.generate(prompt, GREEDY))
+            except Exception as e:  # at most the one request that found the dead instance
+                assert "prefill" in str(e).lower() or isinstance(e, ray.exceptions.RayError), e
+        assert router.dead_instances["prefill"] == [0]
+        assert len(outs) >= 3 and {o.finish_reason for o in outs} == {"length"}
+        assert outs[0].token_ids == first or outs[0].prompt != "warm up"
+        wait_idle(llm)
+        ray.kill(llm.deployment.prefill[1].leader)
+        with pytest.raises(ray.exceptions.RayActorError):  # this one finds it dead
+            llm.generate("a", GREEDY)
+        assert router.dead_instances["prefill"] == [0, 1]
+        with pytest.raises(NoCapacityError, match="no prefill instance is alive"):
+            llm.generate("a", GREEDY)
+        wait_idle(llm)
