@@ -21,7 +21,6 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
-from pdserve.cluster.metrics import ServingMetrics
 from pdserve.cluster.openai_format import ChatFormat, CompletionFormat, ReplyFormat, sse
 from pdserve.cluster.openai_protocol import (
     ChatCompletionRequest,
@@ -34,7 +33,7 @@ from pdserve.cluster.openai_protocol import (
 from pdserve.cluster.settings import ServerSettings
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.tokenizer import apply_chat_template, encode_prompt
-from pdserve.router.frontend import OutputDelta, RequestFailedError
+from pdserve.router.frontend import FinishHook, OutputDelta, RequestFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +46,7 @@ class ServingFrontend(Protocol):
 
     tokenizer: PreTrainedTokenizerBase
     max_model_len: int
+    on_finish: FinishHook | None  # the server points it at its metrics
 
     def stream(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
@@ -56,12 +56,9 @@ class ServingFrontend(Protocol):
 class OpenAIServing:
     """Runs /v1/completions and /v1/chat/completions requests and shapes their replies."""
 
-    def __init__(
-        self, frontend: ServingFrontend, settings: ServerSettings, metrics: ServingMetrics
-    ) -> None:
+    def __init__(self, frontend: ServingFrontend, settings: ServerSettings) -> None:
         self.frontend = frontend
         self.settings = settings
-        self.metrics = metrics
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         self._check_model(req.model)
@@ -129,7 +126,6 @@ class OpenAIServing:
             await close(deltas)
         if last is None:
             raise RequestFailedError(f"request {fmt.request_id} ended without a finish")
-        self._observe(last, num_prompt)
         usage = UsageInfo.of(num_prompt, num_output)
         reply = fmt.reply("".join(texts), logprobs, last.finish_reason, usage)
         return Response(reply.model_dump_json(), media_type="application/json")
@@ -151,8 +147,6 @@ class OpenAIServing:
                 # logprobs; the final one always goes, with its finish_reason.
                 if d.text or d.finish_reason is not None or any(d.logprobs):
                     yield sse(fmt.chunk(d.text, d.logprobs, d.finish_reason))
-                if d.finish_reason is not None:
-                    self._observe(d, num_prompt)
             if include_usage:
                 yield sse(fmt.usage_chunk(UsageInfo.of(num_prompt, num_output)))
         except Exception as e:  # the response has started: report in-band, as OpenAI does
@@ -160,10 +154,6 @@ class OpenAIServing:
         finally:
             await close(deltas)
         yield DONE
-
-    def _observe(self, last: OutputDelta, num_prompt: int) -> None:
-        if last.metrics is not None:
-            self.metrics.observe_request(last.metrics, last.finish_reason, num_prompt)
 
 
 class SSEResponse(StreamingResponse):

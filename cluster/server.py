@@ -52,11 +52,13 @@ def create_app(
     status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     metrics: ServingMetrics | None = None,
 ) -> FastAPI:
-    """The app serving ``frontend``; ``app.state.metrics`` is its ServingMetrics."""
+    """The app serving ``frontend``; ``app.state.metrics`` is its ServingMetrics, fed by the
+    frontend's finish hook, so requests of every API (OpenAI, native, batch jobs) are counted."""
     metrics = metrics or ServingMetrics(settings.served_model_name)
+    frontend.on_finish = metrics.observe_request
     app = FastAPI(title="pdserve", summary="Disaggregated prefill/decode LLM serving")
     app.state.metrics = metrics
-    app.include_router(_openai_routes(OpenAIServing(frontend, settings, metrics)))
+    app.include_router(_openai_routes(OpenAIServing(frontend, settings)))
     app.include_router(_ops_routes(frontend, settings, metrics, status))
     for router in extra_routers:
         app.include_router(router)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -46,6 +46,10 @@ class OutputDelta:
     metrics: RequestMetrics | None = None  # set on the last delta
 
 
+# (metrics, finish_reason, prompt tokens) of a finished request
+FinishHook = Callable[[RequestMetrics, str | None, int], None]
+
+
 class Frontend:
     """Turns prompts into token streams through a Router and back into text."""
 
@@ -55,8 +59,11 @@ class Frontend:
         tokenizer: PreTrainedTokenizerBase,
         max_model_len: int,
         max_inflight: int = 1 << 30,
+        on_finish: FinishHook | None = None,
     ) -> None:
         self.router = router
+        # called once per finished request, whichever API sent it (the server's /metrics)
+        self.on_finish = on_finish
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.max_inflight = max_inflight  # bounded admission: beyond it, QueueFullError (429)
@@ -111,6 +118,8 @@ class Frontend:
                     metrics.queue_s, metrics.prefill_s = trace.prefill_queue_s, trace.prefill_s
                     metrics.kv_bytes, metrics.transfer_s = trace.kv_bytes, trace.transfer_s
                     out.metrics = metrics
+                    if self.on_finish is not None:
+                        self.on_finish(metrics, finish, len(ids))
                     yield out
                     return
                 yield out

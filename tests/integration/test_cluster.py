@@ -39,6 +39,19 @@ def assert_idle(actor: Any, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+def _finished_requests(url: str) -> float:
+    """pdserve:request_success_total over every finish reason, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "pdserve:request_success_total"
+    )
+
+
 def test_parity_over_http_and_client_across_both_replicas(
     served: tuple[Any, str], tiny_dirs: dict[str, Path]
 ) -> None:
@@ -47,10 +60,12 @@ def test_parity_over_http_and_client_across_both_replicas(
     tok_count = 700
     prompts = parity_prompts(tok_count)
     expected = hf_greedy(model, prompts, NEW_TOKENS)
-    with Client(url) as client:
+    before = _finished_requests(url)
+    with Client(url) as client:  # the native msgpack API
         for prompt, ref in zip(prompts, expected):
             out = client.generate(prompt, max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
             assert out["token_ids"] == ref
+    assert _finished_requests(url) - before == len(prompts)
     texts = [client_text for client_text in _http_texts(url, prompts)]
     with Client(url) as client:
         refs = [
@@ -117,6 +132,7 @@ def test_batch_job_of_200_survives_client_disconnect(
 ) -> None:
     actor, url = served
     prompts = [f"job prompt {i}" for i in range(200)]
+    before = _finished_requests(url)
     with Client(url) as first:
         job = first.submit_job(prompts, max_tokens=4, temperature=0.0, ignore_eos=True)
     # the first client is gone mid-job; a new one comes back for the results
@@ -125,6 +141,7 @@ def test_batch_job_of_200_survives_client_disconnect(
         assert info["state"] == "completed" and info["completed"] == 200
         results = second.job(job.id).results()
     assert [r["index"] for r in results] == list(range(200))
+    assert _finished_requests(url) - before >= 200  # jobs count in /metrics like any request
     assert [r["prompt"] for r in results] == prompts
     assert all(len(r["token_ids"]) == 4 and not r.get("error") for r in results)
     assert_idle(actor)

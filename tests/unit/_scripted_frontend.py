@@ -14,7 +14,7 @@ from pdserve.engine.request import RequestMetrics
 from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.tokenizer import encode_prompt
-from pdserve.router.frontend import OutputDelta, QueueFullError, RequestFailedError
+from pdserve.router.frontend import FinishHook, OutputDelta, QueueFullError, RequestFailedError
 
 FIRST_TOKEN = 100  # piece i is "generated" as token FIRST_TOKEN + i
 
@@ -40,6 +40,7 @@ class ScriptedFrontend:
     calls: list[Call] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)  # request ids closed before their finish
     hanging: asyncio.Event | None = None  # set once a stream reaches hang_at
+    on_finish: FinishHook | None = None  # as Frontend: called once per finished request
 
     def stream(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
@@ -50,9 +51,11 @@ class ScriptedFrontend:
         if self.queue_full:
             raise QueueFullError(8, retry_after=2.5)
         self.calls.append(Call(ids, params, request_id))
-        return self._deltas(params, request_id or "req")
+        return self._deltas(params, request_id or "req", len(ids))
 
-    async def _deltas(self, params: SamplingParams, rid: str) -> AsyncIterator[OutputDelta]:
+    async def _deltas(
+        self, params: SamplingParams, rid: str, num_prompt: int
+    ) -> AsyncIterator[OutputDelta]:
         finished = False
         try:
             for i, piece in enumerate(self.pieces):
@@ -63,13 +66,16 @@ class ScriptedFrontend:
                         self.hanging.set()
                     await asyncio.Event().wait()
                 last = i == len(self.pieces) - 1
+                metrics = _metrics(len(self.pieces)) if last else None
+                if metrics is not None and self.on_finish is not None:
+                    self.on_finish(metrics, self.finish_reason, num_prompt)
                 yield OutputDelta(
                     rid,
                     piece,
                     [FIRST_TOKEN + i],
                     _logprobs(FIRST_TOKEN + i, params.logprobs),
                     finish_reason=self.finish_reason if last else None,
-                    metrics=_metrics(len(self.pieces)) if last else None,
+                    metrics=metrics,
                 )
             finished = True
         finally:
