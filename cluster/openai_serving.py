@@ -143,9 +143,9 @@ class OpenAIServing:
                 yield sse(chunk)
             async for d in deltas:
                 num_output += len(d.token_ids)
-                # An empty delta (bytes of a character still incomplete) is sent only to carry
-                # logprobs; the final one always goes, with its finish_reason.
-                if d.text or d.finish_reason is not None or any(d.logprobs):
+                # As vLLM: every delta that carries tokens goes out, even when its text is
+                # empty (bytes of a character still incomplete), so clients can time each token.
+                if d.text or d.token_ids or d.finish_reason is not None or any(d.logprobs):
                     yield sse(fmt.chunk(d.text, d.logprobs, d.finish_reason))
             if include_usage:
                 yield sse(fmt.usage_chunk(UsageInfo.of(num_prompt, num_output)))

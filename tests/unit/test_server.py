@@ -96,6 +96,16 @@ def test_completion_stream_deltas_finish_usage_done(client: TestClient) -> None:
     assert usage["usage"]["completion_tokens"] == 3
 
 
+def test_stream_sends_a_chunk_for_every_token_even_with_no_text_yet(
+    client: TestClient, frontend: ScriptedFrontend
+) -> None:
+    """A token whose bytes do not complete a character yet still gets its chunk (empty text),
+    as vLLM does, so clients see each token's arrival time."""
+    frontend.pieces = ["Hello", "", "!"]
+    events = sse_events(client.post("/v1/completions", json={**COMPLETION, "stream": True}).text)
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["Hello", "", "!"]
+
+
 def test_stream_without_include_usage_has_no_usage_chunk(client: TestClient) -> None:
     events = sse_events(client.post("/v1/completions", json={**COMPLETION, "stream": True}).text)
     assert events[-1] == "[DONE]" and len(events) == 4
