@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 
 SENDER, RECEIVER = 0, 1
 _MAGIC = 0x5044_4B56  # "PDKV": guards against a stream that lost its framing
+# A header travels in one fixed-size frame (magic, size, then the msgpack bytes; a rare larger
+# header spills into a second message), so the receiver can post the receive before the sender
+# sends. Over gloo a message that arrives before its receive is posted takes a slow path.
+FRAME_BYTES = 16 << 10
+_PREFIX_BYTES = 16
 BACKENDS = ("auto", "gloo", "nccl")
 
 
@@ -55,6 +60,12 @@ class KVLink:
         self._store = store  # keep the rendezvous store alive as long as the group
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
         self.bytes_sent = 0
+        # gloo only: after a header the receiver says "receives posted" before any KV is sent,
+        # for the same reason as the fixed frame (NCCL pairs sends and receives itself)
+        self._handshake = self.device.type == "cpu"
+        self._ready_buf = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._ready: dist.Work | None = None  # sender: the receiver's go-ahead, awaited lazily
+        self._ready_sent: dist.Work | None = None  # receiver: the last go-ahead on its way
 
     @staticmethod
     def host_store(host: str, timeout_s: float = 300.0) -> dist.TCPStore:
@@ -87,17 +98,32 @@ class KVLink:
 
     def send_header(self, header: TransferHeader) -> None:
         data = header.encode()
-        frame = torch.tensor([_MAGIC, len(data)], dtype=torch.int64, device=self.device)
-        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
-        self._send(frame)
-        self._send(payload)
+        frame = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
+        frame[:_PREFIX_BYTES] = torch.tensor([_MAGIC, len(data)], dtype=torch.int64).view(
+            torch.uint8
+        )
+        head, spill = data[: FRAME_BYTES - _PREFIX_BYTES], data[FRAME_BYTES - _PREFIX_BYTES :]
+        frame[_PREFIX_BYTES : _PREFIX_BYTES + len(head)] = _bytes_tensor(head)
+        self._send(frame.to(self.device))
+        if spill:
+            self._send(_bytes_tensor(spill).to(self.device))
+        if self._handshake and not header.close:
+            self._ready = self._pg.recv([self._ready_buf], RECEIVER, 0)
 
     def send_tensor(self, tensor: torch.Tensor) -> None:
-        """Queue an asynchronous send; the tensor is kept alive until ``flush``."""
+        """Queue an asynchronous send; the tensor is kept alive until ``flush``. The first one
+        after a header waits for the receiver's go-ahead (by then long there when the tensor
+        comes out of a forward pass)."""
+        if self._ready is not None:
+            ready, self._ready = self._ready, None
+            ready.wait()
         self._send(tensor.to(self.device).contiguous())
 
     def flush(self) -> None:
         """Wait until every queued send has left."""
+        if self._ready is not None:
+            ready, self._ready = self._ready, None
+            ready.wait()
         pending, self._pending = self._pending, []
         for work, _ in pending:
             work.wait()
@@ -111,22 +137,35 @@ class KVLink:
 
     def recv_header(self) -> TransferHeader:
         """Block until the next header arrives (no timeout: an idle link waits indefinitely)."""
-        frame = torch.empty(2, dtype=torch.int64, device=self.device)
+        frame = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
         self.recv_tensor(frame).wait()
-        magic, size = (int(x) for x in frame.tolist())
+        frame = frame.cpu()
+        magic, size = (int(x) for x in frame[:_PREFIX_BYTES].view(torch.int64).tolist())
         if magic != _MAGIC or not 0 < size <= MAX_HEADER_BYTES:
             raise TransferProtocolError(
                 f"link {self.name}: bad frame (magic {magic:#x}, size {size})"
             )
-        payload = torch.empty(size, dtype=torch.uint8, device=self.device)
-        self.recv_tensor(payload).wait()
-        return TransferHeader.decode(payload.cpu().numpy().tobytes())
+        data = frame[_PREFIX_BYTES : _PREFIX_BYTES + size].numpy().tobytes()
+        if size > len(data):
+            spill = torch.empty(size - len(data), dtype=torch.uint8, device=self.device)
+            self.recv_tensor(spill).wait()
+            data += spill.cpu().numpy().tobytes()
+        return TransferHeader.decode(data)
+
+    def send_ready(self) -> None:
+        """Receiver: every receive of the current header is posted; the sender may go on."""
+        if not self._handshake:
+            return
+        if self._ready_sent is not None:
+            self._ready_sent.wait()  # 8 bytes, long gone: the buffer is free again
+        self._ready_sent = self._pg.send([self._ready_buf], SENDER, 0)
 
     def recv_tensor(self, tensor: torch.Tensor) -> dist.Work:
         return self._pg.recv([tensor], SENDER, 0)
 
     def close(self) -> None:
         """Tell the receiver nothing more follows (sender side), then drop the group."""
+        self._ready = None
         if self.rank == SENDER:
             try:
                 self.send_header(TransferHeader.closing())
@@ -138,7 +177,12 @@ class KVLink:
     def abort(self) -> None:
         """Tear the group down after a failure (the peer's pending receives then fail)."""
         self._pending.clear()
+        self._ready = self._ready_sent = None
         try:
             self._pg.shutdown()
         except RuntimeError as e:
             logger.warning("kv link %s: shutdown failed: %s", self.name, e)
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)

@@ -88,6 +88,7 @@ class KVReceiver:
         works = [self.link.recv_tensor(t) for t in targets]  # K then V, layer by layer
         trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
         trailer_work = self.link.recv_tensor(trailer) if header.has_trailer else None
+        self.link.send_ready()
         for layer in range(header.num_layers):
             works[2 * layer].wait()
             works[2 * layer + 1].wait()
