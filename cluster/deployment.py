@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.parallel import check_tp_size, is_kv_sender
-from pdserve.engine.spec import DecodeSpec, EngineSpec, PrefillSpec
+from pdserve.engine.spec import WHOLE_PREFILL_BUDGET, DecodeSpec, EngineSpec, PrefillSpec
 from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.router.router import PrefillInstance, Router, RouterConfig
 
@@ -39,6 +39,9 @@ class ClusterSpec:
     num_kv_blocks: int | None = None
     kv_cache_bytes: int = 512 << 20
     kv_cache_memory_fraction: float | None = None
+    # colocated mode (see DecodeSpec): per-step token budget and chunked prefill
+    max_num_batched_tokens: int = WHOLE_PREFILL_BUDGET
+    chunked_prefill: bool = False
     router: RouterConfig = field(default_factory=RouterConfig)
     # Ray resources each actor asks for besides its device slot (e.g. {"prefill": 1}).
     prefill_resources: dict[str, float] = field(default_factory=dict)
@@ -112,7 +115,8 @@ def _make_decode(spec: ClusterSpec, j: int) -> Any:
         num_blocks=spec.num_kv_blocks,
         kv_cache_bytes=spec.kv_cache_bytes,
         kv_cache_memory_fraction=spec.kv_cache_memory_fraction,
-        max_prefill_tokens=spec.max_batch_tokens,
+        max_num_batched_tokens=spec.max_num_batched_tokens,
+        chunked_prefill=spec.chunked_prefill,
     )
     return DecodeActor.options(
         num_cpus=slot.get("CPU", 0),

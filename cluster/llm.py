@@ -18,7 +18,7 @@ from pdserve.cluster.loop import LoopThread
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.request import RequestOutput
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
-from pdserve.engine.spec import EngineSpec
+from pdserve.engine.spec import EngineSpec, step_token_budget
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.router.frontend import Frontend, OutputDelta
 from pdserve.router.router import RouterConfig
@@ -58,7 +58,10 @@ class LLM:
     """A prefill pool (TP groups) and a decode pool (replicas) on Ray, driven in-process.
 
     ``mode="colocated"`` is the baseline instead: ``decode_instances`` instances, each running
-    both phases on the same engine with continuous batching and prefill priority.
+    both phases on the same engine with continuous batching and prefill priority, or with
+    ``enable_chunked_prefill=True`` vLLM's chunked prefill: each step decodes the running
+    sequences, then fills ``max_num_batched_tokens`` (default 2048; 8192 prompt tokens a
+    prefill-only step without chunking) with chunks of waiting prompts.
 
     ``LLM(model)`` starts a local Ray instance when none is running (and stops it on shutdown).
     Use it as a context manager, or call ``shutdown()``, to release the actors and KV links.
@@ -79,6 +82,8 @@ class LLM:
         num_kv_blocks: int | None = None,
         max_num_seqs: int = 64,
         max_batch_tokens: int = 8192,
+        enable_chunked_prefill: bool = False,
+        max_num_batched_tokens: int | None = None,
         kv_transfer_backend: str = "auto",
         num_threads: int = 1,
         ray_address: str | None = None,
@@ -91,6 +96,14 @@ class LLM:
             raise ValueError(f"mode={mode!r} is unknown; use 'disaggregated' or 'colocated'")
         if mode == "colocated":  # decode_instances instances, each running both phases
             prefill_instances = 0
+        elif enable_chunked_prefill or max_num_batched_tokens is not None:
+            raise ValueError(
+                "enable_chunked_prefill and max_num_batched_tokens only apply to "
+                "mode='colocated' (prefill instances run whole prompts: see max_batch_tokens)"
+            )
+        step_budget = step_token_budget(
+            max_num_batched_tokens, max_num_seqs, enable_chunked_prefill
+        )
         namespace = f"pdserve-{uuid.uuid4().hex[:8]}"
         needed = prefill_instances * prefill_tensor_parallel_size + decode_instances
         self._owns_ray = ensure_ray(ray_address, needed, namespace)
@@ -112,6 +125,8 @@ class LLM:
             max_batch_tokens=max_batch_tokens,
             max_num_seqs=max_num_seqs,
             num_kv_blocks=num_kv_blocks,
+            max_num_batched_tokens=step_budget,
+            chunked_prefill=enable_chunked_prefill,
             router=RouterConfig(block_size=block_size, link_prefix=namespace),
         )
         try:

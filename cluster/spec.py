@@ -27,7 +27,7 @@ from pdserve.cluster.spec_schema import (
     describe_error,
 )
 from pdserve.engine import envs
-from pdserve.engine.spec import EngineSpec
+from pdserve.engine.spec import EngineSpec, step_budget_problem, step_token_budget
 from pdserve.router.router import RouterConfig
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,24 @@ def _cross_check(spec: DeploySpec) -> list[str]:
             "prefill: colocated mode has no prefill pool (each instance runs both phases); "
             "remove the section and set decode.instances to the number of instances"
         )
+    decode = spec.decode
+    if spec.mode == "disaggregated":
+        for key, written in (
+            ("chunked_prefill", decode.chunked_prefill),
+            ("max_num_batched_tokens", decode.max_num_batched_tokens != "auto"),
+        ):
+            if written:
+                problems.append(
+                    f"decode.{key}: only applies in colocated mode (prefill instances run whole "
+                    "prompts; use prefill.max_batch_tokens there); remove it or write "
+                    "mode: colocated"
+                )
+    elif decode.max_num_batched_tokens != "auto":
+        problem = step_budget_problem(
+            decode.max_num_batched_tokens, decode.max_num_seqs, decode.chunked_prefill
+        )
+        if problem is not None:
+            problems.append(f"decode.max_num_batched_tokens: {problem}")
     return problems
 
 
@@ -360,6 +378,12 @@ def _cluster(
         num_kv_blocks=kv_blocks,
         kv_cache_bytes=kv_bytes,
         kv_cache_memory_fraction=kv_fraction,
+        max_num_batched_tokens=step_token_budget(
+            None if decode.max_num_batched_tokens == "auto" else decode.max_num_batched_tokens,
+            decode.max_num_seqs,
+            decode.chunked_prefill,
+        ),
+        chunked_prefill=decode.chunked_prefill,
         router=router,
         prefill_resources=dict(prefill.resources),
         decode_resources=dict(decode.resources),

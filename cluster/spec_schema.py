@@ -204,6 +204,9 @@ class DecodePool(Section):
     block_size: Annotated[int, Field(ge=1, le=1024)] = 16
     kv_cache: KVCache = Field(default_factory=KVCache)
     resources: Resources = Field(default_factory=dict)
+    # colocated mode only (spec._cross_check rejects them otherwise)
+    chunked_prefill: bool = False
+    max_num_batched_tokens: AutoInt = "auto"
 
 
 class KVTransferSection(Section):

@@ -54,6 +54,11 @@ class ScheduleOutput:
     recompute: list[DecodeSeq] = field(default_factory=list)
     preempted: list[DecodeSeq] = field(default_factory=list)
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this step computes: one per decode seq, all but the last for a recompute."""
+        return len(self.decode) + sum(len(s.token_ids) - 1 for s in self.recompute)
+
 
 class DecodeScheduler:
     """FCFS continuous batching with recompute preemption for one decode replica.

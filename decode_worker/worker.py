@@ -5,21 +5,25 @@ Life of a request here (keyed by the router's transfer id)::
     reserve ──▶ RESERVED ──KV + first token land──▶ scheduler (ready/running) ──stop──▶ freed
                    │ abort: freed now if no KV is coming, else when it has landed      │
                    └──────────────────────────────────── abort: freed after the step ◀─┘
+
+Colocated mode: the KV comes from this replica's own steps instead (`LocalPrefillQueue`: whole
+prompts with priority over decode, or chunk by chunk beside it); the first token is sampled when
+a prompt's last chunk has run. Abort frees at once between steps, after the step mid-chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.decode_worker.runner import DecodeRunner
+from pdserve.decode_worker.prefill_queue import LocalPrefillQueue, PrefillChunk
+from pdserve.decode_worker.runner import ChunkInput, DecodeRunner
 from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, ScheduleOutput
-from pdserve.engine.batching import take_batch
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.kv_cache import allocate_kv_cache, num_blocks_for_bytes
@@ -28,6 +32,7 @@ from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.request import DecodeRequest, StepDelta
 from pdserve.engine.sampling import SamplerOutput, SamplingRow, TokenLogprobs
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec import DecodeSpec, EngineSpec, resolve_host
 from pdserve.engine.stop import check_token_stop
 from pdserve.kv_transfer.descriptor import TransferItem
@@ -51,6 +56,14 @@ class _Request:
     running: bool = False
     attached: bool = False  # a stream() call is reading the queue
     first_logprobs: TokenLogprobs | None = None  # colocated: from the local prefill
+
+
+@dataclass
+class _Step:
+    """One engine step: the decode scheduler's batch and the local prefill chunks."""
+
+    out: ScheduleOutput
+    chunks: list[PrefillChunk]
 
 
 class DecodeWorker:
@@ -83,8 +96,11 @@ class DecodeWorker:
         self._deferred_aborts: set[int] = set()
         # finished before their stream() call arrived; oldest dropped beyond MAX_UNCLAIMED
         self._unclaimed: dict[int, asyncio.Queue[StepDelta]] = {}
-        self._prefill_queue: deque[int] = deque()  # colocated: reserved, waiting for local prefill
-        self._prefilling: set[int] = set()  # in the local prefill running now
+        # colocated: reserved prompts waiting for (the rest of) their local prefill
+        self._prefills = LocalPrefillQueue(
+            spec.max_num_batched_tokens, spec.max_num_seqs, spec.chunked_prefill
+        )
+        self._prefilling: set[int] = set()  # prompts with a chunk in the step running now
         self._stepping = False
         self.num_preemptions = 0
         self._wake = asyncio.Event()
@@ -181,7 +197,7 @@ class DecodeWorker:
         if blocks is not None:
             self._requests[req.transfer_id] = _Request(req)
             if req.local_prefill:
-                self._prefill_queue.append(req.transfer_id)
+                self._prefills.add(req.transfer_id, len(req.prompt_token_ids))
                 self._wake.set()
         return blocks, self.load()
 
@@ -247,6 +263,7 @@ class DecodeWorker:
             self.scheduler.num_reserved,
             self.num_preemptions,
             tuple(sorted(self._receivers)),
+            self._prefills.num_partial,
         )
 
     async def check_integrity(self) -> int:
@@ -299,8 +316,7 @@ class DecodeWorker:
         tid = r.req.transfer_id
         self.scheduler.abort(tid)
         self._requests.pop(tid, None)
-        if tid in self._prefill_queue:
-            self._prefill_queue.remove(tid)
+        self._prefills.remove(tid)
         r.queue.put_nowait(last)
         if not r.attached:  # the router's stream call may still be on its way: keep the deltas
             self._unclaimed[tid] = r.queue
@@ -309,56 +325,65 @@ class DecodeWorker:
 
     async def _step_loop(self) -> None:
         while True:
-            if self._prefill_queue:  # colocated: prefill has priority, as in vLLM's default
-                await self._local_prefill()
-            else:
-                out = self.scheduler.schedule()
-                if not out.decode and not out.recompute:
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                await self._decode_step(out)
+            step = self._plan()
+            if not (step.out.decode or step.out.recompute or step.chunks):
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._run(step)
             for tid in self._deferred_aborts:
                 if tid in self._requests:
                     self._drop(self._requests[tid], StepDelta(finish_reason="abort"))
             self._deferred_aborts.clear()
             await asyncio.sleep(0)  # let reserve/abort/stream calls in between steps
 
-    async def _decode_step(self, out: ScheduleOutput) -> None:
-        self.num_preemptions += len(out.preempted)
-        self._stepping = True
-        try:
-            result = await asyncio.to_thread(self._run_step, out)
-        except Exception as e:  # a failed step fails its requests, never the replica
-            logger.exception("decode step failed")
-            self._fail(out.decode + out.recompute, f"decode step failed: {e}")
-            return
-        finally:
-            self._stepping = False
-        self._apply(out, result)
+    def _plan(self) -> _Step:
+        if self._prefills.prefill_only:  # colocated, prefill priority: no decode this step
+            return _Step(ScheduleOutput(), self._prefills.schedule(0))
+        out = self.scheduler.schedule()  # decode first; chunked prefill gets the budget left
+        return _Step(out, self._prefills.schedule(out.num_tokens))
 
-    async def _local_prefill(self) -> None:
-        queue = self._prefill_queue
-        lens = [len(self._requests[t].req.prompt_token_ids) for t in queue]
-        n = take_batch(lens, self.spec.max_prefill_tokens, self.spec.max_num_seqs)
-        batch = [self._requests[queue.popleft()] for _ in range(n)]
-        self._prefilling = {r.req.transfer_id for r in batch}
-        prompts = [r.req.prompt_token_ids for r in batch]
-        tables = [self.blocks.block_table(r.req.transfer_id) for r in batch]
-        rows = [SamplingRow(r.req.sampling, r.req.prompt_token_ids, ()) for r in batch]
+    async def _run(self, step: _Step) -> None:
+        """Decode, recompute and local prefill chunks of one step, in one forward pass."""
+        out = step.out
+        self.num_preemptions += len(out.preempted)
+        tables = [self.blocks.block_table(s.seq_id) for s in out.decode]
+        chunks, rows = self._inputs(step)
+        self._stepping, self._prefilling = True, {c.seq_id for c in step.chunks}
         try:
-            out = await asyncio.to_thread(self.runner.prefill, prompts, tables, rows)
-        except Exception as e:
-            logger.exception("local prefill failed")
-            self._fail(batch, f"prefill failed: {e}")
+            result = await asyncio.to_thread(self.runner.run, out.decode, tables, chunks, rows)
+        except Exception as e:  # a failed step fails its requests, never the replica
+            logger.exception("step failed")
+            prefills = [self._requests[c.seq_id] for c in step.chunks]
+            self._fail([*out.decode, *out.recompute, *prefills], f"step failed: {e}")
             return
         finally:
-            self._prefilling = set()
-        assert out is not None
-        for r, token, logprobs in zip(batch, out.token_ids, out.logprobs):
-            r.first_token, r.first_logprobs = token, logprobs
-            r.heads = self.config.num_kv_heads
-            self._land(r)
+            self._stepping, self._prefilling = False, set()
+        self._apply(step, result)
+
+    def _inputs(self, step: _Step) -> tuple[list[ChunkInput], list[SamplingRow]]:
+        """The step's chunks (recomputes, then prompt chunks) and sampling rows (decode seqs,
+        then the prompts whose last chunk runs), in the order the runner takes them."""
+        table = self.blocks.block_table
+        # recompute: rebuild the cache of all but the last token, which the next step decodes
+        chunks = [
+            ChunkInput(s.token_ids[:-1], 0, table(s.seq_id), False) for s in step.out.recompute
+        ]
+        rows = [
+            SamplingRow(
+                self._sampling(s.seq_id), s.token_ids[: s.prompt_len], s.token_ids[s.prompt_len :]
+            )
+            for s in step.out.decode
+        ]
+        for c in step.chunks:
+            prompt = self._requests[c.seq_id].req.prompt_token_ids
+            chunks.append(ChunkInput(prompt[c.start : c.end], c.start, table(c.seq_id), c.last))
+            if c.last:
+                rows.append(SamplingRow(self._sampling(c.seq_id), prompt, ()))
+        return chunks, rows
+
+    def _sampling(self, tid: int) -> SamplingParams:
+        return self._requests[tid].req.sampling
 
     def _fail(self, items: Sequence[DecodeSeq | _Request], message: str) -> None:
         for item in items:
@@ -366,27 +391,11 @@ class DecodeWorker:
             if tid in self._requests:
                 self._drop(self._requests[tid], StepDelta(error=message))
 
-    def _run_step(self, out: ScheduleOutput) -> SamplerOutput | None:
-        table = self.blocks.block_table
-        if out.recompute:
-            self.runner.recompute(out.recompute, [table(s.seq_id) for s in out.recompute])
-        if not out.decode:
-            return None
-        rows = [
-            SamplingRow(
-                self._requests[s.seq_id].req.sampling,
-                s.token_ids[: s.prompt_len],
-                s.token_ids[s.prompt_len :],
-            )
-            for s in out.decode
-        ]
-        return self.runner.step(out.decode, [table(s.seq_id) for s in out.decode], rows)
-
-    def _apply(self, out: ScheduleOutput, result: SamplerOutput | None) -> None:
-        if result is None:
-            return
-        self.scheduler.on_step_done(out.decode)
-        for seq, token, logprobs in zip(out.decode, result.token_ids, result.logprobs):
+    def _apply(self, step: _Step, result: SamplerOutput | None) -> None:
+        decode, n = step.out.decode, len(step.out.decode)
+        self.scheduler.on_step_done(decode)
+        sampled = result or SamplerOutput([], [])
+        for seq, token, logprobs in zip(decode, sampled.token_ids, sampled.logprobs):
             seq.token_ids.append(token)
             r = self._requests[seq.seq_id]
             reason = self._stop_reason(seq, token)
@@ -395,3 +404,10 @@ class DecodeWorker:
                 r.queue.put_nowait(delta)
             else:
                 self._drop(r, delta)
+        self._prefills.on_done(step.chunks)
+        finished = [c for c in step.chunks if c.last]  # their first tokens follow the decode ones
+        for c, token, logprobs in zip(finished, sampled.token_ids[n:], sampled.logprobs[n:]):
+            r = self._requests[c.seq_id]
+            r.first_token, r.first_logprobs = token, logprobs
+            r.heads = self.config.num_kv_heads
+            self._land(r)

@@ -1,4 +1,5 @@
-"""Attention over packed prefill tokens and over the paged KV cache for decode.
+"""Attention over packed prefill tokens, over the paged KV cache for decode, and over both at
+once for a mixed step (decode tokens plus prefill chunks that continue earlier chunks).
 
 Cache layout per layer: k_cache, v_cache: [num_blocks, block_size, kv_heads_local, head_dim];
 token t of a sequence lives in slot block_table[t // block_size] * block_size + t % block_size.
@@ -128,3 +129,121 @@ def decode_attention(
     grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
     o = F.scaled_dot_product_attention(grouped, k, v, attn_mask=plan.visible, scale=scale)
     return o.reshape(batch, heads, head_dim)
+
+
+@dataclass
+class MixedMetadata:
+    """One engine step in one forward: a decode batch and prefill chunks of other sequences.
+
+    Tokens are the B decode tokens first (one per sequence, described by `decode`), then each
+    chunk's tokens back to back. A chunk is positions [start, start + len) of one sequence; its
+    K/V are written to the cache before attention, so its queries see that sequence's cached
+    positions up to their own: the earlier chunks, and causally within the chunk.
+    """
+
+    decode: DecodeMetadata | None
+    chunk_starts: list[int]  # position of each chunk's first token
+    chunk_lens: list[int]
+    chunk_tables: list[list[int]]  # each chunk's sequence's block table
+    chunk_slots: torch.Tensor  # [sum(chunk_lens)] int64 cache slot per chunk token
+
+
+@dataclass
+class ChunkPlan:
+    """How one chunk attends: to its own fresh K/V (start 0), or to gathered cache blocks."""
+
+    start: int
+    length: int
+    block_ids: torch.Tensor | None  # [n] blocks to gather; None when start == 0
+    visible: torch.Tensor | None  # [1, 1, length, n * block_size] bool
+
+
+@dataclass
+class MixedPlan:
+    """What every layer of a mixed step writes, gathers and masks, worked out once per step."""
+
+    num_decode: int
+    decode: DecodePlan | None
+    chunks: list[ChunkPlan]
+    slot_mapping: torch.Tensor  # [B + C] decode slots, then chunk slots
+
+
+def plan_mixed(meta: MixedMetadata, block_size: int, window: int | None) -> MixedPlan:
+    """Decode's plan, and per chunk the blocks its window reaches and its causal mask."""
+    decode = plan_decode(meta.decode, block_size, window) if meta.decode is not None else None
+    chunks = [
+        _plan_chunk(start, n, table, block_size, window, meta.chunk_slots.device)
+        for start, n, table in zip(meta.chunk_starts, meta.chunk_lens, meta.chunk_tables)
+    ]
+    slots = [meta.chunk_slots] if decode is None else [decode.slot_mapping, meta.chunk_slots]
+    num_decode = 0 if decode is None else decode.slot_mapping.shape[0]
+    return MixedPlan(num_decode, decode, chunks, torch.cat(slots))
+
+
+def _plan_chunk(
+    start: int,
+    n: int,
+    table: list[int],
+    block_size: int,
+    window: int | None,
+    device: torch.device,
+) -> ChunkPlan:
+    if start == 0:  # nothing cached before it: attend to the chunk's own K/V, as prefill does
+        return ChunkPlan(start, n, None, None)
+    # a chunk query at p sees (p - window, p]: the lowest position any of them reaches
+    lowest = 0 if window is None else max(0, start - window + 1)
+    first, last = lowest // block_size, (start + n - 1) // block_size
+    block_ids = torch.tensor(table[first : last + 1], dtype=torch.int64, device=device)
+    key = first * block_size + torch.arange((last + 1 - first) * block_size, device=device)
+    query = start + torch.arange(n, device=device)[:, None]
+    visible = key <= query  # [n, L]; also hides the unwritten tail of the last block
+    if window is not None:
+        visible &= key > query - window
+    return ChunkPlan(start, n, block_ids, visible[None, None])
+
+
+def mixed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: torch.Tensor,
+    plan: MixedPlan,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Decode queries and chunk queries of one step over the paged cache.
+
+    q: [B + C, heads, D]; k, v: [B + C, kv_heads, D]; cache: [2, num_blocks, block_size,
+    kv_heads, D] -> [B + C, heads, D]
+    """
+    write_kv(cache[0], cache[1], k, v, plan.slot_mapping)  # first: chunks read their own K/V
+    out = torch.empty_like(q)
+    start = plan.num_decode
+    if plan.decode is not None:
+        out[:start] = decode_attention(q[:start], cache, plan.decode, scale)
+    for chunk in plan.chunks:
+        end = start + chunk.length
+        if chunk.block_ids is None:
+            out[start:end] = prefill_attention(
+                q[start:end], k[start:end], v[start:end], [chunk.length], scale, window
+            )
+        else:
+            out[start:end] = _chunk_attention(q[start:end], cache, chunk, scale)
+        start = end
+    if start != q.shape[0]:
+        raise ValueError(f"the plan covers {start} tokens but {q.shape[0]} were given")
+    return out
+
+
+def _chunk_attention(
+    q: torch.Tensor, cache: torch.Tensor, chunk: ChunkPlan, scale: float
+) -> torch.Tensor:
+    # q: [n, heads, D] -> [n, heads, D], against the gathered blocks of its sequence
+    assert chunk.block_ids is not None and chunk.visible is not None
+    kv_heads, head_dim = cache.shape[3:]
+    kv = cache.index_select(1, chunk.block_ids).view(2, -1, kv_heads, head_dim)  # [2, L, kvh, D]
+    k, v = kv[0].transpose(0, 1)[None], kv[1].transpose(0, 1)[None]  # [1, kv_heads, L, D]
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k, v, attn_mask=chunk.visible, scale=scale, enable_gqa=True
+    )
+    return o[0].transpose(0, 1)

@@ -33,3 +33,4 @@ class DecodeStats:
     reserved: int  # requests whose KV is still on its way
     preemptions: int  # total since start
     links: tuple[str, ...]  # KV links currently receiving
+    partial_prefills: int = 0  # colocated: prompts part-way through their chunked prefill

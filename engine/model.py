@@ -18,9 +18,13 @@ from torch import nn
 from pdserve.engine.attention import (
     DecodeMetadata,
     DecodePlan,
+    MixedMetadata,
+    MixedPlan,
     PrefillMetadata,
     decode_attention,
+    mixed_attention,
     plan_decode,
+    plan_mixed,
     prefill_attention,
     write_kv,
 )
@@ -36,7 +40,8 @@ from pdserve.engine.layers import (
 from pdserve.engine.parallel import TPGroup, check_tp_size, kv_head_range
 
 KVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
-Metadata: TypeAlias = PrefillMetadata | DecodeMetadata
+Metadata: TypeAlias = PrefillMetadata | DecodeMetadata | MixedMetadata
+StepPlan: TypeAlias = PrefillMetadata | DecodePlan | MixedPlan  # what every layer reads
 
 
 class Attention(nn.Module):
@@ -64,7 +69,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        meta: PrefillMetadata | DecodePlan,
+        meta: StepPlan,
         cache: torch.Tensor | None,
         kv_hook: KVHook | None,
     ) -> torch.Tensor:
@@ -89,7 +94,7 @@ class Attention(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        meta: PrefillMetadata | DecodePlan,
+        meta: StepPlan,
         cache: torch.Tensor | None,
     ) -> torch.Tensor:
         if isinstance(meta, PrefillMetadata):
@@ -97,6 +102,8 @@ class Attention(nn.Module):
                 write_kv(cache[0], cache[1], k, v, meta.slot_mapping)
             return prefill_attention(q, k, v, meta.seq_lens, self.scale, self.window)
         assert cache is not None  # CausalLM.forward checks
+        if isinstance(meta, MixedPlan):
+            return mixed_attention(q, k, v, cache, meta, self.scale, self.window)
         write_kv(cache[0], cache[1], k, v, meta.slot_mapping)
         return decode_attention(q, cache, meta, self.scale)
 
@@ -139,7 +146,7 @@ class DecoderLayer(nn.Module):
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        meta: PrefillMetadata | DecodePlan,
+        meta: StepPlan,
         cache: torch.Tensor | None,
         kv_hook: KVHook | None,
     ) -> torch.Tensor:
@@ -181,17 +188,24 @@ class CausalLM(nn.Module):
         k, v) sees each layer's K/V ([T, kv_heads_local, head_dim], after RoPE) before that
         layer's attention runs, so a sender can overlap with the rest of the forward pass.
         """
-        step: PrefillMetadata | DecodePlan = meta
-        if isinstance(meta, DecodeMetadata):
-            if kv_cache is None:
-                raise ValueError("decode needs the paged kv_cache the prefill wrote")
-            step = plan_decode(meta, kv_cache.shape[3], self.config.sliding_window)
+        step = self._plan(meta, kv_cache)
         h = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary(positions, h.dtype)
         for i, layer in enumerate(self.layers):
             cache = kv_cache[i] if kv_cache is not None else None
             h = layer(h, cos, sin, step, cache, kv_hook)
         return self.norm(h)
+
+    def _plan(self, meta: Metadata, kv_cache: torch.Tensor | None) -> StepPlan:
+        """What every layer shares, worked out once: decode's blocks to gather and masks."""
+        if isinstance(meta, PrefillMetadata):
+            return meta
+        if kv_cache is None:
+            raise ValueError("decode needs the paged kv_cache the prefill wrote")
+        window, block_size = self.config.sliding_window, kv_cache.shape[3]
+        if isinstance(meta, DecodeMetadata):
+            return plan_decode(meta, block_size, window)
+        return plan_mixed(meta, block_size, window)
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

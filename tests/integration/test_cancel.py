@@ -141,3 +141,31 @@ def test_prefill_dying_mid_request_frees_the_reservation(
             assert all(isinstance(r, Exception) for r in results)  # the callers hear about it
 
         _run(llm, scenario)
+
+
+def test_cancel_mid_chunked_prefill_frees_its_blocks(ray_session: None, slow_model: Path) -> None:
+    """Colocated, 256 tokens a step: the long prompt is cancelled after some of its chunks ran
+    (its K/V half written), while a short request decodes beside it and carries on."""
+    with LLM(
+        str(slow_model), mode="colocated", enable_chunked_prefill=True, max_num_batched_tokens=256
+    ) as llm:
+        decode = llm.deployment.decode[0]
+
+        async def partial() -> bool:
+            return bool((await decode.stats.remote()).partial_prefills == 1)
+
+        async def scenario() -> None:
+            seen: list[int] = []
+            short = asyncio.ensure_future(_consume(llm, [3] * 40, seen))
+            await _until(lambda: _true(len(seen) >= 1))  # decoding
+            long_task = asyncio.ensure_future(_consume(llm, [5] * LONG, []))
+            await _until(partial)  # some chunks in the cache, more to come
+            long_task.cancel()
+            await asyncio.gather(long_task, return_exceptions=True)
+            await _until(lambda: _true(short.done()), timeout=120)
+            await short  # finished normally, all its tokens
+            assert len(seen) == 500
+
+        _run(llm, scenario)
+        assert llm.generate([3] * 40, SamplingParams(max_tokens=4))[0].finish_reason == "length"
+        assert llm.check_integrity() == 0

@@ -45,6 +45,27 @@ def test_greedy_parity_colocated(ray_session: None, tiny_dirs: dict[str, Path], 
     assert all(o.metrics.kv_bytes == 0 for o in outs)  # nothing crossed a link
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_greedy_parity_colocated_chunked_prefill(
+    ray_session: None, tiny_dirs: dict[str, Path], arch: str
+) -> None:
+    """64 tokens a step: the 100- and 300-token prompts run in chunks, each continuing the K/V of
+    the last (on mistral through a 128-token sliding window), beside the short ones' decode."""
+    model = tiny_dirs[arch]
+    with LLM(
+        str(model),
+        mode="colocated",
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=64,
+        dtype="float32",
+    ) as llm:
+        prompts = parity_prompts(len(llm.tokenizer))
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        outs = llm.generate(prompts, params)
+        assert llm.check_integrity() == 0
+    assert [o.token_ids for o in outs] == hf_greedy(model, prompts, NEW_TOKENS)
+
+
 def test_greedy_parity_tp4_replicated_kv_heads(
     ray_session: None, tiny_dirs: dict[str, Path]
 ) -> None:

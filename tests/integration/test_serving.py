@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from cluster_helpers import parity_prompts
+from cluster_helpers import hf_greedy, parity_prompts
 
 from pdserve.cluster import LLM, InvalidRequestError, SamplingParams
 from pdserve.engine.config import ModelLoadError
@@ -139,6 +139,29 @@ def test_small_kv_cache_queues_and_preempts_without_changing_outputs(
     with LLM(str(tiny_dirs["llama"])) as roomy:
         refs = roomy.generate(prompts, params)
     assert [o.token_ids for o in outs] == [r.token_ids for r in refs]
+
+
+def test_chunked_prefill_preempts_on_a_small_cache_without_changing_outputs(
+    ray_session: None, tiny_dirs: dict[str, Path]
+) -> None:
+    """Colocated with chunked prefill: preempted sequences are recomputed beside decode and
+    prompt chunks in the same steps, and every output is still transformers' greedy one."""
+    model = tiny_dirs["llama"]
+    prompts = [parity_prompts(700, seed=s)[2] for s in range(6)]  # six 100-token prompts
+    with LLM(
+        str(model),
+        mode="colocated",
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=64,
+        max_model_len=256,
+        num_kv_blocks=24,
+        dtype="float32",
+    ) as small:
+        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        outs = small.generate(prompts, params)
+        assert small.check_integrity() == 0
+        assert small._loop.run(_stats(small)).preemptions > 0
+    assert [o.token_ids for o in outs] == hf_greedy(model, prompts, 40)
 
 
 def test_dead_decode_replica_is_routed_around(

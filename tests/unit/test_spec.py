@@ -172,6 +172,11 @@ def test_ray_launcher_yamls_pass_rays_schema_and_fit_the_gpu_spec() -> None:
         (S(prefil={"instances": 2}), "prefil", "did you mean 'prefill'?"),
         (S(decode={"tensor_parallel_size": 2}), "decode.tensor_parallel_size", "under prefill"),
         (S(decode={"kv_cache": {"block": 4}}), "decode.kv_cache.block", "did you mean 'blocks'?"),
+        (
+            S(decode={"enable_chunked_prefill": True}),
+            "decode.enable_chunked_prefill",
+            "'chunked_prefill'",
+        ),
         (S(zzz=1), "zzz", "valid keys here: name, mode, model"),
     ],
 )
@@ -210,6 +215,12 @@ def test_unknown_keys_are_rejected_with_a_suggestion(
         (S(server={"api_key": "env:1X"}), "server.api_key", "variable name"),
         (S(ray={"address": "somewhere"}), "ray.address", "host:port"),
         (S(mode="colocated", prefill={"instances": 1}), "prefill", "remove the section"),
+        (S(decode={"chunked_prefill": True}), "decode.chunked_prefill", "only applies in colocated"),
+        (S(decode={"max_num_batched_tokens": 512}), "decode.max_num_batched_tokens", "write mode: colocated"),
+        (S(mode="colocated", decode={"chunked_prefill": "yes"}), "decode.chunked_prefill", "boolean"),
+        (S(mode="colocated", decode={"max_num_batched_tokens": 0}), "decode.max_num_batched_tokens", "auto or a positive"),
+        (S(mode="colocated", decode={"chunked_prefill": True, "max_num_batched_tokens": 32}),
+         "decode.max_num_batched_tokens", "at least max_num_seqs (64) with chunked prefill, got 32"),
     ],
 )  # fmt: skip
 def test_bad_values_name_the_key_and_the_fix(data: dict[str, Any], path: str, hint: str) -> None:
@@ -311,6 +322,23 @@ def test_colocated_mode_has_no_prefill_pool() -> None:
     resolved = resolve(spec, gpus_available=False)
     assert resolved.mode == "colocated"
     assert (resolved.cluster.prefill_instances, resolved.cluster.decode_instances) == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("decode", "chunked", "budget"),
+    [
+        ({}, False, 8192),  # prefill priority: whole prompts, up to 8192 tokens a step
+        ({"max_num_batched_tokens": 1024}, False, 1024),
+        ({"chunked_prefill": True}, True, 2048),  # vLLM's default with chunked prefill
+        ({"chunked_prefill": True, "max_num_seqs": 4096}, True, 4096),  # decodes always fit
+        ({"chunked_prefill": True, "max_num_batched_tokens": 512}, True, 512),
+    ],
+)
+def test_colocated_step_budget_reaches_the_cluster_spec(
+    decode: dict[str, Any], chunked: bool, budget: int
+) -> None:
+    cluster = resolve(load_spec(S(mode="colocated", decode=decode)), gpus_available=False).cluster
+    assert (cluster.chunked_prefill, cluster.max_num_batched_tokens) == (chunked, budget)
 
 
 def test_address_override_is_validated_and_keeps_the_rest() -> None:
