@@ -325,17 +325,25 @@ class DecodeWorker:
 
     async def _step_loop(self) -> None:
         while True:
-            step = self._plan()
-            if not (step.out.decode or step.out.recompute or step.chunks):
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await self._run(step)
-            for tid in self._deferred_aborts:
-                if tid in self._requests:
-                    self._drop(self._requests[tid], StepDelta(finish_reason="abort"))
-            self._deferred_aborts.clear()
+            try:
+                await self._one_step()
+            except Exception as e:  # a bug outside the forward: fail what is held, keep serving
+                logger.exception("decode step loop error")
+                held = [r for r in self._requests.values() if r.running or r.req.local_prefill]
+                self._fail(held, f"decode step failed: {type(e).__name__}: {e}")
             await asyncio.sleep(0)  # let reserve/abort/stream calls in between steps
+
+    async def _one_step(self) -> None:
+        step = self._plan()
+        if not (step.out.decode or step.out.recompute or step.chunks):
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        await self._run(step)
+        for tid in self._deferred_aborts:
+            if tid in self._requests:
+                self._drop(self._requests[tid], StepDelta(finish_reason="abort"))
+        self._deferred_aborts.clear()
 
     def _plan(self) -> _Step:
         if self._prefills.prefill_only:  # colocated, prefill priority: no decode this step
