@@ -15,7 +15,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.envs import cache_dir
@@ -104,6 +113,42 @@ def resolve_model(name: str) -> Path:
             "config.json; pass tiny, small or a local Hugging Face checkpoint"
         )
     return path
+
+
+def servable_model(name: str) -> Path:
+    """The directory of bench model `name` (tiny, small), with a tokenizer so a server loads it.
+
+    The tiny model has its own tokenizer. `small` has none: the benchmark client sends token
+    ids and counts the tokens streamed back, so any tokenizer covering the whole vocabulary
+    serves, and a word-level one ("t<id>" per id) is written into the checkpoint once.
+    """
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"servable_model builds {BUILTIN_MODELS} only, got {name!r}")
+    path = resolve_model(name)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    if name != "tiny" and not _has_id_tokenizer(path, vocab):
+        id_tokenizer(vocab).save_pretrained(str(path))  # replaces a smaller borrowed one
+    return path
+
+
+def _has_id_tokenizer(path: Path, vocab_size: int) -> bool:
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return False
+    model = json.loads(file.read_text()).get("model", {})
+    return model.get("type") == "WordLevel" and len(model.get("vocab", {})) == vocab_size
+
+
+def id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """One word per id: <|pad|> 0, <|bos|> 1, <|eos|> 2 (BenchModelSpec's ids), then t3, t4, ...;
+    every id decodes to non-empty text, as a streaming server needs to emit it."""
+    special = {"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2}
+    words = special | {f"t{i}": i for i in range(len(special), vocab_size)}
+    tok = Tokenizer(WordLevel(words, unk_token="<|pad|>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
 
 
 def load_pdserve(path: Path) -> CausalLM:

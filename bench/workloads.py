@@ -28,10 +28,13 @@ what to send (lengths in tokens):
                                          their own timestamps, F times faster (default 1)
   trace:PATH,timestamps=false            the trace's lengths (rows drawn at random, seeded)
                                          sent at --request-rate / --burstiness
+  trace:PATH,...,scale=F                 every length times F (rounded, at least 1), e.g.
+                                         scale=0.25 for a CPU-sized version of the trace
 Lengths are clipped to the model's context (from /v1/models or --max-model-len)."""
 WORKLOAD_EXAMPLES = (
     "fixed:in=256,out=64 | uniform:in=64-512,out=16-128 | "
     "lognormal:in_mean=512,out_mean=128 | trace:PATH[,speedup=F] | trace:PATH,timestamps=false"
+    " | trace:PATH,scale=F"
 )
 
 
@@ -95,12 +98,14 @@ class SyntheticWorkload:
 
 @dataclass(frozen=True)
 class TraceWorkload:
-    """Rows of a trace CSV; `speedup` set: replay its timestamps, None: only its lengths."""
+    """Rows of a trace CSV; `speedup` set: replay its timestamps, None: only its lengths.
+    Lengths are multiplied by `scale` (rounded, at least 1)."""
 
     spec: str
     path: Path
     rows: tuple[TraceRow, ...]
     speedup: float | None
+    scale: float = 1.0
 
     @property
     def replays_timestamps(self) -> bool:
@@ -114,7 +119,10 @@ class TraceWorkload:
             rng = np.random.default_rng(seed)
             idx = rng.choice(len(self.rows), size=n, replace=n > len(self.rows))
             picked = [self.rows[int(i)] for i in idx]
-        return [RequestShape(r.input_len, r.output_len) for r in picked]
+        return [RequestShape(self._scaled(r.input_len), self._scaled(r.output_len)) for r in picked]
+
+    def _scaled(self, n: int) -> int:
+        return max(1, round(n * self.scale))
 
     def arrival_times(self, n: int) -> list[float]:
         """Seconds from the start of the first n rows, compressed `speedup` times."""
@@ -165,7 +173,7 @@ def _parse_trace(spec: str, rest: str) -> TraceWorkload:
     if not path_text.strip():
         raise WorkloadError(f"--workload {spec!r}: give the trace's path, e.g. trace:trace.csv")
     keys = _key_values(spec, options) if options else {}
-    _expect(spec, keys, required=(), optional=("speedup", "timestamps"))
+    _expect(spec, keys, required=(), optional=("speedup", "timestamps", "scale"))
     replay = keys.get("timestamps", "true").lower()
     if replay not in ("true", "false"):
         raise WorkloadError(f"--workload {spec!r}: timestamps must be true or false")
@@ -175,8 +183,9 @@ def _parse_trace(spec: str, rest: str) -> TraceWorkload:
             "drop speedup= or timestamps=false"
         )
     speedup = _positive(spec, keys, "speedup", 1.0) if replay == "true" else None
+    scale = _positive(spec, keys, "scale", 1.0)
     path = Path(path_text.strip()).expanduser()
-    return TraceWorkload(spec, path, load_trace(path), speedup)
+    return TraceWorkload(spec, path, load_trace(path), speedup, scale)
 
 
 def _key_values(spec: str, text: str) -> dict[str, str]:

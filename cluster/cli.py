@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from pdserve.bench.serve_bench import add_bench_args
+from pdserve.bench.sweep_cli import add_sweep_args
 from pdserve.cluster.job_commands import add_jobs_args, add_submit_args
 
 # engine.tiny_model.TINY_ARCHS, spelled out so `--help` does not import torch (a test keeps them equal)
@@ -141,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_args(p)
 
     p = sub.add_parser(
+        "sweep",
+        help="find each placement's goodput on a workload (SLO attainment vs rate)",
+        description="For each placement of an experiment (colocated, 1P1D, 2P1D, ...): deploy, "
+        "warm up, bisect the highest request rate meeting the SLO attainment target, tear "
+        "down. Writes results.json, probes.csv, per-request records and plots.",
+    )
+    add_sweep_args(p)
+
+    p = sub.add_parser(
         "make-tiny-model",
         help="build a small random-weight model with a tokenizer",
         description="Writes config.json, model.safetensors and a byte-level BPE "
@@ -172,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pdserve.bench.serve_bench import run_bench
 
         return run_bench(args)
+    if args.command == "sweep":
+        from pdserve.bench.sweep_cli import run_sweep_command
+
+        return run_sweep_command(args)
     if args.command in ("up", "status", "down"):
         from pdserve.cluster import deploy_commands  # Ray and torch from here on
 

@@ -117,6 +117,17 @@ def test_trace_lengths_only_draws_rows(tmp_path: Path) -> None:
     assert set(shapes) == {RequestShape(100, 5), RequestShape(200, 6), RequestShape(300, 7)}
 
 
+def test_trace_scale_multiplies_lengths(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + "0,100,5\n1,201,1\n")
+    w = parse_workload(f"trace:{path},speedup=1,scale=0.25")
+    # 100 -> 25, 5 -> 1.25 -> 1, 201 -> 50.25 -> 50, 1 -> 0.25 -> at least 1
+    assert w.sample(2, seed=0) == [RequestShape(25, 1), RequestShape(50, 1)]
+    lengths_only = parse_workload(f"trace:{path},timestamps=false,scale=2")
+    assert set(lengths_only.sample(50, seed=0)) == {RequestShape(200, 10), RequestShape(402, 2)}
+    with pytest.raises(WorkloadError, match="scale=0 must be a number > 0"):
+        parse_workload(f"trace:{path},scale=0")
+
+
 def test_trace_datetime_stamps_and_extra_columns(tmp_path: Path) -> None:
     text = (
         "GeneratedTokens,TIMESTAMP,ContextTokens,Note\n"
