@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pdserve.bench.planner import add_plan_args
+from pdserve.bench.profile import add_profile_args
 from pdserve.bench.serve_bench import add_bench_args
 from pdserve.bench.sweep_cli import add_sweep_args
 from pdserve.cluster.job_commands import add_jobs_args, add_submit_args
@@ -151,6 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_args(p)
 
     p = sub.add_parser(
+        "profile",
+        help="measure this hardware's prefill/decode/KV-transfer latencies and fit models",
+        description="Load the spec's model on its device with its thread count, time the real "
+        "engine code (prefill vs batch tokens and TP, decode step vs batch and context, KV "
+        "transfer over a real link, per-request overheads), fit latency models, write JSON.",
+    )
+    add_profile_args(p)
+    p = sub.add_parser(
+        "plan",
+        help="rank placements of N devices by simulated goodput; print the best deploy spec",
+        description="Simulate placements (colocated x k; disaggregated with prefill TP, prefill "
+        "and decode counts) with a discrete-event model built on a profile, bisect each one's "
+        "goodput, rank by goodput per device and print the best as a deploy spec. --compare "
+        "checks the simulator against a sweep's results.json.",
+    )
+    add_plan_args(p)
+
+    p = sub.add_parser(
         "make-tiny-model",
         help="build a small random-weight model with a tokenizer",
         description="Writes config.json, model.safetensors and a byte-level BPE "
@@ -186,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pdserve.bench.sweep_cli import run_sweep_command
 
         return run_sweep_command(args)
+    if args.command in ("profile", "plan"):
+        from pdserve.bench import planner, profile
+
+        return profile.run_profile(args) if args.command == "profile" else planner.run_plan(args)
     if args.command in ("up", "status", "down"):
         from pdserve.cluster import deploy_commands  # Ray and torch from here on
 

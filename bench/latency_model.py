@@ -1,0 +1,167 @@
+"""Latency models fitted to profile samples by least squares. Pure numpy: no torch, no Ray.
+
+    prefill_ms(lens)         = a + b·Σlen + c·Σlen² + d·len(lens)   one forward over a batch
+                               (a chunk [s, e) of a prompt counts e - s tokens and e² - s²)
+    decode_ms(batch, ctx)    = a + b·batch + c·Σcontext             one continuous-batching step
+    transfer_ms(bytes)       = latency + bytes / bandwidth          one KV transfer over a link
+
+Coefficients are kept non-negative (a latency never shrinks with more work): the fit is the
+best least-squares solution over every subset of the features whose coefficients all come out
+>= 0, which is exact non-negative least squares for these few features.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PREFILL_FEATURES = ("const", "tokens", "sum_len_sq", "seqs")
+DECODE_FEATURES = ("const", "batch", "context_sum")
+TRANSFER_FEATURES = ("const", "bytes")
+
+
+class FitError(ValueError):
+    """Too few or degenerate samples to fit a model; the message says what to measure."""
+
+
+@dataclass(frozen=True)
+class Fit:
+    """y ≈ Σ coef[i]·x[i] over named features, with how well it matched its own samples."""
+
+    features: tuple[str, ...]
+    coef: tuple[float, ...]
+    r2: float  # coefficient of determination on the samples
+    max_rel_err: float  # max |pred - y| / y over the samples
+    mean_rel_err: float
+    num_samples: int
+
+    def predict(self, x: Sequence[float]) -> float:
+        return float(np.dot(self.coef, x))
+
+    def coefficient(self, name: str) -> float:
+        return self.coef[self.features.index(name)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "coef": dict(zip(self.features, self.coef)),
+            "r2": self.r2,
+            "max_rel_err": self.max_rel_err,
+            "mean_rel_err": self.mean_rel_err,
+            "num_samples": self.num_samples,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Fit:
+        coef = data["coef"]
+        return cls(
+            tuple(coef),
+            tuple(float(v) for v in coef.values()),
+            float(data["r2"]),
+            float(data["max_rel_err"]),
+            float(data["mean_rel_err"]),
+            int(data["num_samples"]),
+        )
+
+
+def fit_nonnegative(features: Sequence[str], x: np.ndarray, y: np.ndarray) -> Fit:
+    """Least squares of y on the columns of x with every coefficient >= 0.
+
+    x: [samples, features], y: [samples]. Tries each subset of columns (2^k, k <= 4 here) and
+    keeps the feasible one with the smallest residual; dropped columns get coefficient 0.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    n, k = x.shape
+    if n < k:
+        raise FitError(f"{n} samples cannot fit {k} coefficients ({', '.join(features)})")
+    best: tuple[float, np.ndarray] | None = None
+    for size in range(1, k + 1):
+        for cols in itertools.combinations(range(k), size):
+            sol, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if np.any(sol < 0):
+                continue
+            coef = np.zeros(k)
+            coef[list(cols)] = sol
+            sse = float(np.sum((x @ coef - y) ** 2))
+            if best is None or sse < best[0] - 1e-12 * max(1.0, best[0]):
+                best = (sse, coef)
+    if best is None:
+        raise FitError(f"no non-negative fit of {', '.join(features)}: samples look degenerate")
+    return _fit_of(tuple(features), best[1], x, y)
+
+
+def _fit_of(features: tuple[str, ...], coef: np.ndarray, x: np.ndarray, y: np.ndarray) -> Fit:
+    pred = x @ coef
+    total = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum((pred - y) ** 2)) / total if total > 0 else 1.0
+    rel = np.abs(pred - y) / np.maximum(np.abs(y), 1e-12)
+    return Fit(
+        features,
+        tuple(float(c) for c in coef),
+        r2,
+        float(rel.max()),
+        float(rel.mean()),
+        len(y),
+    )
+
+
+def prefill_features(lens: Sequence[int]) -> list[float]:
+    """[1, tokens, Σlen², sequences] of one prefill batch (Σlen²: causal attention's cost)."""
+    return [1.0, float(sum(lens)), float(sum(n * n for n in lens)), float(len(lens))]
+
+
+def chunk_features(spans: Sequence[tuple[int, int]]) -> list[float]:
+    """prefill_features of prompt chunks [start, end): a chunk's queries attend to every cached
+    position before them, so its attention term is end² - start² (a whole prompt: len²)."""
+    return [
+        1.0,
+        float(sum(e - s for s, e in spans)),
+        float(sum(e * e - s * s for s, e in spans)),
+        float(len(spans)),
+    ]
+
+
+def decode_features(batch: int, context_sum: int) -> list[float]:
+    """[1, batch, Σcontext] of one decode step (context: a seq's cached tokens + the new one)."""
+    return [1.0, float(batch), float(context_sum)]
+
+
+def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> Fit:
+    """samples: (prompt lengths of the batch, milliseconds)."""
+    x = np.array([prefill_features(lens) for lens, _ in samples])
+    return fit_nonnegative(PREFILL_FEATURES, x, np.array([ms for _, ms in samples]))
+
+
+def fit_decode(samples: Sequence[tuple[int, int, float]]) -> Fit:
+    """samples: (batch size, Σcontext, milliseconds)."""
+    x = np.array([decode_features(b, c) for b, c, _ in samples])
+    return fit_nonnegative(DECODE_FEATURES, x, np.array([ms for *_, ms in samples]))
+
+
+@dataclass(frozen=True)
+class TransferModel:
+    """A link: fixed latency per transfer (header, trailer, hand-offs) plus bytes at a rate."""
+
+    latency_ms: float
+    bandwidth_gbps: float  # 1e9 bytes/s
+    fit: Fit | None = None  # the fit it came from, for its quality figures
+
+    def ms(self, nbytes: float) -> float:
+        return self.latency_ms + self.wire_ms(nbytes)
+
+    def wire_ms(self, nbytes: float) -> float:
+        """Time the bytes alone occupy the link."""
+        return nbytes / (self.bandwidth_gbps * 1e6)
+
+    @classmethod
+    def fitted(cls, samples: Sequence[tuple[int, float]]) -> TransferModel:
+        """samples: (bytes, milliseconds) of whole transfers."""
+        x = np.array([[1.0, float(b)] for b, _ in samples])
+        fit = fit_nonnegative(TRANSFER_FEATURES, x, np.array([ms for _, ms in samples]))
+        per_byte_ms = fit.coefficient("bytes")
+        if per_byte_ms <= 0:
+            raise FitError("transfer time did not grow with the bytes: measure larger transfers")
+        return cls(fit.coefficient("const"), 1.0 / (per_byte_ms * 1e6), fit)

@@ -1,0 +1,90 @@
+"""Latency-model fitting: least squares with non-negative coefficients recovers known models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pdserve.bench.latency_model import (
+    Fit,
+    FitError,
+    TransferModel,
+    decode_features,
+    fit_decode,
+    fit_nonnegative,
+    fit_prefill,
+    prefill_features,
+)
+
+PREFILL_TRUE = {"const": 4.0, "tokens": 0.5, "sum_len_sq": 2e-4, "seqs": 1.5}
+DECODE_TRUE = {"const": 12.0, "batch": 0.8, "context_sum": 0.003}
+
+
+def prefill_samples(noise: float = 0.0, seed: int = 0) -> list[tuple[list[int], float]]:
+    rng = np.random.default_rng(seed)
+    comps = [[n] * k for n in (16, 64, 256, 1024) for k in (1, 2, 4, 8) if n * k <= 4096]
+    comps += [[8, 300, 40], [900, 17], [5] * 30]
+    out = []
+    for lens in comps:
+        ms = float(np.dot(list(PREFILL_TRUE.values()), prefill_features(lens)))
+        out.append((lens, ms * (1 + noise * rng.standard_normal())))
+    return out
+
+
+def test_prefill_fit_recovers_known_coefficients() -> None:
+    fit = fit_prefill(prefill_samples())
+    for name, value in PREFILL_TRUE.items():
+        assert fit.coefficient(name) == pytest.approx(value, rel=1e-6)
+    assert fit.r2 == pytest.approx(1.0)
+    assert fit.max_rel_err < 1e-9
+
+
+def test_decode_fit_recovers_known_coefficients_under_noise() -> None:
+    rng = np.random.default_rng(1)
+    samples = []
+    for b in (1, 2, 4, 8, 16, 32):
+        for ctx in (32, 128, 512, 2048):
+            ms = float(np.dot(list(DECODE_TRUE.values()), decode_features(b, b * ctx)))
+            samples.append((b, b * ctx, ms * (1 + 0.01 * rng.standard_normal())))
+    fit = fit_decode(samples)
+    assert fit.coefficient("const") == pytest.approx(12.0, rel=0.05)
+    assert fit.coefficient("batch") == pytest.approx(0.8, rel=0.15)
+    assert fit.coefficient("context_sum") == pytest.approx(0.003, rel=0.05)
+    assert fit.r2 > 0.99
+    assert 0 < fit.max_rel_err < 0.05
+
+
+def test_coefficients_stay_non_negative() -> None:
+    # y falls slightly with x2 in the data: plain least squares would give x2 a negative weight
+    x = np.array([[1.0, t, t * 0.5 + (t % 3)] for t in range(1, 30)])
+    y = 2.0 + 0.3 * x[:, 1] - 0.01 * x[:, 2]
+    fit = fit_nonnegative(("const", "x1", "x2"), x, y)
+    assert all(c >= 0 for c in fit.coef)
+    assert fit.coefficient("x2") == 0.0
+    assert fit.r2 > 0.99
+
+
+def test_transfer_fit_gives_latency_and_bandwidth() -> None:
+    # 2 ms fixed + 4 GB/s
+    samples = [(b, 2.0 + b / 4e6) for b in (2**18, 2**20, 2**22, 2**24, 2**26)]
+    link = TransferModel.fitted(samples)
+    assert link.latency_ms == pytest.approx(2.0)
+    assert link.bandwidth_gbps == pytest.approx(4.0)
+    assert link.ms(4e9) == pytest.approx(1002.0)
+
+
+def test_transfer_that_does_not_grow_with_bytes_is_refused() -> None:
+    with pytest.raises(FitError, match="larger transfers"):
+        TransferModel.fitted([(1, 3.0), (2, 3.0), (4, 3.0)])
+
+
+def test_too_few_samples_say_so() -> None:
+    with pytest.raises(FitError, match="2 samples cannot fit 4"):
+        fit_prefill([([16], 1.0), ([32], 2.0)])
+
+
+def test_fit_round_trips_through_json() -> None:
+    fit = fit_prefill(prefill_samples(noise=0.02))
+    again = Fit.from_json(fit.to_json())
+    assert again == fit
+    assert again.predict(prefill_features([100, 200])) == fit.predict(prefill_features([100, 200]))
