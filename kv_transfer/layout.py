@@ -51,14 +51,26 @@ def slot_index(items: Sequence[TransferItem], block_size: int) -> torch.Tensor:
     return torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
 
 
-def contiguous_start(slots: torch.Tensor) -> int | None:
-    """The first slot when ``slots`` is one ascending run (the KV can land in place), else None."""
-    if slots.numel() == 0:
-        return None
-    start = int(slots[0])
-    if int(slots[-1]) - start + 1 != slots.numel():
-        return None
-    return start if torch.equal(slots, torch.arange(start, start + slots.numel())) else None
+def run_start(items: Sequence[TransferItem], block_size: int) -> int | None:
+    """The first cache slot when the items' tokens, back to back, fill one ascending run of
+    slots (the KV can land in place), else None. Pure Python on the block ids: cheap enough to
+    run before any receive is posted."""
+    start = expected = None
+    for item in items:
+        if item.num_tokens == 0:
+            continue
+        needed = -(-item.num_tokens // block_size)
+        blocks = item.block_ids[:needed]
+        if len(blocks) < needed:
+            return None
+        first = blocks[0] * block_size
+        if expected is not None and first != expected:
+            return None
+        if any(b != blocks[0] + i for i, b in enumerate(blocks)):
+            return None
+        start = first if start is None else start
+        expected = first + item.num_tokens  # the next item must start right here
+    return start
 
 
 def write_layer(

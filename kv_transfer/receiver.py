@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
-from pdserve.kv_transfer.layout import contiguous_start, slot_index, write_layer
+from pdserve.kv_transfer.layout import run_start, slot_index, write_layer
 from pdserve.kv_transfer.link import KVLink
 
 logger = logging.getLogger(__name__)
@@ -80,25 +80,34 @@ class KVReceiver:
                 f"header has {header.num_layers} layers, cache has {self._kv_cache.shape[0]}"
             )
         accepted = tuple(self._accept(item) for item in header.items)
-        keep = torch.cat(
-            [torch.full((item.num_tokens,), ok) for item, ok in zip(header.items, accepted)]
-        )
-        slots = slot_index(header.items, self._block_size)
-        targets, bufs = self._targets(header, dtype, slots, bool(keep.all()))
-        works = [self.link.recv_tensor(t) for t in targets]  # K then V, layer by layer
+        all_kept = all(accepted)
+        start_slot = run_start(header.items, self._block_size) if all_kept else None
+        in_place = start_slot is not None and self._lands_in_place(header, dtype)
+        keep = slots = None
+        if not in_place:  # staged, then scattered: per-token slots and the kept mask
+            keep = torch.cat(
+                [torch.full((item.num_tokens,), ok) for item, ok in zip(header.items, accepted)]
+            )
+            slots = slot_index(header.items, self._block_size)
+        targets, bufs = self._targets(header, dtype, start_slot if in_place else None)
+        # Post layer 0, give the sender the go-ahead, then post the rest: posting is faster
+        # than the wire, so every receive is still up before its message arrives.
+        works = [self.link.recv_tensor(t) for t in targets[:2]]  # K then V, layer by layer
+        self.link.send_ready()
+        works += [self.link.recv_tensor(t) for t in targets[2:]]
         trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
         trailer_work = self.link.recv_tensor(trailer) if header.has_trailer else None
-        self.link.send_ready()
         for layer in range(header.num_layers):
             works[2 * layer].wait()
             works[2 * layer + 1].wait()
             if bufs is not None:
+                assert slots is not None and keep is not None
                 write_layer(
                     self._kv_cache[layer],
                     bufs[layer],
                     slots,
                     header.head_start,
-                    None if keep.all() else keep,
+                    None if all_kept else keep,
                 )
         nbytes = sum(t.numel() * t.element_size() for t in targets)
         first = None
@@ -109,16 +118,24 @@ class KVReceiver:
             self.link.name, header, accepted, first, nbytes, time.perf_counter() - start
         )
 
+    def _lands_in_place(self, header: TransferHeader, dtype: torch.dtype) -> bool:
+        """The link carries every head, in the cache's dtype, on the cache's device."""
+        cache = self._kv_cache
+        return (
+            cache.dtype == dtype
+            and cache.device == self.link.device
+            and header.num_heads == cache.shape[-2]
+        )
+
     def _targets(
-        self, header: TransferHeader, dtype: torch.dtype, slots: torch.Tensor, all_kept: bool
+        self, header: TransferHeader, dtype: torch.dtype, start: int | None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """Where each layer's K and V land: straight into the cache when the link carries every
-        head and the blocks form one ascending run (no copy at all), else a staging arena that
-        is scattered into the blocks afterwards. Returns the targets and the staging buffers."""
+        """Where each layer's K and V land: straight into the cache from slot ``start`` (the
+        blocks form one ascending run and the link carries every head: no copy at all), else a
+        staging arena that is scattered into the blocks afterwards. Returns the targets and the
+        staging buffers (None when in place)."""
         cache = self._kv_cache  # [layers, 2, num_blocks, block_size, heads, head_dim]
-        start = contiguous_start(slots) if all_kept else None
-        in_place = cache.dtype == dtype and cache.device == self.link.device
-        if start is not None and in_place and header.num_heads == cache.shape[-2]:
+        if start is not None:
             flat = cache.view(cache.shape[0], 2, -1, *cache.shape[-2:])
             end = start + header.num_tokens
             return [
