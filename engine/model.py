@@ -44,6 +44,10 @@ Metadata: TypeAlias = PrefillMetadata | DecodeMetadata | MixedMetadata
 StepPlan: TypeAlias = PrefillMetadata | DecodePlan | MixedPlan  # what every layer reads
 
 
+# compute_logits on CPU: fewer rows than this use the transposed head copy
+SMALL_LOGITS_BATCH = 16
+
+
 class Attention(nn.Module):
     """Self-attention over this rank's heads: fused qkv, optional q/k norm, RoPE, paged cache."""
 
@@ -172,6 +176,7 @@ class CausalLM(nn.Module):
             if config.tie_word_embeddings
             else empty_param(config.vocab_size, config.hidden_size, dtype=config.dtype)
         )
+        self._lm_head_t: torch.Tensor | None = None  # CPU, few rows: see compute_logits
 
     @torch.no_grad()
     def forward(
@@ -209,5 +214,16 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] -> logits [N, vocab] float32, complete on every rank."""
+        """hidden: [N, hidden] -> logits [N, vocab] float32, complete on every rank.
+
+        On CPU, a few rows (decode at small batch, a prefill's last positions) multiply a
+        transposed copy of the head: MKL runs ``F.linear`` with a [vocab, hidden] weight as one
+        matrix-vector product per row, 2-2.5x slower at 1-3 rows for a 32k vocab (measured:
+        6.3 -> 2.8 ms at 1 row, 13.9 -> 5.5 ms at 2, equal at 32). The copy costs one more
+        head's worth of memory, made on first use.
+        """
+        if hidden.device.type == "cpu" and hidden.shape[0] < SMALL_LOGITS_BATCH:
+            if self._lm_head_t is None:
+                self._lm_head_t = self.lm_head.detach().t().contiguous()
+            return (hidden @ self._lm_head_t).float()
         return F.linear(hidden, self.lm_head).float()
