@@ -135,7 +135,13 @@ def down(args: argparse.Namespace) -> int:
     if controller is None:
         console.print(f"no deployment named {args.name!r} on this Ray cluster")
         return 1
-    ray.get(controller.shutdown.remote(), timeout=120)
-    ray.kill(controller)
+    try:
+        ray.get(controller.shutdown.remote(), timeout=120)
+    except ray.exceptions.RayActorError:
+        # a foreground `pdserve up` kills its controller as soon as shutdown has closed it,
+        # which can beat shutdown's reply to us: the deployment is down all the same
+        pass
+    else:
+        ray.kill(controller)
     console.print(f"[green]deployment {args.name!r} is down[/]")
     return 0
