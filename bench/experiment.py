@@ -25,7 +25,7 @@ from pdserve.bench.experiment_schema import (
 )
 from pdserve.bench.traces import TraceFormatError
 from pdserve.bench.workloads import WorkloadError, parse_workload
-from pdserve.cluster.spec import SpecError, _read_yaml, default_spec_path, load_spec
+from pdserve.cluster.spec import SpecError, default_spec_path, load_spec, read_yaml
 
 DEPLOY_NAME_PREFIX = "sweep-"
 CHECK_PORT = 8000  # placeholder port when checking a placement's spec; the sweep picks a free one
@@ -148,7 +148,7 @@ def load_experiment(
     (`base_dir` for a mapping, default the working directory)."""
     origin = "experiment" if isinstance(source, Mapping) else str(source)
     try:
-        data = source if isinstance(source, Mapping) else _read_yaml(Path(source))
+        data = source if isinstance(source, Mapping) else read_yaml(Path(source))
     except SpecError as e:
         raise ExperimentError(e.problems, origin) from None
     if not isinstance(source, Mapping):
@@ -198,7 +198,7 @@ def _base_deploy(
     else:
         path = default_spec_path() if source is None else base_dir / source
         try:
-            data = _read_yaml(path)
+            data = read_yaml(path)
         except SpecError as e:
             problems.extend(f"deploy: {path}: {p}" for p in e.problems)
             return {}

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
 from pydantic_core import ErrorDetails
 
-from pdserve.cluster.spec_schema import did_you_mean
+from pdserve.cluster.spec_schema import describe_value_error, did_you_mean
 
 _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,22}[a-z0-9])?")
 BENCH_MODELS = ("tiny", "small")
@@ -197,23 +197,7 @@ def describe_error(err: ErrorDetails) -> str:
         return (
             f"{path}: must be a section with keys {', '.join(_keys_at(loc))}, got {err['input']!r}"
         )
-    msg = err["msg"].removeprefix("Value error, ")
-    if kind in ("value_error", "assertion_error"):
-        return f"{path}: {msg}"
-    value = err["input"]
-    unquote = " (write it without quotes)" if isinstance(value, str) and _is_number(value) else ""
-    msg = msg.replace("Input should", "must", 1)
-    msg = msg.replace("greater than or equal to", ">=").replace("less than or equal to", "<=")
-    msg = msg.replace("greater than", ">").replace("less than", "<")
-    return f"{path}: {msg}, got {value!r}{unquote}"
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    return describe_value_error(path, err)
 
 
 def _keys_at(loc: Sequence[str | int]) -> list[str]:

@@ -93,7 +93,7 @@ class ResolvedDeployment:
 def load_spec(source: str | Path | Mapping[str, Any]) -> DeploySpec:
     """Read and validate a spec from a YAML file path (or an already-parsed mapping)."""
     origin = "deploy spec" if isinstance(source, Mapping) else str(source)
-    data = source if isinstance(source, Mapping) else _read_yaml(Path(source))
+    data = source if isinstance(source, Mapping) else read_yaml(Path(source))
     if not isinstance(data, Mapping):
         raise SpecError(
             ["the top level must be a mapping of sections (name, model, prefill, decode, ...)"],
@@ -148,7 +148,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
+    """A YAML file as plain data; a missing file, bad YAML or a key written twice -> SpecError."""
     try:
         text = path.read_text()
     except OSError as e:

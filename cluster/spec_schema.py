@@ -268,8 +268,14 @@ def describe_error(err: ErrorDetails) -> str:
         keys = ", ".join(_keys_at(loc))
         auto = "auto or " if _section_at(loc) is KVCache else ""
         return f"{path}: must be {auto}a section with keys {keys}, got {err['input']!r}"
+    return describe_value_error(path, err)
+
+
+def describe_value_error(path: str, err: ErrorDetails) -> str:
+    """A bad value at ``path`` (also used for experiment files): the validator's own message,
+    or pydantic's rephrased (``must be >= 1, got 0``)."""
     msg = err["msg"].removeprefix("Value error, ")
-    if kind in ("value_error", "assertion_error"):
+    if err["type"] in ("value_error", "assertion_error"):
         return f"{path}: {msg}"
     value = err["input"]
     unquote = " (write it without quotes)" if isinstance(value, str) and _is_number(value) else ""
