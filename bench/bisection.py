@@ -103,7 +103,7 @@ class RateBisection:
         else:
             self._bad = rate if self._bad is None else min(self._bad, rate)
             if self._good is not None and self._good >= rate:
-                self._good = None  # noise: a lower rate passed, this one failed; recompute
+                # noise: a lower rate passed, this one failed; the answer is the best pass below
                 passing = [p.rate for p in self._probes if p.meets and p.rate < rate]
                 self._good = max(passing) if passing else None
         return probe

@@ -198,7 +198,9 @@ def test_dead_prefill_instance_is_routed_around(
                 assert "prefill" in str(e).lower() or isinstance(e, ray.exceptions.RayError), e
         assert router.dead_instances["prefill"] == [0]
         assert len(outs) >= 3 and {o.finish_reason for o in outs} == {"length"}
-        assert outs[0].token_ids == first or outs[0].prompt != "warm up"
+        for o in outs:  # the survivor gives the same answer
+            if o.prompt == "warm up":
+                assert o.token_ids == first
         wait_idle(llm)
         ray.kill(llm.deployment.prefill[1].leader)
         with pytest.raises(ray.exceptions.RayActorError):  # this one finds it dead
