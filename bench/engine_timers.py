@@ -190,7 +190,9 @@ class KVSendBench:
             for i, p in enumerate(prompts)
         ]
         start = time.perf_counter()
-        self.runner.run(items, {0: self.sender})
+        _, broken = self.runner.run(items, {0: self.sender})
+        if broken:
+            raise RuntimeError(f"KV link failed during the benchmark: {broken[0]}")
         landed = self._landed.get(timeout=600)
         seconds = time.perf_counter() - start
         if isinstance(landed, BaseException):

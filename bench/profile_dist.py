@@ -116,7 +116,9 @@ class LinkBench:
             items.append(PrefillItem(next(self._ids), "profile", tuple(p), greedy(1), 0, blocks))
             first += n
         start = time.perf_counter()
-        runner.run(items, {0: self.link})
+        _, broken = runner.run(items, {0: self.link})
+        if broken:
+            raise RuntimeError(f"KV link failed while profiling: {broken[0]}")
         busy = time.perf_counter() - start
         self._wait_landed()
         return busy * 1e3, (time.perf_counter() - start) * 1e3

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import torch
 
@@ -32,12 +33,15 @@ class PrefillRunner:
     @torch.inference_mode()
     def run(
         self, items: Sequence[PrefillItem], links: Mapping[int, KVLink]
-    ) -> SamplerOutput | None:
-        """Prefill ``items``; returns sampled first tokens on rank 0, None elsewhere.
+    ) -> tuple[SamplerOutput | None, dict[int, str]]:
+        """Prefill ``items``; returns the sampled first tokens on rank 0 (None elsewhere) and the
+        destinations whose link failed, each with the reason.
 
         Every KV-sending rank sends each destination one header, then one tensor per layer as soon
         as the layer's K/V exist (overlapping the rest of the forward pass), and rank 0 finally
-        sends the first tokens. All sends have left when this returns.
+        sends the first tokens. All sends have left when this returns. A link that fails (its
+        decode replica died, or it was never made) stops only the sends to that destination: the
+        batch's other items still reach theirs.
         """
         seq_lens = [len(item.prompt_token_ids) for item in items]
         ranges = token_ranges(seq_lens)
@@ -45,15 +49,32 @@ class PrefillRunner:
         by_dest: dict[int, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
             by_dest[item.decode_instance].append(i)
+        broken: dict[int, str] = {}
+
+        def on_link(dest: int, op: Callable[[KVLink], None]) -> None:
+            if dest in broken:
+                return
+            link = links.get(dest)
+            if link is None:
+                broken[dest] = f"no KV link to decode replica {dest} on this rank"
+                return
+            try:
+                op(link)
+            except RuntimeError as e:  # gloo/NCCL: the peer closed or the group was torn down
+                broken[dest] = f"KV link to decode replica {dest} failed: {e}"
+
         if self.sends_kv:
             for dest, idx in by_dest.items():
-                links[dest].send_header(self._header([items[i] for i in idx]))
+                header = self._header([items[i] for i in idx])
+                on_link(dest, partial(KVLink.send_header, header=header))
 
         def send_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             # k, v: [T, kv_heads_local, head_dim] for the whole packed batch
             for dest, idx in by_dest.items():
-                for part in pack_layer(k, v, [ranges[i] for i in idx]):  # K, then V
-                    links[dest].send_tensor(part)
+                if dest in broken:
+                    continue
+                parts = pack_layer(k, v, [ranges[i] for i in idx])  # K, then V
+                on_link(dest, partial(_send_all, tensors=parts))
 
         input_ids = torch.tensor(
             [t for it in items for t in it.prompt_token_ids], device=self.device
@@ -73,11 +94,12 @@ class PrefillRunner:
             rows = [SamplingRow(it.sampling, it.prompt_token_ids, ()) for it in items]
             out = self.sampler(logits, rows)
             for dest, idx in by_dest.items():
-                links[dest].send_tensor(torch.tensor([out.token_ids[i] for i in idx]))
+                tokens = torch.tensor([out.token_ids[i] for i in idx])
+                on_link(dest, partial(KVLink.send_tensor, tensor=tokens))
         if self.sends_kv:
             for dest in by_dest:
-                links[dest].flush()
-        return out
+                on_link(dest, KVLink.flush)
+        return out, broken
 
     def _header(self, items: Sequence[PrefillItem]) -> TransferHeader:
         cfg = self.model.config
@@ -93,3 +115,8 @@ class PrefillRunner:
             head_dim=cfg.head_dim,
             has_trailer=self.tp.rank == 0,
         )
+
+
+def _send_all(link: KVLink, tensors: Sequence[torch.Tensor]) -> None:
+    for tensor in tensors:
+        link.send_tensor(tensor)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup, make_process_group
 from pdserve.engine.request import PrefillItem, PrefillResult
 from pdserve.engine.spec import EngineSpec, PrefillSpec, resolve_host
-from pdserve.kv_transfer.link import SENDER, KVLink, resolve_backend
+from pdserve.kv_transfer.link import SENDER, KVLink, KVLinkError, resolve_backend
 from pdserve.prefill_worker.runner import PrefillRunner
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class PrefillWorker:
         self._queue: deque[_Queued] = deque()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        self._busy = False
+        self._executing = False  # a batch is running on this rank
+        self._retired: list[KVLink] = []  # links replaced mid-batch, aborted after it
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -101,7 +102,13 @@ class PrefillWorker:
         link = await asyncio.to_thread(
             KVLink.connect, name, backend, SENDER, self.device, host, port
         )
+        old = self._links.get(decode_instance)
         self._links[decode_instance] = link
+        if old is not None:  # the router replaced it: abort it so its decode receiver stops,
+            if self._executing:  # after the batch that may still be sending on it
+                self._retired.append(old)
+            else:
+                old.abort()
         return True
 
     # -- serving (leader) -------------------------------------------------------------------
@@ -143,7 +150,7 @@ class PrefillWorker:
         start = time.perf_counter()
         try:
             calls = [peer.execute.remote(items) for peer in self._peers]
-            out, *_ = await asyncio.gather(self.execute(items), *calls)
+            (out, broken), *rest = await asyncio.gather(self.execute(items), *calls)
         except Exception as e:  # a failed batch fails its requests, not the instance
             logger.exception("prefill batch of %d failed", len(items))
             for q in batch:
@@ -152,34 +159,60 @@ class PrefillWorker:
             return
         compute_s = time.perf_counter() - start
         assert out is not None
+        for _, more in rest:  # a link may fail on any KV-sending rank
+            for dest, why in more.items():
+                broken.setdefault(dest, why)
+        for why in broken.values():
+            logger.error("prefill instance %d: %s", self.spec.instance, why)
         for i, q in enumerate(batch):
-            if not q.future.done():
-                q.future.set_result(
-                    PrefillResult(
-                        q.item.transfer_id,
-                        out.token_ids[i],
-                        out.logprobs[i],
-                        start - q.enqueued,
-                        compute_s,
-                    )
+            if q.future.done():
+                continue
+            dest = q.item.decode_instance
+            if dest in broken:
+                q.future.set_exception(KVLinkError(dest, broken[dest]))
+                continue
+            q.future.set_result(
+                PrefillResult(
+                    q.item.transfer_id,
+                    out.token_ids[i],
+                    out.logprobs[i],
+                    start - q.enqueued,
+                    compute_s,
                 )
+            )
 
     # -- every rank -------------------------------------------------------------------------
 
-    async def execute(self, items: list[PrefillItem]) -> Any:
-        """Run one batch on this rank (the leader calls it on all ranks at once)."""
+    async def execute(self, items: list[PrefillItem]) -> tuple[Any, dict[int, str]]:
+        """Run one batch on this rank (the leader calls it on all ranks at once); returns the
+        first tokens (leader) and the destinations whose link failed."""
         assert self._runner is not None, "start() first"
-        runner, links = self._runner, self._links
+        links = dict(self._links)  # this batch's links, whatever connect_link does meanwhile
+        self._executing = True
         try:
-            return await asyncio.to_thread(runner.run, items, links)
+            out, broken = await asyncio.to_thread(self._runner.run, items, links)
         except Exception:
             # A batch that died half-sent leaves its links out of step: drop them so the router
             # rebuilds them, and the decode side fails only the transfers that were in flight.
-            for dest in {it.decode_instance for it in items}:
-                link = self._links.pop(dest, None)
-                if link is not None:
-                    link.abort()
+            self._drop_links(links, {it.decode_instance for it in items})
             raise
+        finally:
+            self._executing = False
+            retired, self._retired = self._retired, []
+            for link in retired:
+                link.abort()
+        self._drop_links(links, broken)
+        return out, broken
+
+    def _drop_links(self, used: Mapping[int, KVLink], dests: Iterable[int]) -> None:
+        """Abort the links a batch used to ``dests`` (not ones made since to replace them)."""
+        for dest in dests:
+            if dest not in used:
+                continue
+            link = used[dest]
+            if self._links.get(dest) is link:
+                del self._links[dest]
+            link.abort()
 
     async def node_id(self) -> str:
         """The Ray node this worker runs on (placement checks, status)."""

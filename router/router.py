@@ -5,6 +5,7 @@ Life of a request (the transfer id is assigned here and is the only pairing key)
     generate ─▶ pick decode + reserve blocks ─▶ ensure links ─▶ open decode stream
              ─▶ pick prefill + dispatch ─▶ first token (TTFT) ─▶ decode deltas … ─▶ finish
     abort at any point: queued prefill removed, or decode told to free once the KV has landed
+    KV link failed before the first token: link forgotten, replica probed, request retried
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +23,25 @@ import ray
 from pdserve.engine.load import DecodeLoad, PrefillLoad
 from pdserve.engine.request import DecodeRequest, PrefillItem, PrefillResult, StepDelta
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_transfer.link import KVLinkError
 from pdserve.router.policies import pick_decode, pick_prefill
 
 logger = logging.getLogger(__name__)
 
 
+KV_LINK_ATTEMPTS = 3  # tries of a request whose KV link failed before it yielded anything
+
+
 class NoCapacityError(RuntimeError):
     """No decode replica can ever hold this prompt's KV."""
+
+
+class _LinkFailed(Exception):
+    """Internal: an attempt failed on its KV link before yielding; ``generate`` retries it."""
+
+    def __init__(self, error: KVLinkError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class Router:
         self._decode_turn = itertools.count()
         self._loads: list[DecodeLoad] = []
         self._links: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._link_generation = itertools.count()
         self._capacity = asyncio.Condition()
         self._background: set[asyncio.Task[None]] = set()
         self._dead: set[int] = set()  # decode replicas whose actor died
@@ -109,9 +123,31 @@ class Router:
 
         Disaggregated: the first token comes from the prefill instance (TTFT does not wait for
         the KV transfer tail). Colocated (no prefill pool): the instance prefills locally and its
-        stream carries the first token too.
+        stream carries the first token too. A request whose KV link failed before it yielded
+        anything (its decode replica died mid-transfer) is retried from the start on a fresh
+        reservation, up to ``KV_LINK_ATTEMPTS`` times in all.
         """
         trace = trace or RequestTrace()
+        for attempt in range(1, KV_LINK_ATTEMPTS + 1):
+            try:
+                async with contextlib.aclosing(
+                    self._attempt(request_id, prompt, sampling, trace)
+                ) as deltas:
+                    async for delta in deltas:
+                        yield delta
+                return
+            except _LinkFailed as failed:
+                if attempt == KV_LINK_ATTEMPTS:
+                    raise failed.error from None
+                logger.warning("request %s: %s; retrying it", request_id, failed.error)
+
+    async def _attempt(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        trace: RequestTrace,
+    ) -> AsyncGenerator[StepDelta, None]:
         tid = next(self._ids)
         colocated = not self.prefill
         req = DecodeRequest(tid, request_id, tuple(prompt), sampling, local_prefill=colocated)
@@ -130,7 +166,7 @@ class Router:
             if p is not None:
                 trace.prefill_instance = p.index
                 try:
-                    await self._ensure_links(p, d)
+                    links = await self._ensure_links(p, d)
                 except ray.exceptions.RayActorError:
                     self._mark_prefill_dead(p)
                     raise
@@ -146,6 +182,10 @@ class Router:
                     phase = "prefill-failed"
                     if isinstance(e, ray.exceptions.RayActorError):
                         self._mark_prefill_dead(p)
+                        raise
+                    await self._forget_link(p, d, links)
+                    if isinstance(e, KVLinkError):  # Ray's wrapper: keep the cause's message
+                        raise _LinkFailed(KVLinkError(e.decode_instance, e.message)) from e
                     raise
                 phase = self._phases[request_id] = "decode"
                 trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s
@@ -210,6 +250,14 @@ class Router:
             for key in [k for k in self._links if k[0] == p.index]:
                 del self._links[key]
 
+    def _mark_decode_dead(self, d: int) -> None:
+        """A dead replica takes its links with it; the rest of the pool serves on."""
+        if d not in self._dead:
+            logger.error("decode replica %d is dead; routing around it", d)
+            self._dead.add(d)
+            for key in [k for k in self._links if k[1] == d]:
+                del self._links[key]
+
     @property
     def dead_instances(self) -> dict[str, list[int]]:
         """Instances taken out of rotation after their actors died (for status)."""
@@ -234,9 +282,7 @@ class Router:
                 try:
                     blocks, load = await self._reserve_on(d, req)
                 except ray.exceptions.RayActorError:
-                    # a dead replica takes its links with it; the rest of the pool serves on
-                    logger.error("decode replica %d is dead; routing around it", d)
-                    self._dead.add(d)
+                    self._mark_decode_dead(d)
                     tried.add(d)
                     continue
                 self._loads[d] = load
@@ -273,18 +319,33 @@ class Router:
         if blocks is not None:
             await self.decode[d].abort.remote(tid, False)
 
-    async def _ensure_links(self, p: PrefillInstance, d: int) -> None:
-        """Create the links from each KV-sending rank of ``p`` to replica ``d`` once."""
+    async def _ensure_links(self, p: PrefillInstance, d: int) -> asyncio.Task[None]:
+        """Create the links from each KV-sending rank of ``p`` to replica ``d`` once; returns the
+        task that made them (``_forget_link`` compares it)."""
         key = (p.index, d)
         task = self._links.get(key)
         if task is None or (task.done() and task.exception() is not None):
             task = asyncio.get_running_loop().create_task(self._connect(p, d))
             self._links[key] = task
         await asyncio.shield(task)
+        return task
+
+    async def _forget_link(self, p: PrefillInstance, d: int, task: asyncio.Task[None]) -> None:
+        """After a failed prefill: the prefill side dropped its link to ``d``, so the next request
+        builds a new one (unless another failure already replaced ``task``); a replica that no
+        longer answers is marked dead."""
+        if self._links.get((p.index, d)) is task:
+            del self._links[(p.index, d)]
+        try:
+            await self.decode[d].get_load.remote()
+        except ray.exceptions.RayActorError:
+            self._mark_decode_dead(d)
 
     async def _connect(self, p: PrefillInstance, d: int) -> None:
+        generation = next(self._link_generation)  # a rebuilt link never reuses a name
+
         async def one(rank: int) -> None:
-            name = f"{self.config.link_prefix}/p{p.index}r{rank}-d{d}"
+            name = f"{self.config.link_prefix}/p{p.index}r{rank}-d{d}.{generation}"
             host, port = await self.decode[d].listen.remote(name)
             await p.ranks[rank].connect_link.remote(d, name, host, port)
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -176,6 +180,46 @@ def test_dead_decode_replica_is_routed_around(
         assert [o.finish_reason for o in outs] == ["length"] * 4
         assert outs[0].token_ids == first  # same answer from the surviving replica
         assert ray.get(llm.deployment.decode[1].check_integrity.remote()) == 0
+
+
+def test_replica_dying_after_its_reservation_is_retried_elsewhere(
+    ray_session: None, tiny_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the test above leaves to chance, forced: replica 0 dies after it reserved blocks
+    for a request but before its KV is sent. The prefill's send to it fails, batch-mates bound
+    for replica 1 still land, and the failed request is retried there with the same answer."""
+    with LLM(str(tiny_dirs["llama"]), decode_instances=2) as llm:
+        first = llm.generate("warm up", GREEDY)[0].token_ids
+        llm.generate(["x", "y"], GREEDY)  # links to both replicas exist now
+        router, victim = llm.deployment.router, llm.deployment.decode[0]
+        pid = ray.get(victim.__ray_call__.remote(lambda _: os.getpid()))
+        reserve = router._reserve
+        fault = {"hits": 0}
+
+        async def reserve_then_kill(req: Any) -> tuple[int, list[int]]:
+            d, blocks = await reserve(req)
+            if d == 0 and not fault["hits"]:  # fault injection: kill it under its reservation
+                fault["hits"] += 1
+                os.kill(pid, signal.SIGKILL)  # the process itself, so its sockets close now
+                while Path(f"/proc/{pid}").exists() and not _zombie(pid):
+                    await asyncio.sleep(0.02)
+            return d, blocks
+
+        monkeypatch.setattr(router, "_reserve", reserve_then_kill)
+        outs = llm.generate(["warm up", "a", "b", "c"], GREEDY)
+        assert fault["hits"] == 1
+        assert [o.finish_reason for o in outs] == ["length"] * 4
+        assert outs[0].token_ids == first
+        assert router.dead_instances["decode"] == [0]
+        assert ray.get(llm.deployment.decode[1].check_integrity.remote()) == 0
+
+
+def _zombie(pid: int) -> bool:
+    """A killed process its parent has not reaped yet: its sockets are closed all the same."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_dead_prefill_instance_is_routed_around(

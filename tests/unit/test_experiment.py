@@ -21,7 +21,8 @@ from pdserve.cluster.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "deploy" / "experiments"
-AZURE = Path("/work/shared/traces/AzureLLMInferenceTrace_conv.csv")
+# the shared trace sits beside the checkout (../shared), wherever the checkout is cloned
+AZURE = (REPO.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv").resolve()
 
 BASE: dict[str, Any] = {
     "name": "t",

@@ -19,7 +19,9 @@ from pdserve.bench.workloads import (
     prompt_token_ids,
 )
 
-AZURE = Path("/work/shared/traces/AzureLLMInferenceTrace_conv.csv")
+REPO = Path(__file__).resolve().parents[2]
+# the shared trace sits beside the checkout (../shared), wherever the checkout is cloned
+AZURE = (REPO.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv").resolve()
 HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 
 
