@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -80,8 +81,10 @@ def up(args: argparse.Namespace) -> int:
     )
     if args.detach:
         return 0
+    # SIGTERM (systemd, docker stop, kill) stops it as cleanly as Ctrl-C does
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        ray.get(actor.wait_closed.remote())  # until `pdserve down` or Ctrl-C
+        ray.get(actor.wait_closed.remote())  # until `pdserve down`, Ctrl-C or SIGTERM
     except KeyboardInterrupt:
         console.print("shutting down…")
         ray.get(actor.shutdown.remote(), timeout=60)
@@ -90,6 +93,10 @@ def up(args: argparse.Namespace) -> int:
     ray.kill(actor)
     console.print(f"deployment {resolved.name!r} stopped")
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _connect(args: argparse.Namespace) -> Any:

@@ -4,6 +4,7 @@ request, and `pdserve down`, each a separate process."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -83,6 +84,29 @@ def test_up_status_request_down(tmp_path: Path) -> None:
         down = subprocess.run([PDSERVE, "down", *args], capture_output=True, text=True, timeout=180)
         assert down.returncode == 0, down.stderr[-2000:]
         assert up.wait(timeout=120) == 0  # `up` returns once the deployment is down
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_sigterm_stops_a_foreground_up_cleanly(tmp_path: Path) -> None:
+    """`kill PID` / `docker stop` reach a foreground `up` as SIGTERM: it shuts the deployment down
+    as Ctrl-C does and exits 0."""
+    spec = tmp_path / "term.yaml"
+    spec.write_text(Path("deploy/local.yaml").read_text().replace("port: 8000", "port: 8002"))
+    log = (tmp_path / "up.log").open("w+")
+    up = subprocess.Popen([PDSERVE, "up", "-f", str(spec)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while "serving" not in Path(log.name).read_text():
+            assert up.poll() is None, Path(log.name).read_text()
+            assert time.monotonic() < deadline, Path(log.name).read_text()
+            time.sleep(0.5)
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=120) == 0, Path(log.name).read_text()
+        assert "deployment 'local' stopped" in Path(log.name).read_text()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get("http://127.0.0.1:8002/health", timeout=2)
     finally:
         if up.poll() is None:
             up.kill()
