@@ -2,8 +2,15 @@
 
     prefill_ms(lens)         = a + b·Σlen + c·Σlen² + d·len(lens)   one forward over a batch
                                (a chunk [s, e) of a prompt counts e - s tokens and e² - s²)
-    decode_ms(batch, ctx)    = a + b·batch + c·Σcontext             one continuous-batching step
+    decode_ms(batch, ctx)    = base(batch) + c·Σcontext             one continuous-batching step
+                               base: piecewise linear through the measured batch sizes
+                               (older profiles: a + b·batch)
     transfer_ms(bytes)       = latency + bytes / bandwidth          one KV transfer over a link
+
+The decode step is not linear in the batch size: on a CPU, BLAS runs a one-row product as a
+matrix-vector product and two to a few rows at nearly twice its cost (measured here: 18 ms at
+batch 1, 33 ms at batches 2 and 4), and on a GPU a step is flat until compute saturates. So
+each measured batch size gets its own base cost (a "knot"), interpolated linearly between knots.
 
 Coefficients are kept non-negative (a latency never shrinks with more work): the fit is the
 best least-squares solution over every subset of the features whose coefficients all come out
@@ -124,9 +131,41 @@ def chunk_features(spans: Sequence[tuple[int, int]]) -> list[float]:
     ]
 
 
-def decode_features(batch: int, context_sum: int) -> list[float]:
-    """[1, batch, Σcontext] of one decode step (context: a seq's cached tokens + the new one)."""
-    return [1.0, float(batch), float(context_sum)]
+KNOT = "batch="  # decode feature names "batch=1", "batch=2", ...: one base cost per knot
+
+
+def decode_features(
+    batch: int, context_sum: int, knots: Sequence[int] | None = None
+) -> list[float]:
+    """Features of one decode step (context: a seq's cached tokens + the new one): with
+    `knots`, the batch's interpolation weights over them, then Σcontext; without, the linear
+    form [1, batch, Σcontext]."""
+    if knots is None:
+        return [1.0, float(batch), float(context_sum)]
+    return [*knot_weights(batch, knots), float(context_sum)]
+
+
+def knot_weights(x: float, knots: Sequence[int]) -> list[float]:
+    """Weights that interpolate linearly between the two knots around x (extrapolating from the
+    last two above the largest; the smallest's value below it)."""
+    w = [0.0] * len(knots)
+    if len(knots) == 1 or x <= knots[0]:
+        w[0] = 1.0
+        return w
+    i = len(knots) - 2
+    for j in range(len(knots) - 1):
+        if x <= knots[j + 1]:
+            i = j
+            break
+    t = (x - knots[i]) / (knots[i + 1] - knots[i])
+    w[i], w[i + 1] = 1.0 - t, t
+    return w
+
+
+def decode_knots(fit: Fit) -> list[int] | None:
+    """The batch sizes a decode fit has a base cost for; None for the linear form."""
+    knots = [int(f.removeprefix(KNOT)) for f in fit.features if f.startswith(KNOT)]
+    return knots or None
 
 
 def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> Fit:
@@ -136,9 +175,15 @@ def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> Fit:
 
 
 def fit_decode(samples: Sequence[tuple[int, int, float]]) -> Fit:
-    """samples: (batch size, Σcontext, milliseconds)."""
-    x = np.array([decode_features(b, c) for b, c, _ in samples])
-    return fit_nonnegative(DECODE_FEATURES, x, np.array([ms for *_, ms in samples]))
+    """samples: (batch size, Σcontext, milliseconds). A base cost per measured batch size plus
+    a cost per context token; the linear form when only one batch size was measured."""
+    knots = sorted({b for b, _, _ in samples})
+    y = np.array([ms for *_, ms in samples])
+    if len(knots) < 2:
+        x = np.array([decode_features(b, c) for b, c, _ in samples])
+        return fit_nonnegative(DECODE_FEATURES, x, y)
+    x = np.array([decode_features(b, c, knots) for b, c, _ in samples])
+    return fit_nonnegative([f"{KNOT}{k}" for k in knots] + ["context_sum"], x, y)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ prefill batch, a decode step or a KV transfer takes. JSON layout (all times in m
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ from pdserve.bench.latency_model import (
     TransferModel,
     chunk_features,
     decode_features,
+    decode_knots,
     prefill_features,
 )
 
@@ -129,6 +131,9 @@ class Profile:
     spec: Mapping[str, Any] = field(default_factory=dict)
     samples: Mapping[str, Any] = field(default_factory=dict)
     tp_scaling: str = "measured: 1"
+    # CPU host: how much slower a worker runs per neighbour computing on another core (shared
+    # cache and memory bus; bench.profile_corun); 0 on GPUs, where each has its own device
+    corun: float = 0.0
 
     def __post_init__(self) -> None:
         if 1 not in self.prefill:
@@ -162,7 +167,12 @@ class Profile:
 
     def decode_ms(self, batch: int, context_sum: int) -> float:
         """One decode step of `batch` seqs holding `context_sum` tokens in all."""
-        return max(self.decode.predict(decode_features(batch, context_sum)), 0.0)
+        x = decode_features(batch, context_sum, self._decode_knots)
+        return max(self.decode.predict(x), 0.0)
+
+    @functools.cached_property
+    def _decode_knots(self) -> list[int] | None:
+        return decode_knots(self.decode)
 
     def step_ms(self, batch: int, context_sum: int, chunks: Sequence[tuple[int, int]]) -> float:
         """One decode-replica step: a decode batch and prompt chunks [start, end) (local
@@ -202,6 +212,7 @@ class Profile:
             },
             "overheads": asdict(self.overheads),
             "tp_scaling": self.tp_scaling,
+            "corun": self.corun,
             "samples": dict(self.samples),
         }
 
@@ -234,6 +245,7 @@ class Profile:
                 spec=data.get("spec", {}),
                 samples=data.get("samples", {}),
                 tp_scaling=str(data.get("tp_scaling", "")),
+                corun=float(data.get("corun", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ProfileError(f"malformed profile ({e!r}): re-run pdserve profile") from None

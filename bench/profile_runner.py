@@ -18,6 +18,7 @@ from pdserve.bench.latency_model import TransferModel, fit_decode, fit_prefill
 from pdserve.bench.models import num_params
 from pdserve.bench.placement import knobs_of
 from pdserve.bench.profile import Grid, cpu_count, interleaved, median_by_key
+from pdserve.bench.profile_corun import measure_corun
 from pdserve.bench.profile_dist import LinkBench, TPPrefillBench
 from pdserve.bench.profile_model import EngineKnobs, ModelShape, Overheads, Profile
 from pdserve.bench.profile_overheads import DEFAULT_OVERHEADS, measure_overheads
@@ -74,6 +75,7 @@ def profile_spec(args: argparse.Namespace) -> Profile:
     if (args.overheads or ("default" if args.quick else "measure")) == "measure":
         profile = _with_overheads(profile, spec)
     profile = _with_mixed_check(profile, samples["mixed"])
+    profile = _with_corun(profile, target, args.quick)
     return _stamped(profile, time.perf_counter() - started)
 
 
@@ -273,6 +275,18 @@ def _with_mixed_check(profile: Profile, mixed: Sequence[Any]) -> Profile:
         for (b, c, s, n), ms in mixed
     ]  # fmt: skip
     return replace(profile, samples={**profile.samples, "mixed": rows})
+
+
+def _with_corun(profile: Profile, target: Target, quick: bool) -> Profile:
+    """On a CPU host with a core per worker to spare: the co-run slowdown (bench.profile_corun)."""
+    from dataclasses import replace
+
+    if target.device.type != "cpu" or cpu_count() < 2:
+        return profile
+    print("measuring how two workers on this host slow each other down…", flush=True)
+    measured = measure_corun(target, seconds=0.5 if quick else 4.0)
+    samples = {**profile.samples, "corun": measured}
+    return replace(profile, corun=measured["corun"], samples=samples)
 
 
 def _stamped(profile: Profile, seconds: float) -> Profile:

@@ -69,13 +69,15 @@ class HostCpu:
 
     cores: float | None = None
     background: float = 0.0
+    corun: float = 0.0  # slowdown per neighbour worker computing on another core
 
     @classmethod
     def of(cls, profile: Profile, background: float = 0.0, cores: float | None = None) -> HostCpu:
-        """The profiled machine's cores when the profile ran on CPU; `cores` overrides."""
+        """The profiled machine's cores (and co-run slowdown) when the profile ran on CPU;
+        `cores` overrides."""
         if profile.device != "cpu":
             return cls(None, 0.0)
-        return cls(cores or profile.hardware.get("cpu_count"), background)
+        return cls(cores or profile.hardware.get("cpu_count"), background, profile.corun)
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ class Simulation:
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
         host = host or HostCpu.of(profile)
-        self.cpu = CpuShare(lambda: self.now, self.at, host.cores, host.background)
+        self.cpu = CpuShare(lambda: self.now, self.at, host.cores, host.background, host.corun)
         self._stream_cpu = StreamCpu(self.cpu, profile.overheads.stream_cpu_ms)
         self.decodes = [DecodeSim(self, j) for j in range(placement.decode_instances)]
         self.prefills = [
@@ -211,7 +213,7 @@ class StreamCpu:
 
     def _start(self) -> None:
         ms, self._pending_ms, self._running = self._pending_ms, 0.0, True
-        self.cpu.run(self, ms, 1, self._done)
+        self.cpu.run(self, ms, 1, self._done, corun=False)  # light on memory: no co-run term
 
     def _done(self) -> None:
         self._running = False

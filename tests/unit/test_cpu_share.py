@@ -57,6 +57,40 @@ def test_a_late_starter_slows_the_running_one_only_while_both_run() -> None:
     assert done == {"a": pytest.approx(0.015), "b": pytest.approx(0.020)}
 
 
+def test_workers_on_separate_cores_slow_each_other_by_the_corun_term() -> None:
+    """Two workers on two cores: no core sharing, but each runs 1 + corun times slower while
+    the other computes; once one finishes the other is back at full speed."""
+    clock, done = Clock(), finish_times()
+    cpu = CpuShare(lambda: clock.now, clock.at, cores=2.0, corun=0.25)
+    cpu.run("a", 10.0, 1, lambda: done.setdefault("a", clock.now))
+    cpu.run("b", 20.0, 1, lambda: done.setdefault("b", clock.now))
+    clock.run()
+    # both at 1/1.25 until a is done (10 ms of work: 12.5 ms); b has 10 ms left, alone: 22.5
+    assert done == {"a": pytest.approx(0.0125), "b": pytest.approx(0.0225)}
+
+
+def test_light_work_neither_suffers_nor_causes_corun() -> None:
+    clock, done = Clock(), finish_times()
+    cpu = CpuShare(lambda: clock.now, clock.at, cores=2.0, corun=0.25)
+    cpu.run("worker", 10.0, 1, lambda: done.setdefault("worker", clock.now))
+    cpu.run("stream", 10.0, 1, lambda: done.setdefault("stream", clock.now), corun=False)
+    clock.run()
+    assert done == {"worker": pytest.approx(0.010), "stream": pytest.approx(0.010)}
+
+
+def test_corun_counts_neighbours_up_to_the_cores_beside_it() -> None:
+    """Three workers on two cores: core sharing (2/3 speed) and one neighbour's co-run term,
+    not two: a worker only ever has cores - 1 others computing beside it at once."""
+    clock, done = Clock(), finish_times()
+    cpu = CpuShare(lambda: clock.now, clock.at, cores=2.0, corun=0.5)
+    for w in "abc":
+        cpu.run(w, 10.0, 1, lambda w=w: done.setdefault(w, clock.now))
+    clock.run()
+    assert done == {w: pytest.approx(0.010 * 1.5 * 1.5) for w in "abc"}
+    with pytest.raises(ValueError, match="co-run"):
+        CpuShare(lambda: 0.0, clock.at, cores=2.0, corun=-0.1)
+
+
 def test_enough_cores_or_a_gpu_change_nothing() -> None:
     for cores in (2.0, None):
         clock, done = Clock(), finish_times()

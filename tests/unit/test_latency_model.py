@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 
 from pdserve.bench.latency_model import (
+    DECODE_FEATURES,
     Fit,
     FitError,
     TransferModel,
     decode_features,
+    decode_knots,
     fit_decode,
     fit_nonnegative,
     fit_prefill,
+    knot_weights,
     prefill_features,
 )
 
@@ -40,6 +43,7 @@ def test_prefill_fit_recovers_known_coefficients() -> None:
 
 
 def test_decode_fit_recovers_known_coefficients_under_noise() -> None:
+    """Data linear in the batch: the knots land on the line and the context cost is found."""
     rng = np.random.default_rng(1)
     samples = []
     for b in (1, 2, 4, 8, 16, 32):
@@ -47,11 +51,39 @@ def test_decode_fit_recovers_known_coefficients_under_noise() -> None:
             ms = float(np.dot(list(DECODE_TRUE.values()), decode_features(b, b * ctx)))
             samples.append((b, b * ctx, ms * (1 + 0.01 * rng.standard_normal())))
     fit = fit_decode(samples)
-    assert fit.coefficient("const") == pytest.approx(12.0, rel=0.05)
-    assert fit.coefficient("batch") == pytest.approx(0.8, rel=0.15)
+    assert decode_knots(fit) == [1, 2, 4, 8, 16, 32]
+    for b in (1, 2, 4, 8, 16, 32):
+        assert fit.coefficient(f"batch={b}") == pytest.approx(12.0 + 0.8 * b, rel=0.05)
     assert fit.coefficient("context_sum") == pytest.approx(0.003, rel=0.05)
     assert fit.r2 > 0.99
     assert 0 < fit.max_rel_err < 0.05
+
+
+def test_decode_fit_follows_a_step_in_the_batch_cost() -> None:
+    """The CPU shape (measured: BLAS runs one row as a matrix-vector product, two or four at
+    nearly twice the cost): the knots keep the step a single line through the origin smooths
+    over, and interpolate between measured batch sizes."""
+    base = {1: 18.0, 2: 32.0, 4: 33.0, 8: 36.0}
+    samples = [(b, b * c, ms + 0.004 * b * c) for b, ms in base.items() for c in (64, 256, 1024)]
+    fit = fit_decode(samples)
+    knots = decode_knots(fit)
+    for b, ms in base.items():
+        x = decode_features(b, b * 256, knots)
+        assert fit.predict(x) == pytest.approx(ms + 0.004 * b * 256, rel=1e-6)
+    assert fit.predict(decode_features(3, 0, knots)) == pytest.approx(32.5)  # between 2 and 4
+    assert fit.predict(decode_features(16, 0, knots)) == pytest.approx(42.0)  # 8 -> beyond
+    linear = fit_nonnegative(
+        DECODE_FEATURES, np.array([decode_features(b, c) for b, c, _ in samples]),
+        np.array([ms for *_, ms in samples]),
+    )  # fmt: skip
+    assert linear.max_rel_err > 0.15 > fit.max_rel_err  # the old linear form misses the step
+
+
+def test_knot_weights_interpolate_and_extrapolate() -> None:
+    assert knot_weights(1, [1, 2, 4]) == [1.0, 0.0, 0.0]
+    assert knot_weights(3, [1, 2, 4]) == [0.0, 0.5, 0.5]
+    assert knot_weights(8, [1, 2, 4]) == [0.0, -2.0, 3.0]  # 4 + 2 x (4 - 2)
+    assert knot_weights(5, [8]) == [1.0]
 
 
 def test_coefficients_stay_non_negative() -> None:
