@@ -24,6 +24,7 @@ import numpy as np
 
 PREFILL_LENGTHS = (16, 64, 256, 1024, 4096)
 DECODE_CONTEXTS = (32, 128, 512, 2048)
+DENSE_BATCHES = 32  # decode batch sizes measured one by one up to this
 TRANSFER_MIB = (0.25, 1, 4, 16, 64)  # one transfer's KV bytes, whatever the model's size
 
 
@@ -51,8 +52,9 @@ class Grid:
         quick: bool,
     ) -> Grid:
         """Prefill: n prompts of length L for L in PREFILL_LENGTHS and n = 1, 2, 4, ... within
-        the token budget, plus three mixed batches; decode: batch 1, 2, 4, ... x contexts;
-        transfers of TRANSFER_MIB each."""
+        the token budget, plus three mixed batches; decode: batch 1, 2, 4, ... x contexts and
+        every batch size up to DENSE_BATCHES at a context near 128; transfers of TRANSFER_MIB
+        each."""
         lens = [n for n in PREFILL_LENGTHS if n < max_len and n <= max_tokens]
         counts = [1 << i for i in range(12) if (1 << i) <= max_batch]
         prefill = [[n] * k for n in lens for k in counts if n * k <= max_tokens]
@@ -66,6 +68,12 @@ class Grid:
         contexts = [c for c in DECODE_CONTEXTS if c + steps + 2 < max_len]
         batches = [1 << i for i in range(12) if (1 << i) <= max_seqs]
         decode = [(b, c) for b in batches for c in contexts]
+        # every other batch size up to DENSE_BATCHES at one context: a step's cost is not
+        # monotonic in the batch on CPU BLAS (measured: batch 3 slower than 4, 6-7 than 8)
+        mid = min(contexts, key=lambda c: abs(c - 128)) if contexts else None
+        if mid is not None and not quick:
+            dense = range(1, min(max_seqs, DENSE_BATCHES) + 1)
+            decode += [(b, mid) for b in dense if b not in batches]
         transfer = [max(1, round(mib * 2**20 / kv_bytes_per_token)) for mib in TRANSFER_MIB]
         send = [c for c in ([256], [64] * 4, [1024]) if sum(c) <= max_tokens and max(c) < max_len]
         mixed = [

@@ -21,6 +21,8 @@ def test_grid_stays_within_the_budgets() -> None:
     assert {len(c) for c in g.prefill if len(set(c)) == 1} == {1, 2, 4, 8}
     assert any(len(set(c)) > 1 for c in g.prefill)  # mixed batches pin the Σlen² term apart
     assert max(b for b, _ in g.decode) == 16 and all(c + 10 < 1024 for _, c in g.decode)
+    assert {b for b, _ in g.decode} == set(range(1, 17))  # every batch size: the cost is bumpy
+    assert {c for b, c in g.decode if b in (3, 5, 7)} == {128}
     assert g.transfer == [16, 64, 256, 1024, 4096]  # 0.25 .. 64 MiB of 16 KiB tokens
     quick = Grid.build(2048, 1024, 8, 16, 1 << 14, quick=True)
     assert quick.repeats == 1 and len(quick.prefill) <= 10 and len(quick.decode) <= 8
