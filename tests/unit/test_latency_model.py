@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,7 @@ from pdserve.bench.latency_model import (
     fit_nonnegative,
     fit_prefill,
     knot_weights,
+    nnls,
     prefill_features,
 )
 
@@ -120,3 +123,34 @@ def test_fit_round_trips_through_json() -> None:
     again = Fit.from_json(fit.to_json())
     assert again == fit
     assert again.predict(prefill_features([100, 200])) == fit.predict(prefill_features([100, 200]))
+
+
+def test_nnls_matches_the_best_non_negative_subset_fit() -> None:
+    """Lawson-Hanson against brute force over column subsets, on random problems where some
+    unconstrained coefficients come out negative."""
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        k = int(rng.integers(2, 6))
+        a = rng.standard_normal((30, k)) * rng.uniform(0.1, 1e3, k)
+        b = a @ rng.uniform(-1, 1, k) + 0.1 * rng.standard_normal(30)
+        best = None
+        for size in range(k + 1):
+            for cols in itertools.combinations(range(k), size):
+                x = np.zeros(k)
+                if cols:
+                    x[list(cols)], *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+                if np.all(x >= 0):
+                    sse = float(np.sum((a @ x - b) ** 2))
+                    best = sse if best is None else min(best, sse)
+        x = nnls(a, b)
+        assert np.all(x >= 0)
+        assert float(np.sum((a @ x - b) ** 2)) == pytest.approx(best, rel=1e-9, abs=1e-9)
+
+
+def test_many_decode_knots_fit_quickly() -> None:
+    """33 features (32 batch sizes + context): exact NNLS, no 2^33 subset search."""
+    samples = [
+        (b, b * c, 10 + 2 * b + (b % 3) + 0.004 * b * c) for b in range(1, 33) for c in (128, 512)
+    ]
+    fit = fit_decode(samples)
+    assert len(fit.features) == 33 and fit.max_rel_err < 1e-6
