@@ -9,16 +9,17 @@ outnumber its cores this is what keeps the simulation from counting cores twice.
 
 Cores are not independent either: they share the last-level cache and the memory bus, so a
 worker computes slower while others compute beside it even with cores to spare. `corun` (the
-profile's measured slowdown per busy neighbour, `bench.profile_corun`) divides the speed of
-each worker operation by 1 + corun x (workers running beside it, at most cores - 1).
-Operations started with `corun=False` (the controller's light streaming work) neither suffer
-nor cause it.
+profile's measured slowdowns, `bench.profile_corun`) divides the speed of each worker operation
+by 1 + the sum of its slowdowns beside the workers running with it (at most cores - 1 of them,
+the worst first). It is one number for every pair, or a slowdown per "kind|neighbour kind"
+pair ("decode|prefill": a decode step beside a prefill). Operations of kind None (the
+controller's light streaming work) neither suffer nor cause it.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -27,7 +28,7 @@ class _Op:
     remaining_ms: float  # work left, in ms at full speed
     threads: int
     done: Callable[[], None]
-    corun: bool = True  # a worker's compute: slowed by, and slowing, the others
+    kind: str | None = "worker"  # a worker's compute ("prefill", "decode"); None: light work
     version: int = 0
     speed: float = 1.0  # share of full speed it runs at now
 
@@ -41,14 +42,15 @@ class CpuShare:
         at: Callable[[float, Callable[[], None]], None],
         cores: float | None,
         background: float = 0.0,
-        corun: float = 0.0,
+        corun: float | Mapping[str, float] = 0.0,
     ) -> None:
         if cores is not None and not cores > 0:
             raise ValueError(f"cores must be > 0, got {cores}")
         if background < 0:
             raise ValueError(f"background cores must be >= 0, got {background}")
-        if corun < 0:
-            raise ValueError(f"the co-run slowdown must be >= 0, got {corun}")
+        values = corun.values() if isinstance(corun, Mapping) else [corun]
+        if any(v < 0 for v in values):
+            raise ValueError(f"co-run slowdowns must be >= 0, got {corun}")
         self._clock, self._at = clock, at
         self.cores, self.background, self.corun = cores, background, corun
         self._ops: dict[object, _Op] = {}
@@ -62,13 +64,19 @@ class CpuShare:
         wanted = sum(op.threads for op in self._ops.values()) + self.background
         return min(1.0, self.cores / wanted) if wanted > 0 else 1.0
 
-    def worker_speed(self) -> float:
+    def slowdown(self, kind: str, neighbour: str) -> float:
+        """How much slower an operation of `kind` runs beside one of `neighbour`."""
+        if not isinstance(self.corun, Mapping):
+            return self.corun
+        default = sum(self.corun.values()) / len(self.corun) if self.corun else 0.0
+        return self.corun.get(f"{kind}|{neighbour}", default)
+
+    def _worker_speed(self, op: _Op, shared: float) -> float:
         """Share of full speed a worker's operation gets now: core sharing and co-running."""
-        if self.cores is None:
-            return 1.0
-        workers = sum(1 for op in self._ops.values() if op.corun)
-        neighbours = min(workers, self.cores) - 1
-        return self.speed() / (1.0 + self.corun * max(0.0, neighbours))
+        assert self.cores is not None and op.kind is not None
+        others = [o.kind for o in self._ops.values() if o is not op and o.kind is not None]
+        beside = sorted((self.slowdown(op.kind, k) for k in others), reverse=True)
+        return shared / (1.0 + sum(beside[: max(0, int(self.cores) - 1)]))
 
     def run(
         self,
@@ -76,7 +84,7 @@ class CpuShare:
         ms: float,
         threads: int,
         done: Callable[[], None],
-        corun: bool = True,
+        kind: str | None = "worker",
     ) -> None:
         """Start `owner`'s operation of `ms` at full speed; `done()` once it has finished."""
         now = self._clock()
@@ -85,7 +93,7 @@ class CpuShare:
             return
         assert owner not in self._ops, "one operation per worker at a time"
         self._advance(now)
-        self._ops[owner] = _Op(ms, threads, done, corun)
+        self._ops[owner] = _Op(ms, threads, done, kind)
         self._reschedule()
 
     def _advance(self, now: float) -> None:
@@ -95,9 +103,10 @@ class CpuShare:
         self._last = now
 
     def _reschedule(self) -> None:
-        shared, worker = self.speed(), self.worker_speed()
+        shared = self.speed()
+        for op in self._ops.values():
+            op.speed = shared if op.kind is None else self._worker_speed(op, shared)
         for owner, op in self._ops.items():
-            op.speed = worker if op.corun else shared
             # versions are unique across ops: a stale event of an owner's earlier operation
             # must never match its next one
             op.version = next(self._versions)

@@ -184,13 +184,12 @@ def format_quality(data: dict[str, Any]) -> str:
         f"prefill x{o.get('prefill_scale', 1.0):.2f}, decode step +{excess} ms by batch "
         f"({o['source']})"
     )
-    corun = data["samples"].get("corun")
+    corun = data.get("corun_pairs")
     if corun:
-        lines.append(
-            f"co-run: beside a busy neighbour core a decode step runs "
-            f"{100 * corun['decode']:.1f}% slower, a prefill {100 * corun['prefill']:.1f}% "
-            f"(corun {data['corun']:.3f})"
+        pairs = ", ".join(
+            f"{pair.replace('|', ' beside ')} +{100 * v:.1f}%" for pair, v in corun.items()
         )
+        lines.append(f"co-run on neighbouring cores: {pairs} (corun {data['corun']:.3f})")
     return "\n".join(lines)
 
 

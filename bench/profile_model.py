@@ -134,6 +134,7 @@ class Profile:
     # CPU host: how much slower a worker runs per neighbour computing on another core (shared
     # cache and memory bus; bench.profile_corun); 0 on GPUs, where each has its own device
     corun: float = 0.0
+    corun_pairs: Mapping[str, float] = field(default_factory=dict)  # "decode|prefill": ...
 
     def __post_init__(self) -> None:
         if 1 not in self.prefill:
@@ -213,6 +214,7 @@ class Profile:
             "overheads": asdict(self.overheads),
             "tp_scaling": self.tp_scaling,
             "corun": self.corun,
+            "corun_pairs": dict(self.corun_pairs),
             "samples": dict(self.samples),
         }
 
@@ -246,6 +248,7 @@ class Profile:
                 samples=data.get("samples", {}),
                 tp_scaling=str(data.get("tp_scaling", "")),
                 corun=float(data.get("corun", 0.0)),
+                corun_pairs={k: float(v) for k, v in data.get("corun_pairs", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ProfileError(f"malformed profile ({e!r}): re-run pdserve profile") from None

@@ -284,9 +284,9 @@ def _with_corun(profile: Profile, target: Target, quick: bool) -> Profile:
     if target.device.type != "cpu" or cpu_count() < 2:
         return profile
     print("measuring how two workers on this host slow each other down…", flush=True)
-    measured = measure_corun(target, seconds=0.5 if quick else 4.0)
-    samples = {**profile.samples, "corun": measured}
-    return replace(profile, corun=measured["corun"], samples=samples)
+    measured = measure_corun(target, *((0.2, 1) if quick else (1.0, 3)))
+    pairs = {k: v for k, v in measured.items() if "|" in k}
+    return replace(profile, corun=measured["corun"], corun_pairs=pairs)
 
 
 def _stamped(profile: Profile, seconds: float) -> Profile:

@@ -50,7 +50,9 @@ class Host(Protocol):
     knobs: EngineKnobs
 
     def at(self, t: float, fn: Callable[[], None]) -> None: ...
-    def busy_for(self, owner: object, ms: float, threads: int, done: Callable[[], None]) -> None:
+    def busy_for(
+        self, owner: object, ms: float, threads: int, done: Callable[[], None], kind: str
+    ) -> None:
         """Run `owner`'s computation of `ms` (at profiled speed) on `threads` threads."""
 
     def first_token(self, req: SimRequest) -> None: ...
@@ -95,7 +97,7 @@ class PrefillSim:
             batch_ms(self.host.profile, batch, self.tp),
             self.tp * self.host.profile.threads,
         )
-        self.host.busy_for(self, ms, threads, lambda: self._done(batch))
+        self.host.busy_for(self, ms, threads, lambda: self._done(batch), "prefill")
 
     def _done(self, batch: list[SimRequest]) -> None:
         now = self.host.now
@@ -212,8 +214,9 @@ class DecodeSim:
         context = sum(len(s.token_ids) for s in out.decode)
         ms = self.host.profile.step_ms(len(out.decode), context, spans)
         self.busy = True
+        kind = "decode" if out.decode else "prefill"  # a step of prompt chunks only: prefill
         self.host.busy_for(
-            self, ms, self.host.profile.threads, lambda: self._step_done(out, chunks)
+            self, ms, self.host.profile.threads, lambda: self._step_done(out, chunks), kind
         )
 
     def _step_done(self, out: ScheduleOutput, chunks: list[PrefillChunk]) -> None:

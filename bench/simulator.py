@@ -69,7 +69,8 @@ class HostCpu:
 
     cores: float | None = None
     background: float = 0.0
-    corun: float = 0.0  # slowdown per neighbour worker computing on another core
+    # slowdown beside a worker computing on another core: one number, or per "kind|neighbour"
+    corun: float | Mapping[str, float] = 0.0
 
     @classmethod
     def of(cls, profile: Profile, background: float = 0.0, cores: float | None = None) -> HostCpu:
@@ -77,7 +78,8 @@ class HostCpu:
         `cores` overrides."""
         if profile.device != "cpu":
             return cls(None, 0.0)
-        return cls(cores or profile.hardware.get("cpu_count"), background, profile.corun)
+        corun = profile.corun_pairs or profile.corun
+        return cls(cores or profile.hardware.get("cpu_count"), background, corun)
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,10 @@ class Simulation:
     def at(self, t: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._events, (t, next(self._order), fn))
 
-    def busy_for(self, owner: object, ms: float, threads: int, done: Callable[[], None]) -> None:
-        self.cpu.run(owner, ms, threads, done)
+    def busy_for(
+        self, owner: object, ms: float, threads: int, done: Callable[[], None], kind: str
+    ) -> None:
+        self.cpu.run(owner, ms, threads, done, kind)
 
     def run(self, planned: Sequence[PlannedShape], slos_ms: Mapping[str, float]) -> SimResult:
         for i, p in enumerate(planned):
@@ -213,7 +217,7 @@ class StreamCpu:
 
     def _start(self) -> None:
         ms, self._pending_ms, self._running = self._pending_ms, 0.0, True
-        self.cpu.run(self, ms, 1, self._done, corun=False)  # light on memory: no co-run term
+        self.cpu.run(self, ms, 1, self._done, kind=None)  # light on memory: no co-run term
 
     def _done(self) -> None:
         self._running = False

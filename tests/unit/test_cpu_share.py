@@ -73,7 +73,7 @@ def test_light_work_neither_suffers_nor_causes_corun() -> None:
     clock, done = Clock(), finish_times()
     cpu = CpuShare(lambda: clock.now, clock.at, cores=2.0, corun=0.25)
     cpu.run("worker", 10.0, 1, lambda: done.setdefault("worker", clock.now))
-    cpu.run("stream", 10.0, 1, lambda: done.setdefault("stream", clock.now), corun=False)
+    cpu.run("stream", 10.0, 1, lambda: done.setdefault("stream", clock.now), kind=None)
     clock.run()
     assert done == {"worker": pytest.approx(0.010), "stream": pytest.approx(0.010)}
 
@@ -89,6 +89,27 @@ def test_corun_counts_neighbours_up_to_the_cores_beside_it() -> None:
     assert done == {w: pytest.approx(0.010 * 1.5 * 1.5) for w in "abc"}
     with pytest.raises(ValueError, match="co-run"):
         CpuShare(lambda: 0.0, clock.at, cores=2.0, corun=-0.1)
+
+
+def test_corun_per_pair_of_kinds() -> None:
+    """Measured slowdowns differ by pair (decode steps stream weights and suffer most beside
+    each other): a decode beside a decode runs 1.2x slower, beside a prefill 1.05x; a kind
+    pair the profile lacks gets the mean."""
+    pairs = {"decode|decode": 0.2, "decode|prefill": 0.05, "prefill|decode": 0.0}
+    clock, done = Clock(), finish_times()
+    cpu = CpuShare(lambda: clock.now, clock.at, cores=2.0, corun=pairs)
+    cpu.run("d1", 12.0, 1, lambda: done.setdefault("d1", clock.now), kind="decode")
+    cpu.run("d2", 12.0, 1, lambda: done.setdefault("d2", clock.now), kind="decode")
+    clock.run()
+    assert done == {"d1": pytest.approx(0.0144), "d2": pytest.approx(0.0144)}
+    clock, done = Clock(), finish_times()
+    cpu = CpuShare(lambda: clock.now, clock.at, cores=2.0, corun=pairs)
+    cpu.run("d", 10.0, 1, lambda: done.setdefault("d", clock.now), kind="decode")
+    cpu.run("p", 30.0, 1, lambda: done.setdefault("p", clock.now), kind="prefill")
+    clock.run()
+    assert done["d"] == pytest.approx(0.0105)  # 10 ms of work at 1/1.05 speed
+    assert done["p"] == pytest.approx(0.030)  # prefill|decode: 0
+    assert cpu.slowdown("prefill", "prefill") == pytest.approx(0.25 / 3)
 
 
 def test_enough_cores_or_a_gpu_change_nothing() -> None:
