@@ -157,8 +157,8 @@ class DecodeSim:
     def load(self) -> DecodeLoad:
         s = self.scheduler
         return DecodeLoad(
-            self.index, self.blocks.num_free_blocks, self.blocks.num_blocks, s.num_running,
-            s.num_waiting,
+            self.index, self.blocks.num_free_blocks, self.blocks.num_blocks,
+            s.num_running + self.prefills.num_partial, s.num_waiting + self.prefills.num_waiting,
         )  # fmt: skip
 
     def reserve(self, req: SimRequest) -> bool:

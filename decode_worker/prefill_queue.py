@@ -81,6 +81,12 @@ class LocalPrefillQueue:
         """Prompts whose chunked prefill has started but not finished."""
         return sum(1 for p in self._prompts.values() if p.computed > 0)
 
+    @property
+    def num_waiting(self) -> int:
+        """Prompts whose prefill has not started (vLLM counts them as waiting; a started one
+        is running)."""
+        return len(self._prompts) - self.num_partial
+
     def add(self, seq_id: int, prompt_len: int) -> None:
         if seq_id in self._prompts:
             raise SchedulerError(f"seq {seq_id} is already queued for prefill")

@@ -244,8 +244,8 @@ class DecodeWorker:
             self.spec.instance,
             self.blocks.num_free_blocks,
             self.blocks.num_blocks,
-            s.num_running,
-            s.num_waiting,
+            s.num_running + self._prefills.num_partial,
+            s.num_waiting + self._prefills.num_waiting,  # colocated: prompts not yet prefilled
         )
 
     async def node_id(self) -> str:

@@ -50,9 +50,12 @@ def test_a_started_prompt_continues_ahead_of_later_ones_fcfs() -> None:
     engine = ColocatedEngine(budget=8)
     for seq_id, n in ((1, 10), (2, 3), (3, 4), (4, 2)):
         engine.submit(seq_id, [seq_id] * n)
+    assert (engine.prefills.num_partial, engine.prefills.num_waiting) == (0, 4)
     assert spans(engine.step().chunks) == [(1, 0, 8)]
+    assert (engine.prefills.num_partial, engine.prefills.num_waiting) == (1, 3)  # 1 is running
     # 1 finishes, 2 fits whole, 3 gets what is left; 4 waits behind 3
     assert spans(engine.step().chunks) == [(1, 8, 10), (2, 0, 3), (3, 0, 3)]
+    assert (engine.prefills.num_partial, engine.prefills.num_waiting) == (1, 1)
     step = engine.step()
     assert step.decode == [1, 2] and spans(step.chunks) == [(3, 3, 4), (4, 0, 2)]
 
