@@ -36,6 +36,14 @@ class NoCapacityError(RuntimeError):
     """No decode replica can ever hold this prompt's KV."""
 
 
+class _DecodeDied(Exception):
+    """Internal: decode replica ``d`` died while a link to it was being made."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__(f"decode replica {d} died")
+        self.d = d
+
+
 class _LinkFailed(Exception):
     """Internal: an attempt failed on its KV link before yielding; ``generate`` retries it."""
 
@@ -167,6 +175,10 @@ class Router:
                 trace.prefill_instance = p.index
                 try:
                     links = await self._ensure_links(p, d)
+                except _DecodeDied as e:  # it died under our reservation: retry elsewhere
+                    self._mark_decode_dead(d)
+                    why = f"decode replica {d} died before its KV link was made"
+                    raise _LinkFailed(KVLinkError(d, why)) from e
                 except ray.exceptions.RayActorError:
                     self._mark_prefill_dead(p)
                     raise
@@ -346,7 +358,10 @@ class Router:
 
         async def one(rank: int) -> None:
             name = f"{self.config.link_prefix}/p{p.index}r{rank}-d{d}.{generation}"
-            host, port = await self.decode[d].listen.remote(name)
+            try:
+                host, port = await self.decode[d].listen.remote(name)
+            except ray.exceptions.RayActorError as e:  # the decode side's death, not prefill's
+                raise _DecodeDied(d) from e
             await p.ranks[rank].connect_link.remote(d, name, host, port)
 
         await asyncio.gather(*(one(r) for r in p.senders))

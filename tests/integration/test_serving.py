@@ -176,6 +176,16 @@ def test_dead_decode_replica_is_routed_around(
     with LLM(str(tiny_dirs["llama"]), decode_instances=2) as llm:
         first = llm.generate("warm up", GREEDY)[0].token_ids  # links to replica 0 exist now
         ray.kill(llm.deployment.decode[0])
+        # ray.kill is asynchronous: a request reserved before it takes effect could decode on
+        # the replica and then lose it mid-stream (not migrated; the next test forces the
+        # reserved-then-killed case). Wait until the actor answers no more.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                ray.get(llm.deployment.decode[0].get_load.remote(), timeout=5)
+            except ray.exceptions.RayActorError:
+                break
+            time.sleep(0.05)
         outs = llm.generate(["warm up", "a", "b", "c"], GREEDY)
         assert [o.finish_reason for o in outs] == ["length"] * 4
         assert outs[0].token_ids == first  # same answer from the surviving replica
