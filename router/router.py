@@ -41,7 +41,6 @@ class _DecodeDied(Exception):
 
     def __init__(self, d: int) -> None:
         super().__init__(f"decode replica {d} died")
-        self.d = d
 
 
 class _LinkFailed(Exception):
