@@ -1,13 +1,21 @@
 """KV transfer throughput: pdserve's link protocol vs raw torch.distributed send/recv.
 
 Two processes, as in a deployment: a sender (prefill rank) and a receiver (decode replica). For
-each prompt length it moves one request's KV cache three ways, timed on the sender from the first
-send to the receiver's 8-byte acknowledgement (the same round trip for all three):
+each prompt length it moves one request's KV cache five ways, interleaved round by round, each
+timed on the sender from the first send to the receiver's 8-byte acknowledgement:
 
-- raw-1:   one send of all the bytes (the best case for the backend);
-- raw-L:   one send per layer (the message pattern pdserve uses), received into plain buffers;
-- pdserve: KVLink header + per-layer sends + trailer, received by KVReceiver, scattered into a
-           paged cache at the head offset (what decode really does).
+- raw-1:    one send of all the bytes (the backend's best case; the baseline);
+- raw-L:    one send per layer (K and V together) into plain, pre-posted buffers;
+- raw-KV:   one send per layer for K and one for V, pre-posted: pdserve's message pattern in
+            plain torch.distributed (a paged cache keeps a layer's K and V apart);
+- pdserve:  the whole protocol, cold: msgpack header, the receiver's go-ahead, K and V per
+            layer, trailer; received by KVReceiver straight into a paged cache at the head
+            offset (what decode really does);
+- streamed: the same, with the header sent and acknowledged before the clock starts, as in a
+            prefill, which sends the header before its forward pass and each layer's K/V as
+            the forward produces it (the go-ahead is back long before layer 0's K/V exists).
+
+The receiver checks at the end that the KV landed in the cache exactly as sent.
 
     python -m pdserve.bench.kv_bench --tokens 128 512 1024 2048 4096 --out kv.json
 """
@@ -21,6 +29,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +37,7 @@ import torch.multiprocessing as mp
 
 from pdserve.engine.parallel import make_process_group
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
+from pdserve.kv_transfer.layout import slot_index
 from pdserve.kv_transfer.link import RECEIVER, SENDER, KVLink
 from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch
 
@@ -60,6 +70,30 @@ def _header(shape: Shape, tokens: int) -> TransferHeader:
     )
 
 
+MODES = ("raw-1", "raw-L", "raw-KV", "pdserve", "streamed")
+
+
+def _kv(shape: Shape, tokens: int) -> torch.Tensor:
+    """One request's KV, [layers, 2, tokens, heads, head_dim]; the same on both sides."""
+    gen = torch.Generator().manual_seed(tokens)
+    return torch.randn(shape.layers, 2, tokens, shape.kv_heads, shape.head_dim, generator=gen).to(
+        getattr(torch, shape.dtype)
+    )
+
+
+def _raw_ops(pg: Any, whole: torch.Tensor, mode: str, op: str, peer: int) -> None:
+    """The raw modes' sends (or receives) of ``whole``, all posted, then waited."""
+    if mode == "raw-1":
+        parts = [whole]
+    elif mode == "raw-L":
+        parts = list(whole.unbind(0))
+    else:  # raw-KV
+        parts = [whole[i, kv] for i in range(whole.shape[0]) for kv in (0, 1)]
+    works = [getattr(pg, op)([t], peer, 0) for t in parts]
+    for w in works:
+        w.wait()
+
+
 def _sender(port: int, shape: Shape, tokens_list: list[int], repeats: int, out: dict) -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, 2, False, datetime.timedelta(seconds=60))
@@ -67,24 +101,22 @@ def _sender(port: int, shape: Shape, tokens_list: list[int], repeats: int, out: 
         "bench/link", "gloo", SENDER, torch.device("cpu"), "127.0.0.1", port, store
     )
     raw = make_process_group("gloo", dist.PrefixStore("raw", store), SENDER, 2)
-    dtype = getattr(torch, shape.dtype)
     ack = torch.zeros(1, dtype=torch.int64)
     results = {}
     for tokens in tokens_list:
-        layer = torch.randn(2, tokens, shape.kv_heads, shape.head_dim).to(dtype)
-        whole = torch.randn(shape.layers, *layer.shape).to(dtype)
-        times: dict[str, list[float]] = {"raw-1": [], "raw-L": [], "pdserve": []}
+        whole = _kv(shape, tokens)
+        times: dict[str, list[float]] = {m: [] for m in MODES}
         for rep in range(repeats + 1):  # the first round warms up
-            for mode in times:
-                start = time.perf_counter()
-                if mode == "raw-1":
-                    raw.send([whole], RECEIVER, 0).wait()
-                elif mode == "raw-L":
-                    works = [raw.send([whole[i]], RECEIVER, 0) for i in range(shape.layers)]
-                    for w in works:
-                        w.wait()
-                else:
+            for mode in MODES:
+                if mode == "streamed":  # off the clock, as the forward hides it in a prefill
                     link.send_header(_header(shape, tokens))
+                    link.wait_ready()
+                start = time.perf_counter()
+                if mode.startswith("raw"):
+                    _raw_ops(raw, whole, mode, "send", RECEIVER)
+                else:
+                    if mode == "pdserve":
+                        link.send_header(_header(shape, tokens))
                     for i in range(shape.layers):
                         link.send_tensor(whole[i, 0])  # K, then V, as prefill sends them
                         link.send_tensor(whole[i, 1])
@@ -96,7 +128,6 @@ def _sender(port: int, shape: Shape, tokens_list: list[int], repeats: int, out: 
         nbytes = tokens * shape.bytes_per_token()
         results[tokens] = {m: nbytes / statistics.median(t) / 1e9 for m, t in times.items()}
         results[tokens]["bytes"] = nbytes
-        del layer
     link.close()
     out.update(results)
 
@@ -113,31 +144,34 @@ def _receiver(store: dist.TCPStore, shape: Shape, tokens_list: list[int], repeat
         shape.layers, 2, max_blocks, shape.block_size, shape.kv_heads, shape.head_dim, dtype=dtype
     )
     landed = threading.Semaphore(0)
+    failed: list[BaseException] = []
 
     def on_batch(_: ReceivedBatch) -> None:
         landed.release()
 
-    receiver = KVReceiver(
-        link,
-        cache,
-        shape.block_size,
-        lambda _: True,
-        on_batch,
-        lambda n, e: print("link error", n, e),
-    )
+    def on_error(_: str, e: BaseException) -> None:
+        failed.append(e)
+        landed.release()
+
+    receiver = KVReceiver(link, cache, shape.block_size, lambda _: True, on_batch, on_error)
     receiver.start()
     ack = torch.ones(1, dtype=torch.int64)
     for tokens in tokens_list:
         whole = torch.empty(shape.layers, 2, tokens, shape.kv_heads, shape.head_dim, dtype=dtype)
         for _ in range(repeats + 1):
-            raw.recv([whole], SENDER, 0).wait()
-            raw.send([ack], SENDER, 1).wait()
-            works = [raw.recv([whole[i]], SENDER, 0) for i in range(shape.layers)]
-            for w in works:
-                w.wait()
-            raw.send([ack], SENDER, 1).wait()
-            landed.acquire()
-            raw.send([ack], SENDER, 1).wait()
+            for mode in MODES:
+                if mode.startswith("raw"):
+                    _raw_ops(raw, whole, mode, "recv", SENDER)
+                else:
+                    landed.acquire()
+                    if failed:
+                        raise RuntimeError(f"the KV link failed: {failed[0]}")
+                raw.send([ack], SENDER, 1).wait()
+        sent = _kv(shape, tokens)
+        slots = slot_index(_header(shape, tokens).items, shape.block_size)
+        flat = cache.view(shape.layers, 2, -1, shape.kv_heads, shape.head_dim)
+        if not torch.equal(whole, sent) or not torch.equal(flat[:, :, slots], sent):
+            raise RuntimeError(f"{tokens} tokens: the KV did not arrive as sent")
 
 
 def run(shape: Shape, tokens_list: list[int], repeats: int) -> dict:
@@ -145,7 +179,9 @@ def run(shape: Shape, tokens_list: list[int], repeats: int) -> dict:
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     out = manager.dict()
-    proc = ctx.Process(target=_sender, args=(store.port, shape, tokens_list, repeats, out))
+    proc = ctx.Process(
+        target=_sender, args=(store.port, shape, tokens_list, repeats, out), daemon=True
+    )
     proc.start()
     _receiver(store, shape, tokens_list, repeats)
     proc.join()
@@ -178,16 +214,14 @@ def main() -> None:
     shape = Shape(args.layers, args.kv_heads, args.head_dim, 16, args.dtype, args.scattered)
     results = run(shape, args.tokens, args.repeats)
     print(f"KV shape: {asdict(shape)}; {shape.bytes_per_token()} bytes/token; backend gloo (CPU)")
-    print(
-        f"{'tokens':>7} {'MiB':>8} {'raw-1 GB/s':>11} {'raw-L GB/s':>11} {'pdserve GB/s':>13} "
-        f"{'vs raw-1':>9} {'vs raw-L':>9}"
-    )
+    print("GB/s per mode, then each mode over raw-1 (the baseline):")
+    print(f"{'tokens':>7} {'MiB':>7} " + " ".join(f"{m:>9}" for m in MODES) + " |"
+          + " ".join(f"{m:>9}" for m in MODES[1:]))  # fmt: skip
     for tokens in args.tokens:
         r = results[tokens]
-        print(
-            f"{tokens:>7} {r['bytes'] / 2**20:>8.1f} {r['raw-1']:>11.2f} {r['raw-L']:>11.2f} "
-            f"{r['pdserve']:>13.2f} {r['pdserve'] / r['raw-1']:>9.2f} {r['pdserve'] / r['raw-L']:>9.2f}"
-        )
+        print(f"{tokens:>7} {r['bytes'] / 2**20:>7.1f} "
+              + " ".join(f"{r[m]:>9.2f}" for m in MODES) + " |"
+              + " ".join(f"{r[m] / r['raw-1']:>9.2f}" for m in MODES[1:]))  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"shape": asdict(shape), "results": results}, f, indent=2)

@@ -80,6 +80,7 @@ def metrics_dict(m: RequestMetrics) -> dict[str, Any]:
         "queue_s": m.queue_s,
         "prefill_s": m.prefill_s,
         "transfer_s": m.transfer_s,
+        "kv_wait_s": m.kv_wait_s,
         "kv_bytes": m.kv_bytes,
         "num_output_tokens": m.num_output_tokens,
     }

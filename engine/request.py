@@ -31,6 +31,8 @@ class PrefillResult:
     queue_s: float  # waiting in the prefill queue
     compute_s: float  # the batch's forward pass incl. sending the KV
     error: str | None = None
+    # of compute_s, the time a KV-sending rank waited for the decode side to post its receives
+    kv_wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class RequestMetrics:
     e2e: float = 0.0
     kv_bytes: int = 0
     transfer_s: float = 0.0
+    kv_wait_s: float = 0.0  # prefill stalled on the decode side's go-ahead (part of prefill_s)
     num_output_tokens: int = 0
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from typing import Any
 
 import torch
@@ -79,6 +80,9 @@ class KVLink:
         self._ready_buf = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._ready: dist.Work | None = None  # sender: the receiver's go-ahead, awaited lazily
         self._ready_sent: dist.Work | None = None  # receiver: the last go-ahead on its way
+        # sender: seconds spent waiting for go-aheads (in a prefill the forward of layer 0
+        # normally hides the round trip, and this stays near zero)
+        self.ready_wait_s = 0.0
 
     @staticmethod
     def host_store(host: str, timeout_s: float = 300.0) -> dist.TCPStore:
@@ -127,19 +131,29 @@ class KVLink:
         """Queue an asynchronous send; the tensor is kept alive until ``flush``. The first one
         after a header waits for the receiver's go-ahead (by then long there when the tensor
         comes out of a forward pass)."""
-        if self._ready is not None:
-            ready, self._ready = self._ready, None
-            ready.wait()
+        self._await_ready()
         self._send(tensor.to(self.device).contiguous())
+
+    def wait_ready(self) -> None:
+        """Block until the receiver has posted the current header's receives. ``send_tensor``
+        does this itself; a benchmark calls it to time the KV apart from the header's round
+        trip, which a prefill hides behind the forward of layer 0."""
+        self._await_ready()
 
     def flush(self) -> None:
         """Wait until every queued send has left."""
-        if self._ready is not None:
-            ready, self._ready = self._ready, None
-            ready.wait()
+        self._await_ready()
         pending, self._pending = self._pending, []
         for work, _ in pending:
             work.wait()
+
+    def _await_ready(self) -> None:
+        if self._ready is None:
+            return
+        ready, self._ready = self._ready, None
+        start = time.perf_counter()
+        ready.wait()
+        self.ready_wait_s += time.perf_counter() - start
 
     def _send(self, tensor: torch.Tensor) -> None:
         work = self._pg.send([tensor], RECEIVER, 0)

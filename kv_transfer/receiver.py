@@ -6,7 +6,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -83,20 +83,21 @@ class KVReceiver:
         all_kept = all(accepted)
         start_slot = run_start(header.items, self._block_size) if all_kept else None
         in_place = start_slot is not None and self._lands_in_place(header, dtype)
+        targets, bufs = self._targets(header, dtype, start_slot if in_place else None)
+        # Post layer 0, give the sender the go-ahead, then make and post the rest: posting is
+        # faster than the wire, so every receive is still up before its message arrives, and
+        # the go-ahead (on the sender's path when its KV is ready early) waits for nothing else.
+        works = [self.link.recv_tensor(next(targets)) for _ in range(2)]  # K, V of layer 0
+        self.link.send_ready()
+        works += [self.link.recv_tensor(t) for t in targets]
+        trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
+        trailer_work = self.link.recv_tensor(trailer) if header.has_trailer else None
         keep = slots = None
         if not in_place:  # staged, then scattered: per-token slots and the kept mask
             keep = torch.cat(
                 [torch.full((item.num_tokens,), ok) for item, ok in zip(header.items, accepted)]
             )
             slots = slot_index(header.items, self._block_size)
-        targets, bufs = self._targets(header, dtype, start_slot if in_place else None)
-        # Post layer 0, give the sender the go-ahead, then post the rest: posting is faster
-        # than the wire, so every receive is still up before its message arrives.
-        works = [self.link.recv_tensor(t) for t in targets[:2]]  # K then V, layer by layer
-        self.link.send_ready()
-        works += [self.link.recv_tensor(t) for t in targets[2:]]
-        trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
-        trailer_work = self.link.recv_tensor(trailer) if header.has_trailer else None
         for layer in range(header.num_layers):
             works[2 * layer].wait()
             works[2 * layer + 1].wait()
@@ -109,7 +110,7 @@ class KVReceiver:
                     header.head_start,
                     None if all_kept else keep,
                 )
-        nbytes = sum(t.numel() * t.element_size() for t in targets)
+        nbytes = header.num_layers * math.prod(header.layer_shape()) * dtype.itemsize
         first = None
         if trailer_work is not None:
             trailer_work.wait()
@@ -129,24 +130,24 @@ class KVReceiver:
 
     def _targets(
         self, header: TransferHeader, dtype: torch.dtype, start: int | None
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """Where each layer's K and V land: straight into the cache from slot ``start`` (the
-        blocks form one ascending run and the link carries every head: no copy at all), else a
+    ) -> tuple[Iterator[torch.Tensor], list[torch.Tensor] | None]:
+        """Where each layer's K and V land, in wire order (made lazily: a caller posts the
+        first before the rest exist): straight into the cache from slot ``start`` (the blocks
+        form one ascending run and the link carries every head: no copy at all), else a
         staging arena that is scattered into the blocks afterwards. Returns the targets and the
         staging buffers (None when in place)."""
         cache = self._kv_cache  # [layers, 2, num_blocks, block_size, heads, head_dim]
+        layers = range(header.num_layers)
         if start is not None:
             flat = cache.view(cache.shape[0], 2, -1, *cache.shape[-2:])
             end = start + header.num_tokens
-            return [
-                flat[layer, kv, start:end] for layer in range(header.num_layers) for kv in (0, 1)
-            ], None
+            return (flat[layer, kv, start:end] for layer in layers for kv in (0, 1)), None
         # a reused arena: fresh buffers per transfer would cost a page fault per 4 KiB written,
         # which on CPU halves the link's throughput
         shape = header.layer_shape()
         staging = self._staging(header.num_layers * math.prod(shape), dtype)
         bufs = list(staging.view(header.num_layers, *shape).unbind(0))
-        return [buf[kv] for buf in bufs for kv in (0, 1)], bufs
+        return (buf[kv] for buf in bufs for kv in (0, 1)), bufs
 
     def _staging(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A [numel] tensor of ``dtype`` backed by the arena, grown (never shrunk) on demand."""

@@ -150,7 +150,7 @@ class PrefillWorker:
         start = time.perf_counter()
         try:
             calls = [peer.execute.remote(items) for peer in self._peers]
-            (out, broken), *rest = await asyncio.gather(self.execute(items), *calls)
+            (out, broken, kv_wait_s), *rest = await asyncio.gather(self.execute(items), *calls)
         except Exception as e:  # a failed batch fails its requests, not the instance
             logger.exception("prefill batch of %d failed", len(items))
             for q in batch:
@@ -159,9 +159,10 @@ class PrefillWorker:
             return
         compute_s = time.perf_counter() - start
         assert out is not None
-        for _, more in rest:  # a link may fail on any KV-sending rank
+        for _, more, rank_wait_s in rest:  # a link may fail on any KV-sending rank
             for dest, why in more.items():
                 broken.setdefault(dest, why)
+            kv_wait_s = max(kv_wait_s, rank_wait_s)
         for why in broken.values():
             logger.error("prefill instance %d: %s", self.spec.instance, why)
         for i, q in enumerate(batch):
@@ -178,16 +179,19 @@ class PrefillWorker:
                     out.logprobs[i],
                     start - q.enqueued,
                     compute_s,
+                    kv_wait_s=kv_wait_s,
                 )
             )
 
     # -- every rank -------------------------------------------------------------------------
 
-    async def execute(self, items: list[PrefillItem]) -> tuple[Any, dict[int, str]]:
+    async def execute(self, items: list[PrefillItem]) -> tuple[Any, dict[int, str], float]:
         """Run one batch on this rank (the leader calls it on all ranks at once); returns the
-        first tokens (leader) and the destinations whose link failed."""
+        first tokens (leader), the destinations whose link failed, and the seconds this rank
+        waited for decode replicas' go-aheads."""
         assert self._runner is not None, "start() first"
         links = dict(self._links)  # this batch's links, whatever connect_link does meanwhile
+        waited_before = sum(link.ready_wait_s for link in links.values())
         self._executing = True
         try:
             out, broken = await asyncio.to_thread(self._runner.run, items, links)
@@ -202,7 +206,7 @@ class PrefillWorker:
             for link in retired:
                 link.abort()
         self._drop_links(links, broken)
-        return out, broken
+        return out, broken, sum(link.ready_wait_s for link in links.values()) - waited_before
 
     def _drop_links(self, used: Mapping[int, KVLink], dests: Iterable[int]) -> None:
         """Abort the links a batch used to ``dests`` (not ones made since to replace them)."""

@@ -80,6 +80,7 @@ class RequestTrace:
 
     prefill_queue_s: float = 0.0
     prefill_s: float = 0.0
+    kv_wait_s: float = 0.0  # of prefill_s: waiting for decode's go-ahead
     kv_bytes: int = 0
     transfer_s: float = 0.0
     decode_instance: int = -1
@@ -200,6 +201,7 @@ class Router:
                     raise
                 phase = self._phases[request_id] = "decode"
                 trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s
+                trace.kv_wait_s = result.kv_wait_s
                 yield StepDelta([result.first_token], [result.logprobs])
             async for ref in stream:
                 delta: StepDelta = await ref
