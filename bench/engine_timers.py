@@ -177,7 +177,7 @@ class KVSendBench:
             lambda _, e: self._landed.put(e),
         )
         self.receiver.start()
-        self.runner = PrefillRunner(model, TPGroup.single(), CPU)
+        self.runner = PrefillRunner(model, TPGroup.single(), CPU, block_size)
 
     def run(self, prompts: list[list[int]]) -> Timed:
         """Seconds from the start of the prefill until all K/V is in the receiver's cache."""

@@ -1,21 +1,22 @@
 """KV transfer throughput: pdserve's link protocol vs raw torch.distributed send/recv.
 
 Two processes, as in a deployment: a sender (prefill rank) and a receiver (decode replica). For
-each prompt length it moves one request's KV cache five ways, interleaved round by round, each
+each prompt length it moves one request's KV cache four ways, interleaved round by round, each
 timed on the sender from the first send to the receiver's 8-byte acknowledgement:
 
 - raw-1:    one send of all the bytes (the backend's best case; the baseline);
-- raw-L:    one send per layer (K and V together) into plain, pre-posted buffers;
-- raw-KV:   one send per layer for K and one for V, pre-posted: pdserve's message pattern in
-            plain torch.distributed (a paged cache keeps a layer's K and V apart);
-- pdserve:  the whole protocol, cold: msgpack header, the receiver's go-ahead, K and V per
-            layer, trailer; received by KVReceiver straight into a paged cache at the head
-            offset (what decode really does);
+- raw-L:    one send per layer into plain, pre-posted buffers: pdserve's message pattern in
+            plain torch.distributed;
+- pdserve:  the whole protocol, cold: msgpack header, the receiver's go-ahead, one tensor per
+            layer (K and V in the cache's block layout), trailer; received by KVReceiver
+            straight into a paged cache (what decode really does);
 - streamed: the same, with the header sent and acknowledged before the clock starts, as in a
             prefill, which sends the header before its forward pass and each layer's K/V as
             the forward produces it (the go-ahead is back long before layer 0's K/V exists).
 
-The receiver checks at the end that the KV landed in the cache exactly as sent.
+Every mode moves the same bytes: each layer as prefill's ``pack_layer`` makes it (that copy is
+the forward's, where ``.contiguous()`` copies of K and V used to be, and is not timed here). The
+receiver checks at the end that the KV landed in the cache exactly as sent.
 
     python -m pdserve.bench.kv_bench --tokens 128 512 1024 2048 4096 --out kv.json
 """
@@ -37,7 +38,7 @@ import torch.multiprocessing as mp
 
 from pdserve.engine.parallel import make_process_group
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
-from pdserve.kv_transfer.layout import slot_index
+from pdserve.kv_transfer.layout import pack_layer, wire_blocks, wire_plan
 from pdserve.kv_transfer.link import RECEIVER, SENDER, KVLink
 from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch
 
@@ -66,29 +67,27 @@ def _header(shape: Shape, tokens: int) -> TransferHeader:
         0,
         shape.kv_heads,
         shape.head_dim,
+        shape.block_size,
         has_trailer=True,
     )
 
 
-MODES = ("raw-1", "raw-L", "raw-KV", "pdserve", "streamed")
+MODES = ("raw-1", "raw-L", "pdserve", "streamed")
 
 
 def _kv(shape: Shape, tokens: int) -> torch.Tensor:
-    """One request's KV, [layers, 2, tokens, heads, head_dim]; the same on both sides."""
+    """One request's KV on the wire, [layers, blocks, 2, block_size, heads, head_dim], packed
+    by ``pack_layer``; the same on both sides."""
     gen = torch.Generator().manual_seed(tokens)
-    return torch.randn(shape.layers, 2, tokens, shape.kv_heads, shape.head_dim, generator=gen).to(
-        getattr(torch, shape.dtype)
-    )
+    dtype = getattr(torch, shape.dtype)
+    kv = torch.randn(shape.layers, 2, tokens, shape.kv_heads, shape.head_dim, generator=gen)
+    plan = wire_plan([(0, tokens)], tokens, shape.block_size)
+    return torch.stack([pack_layer(k, v, plan) for k, v in kv.to(dtype)])
 
 
 def _raw_ops(pg: Any, whole: torch.Tensor, mode: str, op: str, peer: int) -> None:
     """The raw modes' sends (or receives) of ``whole``, all posted, then waited."""
-    if mode == "raw-1":
-        parts = [whole]
-    elif mode == "raw-L":
-        parts = list(whole.unbind(0))
-    else:  # raw-KV
-        parts = [whole[i, kv] for i in range(whole.shape[0]) for kv in (0, 1)]
+    parts = [whole] if mode == "raw-1" else list(whole.unbind(0))
     works = [getattr(pg, op)([t], peer, 0) for t in parts]
     for w in works:
         w.wait()
@@ -117,9 +116,8 @@ def _sender(port: int, shape: Shape, tokens_list: list[int], repeats: int, out: 
                 else:
                     if mode == "pdserve":
                         link.send_header(_header(shape, tokens))
-                    for i in range(shape.layers):
-                        link.send_tensor(whole[i, 0])  # K, then V, as prefill sends them
-                        link.send_tensor(whole[i, 1])
+                    for layer in whole:
+                        link.send_tensor(layer)  # as prefill sends them
                     link.send_tensor(torch.tensor([7]))
                     link.flush()
                 raw.recv([ack], RECEIVER, 1).wait()
@@ -141,7 +139,7 @@ def _receiver(store: dist.TCPStore, shape: Shape, tokens_list: list[int], repeat
     dtype = getattr(torch, shape.dtype)
     max_blocks = -(-max(tokens_list) // shape.block_size)
     cache = torch.zeros(
-        shape.layers, 2, max_blocks, shape.block_size, shape.kv_heads, shape.head_dim, dtype=dtype
+        shape.layers, max_blocks, 2, shape.block_size, shape.kv_heads, shape.head_dim, dtype=dtype
     )
     landed = threading.Semaphore(0)
     failed: list[BaseException] = []
@@ -157,7 +155,7 @@ def _receiver(store: dist.TCPStore, shape: Shape, tokens_list: list[int], repeat
     receiver.start()
     ack = torch.ones(1, dtype=torch.int64)
     for tokens in tokens_list:
-        whole = torch.empty(shape.layers, 2, tokens, shape.kv_heads, shape.head_dim, dtype=dtype)
+        whole = torch.empty_like(_kv(shape, tokens))
         for _ in range(repeats + 1):
             for mode in MODES:
                 if mode.startswith("raw"):
@@ -168,9 +166,8 @@ def _receiver(store: dist.TCPStore, shape: Shape, tokens_list: list[int], repeat
                         raise RuntimeError(f"the KV link failed: {failed[0]}")
                 raw.send([ack], SENDER, 1).wait()
         sent = _kv(shape, tokens)
-        slots = slot_index(_header(shape, tokens).items, shape.block_size)
-        flat = cache.view(shape.layers, 2, -1, shape.kv_heads, shape.head_dim)
-        if not torch.equal(whole, sent) or not torch.equal(flat[:, :, slots], sent):
+        blocks, _ = wire_blocks(_header(shape, tokens).items, shape.block_size)
+        if not torch.equal(whole, sent) or not torch.equal(cache[:, blocks], sent):
             raise RuntimeError(f"{tokens} tokens: the KV did not arrive as sent")
 
 

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from pdserve.engine.attention import PrefillMetadata
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.kv_cache import kv_cache_shape
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup, make_process_group
 from pdserve.engine.request import PrefillItem
@@ -67,7 +68,7 @@ class LinkBench:
     def __init__(self, config: ModelConfig, block_size: int, max_tokens: int, threads: int):
         self.config, self.block_size = config, block_size
         blocks = -(-max_tokens // block_size) + 64
-        shape = (config.num_layers, 2, blocks, block_size, config.num_kv_heads, config.head_dim)
+        shape = kv_cache_shape(config, 1, blocks, block_size)
         dtype = str(config.dtype).removeprefix("torch.")
         store = dist.TCPStore(HOST, 0, 2, True, TIMEOUT, wait_for_workers=False)
         ctx = mp.get_context("spawn")
@@ -90,14 +91,14 @@ class LinkBench:
         blocks = tuple(range(-(-tokens // self.block_size)))
         header = TransferHeader(
             (TransferItem(next(self._ids), "profile", tokens, blocks),), c.num_layers,
-            str(c.dtype).removeprefix("torch."), 0, c.num_kv_heads, c.head_dim, has_trailer=True,
+            str(c.dtype).removeprefix("torch."), 0, c.num_kv_heads, c.head_dim, self.block_size,
+            has_trailer=True,
         )  # fmt: skip
-        layer = torch.randn(2, tokens, c.num_kv_heads, c.head_dim).to(c.dtype)
+        layer = torch.randn(header.layer_shape()).to(c.dtype)  # as prefill packs a layer
         start = time.perf_counter()
         self.link.send_header(header)
         for _ in range(c.num_layers):
-            self.link.send_tensor(layer[0])  # K, then V, as prefill sends them
-            self.link.send_tensor(layer[1])
+            self.link.send_tensor(layer)
         self.link.send_tensor(torch.tensor([7]))
         self.link.flush()
         self._wait_landed()

@@ -165,7 +165,9 @@ def _link_samples(
             (n * bpt, ms)
             for n, ms in interleaved(grid.transfer, grid.repeats, link.transfer_ms, tick)
         ]
-        runner = PrefillRunner(target.model, TPGroup.single(), target.device)
+        runner = PrefillRunner(
+            target.model, TPGroup.single(), target.device, target.engine.block_size
+        )
         send = []
         for _ in range(grid.repeats):
             for comp in grid.send:

@@ -1,8 +1,9 @@
 """Attention over packed prefill tokens, over the paged KV cache for decode, and over both at
 once for a mixed step (decode tokens plus prefill chunks that continue earlier chunks).
 
-Cache layout per layer: k_cache, v_cache: [num_blocks, block_size, kv_heads_local, head_dim];
-token t of a sequence lives in slot block_table[t // block_size] * block_size + t % block_size.
+Cache layout per layer: [num_blocks, 2 (K, V), block_size, kv_heads_local, head_dim] (see
+engine/kv_cache.py); token t of a sequence lives in slot
+block_table[t // block_size] * block_size + t % block_size.
 A sliding window W lets the query at position p see keys at positions (p - W, p].
 """
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pdserve.engine.kv_cache import half_block_ids, kv_rows
 
 
 @dataclass
@@ -31,17 +34,20 @@ class DecodeMetadata:
     slot_mapping: torch.Tensor  # [B] int64: where the new token's K/V goes
 
 
-def write_kv(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Scatter k, v: [T, kv_heads, head_dim] into their cache slots."""
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> None:
+    """Scatter k, v: [T, kv_heads, head_dim] into a layer's cache [num_blocks, 2, block_size,
+    kv_heads, head_dim] at K rows ``rows`` (``kv_rows`` of the tokens' slots)."""
     # view (not reshape) so a non-contiguous cache fails loudly instead of writing to a copy
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+    flat = cache.view(-1, *k.shape[1:])
+    flat.index_copy_(0, rows, k)
+    flat.index_copy_(0, rows + cache.shape[2], v)
+
+
+def _gather(cache: torch.Tensor, half_ids: torch.Tensor) -> torch.Tensor:
+    """Whole blocks of K, then of V: [2 * n, block_size, kv_heads, D] for ``half_block_ids``.
+    index_select copies block-sized rows, several times faster on CPU than advanced indexing
+    (element by element)."""
+    return cache.view(-1, *cache.shape[2:]).index_select(0, half_ids)
 
 
 def _window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
@@ -84,8 +90,8 @@ def prefill_attention(
 class DecodePlan:
     """What every layer of one decode step gathers and masks, worked out once per step."""
 
-    slot_mapping: torch.Tensor  # [B] where the new token's K/V goes
-    block_ids: torch.Tensor  # [B * n] blocks to gather, n per sequence in position order
+    kv_rows: torch.Tensor  # [B] K rows (kv_rows) where the new tokens' K/V go
+    half_ids: torch.Tensor  # [2 * B * n] half blocks to gather (half_block_ids), n per sequence
     visible: torch.Tensor  # [B, 1, 1, n * block_size] bool: gathered slots the query may see
 
 
@@ -104,7 +110,8 @@ def plan_decode(meta: DecodeMetadata, block_size: int, window: int | None) -> De
     visible = pos < ctx  # hides table padding and the unused tail of the last block
     if window is not None:
         visible &= pos >= ctx - window
-    return DecodePlan(meta.slot_mapping, tables.flatten(), visible[:, None, None, :])
+    rows = kv_rows(meta.slot_mapping, block_size)
+    return DecodePlan(rows, half_block_ids(tables.flatten()), visible[:, None, None, :])
 
 
 def decode_attention(
@@ -115,14 +122,12 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query per sequence against its cached blocks, one batched SDPA call.
 
-    q: [B, heads, head_dim]; cache: [2, num_blocks, block_size, kv_heads, D] -> [B, heads, D]
+    q: [B, heads, head_dim]; cache: [num_blocks, 2, block_size, kv_heads, D] -> [B, heads, D]
     """
     batch, heads, _ = q.shape
     kv_heads, head_dim = cache.shape[3:]
-    # Gather whole blocks of K and V in one call: [2, B * n, block_size, kv_heads, D].
-    # index_select copies block-sized rows, several times faster on CPU than advanced
-    # indexing (cache[:, block_tables]), which copies element by element.
-    kv = cache.index_select(1, plan.block_ids).view(2, batch, -1, kv_heads, head_dim)
+    # whole blocks of K and V in one call: [2, B, n * block_size, kv_heads, D]
+    kv = _gather(cache, plan.half_ids).view(2, batch, -1, kv_heads, head_dim)
     k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, kv_heads, L, D], strided views
     # GQA as a query length: the heads sharing a KV head become its queries, so each K/V row
     # is read once per KV head (faster on CPU than enable_gqa). [B, kv_heads, group, D]
@@ -154,7 +159,7 @@ class ChunkPlan:
 
     start: int
     length: int
-    block_ids: torch.Tensor | None  # [n] blocks to gather; None when start == 0
+    half_ids: torch.Tensor | None  # [2 * n] half blocks to gather; None when start == 0
     visible: torch.Tensor | None  # [1, 1, length, n * block_size] bool
 
 
@@ -165,7 +170,7 @@ class MixedPlan:
     num_decode: int
     decode: DecodePlan | None
     chunks: list[ChunkPlan]
-    slot_mapping: torch.Tensor  # [B + C] decode slots, then chunk slots
+    kv_rows: torch.Tensor  # [B + C] K rows of the decode tokens, then of the chunk tokens
 
 
 def plan_mixed(meta: MixedMetadata, block_size: int, window: int | None) -> MixedPlan:
@@ -175,9 +180,10 @@ def plan_mixed(meta: MixedMetadata, block_size: int, window: int | None) -> Mixe
         _plan_chunk(start, n, table, block_size, window, meta.chunk_slots.device)
         for start, n, table in zip(meta.chunk_starts, meta.chunk_lens, meta.chunk_tables)
     ]
-    slots = [meta.chunk_slots] if decode is None else [decode.slot_mapping, meta.chunk_slots]
-    num_decode = 0 if decode is None else decode.slot_mapping.shape[0]
-    return MixedPlan(num_decode, decode, chunks, torch.cat(slots))
+    chunk_rows = kv_rows(meta.chunk_slots, block_size)
+    rows = [chunk_rows] if decode is None else [decode.kv_rows, chunk_rows]
+    num_decode = 0 if decode is None else decode.kv_rows.shape[0]
+    return MixedPlan(num_decode, decode, chunks, torch.cat(rows))
 
 
 def _plan_chunk(
@@ -199,7 +205,7 @@ def _plan_chunk(
     visible = key <= query  # [n, L]; also hides the unwritten tail of the last block
     if window is not None:
         visible &= key > query - window
-    return ChunkPlan(start, n, block_ids, visible[None, None])
+    return ChunkPlan(start, n, half_block_ids(block_ids), visible[None, None])
 
 
 def mixed_attention(
@@ -213,17 +219,17 @@ def mixed_attention(
 ) -> torch.Tensor:
     """Decode queries and chunk queries of one step over the paged cache.
 
-    q: [B + C, heads, D]; k, v: [B + C, kv_heads, D]; cache: [2, num_blocks, block_size,
+    q: [B + C, heads, D]; k, v: [B + C, kv_heads, D]; cache: [num_blocks, 2, block_size,
     kv_heads, D] -> [B + C, heads, D]
     """
-    write_kv(cache[0], cache[1], k, v, plan.slot_mapping)  # first: chunks read their own K/V
+    write_kv(cache, k, v, plan.kv_rows)  # first: chunks read their own K/V
     out = torch.empty_like(q)
     start = plan.num_decode
     if plan.decode is not None:
         out[:start] = decode_attention(q[:start], cache, plan.decode, scale)
     for chunk in plan.chunks:
         end = start + chunk.length
-        if chunk.block_ids is None:
+        if chunk.half_ids is None:
             out[start:end] = prefill_attention(
                 q[start:end], k[start:end], v[start:end], [chunk.length], scale, window
             )
@@ -239,9 +245,9 @@ def _chunk_attention(
     q: torch.Tensor, cache: torch.Tensor, chunk: ChunkPlan, scale: float
 ) -> torch.Tensor:
     # q: [n, heads, D] -> [n, heads, D], against the gathered blocks of its sequence
-    assert chunk.block_ids is not None and chunk.visible is not None
+    assert chunk.half_ids is not None and chunk.visible is not None
     kv_heads, head_dim = cache.shape[3:]
-    kv = cache.index_select(1, chunk.block_ids).view(2, -1, kv_heads, head_dim)  # [2, L, kvh, D]
+    kv = _gather(cache, chunk.half_ids).view(2, -1, kv_heads, head_dim)  # [2, L, kvh, D]
     k, v = kv[0].transpose(0, 1)[None], kv[1].transpose(0, 1)[None]  # [1, kv_heads, L, D]
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k, v, attn_mask=chunk.visible, scale=scale, enable_gqa=True

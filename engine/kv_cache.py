@@ -1,7 +1,12 @@
 """Paged KV cache tensors: one tensor for all layers, indexed by block id.
 
-Layout: [num_layers, 2 (K, V), num_blocks, block_size, kv_heads_local, head_dim]. A block holds
-`block_size` consecutive tokens of one sequence; the block manager decides which.
+Layout: [num_layers, num_blocks, 2 (K, V), block_size, kv_heads_local, head_dim] (FlashInfer's
+per-layer order). A block holds `block_size` consecutive tokens of one sequence, K then V; the
+block manager decides which. Keeping a block's K and V together means the blocks of a run are
+one contiguous region per layer: a KV transfer lands there as one message per layer, K and V
+included (a [2, num_blocks, ...] layout would need two, on a wire where every message costs).
+Slot s (block s // block_size, offset s % block_size) is K row ``kv_rows(s)`` of the layer's
+[num_blocks * 2 * block_size, heads, head_dim] view, and V row ``kv_rows(s) + block_size``.
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from pdserve.engine.config import ModelConfig
 def kv_cache_shape(
     config: ModelConfig, tp_size: int, num_blocks: int, block_size: int
 ) -> tuple[int, ...]:
-    """[num_layers, 2, num_blocks, block_size, kv_heads_local, head_dim]"""
+    """[num_layers, num_blocks, 2, block_size, kv_heads_local, head_dim]"""
     return (
         config.num_layers,
-        2,
         num_blocks,
+        2,
         block_size,
         config.kv_heads_local(tp_size),
         config.head_dim,
@@ -44,3 +49,15 @@ def bytes_per_block(config: ModelConfig, tp_size: int, block_size: int) -> int:
 def num_blocks_for_bytes(config: ModelConfig, tp_size: int, block_size: int, nbytes: int) -> int:
     """How many whole blocks fit in `nbytes` (0 if not even one does)."""
     return max(0, nbytes // bytes_per_block(config, tp_size, block_size))
+
+
+def kv_rows(slots: torch.Tensor, block_size: int) -> torch.Tensor:
+    """K rows of cache slots in a layer's [num_blocks * 2 * block_size, heads, head_dim] view
+    (the V rows are ``block_size`` further on)."""
+    return slots + (slots // block_size) * block_size
+
+
+def half_block_ids(block_ids: torch.Tensor) -> torch.Tensor:
+    """Rows of a layer's [num_blocks * 2, block_size, heads, head_dim] view: the K halves of
+    ``block_ids`` then their V halves, so a gather of them views as [2, len(block_ids), ...]."""
+    return torch.cat([block_ids * 2, block_ids * 2 + 1])

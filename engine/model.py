@@ -29,6 +29,7 @@ from pdserve.engine.attention import (
     write_kv,
 )
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.kv_cache import kv_rows
 from pdserve.engine.layers import (
     Linear,
     RMSNorm,
@@ -89,7 +90,7 @@ class Attention(nn.Module):
         qk = apply_rope(qk, cos, sin)  # one call rotates q and k together
         q, k = qk[:, :nh], qk[:, nh:]
         if kv_hook is not None:
-            kv_hook(self.layer, k.contiguous(), v.contiguous())  # [T, kv_heads_local, D]
+            kv_hook(self.layer, k, v)  # [T, kv_heads_local, D] views: a sender packs them
         out = self._attend(q, k, v, meta, cache)
         return self.o_proj(out.reshape(t, nh * d))
 
@@ -103,12 +104,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         if isinstance(meta, PrefillMetadata):
             if cache is not None and meta.slot_mapping is not None:
-                write_kv(cache[0], cache[1], k, v, meta.slot_mapping)
+                write_kv(cache, k, v, kv_rows(meta.slot_mapping, cache.shape[2]))
             return prefill_attention(q, k, v, meta.seq_lens, self.scale, self.window)
         assert cache is not None  # CausalLM.forward checks
         if isinstance(meta, MixedPlan):
             return mixed_attention(q, k, v, cache, meta, self.scale, self.window)
-        write_kv(cache[0], cache[1], k, v, meta.slot_mapping)
+        write_kv(cache, k, v, meta.kv_rows)
         return decode_attention(q, cache, meta, self.scale)
 
 
@@ -189,9 +190,10 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] (after the final norm).
 
-        kv_cache: [num_layers, 2, num_blocks, block_size, kv_heads_local, head_dim]. kv_hook(layer,
-        k, v) sees each layer's K/V ([T, kv_heads_local, head_dim], after RoPE) before that
-        layer's attention runs, so a sender can overlap with the rest of the forward pass.
+        kv_cache: [num_layers, num_blocks, 2, block_size, kv_heads_local, head_dim]. kv_hook(layer,
+        k, v) sees each layer's K/V ([T, kv_heads_local, head_dim], after RoPE; strided views
+        valid for the call, so copy what you keep) before that layer's attention runs, so a
+        sender can overlap with the rest of the forward pass.
         """
         step = self._plan(meta, kv_cache)
         h = F.embedding(input_ids, self.embed_tokens)

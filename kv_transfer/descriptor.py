@@ -2,8 +2,9 @@
 
 A prefill rank sends, per batch and per destination decode replica, one *header* naming every
 request in the batch bound there (the router-assigned transfer id is the only pairing key), then
-one tensor per layer holding all those requests' K and V for the rank's head slice, then (from the
-rank that sampled them) a *trailer* with the first generated tokens.
+one tensor per layer holding all those requests' K and V for the rank's head slice in the cache's
+block layout (see layout.py), then (from the rank that sampled them) a *trailer* with the first
+generated tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import msgpack
 
 # Bounded message size: a header for a batch of a few hundred requests is a few KiB.
 MAX_HEADER_BYTES = 1 << 20
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: one block-layout tensor per layer (1: K and V apart, per token)
 
 
 class TransferProtocolError(RuntimeError):
@@ -41,6 +42,7 @@ class TransferHeader:
     head_start: int  # KV heads [head_start, head_end) of the full model carried by this link
     head_end: int
     head_dim: int
+    block_size: int  # the wire tensor's block size: the decode replica's
     has_trailer: bool  # this rank also sends the first sampled token of every item
     close: bool = False  # the sender is closing the link; nothing follows
 
@@ -52,9 +54,13 @@ class TransferHeader:
     def num_heads(self) -> int:
         return self.head_end - self.head_start
 
-    def layer_shape(self) -> tuple[int, int, int, int]:
-        # per layer: [2 (K, V), tokens of all items, heads of this slice, head_dim]
-        return (2, self.num_tokens, self.num_heads, self.head_dim)
+    @property
+    def num_blocks(self) -> int:
+        return sum(-(-item.num_tokens // self.block_size) for item in self.items)
+
+    def layer_shape(self) -> tuple[int, int, int, int, int]:
+        # per layer: [blocks of all items, 2 (K, V), block_size, heads of this slice, head_dim]
+        return (self.num_blocks, 2, self.block_size, self.num_heads, self.head_dim)
 
     def encode(self) -> bytes:
         body = {
@@ -65,6 +71,7 @@ class TransferHeader:
             "layers": self.num_layers,
             "dtype": self.dtype,
             "heads": [self.head_start, self.head_end, self.head_dim],
+            "block_size": self.block_size,
             "trailer": self.has_trailer,
             "close": self.close,
         }
@@ -96,6 +103,7 @@ class TransferHeader:
                 head_start=start,
                 head_end=end,
                 head_dim=head_dim,
+                block_size=int(body["block_size"]),
                 has_trailer=bool(body["trailer"]),
                 close=bool(body["close"]),
             )
@@ -104,4 +112,4 @@ class TransferHeader:
 
     @classmethod
     def closing(cls) -> TransferHeader:
-        return cls((), 0, "float32", 0, 0, 0, has_trailer=False, close=True)
+        return cls((), 0, "float32", 0, 0, 0, 1, has_trailer=False, close=True)

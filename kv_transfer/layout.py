@@ -2,11 +2,19 @@
 
 Prefill rank r of a TP group holds KV heads ``kv_head_range(H, r, tp)`` of the full model and
 sends exactly that slice; the decode replica (TP=1, all H heads) writes it at that head offset.
+
+On the wire, one layer of a transfer is one tensor in the cache's block layout,
+[blocks, 2 (K, V), block_size, heads, head_dim]: each item's tokens fill its blocks in order
+(the unused tail of an item's last block is sent as zeros), items back to back. When the
+destination blocks of all items form one ascending run and the link carries every head, that
+tensor is exactly the cache region ``cache[layer, first:first + blocks]``, and the receive lands
+there with no copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -22,74 +30,138 @@ def token_ranges(seq_lens: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def pack_layer(
-    k: torch.Tensor, v: torch.Tensor, ranges: Sequence[tuple[int, int]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the given token ranges of a packed batch, as the two wire tensors of a layer.
-
-    k, v: [T, heads, head_dim] -> two [sum(range lengths), heads, head_dim]; no copy when the
-    ranges cover the whole batch (one destination), which is the common case.
-    """
-    if len(ranges) == 1 and ranges[0] == (0, k.shape[0]):
-        return k.contiguous(), v.contiguous()
-    index = torch.cat([torch.arange(s, e) for s, e in ranges]).to(k.device)
-    return k.index_select(0, index), v.index_select(0, index)
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
 
 
-def slot_index(items: Sequence[TransferItem], block_size: int) -> torch.Tensor:
-    """Cache slot of every transferred token, items back to back: [sum(num_tokens)] int64."""
-    slots = []
+# Up to this many items, pack_layer copies each item's blocks straight from the forward's K/V
+# (two strided copies per item and K/V); beyond it, one gather and one strided copy per K/V.
+_PER_ITEM_MAX = 8
+
+
+@dataclass(frozen=True)
+class WirePlan:
+    """Where one destination's tokens go in a layer's wire tensor, worked out once per batch."""
+
+    num_blocks: int
+    block_size: int
+    items: tuple[tuple[int, int, int], ...]  # per item: (first token in the batch, tokens,
+    # first block in the wire tensor)
+    gather: torch.Tensor  # [num_blocks * block_size] batch token per wire position (tails: any)
+    pad_rows: torch.Tensor  # K and V rows of the unused block tails (in the wire's
+    # [blocks * 2 * block_size, h, D] view), sent as zeros
+
+    @property
+    def k_rows(self) -> torch.Tensor:
+        """Each token's K row in the wire's [blocks * 2 * block_size, h, D] view (V: + bs)."""
+        bs = self.block_size
+        rows = [
+            (first + pos // bs) * 2 * bs + pos % bs
+            for _, n, first in self.items
+            for pos in [torch.arange(n)]
+        ]
+        return torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
+
+
+def wire_plan(ranges: Sequence[tuple[int, int]], batch_tokens: int, block_size: int) -> WirePlan:
+    """The plan for the items at ``ranges`` of a packed batch of ``batch_tokens`` tokens."""
+    bs = block_size
+    items, gather, pad_rows = [], [], []
+    first = 0  # the item's first block in the wire tensor
+    for start, end in ranges:
+        n, blocks = end - start, blocks_for(end - start, bs)
+        items.append((start, n, first))
+        gather.append(torch.arange(start, start + blocks * bs).clamp(max=max(end - 1, 0)))
+        if n % bs:
+            tail = torch.arange(n % bs, bs)
+            last = (first + blocks - 1) * 2 * bs
+            pad_rows += [last + tail, last + bs + tail]
+        first += blocks
+    empty = torch.empty(0, dtype=torch.int64)
+    return WirePlan(
+        num_blocks=first,
+        block_size=bs,
+        items=tuple(items),
+        gather=torch.cat(gather) if gather else empty,
+        pad_rows=torch.cat(pad_rows) if pad_rows else empty,
+    )
+
+
+def pack_layer(k: torch.Tensor, v: torch.Tensor, plan: WirePlan) -> torch.Tensor:
+    """K and V of one layer ([T, heads, head_dim] each, any strides) as the wire tensor
+    [plan.num_blocks, 2, block_size, heads, head_dim]."""
+    heads, head_dim, bs = k.shape[1], k.shape[2], plan.block_size
+    wire = k.new_empty(plan.num_blocks, 2, bs, heads, head_dim)
+    if len(plan.items) <= _PER_ITEM_MAX:
+        for start, n, first in plan.items:
+            full, tail = divmod(n, bs)
+            for kv, x in enumerate((k, v)):
+                if full:
+                    wire[first : first + full, kv] = x[start : start + full * bs].view(
+                        full, bs, heads, head_dim
+                    )
+                if tail:
+                    wire[first + full, kv, :tail] = x[start + full * bs : start + n]
+    else:  # many small items: gather them block-padded, then one strided copy each
+        index = plan.gather.to(k.device)
+        for kv, x in enumerate((k, v)):
+            wire[:, kv] = x.index_select(0, index).view(-1, bs, heads, head_dim)
+    if plan.pad_rows.numel():
+        wire.view(-1, heads, head_dim).index_fill_(0, plan.pad_rows.to(k.device), 0)
+    return wire
+
+
+def run_start(items: Sequence[TransferItem], block_size: int) -> int | None:
+    """The first destination block when the blocks the items' tokens need, items in order, form
+    one ascending run (the wire tensor lands in place), else None. Pure Python on the block
+    ids: cheap enough to run before any receive is posted."""
+    start = expected = None
     for item in items:
-        pos = torch.arange(item.num_tokens)
-        blocks = torch.tensor(item.block_ids, dtype=torch.int64)
-        if len(item.block_ids) * block_size < item.num_tokens:
+        needed = blocks_for(item.num_tokens, block_size)
+        blocks = item.block_ids[:needed]
+        if len(blocks) < needed:
+            return None
+        for b in blocks:
+            if expected is not None and b != expected:
+                return None
+            start = b if start is None else start
+            expected = b + 1
+    return start
+
+
+def wire_blocks(
+    items: Sequence[TransferItem], block_size: int, keep: Sequence[bool] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per wire block: its destination block id, and whether to write it (its item is kept)."""
+    blocks: list[int] = []
+    kept: list[bool] = []
+    for i, item in enumerate(items):
+        needed = blocks_for(item.num_tokens, block_size)
+        if len(item.block_ids) < needed:
             raise ValueError(
                 f"transfer {item.transfer_id}: {item.num_tokens} tokens do not fit "
                 f"{len(item.block_ids)} blocks of {block_size}"
             )
-        slots.append(blocks[pos // block_size] * block_size + pos % block_size)
-    return torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
-
-
-def run_start(items: Sequence[TransferItem], block_size: int) -> int | None:
-    """The first cache slot when the items' tokens, back to back, fill one ascending run of
-    slots (the KV can land in place), else None. Pure Python on the block ids: cheap enough to
-    run before any receive is posted."""
-    start = expected = None
-    for item in items:
-        if item.num_tokens == 0:
-            continue
-        needed = -(-item.num_tokens // block_size)
-        blocks = item.block_ids[:needed]
-        if len(blocks) < needed:
-            return None
-        first = blocks[0] * block_size
-        if expected is not None and first != expected:
-            return None
-        if any(b != blocks[0] + i for i, b in enumerate(blocks)):
-            return None
-        start = first if start is None else start
-        expected = first + item.num_tokens  # the next item must start right here
-    return start
+        blocks += item.block_ids[:needed]
+        kept += [True if keep is None else keep[i]] * needed
+    return torch.tensor(blocks, dtype=torch.int64), torch.tensor(kept, dtype=torch.bool)
 
 
 def write_layer(
     layer_cache: torch.Tensor,
     data: torch.Tensor,
-    slots: torch.Tensor,
+    blocks: torch.Tensor,
     head_start: int,
     keep: torch.Tensor | None = None,
 ) -> None:
-    """Scatter one received layer into the paged cache at the link's head offset.
+    """Write one received layer into the paged cache at the link's head offset.
 
-    layer_cache: [2, num_blocks, block_size, heads, head_dim]; data: [2, T, h, head_dim];
-    slots: [T]; keep: optional [T] bool mask of tokens to write (others are dropped).
+    layer_cache: [num_blocks, 2, block_size, heads, head_dim]; data: [n, 2, block_size, h,
+    head_dim] (the wire tensor); blocks: [n] destination block of each; keep: optional [n]
+    bool mask of blocks to write (the others are dropped).
     """
-    flat = layer_cache.view(2, -1, layer_cache.shape[-2], layer_cache.shape[-1])
-    data = data.to(flat.device, flat.dtype)
+    data = data.to(layer_cache.device, layer_cache.dtype)
     if keep is not None:
-        data, slots = data[:, keep], slots[keep]
-    heads = slice(head_start, head_start + data.shape[2])
-    slots = slots.to(flat.device)
-    flat[0, slots, heads] = data[0]
-    flat[1, slots, heads] = data[1]
+        data, blocks = data[keep], blocks[keep]
+    target = layer_cache.narrow(3, head_start, data.shape[3])  # a view: writes land in the cache
+    target.index_copy_(0, blocks.to(layer_cache.device), data)

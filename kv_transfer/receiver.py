@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
-from pdserve.kv_transfer.layout import run_start, slot_index, write_layer
+from pdserve.kv_transfer.layout import run_start, wire_blocks, write_layer
 from pdserve.kv_transfer.link import KVLink
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class KVReceiver:
     """Receives on one link until the sender closes it or the link fails.
 
     All layer receives of a batch are posted at once, so the wire stays busy while earlier layers
-    are scattered into blocks. ``accept`` is asked once per item when its header arrives: an item
+    are written into blocks. ``accept`` is asked once per item when its header arrives: an item
     refused (unknown or aborted transfer) is still drained to keep the stream in step, but not
     written. The owner must not reuse an accepted item's blocks before ``on_batch`` reports it.
     """
@@ -79,34 +80,35 @@ class KVReceiver:
             raise ValueError(
                 f"header has {header.num_layers} layers, cache has {self._kv_cache.shape[0]}"
             )
+        if header.block_size != self._block_size:
+            raise ValueError(
+                f"header packs blocks of {header.block_size} tokens, the cache holds "
+                f"{self._block_size}: give prefill and decode the same block_size"
+            )
         accepted = tuple(self._accept(item) for item in header.items)
         all_kept = all(accepted)
-        start_slot = run_start(header.items, self._block_size) if all_kept else None
-        in_place = start_slot is not None and self._lands_in_place(header, dtype)
-        targets, bufs = self._targets(header, dtype, start_slot if in_place else None)
+        first_block = run_start(header.items, self._block_size) if all_kept else None
+        in_place = first_block is not None and self._lands_in_place(header, dtype)
+        targets, bufs = self._targets(header, dtype, first_block if in_place else None)
         # Post layer 0, give the sender the go-ahead, then make and post the rest: posting is
         # faster than the wire, so every receive is still up before its message arrives, and
         # the go-ahead (on the sender's path when its KV is ready early) waits for nothing else.
-        works = [self.link.recv_tensor(next(targets)) for _ in range(2)]  # K, V of layer 0
+        works = [self.link.recv_tensor(t) for t in itertools.islice(targets, 1)]
         self.link.send_ready()
         works += [self.link.recv_tensor(t) for t in targets]
         trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
         trailer_work = self.link.recv_tensor(trailer) if header.has_trailer else None
-        keep = slots = None
-        if not in_place:  # staged, then scattered: per-token slots and the kept mask
-            keep = torch.cat(
-                [torch.full((item.num_tokens,), ok) for item, ok in zip(header.items, accepted)]
-            )
-            slots = slot_index(header.items, self._block_size)
-        for layer in range(header.num_layers):
-            works[2 * layer].wait()
-            works[2 * layer + 1].wait()
+        blocks = keep = None
+        if bufs is not None:  # staged, then written: each wire block's destination and mask
+            blocks, keep = wire_blocks(header.items, self._block_size, accepted)
+        for layer, work in enumerate(works):
+            work.wait()
             if bufs is not None:
-                assert slots is not None and keep is not None
+                assert blocks is not None and keep is not None
                 write_layer(
                     self._kv_cache[layer],
                     bufs[layer],
-                    slots,
+                    blocks,
                     header.head_start,
                     None if all_kept else keep,
                 )
@@ -131,23 +133,22 @@ class KVReceiver:
     def _targets(
         self, header: TransferHeader, dtype: torch.dtype, start: int | None
     ) -> tuple[Iterator[torch.Tensor], list[torch.Tensor] | None]:
-        """Where each layer's K and V land, in wire order (made lazily: a caller posts the
-        first before the rest exist): straight into the cache from slot ``start`` (the blocks
-        form one ascending run and the link carries every head: no copy at all), else a
-        staging arena that is scattered into the blocks afterwards. Returns the targets and the
-        staging buffers (None when in place)."""
-        cache = self._kv_cache  # [layers, 2, num_blocks, block_size, heads, head_dim]
+        """Where each layer's wire tensor lands, layer by layer (made lazily: a caller posts
+        the first before the rest exist): straight into the cache's blocks from block
+        ``start`` (the blocks form one ascending run and the link carries every head: no copy
+        at all), else a staging arena written into the blocks afterwards. Returns the targets
+        and the staging buffers (None when in place)."""
+        cache = self._kv_cache  # [layers, num_blocks, 2, block_size, heads, head_dim]
         layers = range(header.num_layers)
         if start is not None:
-            flat = cache.view(cache.shape[0], 2, -1, *cache.shape[-2:])
-            end = start + header.num_tokens
-            return (flat[layer, kv, start:end] for layer in layers for kv in (0, 1)), None
+            end = start + header.num_blocks
+            return (cache[layer, start:end] for layer in layers), None
         # a reused arena: fresh buffers per transfer would cost a page fault per 4 KiB written,
         # which on CPU halves the link's throughput
         shape = header.layer_shape()
         staging = self._staging(header.num_layers * math.prod(shape), dtype)
         bufs = list(staging.view(header.num_layers, *shape).unbind(0))
-        return (buf[kv] for buf in bufs for kv in (0, 1)), bufs
+        return iter(bufs), bufs
 
     def _staging(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A [numel] tensor of ``dtype`` backed by the arena, grown (never shrunk) on demand."""

@@ -14,17 +14,18 @@ from pdserve.engine.parallel import TPGroup, is_kv_sender, kv_head_range
 from pdserve.engine.request import PrefillItem
 from pdserve.engine.sampling import Sampler, SamplerOutput, SamplingRow
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
-from pdserve.kv_transfer.layout import pack_layer, token_ranges
+from pdserve.kv_transfer.layout import pack_layer, token_ranges, wire_plan
 from pdserve.kv_transfer.link import KVLink
 
 
 class PrefillRunner:
     """Holds one rank's model shard; runs batches the leader hands to every rank alike."""
 
-    def __init__(self, model: CausalLM, tp: TPGroup, device: torch.device) -> None:
+    def __init__(self, model: CausalLM, tp: TPGroup, device: torch.device, block_size: int) -> None:
         self.model = model
         self.tp = tp
         self.device = device
+        self.block_size = block_size  # the decode replicas' (the KV travels in their layout)
         cfg = model.config
         self.head_start, self.head_end = kv_head_range(cfg.num_kv_heads, tp.rank, tp.size)
         self.sends_kv = is_kv_sender(cfg.num_kv_heads, tp.rank, tp.size)
@@ -37,8 +38,8 @@ class PrefillRunner:
         """Prefill ``items``; returns the sampled first tokens on rank 0 (None elsewhere) and the
         destinations whose link failed, each with the reason.
 
-        Every KV-sending rank sends each destination one header, then one tensor per layer as soon
-        as the layer's K/V exist (overlapping the rest of the forward pass), and rank 0 finally
+        Every KV-sending rank sends each destination one header, then one tensor per layer (K and
+        V in the decode cache's block layout) as soon as the layer's K/V exist (overlapping the rest of the forward pass), and rank 0 finally
         sends the first tokens. All sends have left when this returns. A link that fails (its
         decode replica died, or it was never made) stops only the sends to that destination: the
         batch's other items still reach theirs.
@@ -68,13 +69,19 @@ class PrefillRunner:
                 header = self._header([items[i] for i in idx])
                 on_link(dest, partial(KVLink.send_header, header=header))
 
+        total = sum(seq_lens)
+        plans = {
+            dest: wire_plan([ranges[i] for i in idx], total, self.block_size)
+            for dest, idx in by_dest.items()
+        }
+
         def send_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            # k, v: [T, kv_heads_local, head_dim] for the whole packed batch
-            for dest, idx in by_dest.items():
+            # k, v: [T, kv_heads_local, head_dim] views for the whole packed batch
+            for dest, plan in plans.items():
                 if dest in broken:
                     continue
-                parts = pack_layer(k, v, [ranges[i] for i in idx])  # K, then V
-                on_link(dest, partial(_send_all, tensors=parts))
+                wire = pack_layer(k, v, plan)
+                on_link(dest, partial(KVLink.send_tensor, tensor=wire))
 
         input_ids = torch.tensor(
             [t for it in items for t in it.prompt_token_ids], device=self.device
@@ -113,10 +120,6 @@ class PrefillRunner:
             head_start=self.head_start,
             head_end=self.head_end,
             head_dim=cfg.head_dim,
+            block_size=self.block_size,
             has_trailer=self.tp.rank == 0,
         )
-
-
-def _send_all(link: KVLink, tensors: Sequence[torch.Tensor]) -> None:
-    for tensor in tensors:
-        link.send_tensor(tensor)

@@ -90,7 +90,7 @@ class PrefillWorker:
             )
             tp = TPGroup(self.spec.tp_rank, self.spec.tp_size, pg)
         model = load_model(self.config, tp, self.device)
-        self._runner = PrefillRunner(model, tp, self.device)
+        self._runner = PrefillRunner(model, tp, self.device, self.engine.block_size)
         logger.info("prefill instance %d rank %d ready", self.spec.instance, self.spec.tp_rank)
 
     async def connect_link(self, decode_instance: int, name: str, host: str, port: int) -> bool:

@@ -27,8 +27,8 @@ def test_auto_backend_is_nccl_across_gpus_and_gloo_on_one() -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL links need two GPUs")
 def test_nccl_link_moves_kv_between_gpus() -> None:
     store = KVLink.host_store("127.0.0.1")
-    header = TransferHeader((TransferItem(1, "r", 4, (0,)),), 2, "bfloat16", 0, 2, 8, True)
-    sent = torch.randn(2, 4, 2, 8, device="cuda:0").bfloat16()
+    header = TransferHeader((TransferItem(1, "r", 4, (0,)),), 2, "bfloat16", 0, 2, 8, 4, True)
+    sent = torch.randn(header.layer_shape(), device="cuda:0").bfloat16()
     got: dict[str, object] = {}
 
     def receiver() -> None:
@@ -37,7 +37,7 @@ def test_nccl_link_moves_kv_between_gpus() -> None:
             "gpu", "nccl", RECEIVER, torch.device("cuda:1"), "127.0.0.1", store.port, store
         )
         got["header"] = link.recv_header()
-        buf = torch.empty(2, 4, 2, 8, device="cuda:1", dtype=torch.bfloat16)
+        buf = torch.empty(header.layer_shape(), device="cuda:1", dtype=torch.bfloat16)
         link.recv_tensor(buf).wait()
         got["data"] = buf.cpu()
 

@@ -155,7 +155,7 @@ def test_kv_cache_sizes(tiny_models: dict[str, Path]) -> None:
     assert config.kv_bytes_per_token() == 2 * 2 * 2 * 32 * 4
     assert config.kv_bytes_per_token(tp_size=2) == config.kv_bytes_per_token() // 2
     assert config.kv_bytes_per_token(tp_size=4) == config.kv_bytes_per_token() // 2  # replicas
-    assert kv_cache_shape(config, 2, num_blocks=10, block_size=16) == (2, 2, 10, 16, 1, 32)
+    assert kv_cache_shape(config, 2, num_blocks=10, block_size=16) == (2, 10, 2, 16, 1, 32)
     per_block = bytes_per_block(config, 1, 16)
     assert num_blocks_for_bytes(config, 1, 16, 10 * per_block + per_block - 1) == 10
     cache = allocate_kv_cache(config, 1, 3, 16, "cpu")

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from pdserve.engine.attention import DecodeMetadata, PrefillMetadata
 from pdserve.engine.config import ModelConfig
-from pdserve.engine.kv_cache import allocate_kv_cache
+from pdserve.engine.kv_cache import allocate_kv_cache, kv_rows
 from pdserve.engine.loader import load_model
 from pdserve.engine.model import CausalLM, KVHook
 from pdserve.engine.parallel import (
@@ -171,12 +171,13 @@ def test_kv_hook_sees_every_layer_before_attention(tiny_models: dict[str, Path])
     model(ids, torch.arange(10), PrefillMetadata([10], slots), cache,
           lambda layer, k, v: seen.append((layer, k.clone(), v.clone())))  # fmt: skip
     assert [layer for layer, _, _ in seen] == list(range(config.num_layers))
-    flat = cache.view(config.num_layers, 2, -1, config.num_kv_heads, config.head_dim)
+    flat = cache.view(config.num_layers, -1, config.num_kv_heads, config.head_dim)
+    rows = kv_rows(slots, 8)
     for layer, k, v in seen:
         assert k.shape == v.shape == (10, config.num_kv_heads, config.head_dim)
         # the hook gets exactly what the cache stores (after k-norm and RoPE)
-        torch.testing.assert_close(flat[layer, 0, slots], k, rtol=0, atol=0)
-        torch.testing.assert_close(flat[layer, 1, slots], v, rtol=0, atol=0)
+        torch.testing.assert_close(flat[layer, rows], k, rtol=0, atol=0)
+        torch.testing.assert_close(flat[layer, rows + 8], v, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
