@@ -7,12 +7,12 @@ timed on the sender from the first send to the receiver's 8-byte acknowledgement
 - raw-1:    one send of all the bytes (the backend's best case; the baseline);
 - raw-L:    one send per layer into plain, pre-posted buffers: pdserve's message pattern in
             plain torch.distributed;
-- pdserve:  the whole protocol, cold: msgpack header, the receiver's go-ahead, one tensor per
-            layer (K and V in the cache's block layout), trailer; received by KVReceiver
-            straight into a paged cache (what decode really does);
-- streamed: the same, with the header sent and acknowledged before the clock starts, as in a
+- pdserve:  the whole protocol, cold (every byte ready before it starts): msgpack header, one
+            tensor per layer (K and V in the cache's block layout), trailer; received by
+            KVReceiver straight into a paged cache (what decode really does);
+- streamed: the same, with the header sent ``--lead-ms`` before the clock starts, as in a
             prefill, which sends the header before its forward pass and each layer's K/V as
-            the forward produces it (the go-ahead is back long before layer 0's K/V exists).
+            the forward produces it (layer 0 alone takes longer than the default 2 ms on CPU).
 
 Every mode moves the same bytes: each layer as prefill's ``pack_layer`` makes it (that copy is
 the forward's, where ``.contiguous()`` copies of K and V used to be, and is not timed here). The
@@ -93,7 +93,9 @@ def _raw_ops(pg: Any, whole: torch.Tensor, mode: str, op: str, peer: int) -> Non
         w.wait()
 
 
-def _sender(port: int, shape: Shape, tokens_list: list[int], repeats: int, out: dict) -> None:
+def _sender(
+    port: int, shape: Shape, tokens_list: list[int], repeats: int, lead_s: float, out: dict
+) -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, 2, False, datetime.timedelta(seconds=60))
     link = KVLink.connect(
@@ -107,9 +109,9 @@ def _sender(port: int, shape: Shape, tokens_list: list[int], repeats: int, out: 
         times: dict[str, list[float]] = {m: [] for m in MODES}
         for rep in range(repeats + 1):  # the first round warms up
             for mode in MODES:
-                if mode == "streamed":  # off the clock, as the forward hides it in a prefill
+                if mode == "streamed":  # off the clock, as layer 0's forward is in a prefill
                     link.send_header(_header(shape, tokens))
-                    link.wait_ready()
+                    time.sleep(lead_s)
                 start = time.perf_counter()
                 if mode.startswith("raw"):
                     _raw_ops(raw, whole, mode, "send", RECEIVER)
@@ -171,13 +173,15 @@ def _receiver(store: dist.TCPStore, shape: Shape, tokens_list: list[int], repeat
             raise RuntimeError(f"{tokens} tokens: the KV did not arrive as sent")
 
 
-def run(shape: Shape, tokens_list: list[int], repeats: int) -> dict:
+def run(shape: Shape, tokens_list: list[int], repeats: int, lead_ms: float = 2.0) -> dict:
     store = KVLink.host_store("127.0.0.1")
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     out = manager.dict()
     proc = ctx.Process(
-        target=_sender, args=(store.port, shape, tokens_list, repeats, out), daemon=True
+        target=_sender,
+        args=(store.port, shape, tokens_list, repeats, lead_ms / 1e3, out),
+        daemon=True,
     )
     proc.start()
     _receiver(store, shape, tokens_list, repeats)
@@ -206,10 +210,16 @@ def main() -> None:
         action="store_true",
         help="destination blocks out of order (no in-place receive: staging + scatter)",
     )
+    p.add_argument(
+        "--lead-ms",
+        type=float,
+        default=2.0,
+        help="streamed mode: how long before the KV its header goes (a prefill's layer 0)",
+    )
     p.add_argument("--out", default=None, help="write the raw numbers as JSON here")
     args = p.parse_args()
     shape = Shape(args.layers, args.kv_heads, args.head_dim, 16, args.dtype, args.scattered)
-    results = run(shape, args.tokens, args.repeats)
+    results = run(shape, args.tokens, args.repeats, args.lead_ms)
     print(f"KV shape: {asdict(shape)}; {shape.bytes_per_token()} bytes/token; backend gloo (CPU)")
     print("GB/s per mode, then each mode over raw-1 (the baseline):")
     print(f"{'tokens':>7} {'MiB':>7} " + " ".join(f"{m:>9}" for m in MODES) + " |"

@@ -3,8 +3,9 @@
 1. TTFT breakdown (in-process LLM, one request at a time, so nothing queues behind anything):
    prefill compute alone (the model's forward in this process, the baseline), then through the
    cluster: prefill queue, prefill compute incl. layer-by-layer KV sends (and, of it, the time
-   the prefill waited for the decode side's go-ahead after the header), KV transfer as the
-   decode side saw it, TTFT, and the first decode step (E2E of a 2-token request minus TTFT).
+   the prefill waited after its forward pass for the last sends to leave: the transfer that
+   compute did not hide), KV transfer as the decode side saw it, TTFT, and the first decode
+   step (E2E of a 2-token request minus TTFT).
 2. HTTP overhead: a 1-token request's latency through the OpenAI endpoint, p50/p99, next to
    the same request's TTFT inside the cluster.
 
@@ -54,7 +55,7 @@ def ttft_breakdown(model: Path, prompt_len: int, n: int, threads: int) -> dict[s
     alone = [pdserve_prefill(local, [p]).seconds for p in tqdm(prompts, desc="prefill alone")]
     del local
     rows: dict[str, list[float]] = {
-        k: [] for k in ("queue", "prefill+send", "go_ahead_wait", "transfer", "ttft", "first_step")
+        k: [] for k in ("queue", "prefill+send", "kv_send_tail", "transfer", "ttft", "first_step")
     }
     with LLM(str(model), dtype="float32", num_threads=threads) as llm:
         two = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
@@ -63,7 +64,7 @@ def ttft_breakdown(model: Path, prompt_len: int, n: int, threads: int) -> dict[s
             m = llm.generate(p, two)[0].metrics
             rows["queue"].append(m.queue_s)
             rows["prefill+send"].append(m.prefill_s)
-            rows["go_ahead_wait"].append(m.kv_wait_s)
+            rows["kv_send_tail"].append(m.kv_wait_s)
             rows["transfer"].append(m.transfer_s)
             rows["ttft"].append(m.ttft)
             rows["first_step"].append(m.e2e - m.ttft)

@@ -31,7 +31,8 @@ class PrefillResult:
     queue_s: float  # waiting in the prefill queue
     compute_s: float  # the batch's forward pass incl. sending the KV
     error: str | None = None
-    # of compute_s, the time a KV-sending rank waited for the decode side to post its receives
+    # of compute_s, the time a KV-sending rank waited after its forward pass for its KV sends to
+    # leave: the part of the transfer that compute did not hide (the slowest rank's)
     kv_wait_s: float = 0.0
 
 
@@ -79,7 +80,7 @@ class RequestMetrics:
     e2e: float = 0.0
     kv_bytes: int = 0
     transfer_s: float = 0.0
-    kv_wait_s: float = 0.0  # prefill stalled on the decode side's go-ahead (part of prefill_s)
+    kv_wait_s: float = 0.0  # of prefill_s: waiting for the KV sends to leave after the forward
     num_output_tokens: int = 0
 
     @property

@@ -24,7 +24,8 @@ SENDER, RECEIVER = 0, 1
 _MAGIC = 0x5044_4B56  # "PDKV": guards against a stream that lost its framing
 # A header travels in one fixed-size frame (magic, size, then the msgpack bytes; a rare larger
 # header spills into a second message), so the receiver can post the receive before the sender
-# sends. Over gloo a message that arrives before its receive is posted takes a slow path.
+# sends. Over gloo a message sent before its receive is posted costs a round trip: its bytes
+# wait until the receiver's "posted" notice comes back.
 FRAME_BYTES = 16 << 10
 _PREFIX_BYTES = 16
 BACKENDS = ("auto", "gloo", "nccl")
@@ -74,15 +75,9 @@ class KVLink:
         self._store = store  # keep the rendezvous store alive as long as the group
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
         self.bytes_sent = 0
-        # gloo only: after a header the receiver says "receives posted" before any KV is sent,
-        # for the same reason as the fixed frame (NCCL pairs sends and receives itself)
-        self._handshake = self.device.type == "cpu"
-        self._ready_buf = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self._ready: dist.Work | None = None  # sender: the receiver's go-ahead, awaited lazily
-        self._ready_sent: dist.Work | None = None  # receiver: the last go-ahead on its way
-        # sender: seconds spent waiting for go-aheads (in a prefill the forward of layer 0
-        # normally hides the round trip, and this stays near zero)
-        self.ready_wait_s = 0.0
+        # sender: seconds spent in flush, waiting for queued sends to leave (in a prefill, the
+        # part of the transfer that the forward pass did not hide)
+        self.flush_wait_s = 0.0
 
     @staticmethod
     def host_store(host: str, timeout_s: float = 300.0) -> dist.TCPStore:
@@ -124,36 +119,21 @@ class KVLink:
         self._send(frame.to(self.device))
         if spill:
             self._send(_bytes_tensor(spill).to(self.device))
-        if self._handshake and not header.close:
-            self._ready = self._pg.recv([self._ready_buf], RECEIVER, 0)
 
     def send_tensor(self, tensor: torch.Tensor) -> None:
-        """Queue an asynchronous send; the tensor is kept alive until ``flush``. The first one
-        after a header waits for the receiver's go-ahead (by then long there when the tensor
-        comes out of a forward pass)."""
-        self._await_ready()
+        """Queue an asynchronous send; the tensor is kept alive until ``flush``. It never waits
+        for the receiver: over gloo a send whose receive is not posted yet is announced, and
+        its bytes follow when the receive is (the receiver posts them as the header arrives,
+        while a prefill is still computing layer 0); NCCL pairs them itself."""
         self._send(tensor.to(self.device).contiguous())
-
-    def wait_ready(self) -> None:
-        """Block until the receiver has posted the current header's receives. ``send_tensor``
-        does this itself; a benchmark calls it to time the KV apart from the header's round
-        trip, which a prefill hides behind the forward of layer 0."""
-        self._await_ready()
 
     def flush(self) -> None:
         """Wait until every queued send has left."""
-        self._await_ready()
         pending, self._pending = self._pending, []
+        start = time.perf_counter()
         for work, _ in pending:
             work.wait()
-
-    def _await_ready(self) -> None:
-        if self._ready is None:
-            return
-        ready, self._ready = self._ready, None
-        start = time.perf_counter()
-        ready.wait()
-        self.ready_wait_s += time.perf_counter() - start
+        self.flush_wait_s += time.perf_counter() - start
 
     def _send(self, tensor: torch.Tensor) -> None:
         work = self._pg.send([tensor], RECEIVER, 0)
@@ -179,20 +159,11 @@ class KVLink:
             data += spill.cpu().numpy().tobytes()
         return TransferHeader.decode(data)
 
-    def send_ready(self) -> None:
-        """Receiver: every receive of the current header is posted; the sender may go on."""
-        if not self._handshake:
-            return
-        if self._ready_sent is not None:
-            self._ready_sent.wait()  # 8 bytes, long gone: the buffer is free again
-        self._ready_sent = self._pg.send([self._ready_buf], SENDER, 0)
-
     def recv_tensor(self, tensor: torch.Tensor) -> dist.Work:
         return self._pg.recv([tensor], SENDER, 0)
 
     def close(self) -> None:
         """Tell the receiver nothing more follows (sender side), then drop the group."""
-        self._ready = None
         if self.rank == SENDER:
             try:
                 self.send_header(TransferHeader.closing())
@@ -204,7 +175,6 @@ class KVLink:
     def abort(self) -> None:
         """Tear the group down after a failure (the peer's pending receives then fail)."""
         self._pending.clear()
-        self._ready = self._ready_sent = None
         try:
             self._pg.shutdown()
         except RuntimeError as e:

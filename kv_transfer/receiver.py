@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import threading
@@ -90,12 +89,9 @@ class KVReceiver:
         first_block = run_start(header.items, self._block_size) if all_kept else None
         in_place = first_block is not None and self._lands_in_place(header, dtype)
         targets, bufs = self._targets(header, dtype, first_block if in_place else None)
-        # Post layer 0, give the sender the go-ahead, then make and post the rest: posting is
-        # faster than the wire, so every receive is still up before its message arrives, and
-        # the go-ahead (on the sender's path when its KV is ready early) waits for nothing else.
-        works = [self.link.recv_tensor(t) for t in itertools.islice(targets, 1)]
-        self.link.send_ready()
-        works += [self.link.recv_tensor(t) for t in targets]
+        # Post every receive at once, making each target just before its receive: a layer's
+        # bytes wait in gloo until its receive is posted, so the first goes up first.
+        works = [self.link.recv_tensor(t) for t in targets]
         trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
         trailer_work = self.link.recv_tensor(trailer) if header.has_trailer else None
         blocks = keep = None

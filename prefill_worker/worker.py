@@ -188,10 +188,10 @@ class PrefillWorker:
     async def execute(self, items: list[PrefillItem]) -> tuple[Any, dict[int, str], float]:
         """Run one batch on this rank (the leader calls it on all ranks at once); returns the
         first tokens (leader), the destinations whose link failed, and the seconds this rank
-        waited for decode replicas' go-aheads."""
+        waited, after its forward pass, for its KV sends to leave."""
         assert self._runner is not None, "start() first"
         links = dict(self._links)  # this batch's links, whatever connect_link does meanwhile
-        waited_before = sum(link.ready_wait_s for link in links.values())
+        waited_before = sum(link.flush_wait_s for link in links.values())
         self._executing = True
         try:
             out, broken = await asyncio.to_thread(self._runner.run, items, links)
@@ -206,7 +206,7 @@ class PrefillWorker:
             for link in retired:
                 link.abort()
         self._drop_links(links, broken)
-        return out, broken, sum(link.ready_wait_s for link in links.values()) - waited_before
+        return out, broken, sum(link.flush_wait_s for link in links.values()) - waited_before
 
     def _drop_links(self, used: Mapping[int, KVLink], dests: Iterable[int]) -> None:
         """Abort the links a batch used to ``dests`` (not ones made since to replace them)."""

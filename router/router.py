@@ -80,7 +80,7 @@ class RequestTrace:
 
     prefill_queue_s: float = 0.0
     prefill_s: float = 0.0
-    kv_wait_s: float = 0.0  # of prefill_s: waiting for decode's go-ahead
+    kv_wait_s: float = 0.0  # of prefill_s: waiting for the KV sends after the forward
     kv_bytes: int = 0
     transfer_s: float = 0.0
     decode_instance: int = -1

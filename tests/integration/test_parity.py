@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from cluster_helpers import NEW_TOKENS, hf_greedy, parity_prompts
 
 from pdserve.cluster import LLM, SamplingParams
@@ -27,10 +26,8 @@ def test_greedy_parity_with_transformers(
         outs = llm.generate(prompts, params)  # one mixed batch: 1, 7, 100 and 300 tokens
         assert [o.finish_reason for o in outs] == ["length"] * len(prompts)
         assert all(o.metrics.kv_bytes > 0 for o in outs)
-        # the wait for decode's go-ahead is part of the prefill; over gloo (CPU) it is timed
-        # on every batch, if only microseconds
-        assert all(0 <= o.metrics.kv_wait_s <= o.metrics.prefill_s for o in outs)
-        assert torch.cuda.is_available() or all(o.metrics.kv_wait_s > 0 for o in outs)
+        # the wait for the KV sends after the forward is timed on every batch, within prefill
+        assert all(0 < o.metrics.kv_wait_s <= o.metrics.prefill_s for o in outs)
         assert llm.deployment.decode and llm.check_integrity() == 0
     expected = hf_greedy(model, prompts, NEW_TOKENS)
     for n, out, ref in zip(map(len, prompts), outs, expected):
