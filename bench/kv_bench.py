@@ -81,7 +81,7 @@ def _kv(shape: Shape, tokens: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(tokens)
     dtype = getattr(torch, shape.dtype)
     kv = torch.randn(shape.layers, 2, tokens, shape.kv_heads, shape.head_dim, generator=gen)
-    plan = wire_plan([(0, tokens)], tokens, shape.block_size)
+    plan = wire_plan([(0, tokens)], shape.block_size)
     return torch.stack([pack_layer(k, v, plan) for k, v in kv.to(dtype)])
 
 

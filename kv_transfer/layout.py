@@ -45,26 +45,15 @@ class WirePlan:
 
     num_blocks: int
     block_size: int
-    items: tuple[tuple[int, int, int], ...]  # per item: (first token in the batch, tokens,
-    # first block in the wire tensor)
+    # per item: (its first token in the batch, its tokens, its first block in the wire tensor)
+    items: tuple[tuple[int, int, int], ...]
     gather: torch.Tensor  # [num_blocks * block_size] batch token per wire position (tails: any)
     pad_rows: torch.Tensor  # K and V rows of the unused block tails (in the wire's
     # [blocks * 2 * block_size, h, D] view), sent as zeros
 
-    @property
-    def k_rows(self) -> torch.Tensor:
-        """Each token's K row in the wire's [blocks * 2 * block_size, h, D] view (V: + bs)."""
-        bs = self.block_size
-        rows = [
-            (first + pos // bs) * 2 * bs + pos % bs
-            for _, n, first in self.items
-            for pos in [torch.arange(n)]
-        ]
-        return torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
 
-
-def wire_plan(ranges: Sequence[tuple[int, int]], batch_tokens: int, block_size: int) -> WirePlan:
-    """The plan for the items at ``ranges`` of a packed batch of ``batch_tokens`` tokens."""
+def wire_plan(ranges: Sequence[tuple[int, int]], block_size: int) -> WirePlan:
+    """The plan for the items at ``ranges`` (their tokens' [start, end) in a packed batch)."""
     bs = block_size
     items, gather, pad_rows = [], [], []
     first = 0  # the item's first block in the wire tensor

@@ -39,8 +39,8 @@ class PrefillRunner:
         destinations whose link failed, each with the reason.
 
         Every KV-sending rank sends each destination one header, then one tensor per layer (K and
-        V in the decode cache's block layout) as soon as the layer's K/V exist (overlapping the rest of the forward pass), and rank 0 finally
-        sends the first tokens. All sends have left when this returns. A link that fails (its
+        V in the decode cache's block layout) as soon as the layer's K/V exist (overlapping the
+        rest of the forward pass), and rank 0 finally sends the first tokens. All sends have left when this returns. A link that fails (its
         decode replica died, or it was never made) stops only the sends to that destination: the
         batch's other items still reach theirs.
         """
@@ -69,9 +69,8 @@ class PrefillRunner:
                 header = self._header([items[i] for i in idx])
                 on_link(dest, partial(KVLink.send_header, header=header))
 
-        total = sum(seq_lens)
         plans = {
-            dest: wire_plan([ranges[i] for i in idx], total, self.block_size)
+            dest: wire_plan([ranges[i] for i in idx], self.block_size)
             for dest, idx in by_dest.items()
         }
 

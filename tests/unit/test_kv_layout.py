@@ -75,7 +75,7 @@ def test_packed_layer_lands_in_the_right_slots(heads: tuple[int, int], staged: b
     ranges = token_ranges(lens)
     k, v = torch.randn(2, sum(lens), heads[1] - heads[0], d).unbind(0)
     mine = [0, 2]
-    plan = wire_plan([ranges[i] for i in mine], sum(lens), bs)
+    plan = wire_plan([ranges[i] for i in mine], bs)
     wire = pack_layer(k, v, plan)
     assert wire.shape == (2 + 1, 2, bs, heads[1] - heads[0], d)
     assert torch.equal(wire[1, :, 1:], torch.zeros(2, 3, heads[1] - heads[0], d))  # padding
@@ -114,16 +114,15 @@ def test_pack_takes_strided_views() -> None:
     """The model hands the hook slices of its fused qkv output; packing copies them once."""
     qkv = torch.randn(10, 3, 2, 4)  # [T, q/k/v, heads, D]
     k, v = qkv[:, 1], qkv[:, 2]
-    plan = wire_plan([(0, 10)], 10, 4)
-    flat = pack_layer(k, v, plan).view(-1, 2, 4)
-    assert torch.equal(flat[plan.k_rows], k) and torch.equal(flat[plan.k_rows + 4], v)
-    assert not flat[plan.pad_rows].any()
+    wire = pack_layer(k, v, wire_plan([(0, 10)], 4))  # 3 blocks, the last one half used
+    assert torch.equal(_cache_tokens(wire, torch.arange(10), 4), torch.stack([k, v]))
+    assert not wire[2, :, 2:].any()
 
 
 def test_many_items_pack_the_same_as_few() -> None:
     lens = [3, 4, 9, 1, 5, 8, 2, 7, 6, 4, 11]  # > _PER_ITEM_MAX items to one destination
     ranges = token_ranges(lens)
     k, v = torch.randn(2, sum(lens), 2, 3).unbind(0)
-    everything = pack_layer(k, v, wire_plan(ranges, sum(lens), 4))
-    one_by_one = torch.cat([pack_layer(k, v, wire_plan([r], sum(lens), 4)) for r in ranges])
+    everything = pack_layer(k, v, wire_plan(ranges, 4))
+    one_by_one = torch.cat([pack_layer(k, v, wire_plan([r], 4)) for r in ranges])
     assert torch.equal(everything, one_by_one)
