@@ -36,6 +36,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.spec import DecodeSpec, EngineSpec, resolve_host
 from pdserve.engine.stop import check_token_stop
 from pdserve.kv_transfer.descriptor import TransferItem
+from pdserve.kv_transfer.layout import blocks_for
 from pdserve.kv_transfer.link import RECEIVER, KVLink, resolve_backend
 from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch
 
@@ -167,14 +168,14 @@ class DecodeWorker:
         return True
 
     def _on_batch(self, batch: ReceivedBatch) -> None:
-        share = batch.nbytes / max(batch.header.num_tokens, 1)
+        per_block = batch.nbytes // max(batch.header.num_blocks, 1)  # every layer's, exact
         for i, (item, ok) in enumerate(zip(batch.header.items, batch.accepted)):
             self._inflight[batch.link].discard(item.transfer_id)
             r = self._requests.get(item.transfer_id)
             if not ok or r is None:
                 continue
             r.heads += batch.header.num_heads
-            r.kv_bytes += int(share * item.num_tokens)
+            r.kv_bytes += per_block * blocks_for(item.num_tokens, batch.header.block_size)
             r.transfer_s = max(r.transfer_s, batch.seconds)
             if batch.first_tokens is not None:
                 r.first_token = batch.first_tokens[i]
