@@ -157,7 +157,7 @@ def _receiver(store: dist.TCPStore, shape: Shape, tokens_list: list[int], repeat
     receiver.start()
     ack = torch.ones(1, dtype=torch.int64)
     for tokens in tokens_list:
-        whole = torch.empty_like(_kv(shape, tokens))
+        whole = torch.empty(shape.layers, *_header(shape, tokens).layer_shape(), dtype=dtype)
         for _ in range(repeats + 1):
             for mode in MODES:
                 if mode.startswith("raw"):
