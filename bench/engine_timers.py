@@ -39,8 +39,8 @@ from pdserve.engine.kv_cache import allocate_kv_cache
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.request import PrefillItem
-from pdserve.engine.sampling import SamplingRow
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_types import SamplingRow
 from pdserve.engine.stop import check_token_stop
 from pdserve.kv_transfer.link import RECEIVER, SENDER, KVLink
 from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch

@@ -26,8 +26,8 @@ from pdserve.engine.kv_cache import allocate_kv_cache
 from pdserve.engine.loader import load_model
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
-from pdserve.engine.sampling import SamplingRow
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_types import SamplingRow
 from pdserve.engine.spec import EngineSpec
 from pdserve.engine.stop import check_token_stop
 

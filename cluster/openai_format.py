@@ -24,7 +24,7 @@ from pdserve.cluster.openai_protocol import (
     TopLogprob,
     UsageInfo,
 )
-from pdserve.engine.sampling import TokenLogprobs
+from pdserve.engine.sampling_types import TokenLogprobs
 
 Logprobs = Sequence[TokenLogprobs | None]
 

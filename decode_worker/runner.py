@@ -10,7 +10,8 @@ import torch
 from pdserve.decode_worker.scheduler import DecodeSeq
 from pdserve.engine.attention import DecodeMetadata, MixedMetadata, PrefillMetadata
 from pdserve.engine.model import CausalLM
-from pdserve.engine.sampling import Sampler, SamplerOutput, SamplingRow
+from pdserve.engine.sampling import Sampler
+from pdserve.engine.sampling_types import SamplerOutput, SamplingRow
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from pdserve.engine.load import DecodeLoad, DecodeStats
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.request import DecodeRequest, StepDelta
-from pdserve.engine.sampling import SamplerOutput, SamplingRow, TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_types import SamplerOutput, SamplingRow, TokenLogprobs
 from pdserve.engine.spec import DecodeSpec, EngineSpec, resolve_host
 from pdserve.engine.stop import check_token_stop
 from pdserve.kv_transfer.descriptor import TransferItem

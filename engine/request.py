@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdserve.engine.load import DecodeLoad
-from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_types import TokenLogprobs
 
 
 @dataclass(frozen=True)

@@ -14,40 +14,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_types import SamplerOutput, SamplingRow, TokenLogprobs
 
 _MASK64 = (1 << 64) - 1
-
-
-@dataclass
-class SamplingRow:
-    """One sequence's share of a sampling step."""
-
-    params: SamplingParams
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]  # generated so far, excluding the token being sampled now
-
-
-@dataclass
-class TokenLogprobs:
-    """Log-probabilities (of the raw logits) for one sampled token."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # top-n (token_id, logprob), best first
-
-
-@dataclass
-class SamplerOutput:
-    """One sampled token per row, in row order."""
-
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs | None]  # None where params.logprobs is None
 
 
 class Sampler:

@@ -12,7 +12,8 @@ from pdserve.engine.attention import PrefillMetadata
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup, is_kv_sender, kv_head_range
 from pdserve.engine.request import PrefillItem
-from pdserve.engine.sampling import Sampler, SamplerOutput, SamplingRow
+from pdserve.engine.sampling import Sampler
+from pdserve.engine.sampling_types import SamplerOutput, SamplingRow
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
 from pdserve.kv_transfer.layout import pack_layer, token_ranges, wire_plan
 from pdserve.kv_transfer.link import KVLink

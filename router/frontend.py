@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.request import RequestMetrics, RequestOutput
-from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from pdserve.engine.sampling_types import TokenLogprobs
 from pdserve.engine.stop import StopStringMatcher
 from pdserve.engine.tokenizer import encode_prompt
 from pdserve.router.router import RequestTrace, Router

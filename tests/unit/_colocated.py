@@ -12,8 +12,8 @@ from pdserve.decode_worker.prefill_queue import LocalPrefillQueue, PrefillChunk
 from pdserve.decode_worker.runner import ChunkInput, DecodeRunner
 from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, ScheduleOutput
 from pdserve.engine.block_manager import BlockManager
-from pdserve.engine.sampling import SamplingRow
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_types import SamplingRow
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
 

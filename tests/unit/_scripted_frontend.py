@@ -11,8 +11,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from pdserve.engine.request import RequestMetrics
-from pdserve.engine.sampling import TokenLogprobs
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from pdserve.engine.sampling_types import TokenLogprobs
 from pdserve.engine.tokenizer import encode_prompt
 from pdserve.router.frontend import FinishHook, OutputDelta, QueueFullError, RequestFailedError
 

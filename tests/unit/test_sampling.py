@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from pdserve.engine.sampling import Sampler, SamplingRow, apply_penalties
+from pdserve.engine.sampling import Sampler, apply_penalties
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_types import SamplingRow
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
 
@@ -129,7 +130,8 @@ def test_seeded_sample_ignores_batch_mates_position_and_global_rng() -> None:
 
 _OTHER_PROCESS = """
 import torch
-from pdserve.engine.sampling import Sampler, SamplingRow
+from pdserve.engine.sampling import Sampler
+from pdserve.engine.sampling_types import SamplingRow
 from pdserve.engine.sampling_params import SamplingParams
 logits = torch.load({path!r})
 rows = [SamplingRow(SamplingParams(seed=42), [1, 2], [5, 6, 7])]
