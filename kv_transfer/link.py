@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from pdserve.engine.parallel import make_process_group
 from pdserve.kv_transfer.descriptor import MAX_HEADER_BYTES, TransferHeader, TransferProtocolError
+from pdserve.kv_transfer.errors import KVLinkError as KVLinkError  # re-exported: older imports
 
 logger = logging.getLogger(__name__)
 
@@ -29,19 +30,6 @@ _MAGIC = 0x5044_4B56  # "PDKV": guards against a stream that lost its framing
 FRAME_BYTES = 16 << 10
 _PREFIX_BYTES = 16
 BACKENDS = ("auto", "gloo", "nccl")
-
-
-class KVLinkError(RuntimeError):
-    """The KV link from a prefill rank to decode replica ``decode_instance`` failed (the replica
-    died or the link was torn down); the request's KV never fully arrived."""
-
-    def __init__(self, decode_instance: int, message: str) -> None:
-        super().__init__(decode_instance, message)  # both in args: the error crosses Ray intact
-        self.decode_instance = decode_instance
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def resolve_backend(backend: str, device: torch.device, same_gpu: bool = False) -> str:
