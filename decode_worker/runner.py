@@ -3,36 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
+from pdserve.decode_worker.engine import StepBatch
 from pdserve.decode_worker.scheduler import DecodeSeq
-from pdserve.engine.attention import DecodeMetadata, MixedMetadata, PrefillMetadata
+from pdserve.engine.attention import DecodeMetadata, MixedMetadata
 from pdserve.engine.model import CausalLM
 from pdserve.engine.sampling import Sampler
-from pdserve.engine.sampling_types import SamplerOutput, SamplingRow
-
-
-@dataclass(frozen=True)
-class ChunkInput:
-    """Positions [start, start + len(token_ids)) of one sequence to run through the model."""
-
-    token_ids: Sequence[int]
-    start: int
-    table: Sequence[int]  # the sequence's block table
-    sample: bool  # sample the next token from the chunk's last position (a prompt's last chunk)
+from pdserve.engine.sampling_types import SamplerOutput
 
 
 class DecodeRunner:
-    """Runs steps against the paged cache: `run` is the worker's step (decode tokens, recomputes
-    and prompt chunks in one forward); `prefill` and `step` run one kind alone."""
+    """Runs `DecodeEngine` steps against the paged cache: decode tokens, recomputes and prompt
+    chunks in one forward (the engine's `StepRunner`)."""
 
     def __init__(
         self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, device: torch.device
     ) -> None:
         self.model = model
-        self.kv_cache = kv_cache  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
+        self.kv_cache = kv_cache  # [layers, num_blocks, 2, block_size, kv_heads, head_dim]
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
@@ -42,53 +32,10 @@ class DecodeRunner:
         return [table[p // bs] * bs + p % bs for p in positions]
 
     @torch.inference_mode()
-    def prefill(
-        self,
-        prompts: Sequence[Sequence[int]],
-        tables: Sequence[Sequence[int]],
-        rows: Sequence[SamplingRow] | None = None,
-    ) -> SamplerOutput | None:
-        """Write the K/V of ``prompts`` into their blocks; with ``rows``, sample each one's next
-        token from its last position (colocated prefill)."""
-        seq_lens = [len(p) for p in prompts]
-        dev = self.device
-        ids = torch.tensor([t for p in prompts for t in p], device=dev)
-        positions = torch.cat([torch.arange(n) for n in seq_lens]).to(dev)
-        slots = [x for t, n in zip(tables, seq_lens) for x in self._slots(t, range(n))]
-        meta = PrefillMetadata(seq_lens, torch.tensor(slots, device=dev))
-        hidden = self.model(ids, positions, meta, self.kv_cache)
-        if rows is None:
-            return None
-        last = torch.tensor(seq_lens, device=dev).cumsum(0) - 1
-        return self.sampler(self.model.compute_logits(hidden.index_select(0, last)), rows)
-
-    @torch.inference_mode()
-    def step(
-        self,
-        seqs: Sequence[DecodeSeq],
-        tables: Sequence[Sequence[int]],
-        rows: Sequence[SamplingRow],
-    ) -> SamplerOutput:
-        """Cache each seq's last token and sample its next one."""
-        meta = self._decode_metadata(seqs, tables)
-        ids = torch.tensor([s.token_ids[-1] for s in seqs], device=self.device)
-        positions = torch.tensor([len(s.token_ids) - 1 for s in seqs], device=self.device)
-        hidden = self.model(ids, positions, meta, self.kv_cache)
-        return self.sampler(self.model.compute_logits(hidden), rows)
-
-    @torch.inference_mode()
-    def run(
-        self,
-        seqs: Sequence[DecodeSeq],
-        tables: Sequence[Sequence[int]],
-        chunks: Sequence[ChunkInput],
-        rows: Sequence[SamplingRow],
-    ) -> SamplerOutput | None:
-        """One engine step in one forward: a decode step for ``seqs`` and the ``chunks``.
-
-        ``rows`` sample the seqs' next tokens, then those of the chunks with ``sample`` set, in
-        order; None when there is nothing to sample.
-        """
+    def run(self, batch: StepBatch) -> SamplerOutput | None:
+        """One engine step in one forward: a decode token for each of ``batch.seqs`` and the
+        ``batch.chunks``; samples ``batch.rows`` (None when there are none)."""
+        seqs, tables, chunks, rows = batch.seqs, batch.tables, batch.chunks, batch.rows
         dev = self.device
         ids = [s.token_ids[-1] for s in seqs] + [t for c in chunks for t in c.token_ids]
         positions = [len(s.token_ids) - 1 for s in seqs]

@@ -1,21 +1,26 @@
-"""A colocated instance's step loop in process: what DecodeWorker does each step, without Ray.
+"""A colocated instance in process: the production `DecodeEngine`, stepped by hand and recorded.
 
-DecodeScheduler + LocalPrefillQueue decide; a DecodeRunner computes (or, without one, every
-sampled token is 7, for policy tests that need no model).
+With a `DecodeRunner` the engine computes for real; without one every sampled token is 7 (a
+fake runner for policy tests that need no model).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.decode_worker.prefill_queue import LocalPrefillQueue, PrefillChunk
-from pdserve.decode_worker.runner import ChunkInput, DecodeRunner
-from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, ScheduleOutput
-from pdserve.engine.block_manager import BlockManager
+from pdserve.decode_worker.engine import DecodeEngine, EngineLimits, StepBatch, StepRunner
+from pdserve.decode_worker.prefill_queue import PrefillChunk
+from pdserve.engine.request import DecodeRequest
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.sampling_types import SamplingRow
+from pdserve.engine.sampling_types import SamplerOutput
 
-GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
+
+class SevensRunner:
+    """Samples 7 for every row: the step's decisions without a model."""
+
+    def run(self, batch: StepBatch) -> SamplerOutput | None:
+        n = len(batch.rows)
+        return SamplerOutput([7] * n, [None] * n) if n else None
 
 
 @dataclass
@@ -40,57 +45,55 @@ class ColocatedEngine:
         block_size: int = 4,
         max_num_seqs: int = 4,
         max_model_len: int = 0,
-        runner: DecodeRunner | None = None,
+        runner: StepRunner | None = None,
     ) -> None:
-        self.blocks = BlockManager(num_blocks, block_size)
-        self.scheduler = DecodeScheduler(
-            self.blocks, max_num_seqs, max_model_len or num_blocks * block_size
+        limits = EngineLimits(
+            num_blocks=num_blocks,
+            block_size=block_size,
+            max_model_len=max_model_len or num_blocks * block_size,
+            num_kv_heads=1,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=budget,
+            chunked_prefill=chunked,
         )
-        self.prefills = LocalPrefillQueue(budget, max_num_seqs, chunked)
-        self.runner = runner
-        self.prompts: dict[int, list[int]] = {}
-        self.max_tokens: dict[int, int] = {}
+        self.engine = DecodeEngine(runner or SevensRunner(), limits)
+        e = self.engine
+        self.blocks, self.prefills, self.scheduler = e.blocks, e.prefills, e.scheduler
         self.outputs: dict[int, list[int]] = {}  # generated tokens, first one included
-        self.preemptions = 0
+
+    @property
+    def preemptions(self) -> int:
+        return self.engine.num_preemptions
 
     def submit(self, seq_id: int, prompt: list[int], max_tokens: int = 100) -> None:
-        assert self.scheduler.reserve(seq_id, len(prompt)) is not None, "cache too small"
-        self.prefills.add(seq_id, len(prompt))
-        self.prompts[seq_id], self.max_tokens[seq_id] = prompt, max_tokens
+        params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
+        req = DecodeRequest(seq_id, str(seq_id), tuple(prompt), params, local_prefill=True)
+        assert self.engine.reserve(req) is not None, "cache too small"
         self.outputs[seq_id] = []
 
     def abort(self, seq_id: int) -> None:
-        self.scheduler.abort(seq_id)
-        self.prefills.remove(seq_id)
+        self.engine.abort(seq_id, kv_pending=False)
 
     @property
     def idle(self) -> bool:
-        s = self.scheduler
-        return not (len(self.prefills) or s.num_running or s.num_waiting or s.num_reserved)
+        return self.engine.num_requests == 0
 
     def step(self) -> StepRecord:
-        if self.prefills.prefill_only:
-            out, chunks = ScheduleOutput(), self.prefills.schedule(0)
-        else:
-            out = self.scheduler.schedule()
-            chunks = self.prefills.schedule(out.num_tokens)
-        self.preemptions += len(out.preempted)
+        step = self.engine.plan()
+        assert step is not None, "nothing to run"
+        out = step.out
         record = StepRecord(
-            [s.seq_id for s in out.decode], [s.seq_id for s in out.recompute], chunks
+            [s.seq_id for s in out.decode],
+            [s.seq_id for s in out.recompute],
+            list(step.chunks),
+            [c.seq_id for c in step.chunks if c.last],
         )
-        tokens = self._compute(out, chunks)
-        self.scheduler.on_step_done(out.decode)
-        for seq, token in zip(out.decode, tokens, strict=False):
-            seq.token_ids.append(token)
-            self.outputs[seq.seq_id].append(token)
-            if self.scheduler.reached_length_limit(seq):
-                self.scheduler.finish(seq.seq_id)
-        self.prefills.on_done(chunks)
-        finished = [c for c in chunks if c.last]
-        for c, token in zip(finished, tokens[len(out.decode) :], strict=True):
-            self._land(c.seq_id, token)
-            record.first_tokens.append(c.seq_id)
-        self.scheduler.check_integrity()
+        runner = self.engine.runner
+        assert runner is not None
+        for tid, delta in self.engine.commit(step, runner.run(self.engine.prepare(step))):
+            assert delta.error is None, delta.error
+            self.outputs[tid] += delta.token_ids
+        self.engine.check_integrity()
         return record
 
     def run(self, max_steps: int = 10_000) -> list[StepRecord]:
@@ -99,31 +102,3 @@ class ColocatedEngine:
             records.append(self.step())
             assert len(records) < max_steps, "the engine does not make progress"
         return records
-
-    def _land(self, seq_id: int, token: int) -> None:
-        prompt = self.prompts[seq_id]
-        self.outputs[seq_id].append(token)
-        seq = DecodeSeq(seq_id, len(prompt), self.max_tokens[seq_id], [*prompt, token])
-        if self.scheduler.reached_length_limit(seq):
-            self.scheduler.finish(seq_id)
-        else:
-            self.scheduler.activate(seq)
-
-    def _compute(self, out: ScheduleOutput, chunks: list[PrefillChunk]) -> list[int]:
-        num_sampled = len(out.decode) + sum(c.last for c in chunks)
-        if self.runner is None:
-            return [7] * num_sampled
-        table = self.blocks.block_table
-        inputs = [ChunkInput(s.token_ids[:-1], 0, table(s.seq_id), False) for s in out.recompute]
-        rows = [
-            SamplingRow(GREEDY, s.token_ids[: s.prompt_len], s.token_ids[s.prompt_len :])
-            for s in out.decode
-        ]
-        for c in chunks:
-            prompt = self.prompts[c.seq_id]
-            inputs.append(ChunkInput(prompt[c.start : c.end], c.start, table(c.seq_id), c.last))
-            if c.last:
-                rows.append(SamplingRow(GREEDY, prompt, ()))
-        tables = [table(s.seq_id) for s in out.decode]
-        result = self.runner.run(out.decode, tables, inputs, rows)
-        return [] if result is None else result.token_ids

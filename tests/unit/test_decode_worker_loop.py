@@ -26,7 +26,7 @@ def test_step_loop_error_fails_held_requests_and_keeps_serving(
 ) -> None:
     engine = EngineSpec(model=str(tiny_models["llama"]), host="127.0.0.1", max_model_len=256)
     worker = DecodeWorker(engine, DecodeSpec(instance=0, num_blocks=32))
-    real_plan = worker._plan
+    real_plan = worker.engine.plan
     calls = {"n": 0}
 
     def flaky_plan():  # type: ignore[no-untyped-def]
@@ -35,7 +35,7 @@ def test_step_loop_error_fails_held_requests_and_keeps_serving(
             raise KeyError("boom")
         return real_plan()
 
-    worker._plan = flaky_plan  # type: ignore[method-assign]
+    worker.engine.plan = flaky_plan  # type: ignore[method-assign]
 
     async def scenario() -> tuple[list[StepDelta], list[StepDelta]]:
         prompt = tuple(range(5, 25))
@@ -52,4 +52,4 @@ def test_step_loop_error_fails_held_requests_and_keeps_serving(
     assert served[-1].finish_reason == "length"
     assert sum(len(d.token_ids) for d in served) == 4
     assert asyncio.run(worker.check_integrity()) == 0
-    assert worker.blocks.num_free_blocks == worker.blocks.num_blocks
+    assert worker.engine.blocks.num_free_blocks == worker.engine.blocks.num_blocks

@@ -1,0 +1,366 @@
+"""The decode engine: one replica's requests, blocks and steps, synchronous and free of Ray,
+asyncio and torch (the model runs behind the `StepRunner` it is given).
+
+Life of a request here (keyed by the router's transfer id)::
+
+    reserve ──▶ RESERVED ──KV + first token land──▶ scheduler (ready/running) ──stop──▶ freed
+                   │ abort: freed now if no KV is coming, else when it has landed      │
+                   └──────────────────────────────────── abort: freed after the step ◀─┘
+
+Colocated mode: the KV comes from this engine's own steps instead (`LocalPrefillQueue`: whole
+prompts with priority over decode, or chunk by chunk beside it); the first token is sampled when
+a prompt's last chunk has run.
+
+A step is `plan()` (scheduler decisions) -> `prepare()` (the runner's inputs) -> the runner's
+forward -> `commit()` (tokens appended, stops checked, blocks freed). `step()` does all four;
+the actor runs the forward on a thread so reservations and aborts come in meanwhile, and an
+abort of a request in the running step takes effect at its commit. Every verb returns the
+`Output`s it produced: (transfer id, delta) pairs for the request streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pdserve.decode_worker.prefill_queue import LocalPrefillQueue, PrefillChunk
+from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, ScheduleOutput
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.load import DecodeLoad
+from pdserve.engine.request import DecodeRequest, StepDelta
+from pdserve.engine.sampling_types import SamplerOutput, SamplingRow, TokenLogprobs
+from pdserve.engine.stop import check_token_stop
+
+Output = tuple[int, StepDelta]  # (transfer id, what its stream gets)
+
+
+@dataclass(frozen=True)
+class ChunkInput:
+    """Positions [start, start + len(token_ids)) of one sequence to run through the model."""
+
+    token_ids: Sequence[int]
+    start: int
+    table: Sequence[int]  # the sequence's block table
+    sample: bool  # sample the next token from the chunk's last position (a prompt's last chunk)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What the runner computes in one forward: a decode token for each of ``seqs``, then the
+    ``chunks``; ``rows`` sample the seqs' next tokens, then those of the chunks with ``sample``
+    set, in that order."""
+
+    seqs: Sequence[DecodeSeq]
+    tables: Sequence[Sequence[int]]  # the seqs' block tables
+    chunks: Sequence[ChunkInput]
+    rows: Sequence[SamplingRow]
+
+
+class StepRunner(Protocol):
+    """The data plane: runs one step's forward over the paged KV cache."""
+
+    def run(self, batch: StepBatch) -> SamplerOutput | None:
+        """Sampled tokens for ``batch.rows`` (None when there are none)."""
+
+
+@dataclass
+class EngineStep:
+    """One step's plan: the decode scheduler's batch and the local prefill chunks."""
+
+    out: ScheduleOutput
+    chunks: list[PrefillChunk]
+
+    @property
+    def tids(self) -> set[int]:
+        s = self.out
+        return {q.seq_id for q in [*s.decode, *s.recompute]} | {c.seq_id for c in self.chunks}
+
+
+@dataclass
+class _Held:
+    """A request this engine holds, from its reservation until it is dropped."""
+
+    req: DecodeRequest
+    heads: int = 0  # KV heads landed so far (summed over the prefill ranks' slices)
+    first_token: int | None = None
+    first_logprobs: TokenLogprobs | None = None  # colocated: from the local prefill
+    kv_bytes: int = 0
+    transfer_s: float = 0.0
+    aborted: bool = False  # abort asked while KV is in flight: drop once it has landed
+    running: bool = False  # activated in the scheduler
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the engine must know of the model and its cache."""
+
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    num_kv_heads: int
+    eos_token_ids: tuple[int, ...] = ()
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192  # colocated: tokens of one step (see LocalPrefillQueue)
+    chunked_prefill: bool = False
+
+
+class DecodeEngine:
+    """Owns the block manager, the continuous-batching scheduler, the local prefill queue, the
+    request table and the runner of one decode replica (or colocated instance)."""
+
+    def __init__(self, runner: StepRunner | None, limits: EngineLimits, instance: int = 0) -> None:
+        self.runner = runner  # None: the caller runs steps itself (the simulator)
+        self.limits = limits
+        self.instance = instance
+        self.blocks = BlockManager(limits.num_blocks, limits.block_size)
+        self.scheduler = DecodeScheduler(self.blocks, limits.max_num_seqs, limits.max_model_len)
+        self.prefills = LocalPrefillQueue(
+            limits.max_num_batched_tokens, limits.max_num_seqs, limits.chunked_prefill
+        )
+        self.num_preemptions = 0
+        self._held: dict[int, _Held] = {}
+        self._step: EngineStep | None = None  # planned and not yet committed
+        self._deferred: set[int] = set()  # aborted while in the planned step
+
+    # -- admission --------------------------------------------------------------------------
+
+    def reserve(self, req: DecodeRequest) -> list[int] | None:
+        """Blocks for the prompt's KV before its prefill runs; None when they do not fit now.
+        A colocated request (``local_prefill``) joins the local prefill queue."""
+        blocks = self.scheduler.reserve(req.transfer_id, len(req.prompt_token_ids))
+        if blocks is not None:
+            self._held[req.transfer_id] = _Held(req)
+            if req.local_prefill:
+                self.prefills.add(req.transfer_id, len(req.prompt_token_ids))
+        return blocks
+
+    def knows(self, tid: int) -> bool:
+        return tid in self._held
+
+    def expects_kv(self, tid: int, block_ids: Sequence[int]) -> bool:
+        """Whether KV for ``tid`` into ``block_ids`` may be written now (reserved, not running,
+        the same blocks). Only reads: safe from a receiver thread."""
+        held = self._held.get(tid)
+        if held is None or held.running:
+            return False
+        return tuple(self.blocks.block_table(tid)) == tuple(block_ids)
+
+    def kv_landed(
+        self, tid: int, heads: int, nbytes: int, seconds: float, first_token: int | None
+    ) -> list[Output]:
+        """A slice of ``heads`` KV heads (and, from prefill rank 0, the first token) landed;
+        once every head and the first token are here the request starts decoding."""
+        held = self._held.get(tid)
+        if held is None:
+            return []
+        held.heads += heads
+        held.kv_bytes += nbytes
+        held.transfer_s = max(held.transfer_s, seconds)
+        if first_token is not None:
+            held.first_token = first_token
+        if held.heads == self.limits.num_kv_heads and held.first_token is not None:
+            return self._land(held)
+        return []
+
+    def kv_failed(self, tid: int, message: str) -> list[Output]:
+        """The transfer into ``tid``'s blocks failed: the request fails (unless it already runs)."""
+        held = self._held.get(tid)
+        if held is None or held.running:
+            return []
+        return self._drop(held, StepDelta(error=message))
+
+    def abort(self, tid: int, kv_pending: bool) -> list[Output]:
+        """Forget a request and free its blocks: now, after the running step if it is in it, or
+        (``kv_pending``: a transfer may be writing its blocks) once its KV has landed."""
+        held = self._held.get(tid)
+        if held is None:
+            return []
+        in_step = self._step is not None and (held.running or tid in self._step.tids)
+        if in_step:
+            self._deferred.add(tid)
+        elif not held.running and kv_pending:
+            held.aborted = True
+        else:
+            return self._drop(held, StepDelta(finish_reason="abort"))
+        return []
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def plan(self) -> EngineStep | None:
+        """This step's batch, or None when there is nothing to run."""
+        assert self._step is None, "commit() or fail_step() the planned step first"
+        if self.prefills.prefill_only:  # colocated, prefill priority: no decode this step
+            step = EngineStep(ScheduleOutput(), self.prefills.schedule(0))
+        else:
+            out = self.scheduler.schedule()  # decode first; chunked prefill gets the budget left
+            step = EngineStep(out, self.prefills.schedule(out.num_tokens))
+        self.num_preemptions += len(step.out.preempted)
+        if not (step.out.decode or step.out.recompute or step.chunks):
+            return None
+        self._step = step
+        return step
+
+    def prepare(self, step: EngineStep) -> StepBatch:
+        """The runner's inputs: recomputes, then prompt chunks; rows for the decode seqs, then
+        for the prompts whose last chunk runs."""
+        table = self.blocks.block_table
+        # recompute: rebuild the cache of all but the last token, which the next step decodes
+        chunks = [
+            ChunkInput(s.token_ids[:-1], 0, table(s.seq_id), False) for s in step.out.recompute
+        ]
+        rows = [
+            SamplingRow(
+                self._held[s.seq_id].req.sampling,
+                s.token_ids[: s.prompt_len],
+                s.token_ids[s.prompt_len :],
+            )
+            for s in step.out.decode
+        ]
+        for c in step.chunks:
+            req = self._held[c.seq_id].req
+            prompt = req.prompt_token_ids
+            chunks.append(ChunkInput(prompt[c.start : c.end], c.start, table(c.seq_id), c.last))
+            if c.last:
+                rows.append(SamplingRow(req.sampling, prompt, ()))
+        tables = [table(s.seq_id) for s in step.out.decode]
+        return StepBatch(step.out.decode, tables, chunks, rows)
+
+    def commit(self, step: EngineStep, result: SamplerOutput | None) -> list[Output]:
+        """The step ran: append each sampled token, stop what must stop, land finished prompts."""
+        decode = step.out.decode
+        self.scheduler.on_step_done(decode)
+        sampled = result or SamplerOutput([], [])
+        outputs: list[Output] = []
+        for seq, token, logprobs in zip(decode, sampled.token_ids, sampled.logprobs):
+            seq.token_ids.append(token)
+            held = self._held[seq.seq_id]
+            reason = self._stop_reason(held.req, seq, token)
+            delta = StepDelta([token], [logprobs], finish_reason=reason)
+            if reason is None:
+                outputs.append((seq.seq_id, delta))
+            else:
+                outputs += self._drop(held, delta)
+        self.prefills.on_done(step.chunks)
+        finished = [c for c in step.chunks if c.last]  # their first tokens follow the decode ones
+        n = len(decode)
+        for c, token, logprobs in zip(finished, sampled.token_ids[n:], sampled.logprobs[n:]):
+            held = self._held[c.seq_id]
+            held.first_token, held.first_logprobs = token, logprobs
+            held.heads = self.limits.num_kv_heads
+            outputs += self._land(held)
+        return outputs + self._end_step()
+
+    def fail_step(self, step: EngineStep, message: str) -> list[Output]:
+        """The step's forward raised: its requests fail, the engine serves on."""
+        outputs = self.fail(step.tids, message)
+        return outputs + self._end_step()
+
+    def fail(self, tids: Iterable[int], message: str) -> list[Output]:
+        """Fail these requests with ``message``, freeing their blocks."""
+        outputs: list[Output] = []
+        for tid in list(tids):
+            if tid in self._held:
+                outputs += self._drop(self._held[tid], StepDelta(error=message))
+        return outputs
+
+    def fail_held(self, message: str) -> list[Output]:
+        """Fail every request the steps own (decoding, or colocated awaiting its prefill), after
+        an error outside the forward; requests whose KV is still on its way are kept."""
+        self._step = None
+        held = [t for t, h in self._held.items() if h.running or h.req.local_prefill]
+        return self.fail(held, message)
+
+    def step(self) -> list[Output]:
+        """Plan, run and commit one step in this thread; [] when idle."""
+        assert self.runner is not None, "an engine without a runner is stepped by its caller"
+        step = self.plan()
+        if step is None:
+            return []
+        try:
+            result = self.runner.run(self.prepare(step))
+        except Exception as e:  # a failed step fails its requests, never the engine
+            return self.fail_step(step, f"step failed: {type(e).__name__}: {e}")
+        return self.commit(step, result)
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._held)
+
+    @property
+    def has_work(self) -> bool:
+        """Something a step could run: running, waiting or colocated prompts."""
+        s = self.scheduler
+        return bool(s.num_running or s.num_waiting or len(self.prefills))
+
+    def load(self) -> DecodeLoad:
+        s = self.scheduler
+        return DecodeLoad(
+            self.instance,
+            self.blocks.num_free_blocks,
+            self.blocks.num_blocks,
+            s.num_running + self.prefills.num_partial,
+            s.num_waiting + self.prefills.num_waiting,  # colocated: prompts not yet prefilled
+        )
+
+    def check_integrity(self) -> int:
+        """Raise if any block is lost or double-owned, or held by a forgotten request; returns
+        the number of requests held."""
+        self.scheduler.check_integrity()
+        owners = set(self.blocks.owners())
+        assert owners <= set(self._held), (
+            f"blocks held by forgotten requests: {owners - set(self._held)}"
+        )
+        return len(self._held)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _land(self, held: _Held) -> list[Output]:
+        """All KV slices and the first token are here: start decoding (or finish at once)."""
+        req = held.req
+        if held.aborted:
+            return self._drop(held, StepDelta(finish_reason="abort"))
+        assert held.first_token is not None
+        prompt = list(req.prompt_token_ids)
+        seq = DecodeSeq(
+            req.transfer_id, len(prompt), req.sampling.max_tokens, [*prompt, held.first_token]
+        )
+        first = StepDelta(kv_bytes=held.kv_bytes, transfer_s=held.transfer_s)
+        if req.local_prefill:  # nobody else has streamed the first token
+            first.token_ids, first.logprobs = [held.first_token], [held.first_logprobs]
+        first.finish_reason = self._stop_reason(req, seq, held.first_token)
+        if first.finish_reason is not None:
+            return self._drop(held, first)
+        self.scheduler.activate(seq)
+        held.running = True
+        return [(req.transfer_id, first)]
+
+    def _stop_reason(self, req: DecodeRequest, seq: DecodeSeq, token: int) -> str | None:
+        lim = self.limits
+        reason = check_token_stop(
+            token, seq.num_output, len(seq.token_ids), req.sampling, lim.eos_token_ids,
+            lim.max_model_len,
+        )  # fmt: skip
+        if reason is None and self.scheduler.reached_length_limit(seq):
+            reason = "length"
+        return reason
+
+    def _drop(self, held: _Held, last: StepDelta) -> list[Output]:
+        tid = held.req.transfer_id
+        self.scheduler.abort(tid)
+        self.prefills.remove(tid)
+        del self._held[tid]
+        self._deferred.discard(tid)
+        return [(tid, last)]
+
+    def _end_step(self) -> list[Output]:
+        """The step is over: aborts that waited for it take effect."""
+        self._step = None
+        aborts, self._deferred = self._deferred, set()
+        outputs: list[Output] = []
+        for tid in aborts:
+            if tid in self._held:
+                outputs += self._drop(self._held[tid], StepDelta(finish_reason="abort"))
+        return outputs
