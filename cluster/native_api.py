@@ -22,7 +22,8 @@ metrics?}``; the last has a non-null ``finish_reason`` ("cancelled" after a canc
 An error after the stream started arrives as a final ``{"error": {"message", "type"}}`` map.
 
 Errors before a response starts are the server's JSON error objects (400, 404, 413, 429, 500).
-Bodies are read up to ``max_request_bytes`` and decoded without ext types; never pickle.
+Bodies are bounded by the server (``server.max_request_bytes``, 413) and decoded without ext
+types; never pickle.
 """
 
 from __future__ import annotations
@@ -33,17 +34,16 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, Protocol
 
-import anyio
 import msgpack
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from pdserve.cluster.jobs import Generator, JobInfo, JobManager, check_prompt, metrics_dict
 from pdserve.cluster.openai_protocol import OpenAIError
-from pdserve.cluster.openai_serving import unless_disconnected
+from pdserve.cluster.streaming import ClosingStream, unless_disconnected
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
-from pdserve.router.frontend import OutputDelta
+from pdserve.engine.sampling_types import TokenLogprobs
+from pdserve.router.frontend import OutputDelta, collect
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +83,14 @@ def delta_dict(d: OutputDelta) -> dict[str, Any]:
         "finish_reason": d.finish_reason,
     }
     if any(lp is not None for lp in d.logprobs):
-        out["logprobs"] = [
-            None if lp is None else {"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}
-            for lp in d.logprobs
-        ]
+        out["logprobs"] = [logprobs_dict(lp) for lp in d.logprobs]
     if d.metrics is not None:
         out["metrics"] = metrics_dict(d.metrics)
     return out
+
+
+def logprobs_dict(lp: TokenLogprobs | None) -> dict[str, Any] | None:
+    return None if lp is None else {"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}
 
 
 def _pack(obj: Any) -> Response:
@@ -134,39 +135,15 @@ class _Run:
                 return
 
 
-class _FrameStream(StreamingResponse):
-    """A msgpack frame stream whose source is closed however the response ends, so a client
-    that goes away aborts its request at once rather than when the generator is collected."""
-
-    media_type = MSGPACK
-
-    def __init__(self, frames: AsyncGenerator[bytes, None]) -> None:
-        super().__init__(frames, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._frames = frames
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):  # finish the abort even while being cancelled
-                await self._frames.aclose()
-
-
 class NativeApi:
     """Routes of the native API (see the module docstring); ``router`` goes to create_app.
 
     ``jobs`` is None when the deployment keeps no jobs directory: the job routes then answer 404.
     """
 
-    def __init__(
-        self,
-        frontend: StreamingFrontend,
-        jobs: JobManager | None,
-        max_request_bytes: int = 1 << 20,
-    ) -> None:
+    def __init__(self, frontend: StreamingFrontend, jobs: JobManager | None) -> None:
         self.frontend = frontend
         self.jobs = jobs
-        self.max_request_bytes = max_request_bytes
         self.runs: dict[str, _Run] = {}  # request_id -> generate/stream in flight, for cancel
         r = APIRouter(prefix=PREFIX, tags=["native"])
         r.add_api_route("/generate", self.generate, methods=["POST"])
@@ -185,7 +162,7 @@ class NativeApi:
 
     async def stream(self, request: Request) -> StreamingResponse:
         run = await self._start(request)
-        return _FrameStream(self._frames(run))
+        return ClosingStream(self._frames(run), MSGPACK)
 
     async def cancel(self, request_id: str) -> Response:
         run = self.runs.get(request_id)
@@ -238,22 +215,16 @@ class NativeApi:
             del self.runs[run.request_id]
 
     async def _collect(self, run: _Run) -> Response:
-        text: list[str] = []
-        out: dict[str, Any] = {"request_id": run.request_id, "token_ids": []}
-        logprobs: list[Any] = []
         try:
-            async for delta in run.deltas():
-                d = delta_dict(delta)
-                text.append(d["text"])
-                out["token_ids"] += d["token_ids"]
-                logprobs += d.get("logprobs", [])
-                out.update(finish_reason=d["finish_reason"], metrics=d.get("metrics"))
+            out = await collect(run.deltas())
         finally:
             run.task.cancel()  # no-op once finished; aborts the request if we were cancelled
-        out["text"] = "".join(text)
-        if logprobs:
-            out["logprobs"] = logprobs
-        return _pack(out)
+        reply = {"request_id": run.request_id, "text": out.text, "token_ids": out.token_ids}
+        reply["finish_reason"] = out.finish_reason
+        reply["metrics"] = None if out.metrics is None else metrics_dict(out.metrics)
+        if any(lp is not None for lp in out.logprobs):
+            reply["logprobs"] = [logprobs_dict(lp) for lp in out.logprobs]
+        return _pack(reply)
 
     async def _frames(self, run: _Run) -> AsyncGenerator[bytes, None]:
         try:
@@ -267,17 +238,9 @@ class NativeApi:
 
     async def _read(self, request: Request, allowed: set[str]) -> dict[str, Any]:
         """The body as a msgpack map with only ``allowed`` keys, read at most to the limit."""
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > self.max_request_bytes:
-                raise OpenAIError(
-                    413,
-                    f"the request body exceeds {self.max_request_bytes} bytes: send less "
-                    "(split a job into several) or raise server.max_request_bytes",
-                )
+        raw = await request.body()  # bounded by the server's BodyLimitMiddleware (413)
         try:
-            body = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True, ext_hook=_no_ext)
+            body = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_no_ext)
         except InvalidRequestError:
             raise
         except ValueError as e:  # msgpack's FormatError, ExtraData, StackError...
@@ -310,8 +273,7 @@ class NativeApi:
             ) from None
 
 
-def make_native_router(
-    frontend: StreamingFrontend, jobs: JobManager | None, max_request_bytes: int = 1 << 20
-) -> APIRouter:
-    """The native API's routes, to pass to ``create_app(extra_routers=[...])``."""
-    return NativeApi(frontend, jobs, max_request_bytes).router
+def make_native_router(frontend: StreamingFrontend, jobs: JobManager | None) -> APIRouter:
+    """The native API's routes, to pass to ``create_app(extra_routers=[...])`` (whose
+    middleware bounds every body to ``server.max_request_bytes``)."""
+    return NativeApi(frontend, jobs).router

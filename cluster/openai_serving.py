@@ -8,17 +8,13 @@ request in the cluster and frees its KV blocks on both sides.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Protocol
 
-import anyio
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 from transformers import PreTrainedTokenizerBase
 
 from pdserve.cluster.openai_format import ChatFormat, CompletionFormat, ReplyFormat, sse
@@ -31,14 +27,14 @@ from pdserve.cluster.openai_protocol import (
     UsageInfo,
 )
 from pdserve.cluster.settings import ServerSettings
+from pdserve.cluster.streaming import ClosingStream, unless_disconnected
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.tokenizer import apply_chat_template, encode_prompt
-from pdserve.router.frontend import FinishHook, OutputDelta, RequestFailedError
+from pdserve.router.frontend import FinishHook, OutputDelta, RequestFailedError, collect
 
 logger = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
-CLIENT_CLOSED = 499  # nginx's code; nobody reads it, the client is gone
 
 
 class ServingFrontend(Protocol):
@@ -106,28 +102,19 @@ class OpenAIServing:
         # Validates and admits now: InvalidRequestError (400) and QueueFullError (429) escape here.
         deltas = self.frontend.stream(ids, params, fmt.request_id)
         if stream:
-            return SSEResponse(self._events(fmt, deltas, len(ids), include_usage))
+            events = self._events(fmt, deltas, len(ids), include_usage)
+            return ClosingStream(events, "text/event-stream")
         return await unless_disconnected(request, self._collect(fmt, deltas, len(ids)))
 
     async def _collect(
         self, fmt: ReplyFormat, deltas: AsyncIterator[OutputDelta], num_prompt: int
     ) -> Response:
-        texts: list[str] = []
-        logprobs = []
-        num_output = 0
-        last: OutputDelta | None = None
         try:
-            async for d in deltas:
-                texts.append(d.text)
-                logprobs += d.logprobs
-                num_output += len(d.token_ids)
-                last = d
+            out = await collect(deltas)
         finally:
             await close(deltas)
-        if last is None:
-            raise RequestFailedError(f"request {fmt.request_id} ended without a finish")
-        usage = UsageInfo.of(num_prompt, num_output)
-        reply = fmt.reply("".join(texts), logprobs, last.finish_reason, usage)
+        usage = UsageInfo.of(num_prompt, len(out.token_ids))
+        reply = fmt.reply(out.text, out.logprobs, out.finish_reason, usage)
         return Response(reply.model_dump_json(), media_type="application/json")
 
     async def _events(
@@ -154,48 +141,6 @@ class OpenAIServing:
         finally:
             await close(deltas)
         yield DONE
-
-
-class SSEResponse(StreamingResponse):
-    """Server-sent events whose source is closed however the response ends, so a client that
-    goes away aborts its request at once instead of when the generator is garbage-collected."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, events: AsyncGenerator[str, None]) -> None:
-        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._events = events
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            # Shielded: the abort it triggers must finish even when this task is being cancelled.
-            with anyio.CancelScope(shield=True):
-                await self._events.aclose()
-
-
-async def unless_disconnected(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
-    """Run ``work``; cancel it (closing its stream, aborting the request) if the client leaves."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        return Response(status_code=CLIENT_CLOSED)
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    # The body is read already, so the next message the server has for us is the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def close(deltas: AsyncIterator[OutputDelta]) -> None:

@@ -46,6 +46,36 @@ class OutputDelta:
     metrics: RequestMetrics | None = None  # set on the last delta
 
 
+@dataclass
+class Collected:
+    """A request's deltas joined: what a non-streaming reply returns."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+    finish_reason: str | None
+    metrics: RequestMetrics | None
+
+
+async def collect(deltas: AsyncIterator[OutputDelta]) -> Collected:
+    """Read a stream to its end; RequestFailedError when it ends without a finish."""
+    texts: list[str] = []
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprobs | None] = []
+    last: OutputDelta | None = None
+    async for delta in deltas:
+        texts.append(delta.text)
+        token_ids += delta.token_ids
+        logprobs += delta.logprobs
+        last = delta
+    if last is None or last.finish_reason is None:
+        raise RequestFailedError("the request's stream ended without a finish")
+    return Collected(
+        last.request_id, "".join(texts), token_ids, logprobs, last.finish_reason, last.metrics
+    )
+
+
 # (metrics, finish_reason, prompt tokens) of a finished request
 FinishHook = Callable[[RequestMetrics, str | None, int], None]
 
@@ -132,22 +162,16 @@ class Frontend:
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> RequestOutput:
         """Run one request to completion."""
-        text, token_ids, logprobs = [], [], []
-        last: OutputDelta | None = None
         ids = self.tokenize(prompt)
-        async for delta in self.stream(ids, params, request_id):
-            text.append(delta.text)
-            token_ids += delta.token_ids
-            logprobs += delta.logprobs
-            last = delta
-        assert last is not None and last.metrics is not None
+        out = await collect(self.stream(ids, params, request_id))
+        assert out.metrics is not None
         return RequestOutput(
-            request_id=last.request_id,
+            request_id=out.request_id,
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=ids,
-            token_ids=token_ids,
-            text="".join(text),
-            finish_reason=last.finish_reason,
-            metrics=last.metrics,
-            logprobs=logprobs if params.logprobs is not None else None,
+            token_ids=out.token_ids,
+            text=out.text,
+            finish_reason=out.finish_reason,
+            metrics=out.metrics,
+            logprobs=out.logprobs if params.logprobs is not None else None,
         )
