@@ -73,7 +73,7 @@ class Controller:
         app = create_app(
             frontend,
             r.server,
-            extra_routers=[make_native_router(frontend, self._jobs, r.server.max_request_bytes)],
+            extra_routers=[make_native_router(frontend, self._jobs)],
             status=self.status,
             metrics=self.metrics,
         )
@@ -101,7 +101,7 @@ class Controller:
                 loads = await asyncio.gather(*(d.get_load.remote() for d in dep.decode))
                 total = sum(x.total_blocks for x in loads)
                 used = total - sum(x.free_blocks for x in loads)
-                queued = sum(p.queued_requests for p in dep.prefill)
+                queued = sum(p.queued_requests for p in dep.router.prefill)
                 self.metrics.set_load(
                     used / max(total, 1),
                     sum(x.running for x in loads),
@@ -136,7 +136,7 @@ class Controller:
                     "queued_requests": p.queued_requests,
                     "queued_tokens": p.queued_tokens,
                 }
-                for p in dep.prefill
+                for p in dep.router.prefill  # the router's view holds the queue counters
             ],
             "decode": [
                 {"instance": i, "state": "dead", "error": type(s).__name__}
