@@ -78,7 +78,7 @@ class Attention(nn.Module):
         cache: torch.Tensor | None,
         kv_hook: KVHook | None,
     ) -> torch.Tensor:
-        # x: [T, hidden]; cache: [2, num_blocks, block_size, kv_heads_local, head_dim] or None
+        # x: [T, hidden]; cache: [num_blocks, 2, block_size, kv_heads_local, head_dim] or None
         t, d, nh = x.shape[0], self.head_dim, self.num_heads
         qkv = self.qkv_proj(x)
         split = (nh + self.num_kv_heads) * d

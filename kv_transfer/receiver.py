@@ -49,7 +49,7 @@ class KVReceiver:
         on_error: Callable[[str, BaseException], None],
     ) -> None:
         self.link = link
-        self._kv_cache = kv_cache  # [layers, 2, num_blocks, block_size, heads, head_dim]
+        self._kv_cache = kv_cache  # [layers, num_blocks, 2, block_size, heads, head_dim]
         self._block_size = block_size
         self._accept = accept
         self._on_batch = on_batch
