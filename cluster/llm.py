@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import uuid
 from collections.abc import Iterator, Sequence
@@ -15,6 +14,7 @@ from tqdm import tqdm
 
 from pdserve.cluster.deployment import ClusterSpec, Deployment
 from pdserve.cluster.loop import LoopThread
+from pdserve.cluster.ray_env import ensure_ray
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.request import RequestOutput
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
@@ -35,23 +35,6 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r} is unknown; use 'auto', 'cpu' or 'cuda'")
     return device
-
-
-def ensure_ray(address: str | None, num_cpus_needed: int, namespace: str) -> bool:
-    """Connect to Ray, or start a local instance; True when this call started it."""
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, namespace=namespace, log_to_driver=False)
-        return False
-    # Logical CPU slots: each CPU worker pins its own torch threads, so slots may exceed cores.
-    ray.init(
-        num_cpus=max(num_cpus_needed, os.cpu_count() or 1),
-        namespace=namespace,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    return True
 
 
 class LLM:
