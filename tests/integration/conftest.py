@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from pdserve.cluster.ray_env import init_ray
 from pdserve.engine.tiny_model import TINY_ARCHS, make_tiny_model
 
 
@@ -16,12 +17,7 @@ from pdserve.engine.tiny_model import TINY_ARCHS, make_tiny_model
 def ray_session() -> Iterator[None]:
     """A local Ray instance per test module (the multi-node module builds its own cluster), with
     logical CPU slots for every actor a test starts at once."""
-    ray.init(
-        num_cpus=max(8, os.cpu_count() or 1),
-        include_dashboard=False,
-        namespace="pdserve-tests",
-        log_to_driver=False,
-    )
+    init_ray(namespace="pdserve-tests", num_cpus=max(8, os.cpu_count() or 1))
     yield
     ray.shutdown()
 

@@ -14,6 +14,7 @@ from cluster_helpers import deploy_spec, hf_greedy
 from ray.cluster_utils import Cluster
 
 from pdserve.cluster.controller import launch
+from pdserve.cluster.ray_env import init_ray
 from pdserve.cluster.spec import load_spec, resolve
 
 pytestmark = pytest.mark.integration
@@ -25,7 +26,7 @@ def cluster() -> Iterator[dict[str, str]]:
     prefill = c.add_node(num_cpus=2, resources={"prefill": 2})
     decode = c.add_node(num_cpus=2, resources={"decode": 2})
     c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
+    init_ray(c.address)
     yield {"prefill": prefill.node_id, "decode": decode.node_id}
     ray.shutdown()
     c.shutdown()
