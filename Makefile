@@ -44,7 +44,7 @@ test: lint typecheck
 	$(PY) -m pytest tests -q -p no:cacheprovider --timeout=900
 
 bench: $(STAMP)
-	$(PY) -m pdserve.bench.engine_bench
+	$(PY) -m pdserve.bench.micro.engine_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

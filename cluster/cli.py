@@ -7,10 +7,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pdserve.bench.planner import add_plan_args
-from pdserve.bench.profile import add_profile_args
-from pdserve.bench.serve_bench import add_bench_args
-from pdserve.bench.sweep_cli import add_sweep_args
+from pdserve.bench.plan.cli import add_plan_args
+from pdserve.bench.profile.cli import add_profile_args
+from pdserve.bench.serve.cli import add_bench_args
+from pdserve.bench.sweep.cli import add_sweep_args
 from pdserve.cluster.job_commands import add_jobs_args, add_submit_args
 
 # engine.tiny_model.TINY_ARCHS, spelled out so `--help` does not import torch (a test keeps them equal)
@@ -199,17 +199,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = job_commands.run_submit if args.command == "submit" else job_commands.run_jobs
         return run(args)
     if args.command == "bench":
-        from pdserve.bench.serve_bench import run_bench
+        from pdserve.bench.serve.cli import run_bench
 
         return run_bench(args)
     if args.command == "sweep":
-        from pdserve.bench.sweep_cli import run_sweep_command
+        from pdserve.bench.sweep.cli import run_sweep_command
 
         return run_sweep_command(args)
     if args.command in ("profile", "plan"):
-        from pdserve.bench import planner, profile
+        from pdserve.bench.plan.cli import run_plan
+        from pdserve.bench.profile.cli import run_profile
 
-        return profile.run_profile(args) if args.command == "profile" else planner.run_plan(args)
+        return run_profile(args) if args.command == "profile" else run_plan(args)
     if args.command in ("up", "status", "down"):
         from pdserve.cluster import deploy_commands  # Ray and torch from here on
 

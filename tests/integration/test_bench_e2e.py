@@ -17,13 +17,13 @@ import ray
 from cluster_helpers import deploy_spec
 from rich.console import Console
 
-from pdserve.bench.experiment import load_experiment
-from pdserve.bench.phase_metrics import PhaseTotals
-from pdserve.bench.probe import scrape_phases
-from pdserve.bench.runner import BenchConfig, BenchResult, plan_requests, run_benchmark
-from pdserve.bench.sweep import run_sweep
-from pdserve.bench.sweep_plots import plot_all
-from pdserve.bench.workloads import parse_workload
+from pdserve.bench.serve.runner import BenchConfig, BenchResult, plan_requests, run_benchmark
+from pdserve.bench.serve.workloads import parse_workload
+from pdserve.bench.sweep.experiment import load_experiment
+from pdserve.bench.sweep.phase_metrics import PhaseTotals
+from pdserve.bench.sweep.plots import plot_all
+from pdserve.bench.sweep.probe import scrape_phases
+from pdserve.bench.sweep.runner import run_sweep
 from pdserve.cluster.controller import find_controller, launch
 from pdserve.cluster.spec import load_spec, resolve
 from pdserve.engine.tiny_model import default_tiny_model

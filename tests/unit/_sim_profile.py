@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from pdserve.bench.latency_model import DECODE_FEATURES, PREFILL_FEATURES, Fit, TransferModel
-from pdserve.bench.profile_model import EngineKnobs, ModelShape, Overheads, Profile
+from pdserve.bench.plan.latency_model import DECODE_FEATURES, PREFILL_FEATURES, Fit, TransferModel
+from pdserve.bench.plan.profile_model import EngineKnobs, ModelShape, Overheads, Profile
 
 SHAPE = ModelShape("toy", 8, 64, 128, 4, 2, 16, 4, 4096, 1000)
 

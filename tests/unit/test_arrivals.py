@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pdserve.bench.arrivals import arrival_times, replay_times
+from pdserve.bench.serve.arrivals import arrival_times, replay_times
 
 
 def gaps(times: list[float]) -> np.ndarray:

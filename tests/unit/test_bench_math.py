@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pdserve.bench.metrics import (
+from pdserve.bench.serve.metrics import (
     GoodputSpecError,
     RequestRecord,
     format_result,

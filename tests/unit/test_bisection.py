@@ -1,6 +1,6 @@
 import pytest
 
-from pdserve.bench.bisection import BisectionError, RateBisection, bisect_rate
+from pdserve.bench.sweep.bisection import BisectionError, RateBisection, bisect_rate
 
 
 def step_curve(knee: float):

@@ -1,4 +1,4 @@
-"""Processor sharing of a CPU host's cores (bench.cpu_share) and the overheads a profile adds."""
+"""Processor sharing of a CPU host's cores (bench.plan.cpu_share) and the overheads a profile adds."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from dataclasses import replace
 import pytest
 from _sim_profile import make_profile
 
-from pdserve.bench.cpu_share import CpuShare
-from pdserve.bench.placement import Placement
-from pdserve.bench.profile_model import Overheads
-from pdserve.bench.simulator import HostCpu, PlannedShape, simulate
-from pdserve.bench.workloads import RequestShape
+from pdserve.bench.plan.cpu_share import CpuShare
+from pdserve.bench.plan.placement import Placement
+from pdserve.bench.plan.profile_model import Overheads
+from pdserve.bench.plan.simulator import HostCpu, PlannedShape, simulate
+from pdserve.bench.serve.workloads import RequestShape
 
 
 class Clock:

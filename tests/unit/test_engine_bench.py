@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdserve.bench.engine_bench import main, parse_args
+from pdserve.bench.micro.engine_bench import main, parse_args
 from pdserve.bench.models import (
     BenchModelSpec,
     load_hf,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pdserve.bench.experiment import (
+from pdserve.bench.sweep.experiment import (
     Experiment,
     ExperimentError,
     Placement,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.bench.kv_bench import MODES, Shape, run
+from pdserve.bench.micro.kv_bench import MODES, Shape, run
 
 
 @pytest.mark.parametrize("scattered", [False, True])  # in place / staged, then scattered

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pdserve.bench.latency_model import (
+from pdserve.bench.plan.latency_model import (
     DECODE_FEATURES,
     Fit,
     FitError,

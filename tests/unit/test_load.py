@@ -23,7 +23,8 @@ import uvicorn
 from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pdserve.bench.load import (
+from pdserve.bench.serve.cli import BenchConfig, main, run_benchmark
+from pdserve.bench.serve.load import (
     CANCELLED,
     NOT_SENT,
     LoadSettings,
@@ -31,9 +32,8 @@ from pdserve.bench.load import (
     chunk_tokens,
     run_load,
 )
-from pdserve.bench.metrics import summarize
-from pdserve.bench.serve_bench import BenchConfig, main, run_benchmark
-from pdserve.bench.workloads import WorkloadError
+from pdserve.bench.serve.metrics import summarize
+from pdserve.bench.serve.workloads import WorkloadError
 
 TTFT = 0.10
 ITL = 0.04

@@ -10,18 +10,18 @@ import pytest
 import yaml
 from _sim_profile import make_profile
 
-from pdserve.bench.bisection import BisectionResult
-from pdserve.bench.placement import (
+from pdserve.bench.plan.compare import compare
+from pdserve.bench.plan.placement import (
     Placement,
     deploy_spec,
     enumerate_placements,
     knobs_of,
     placement_of,
 )
-from pdserve.bench.plan_compare import compare
-from pdserve.bench.planner import Ranked, rank
-from pdserve.bench.simulator import plan_shapes, simulate
-from pdserve.bench.workloads import parse_workload
+from pdserve.bench.plan.planner import Ranked, rank
+from pdserve.bench.plan.simulator import plan_shapes, simulate
+from pdserve.bench.serve.workloads import parse_workload
+from pdserve.bench.sweep.bisection import BisectionResult
 from pdserve.cluster.cli import main
 from pdserve.cluster.spec import load_spec
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.bench.load import PlannedRequest
-from pdserve.bench.metrics import RequestRecord, summarize
-from pdserve.bench.probe import DEADLINE_SLACK_S, probe_deadline, probe_result
+from pdserve.bench.serve.load import PlannedRequest
+from pdserve.bench.serve.metrics import RequestRecord, summarize
+from pdserve.bench.sweep.probe import DEADLINE_SLACK_S, probe_deadline, probe_result
 
 
 def planned(arrival_s: float, output_len: int) -> PlannedRequest:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pdserve.bench.latency_model import prefill_features
-from pdserve.bench.profile import Grid, format_quality
-from pdserve.bench.profile_model import Profile
+from pdserve.bench.plan.latency_model import prefill_features
+from pdserve.bench.plan.profile_model import Profile
+from pdserve.bench.profile.cli import format_quality
+from pdserve.bench.profile.grid import Grid
 from pdserve.cluster.cli import main
 
 

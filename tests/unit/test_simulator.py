@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 from _sim_profile import SHAPE, fit, make_profile
 
-from pdserve.bench.latency_model import PREFILL_FEATURES, TransferModel
-from pdserve.bench.placement import Placement
-from pdserve.bench.runner import BenchConfig, plan_requests
-from pdserve.bench.sim_instances import SimRequest, batch_ms
-from pdserve.bench.simulator import QUEUE_FULL, PlannedShape, plan_shapes, simulate
-from pdserve.bench.workloads import RequestShape, parse_workload
+from pdserve.bench.plan.latency_model import PREFILL_FEATURES, TransferModel
+from pdserve.bench.plan.placement import Placement
+from pdserve.bench.plan.sim_instances import SimRequest, batch_ms
+from pdserve.bench.plan.simulator import QUEUE_FULL, PlannedShape, plan_shapes, simulate
+from pdserve.bench.serve.runner import BenchConfig, plan_requests
+from pdserve.bench.serve.workloads import RequestShape, parse_workload
 
 P1D1 = Placement("disaggregated", 1, 1, 1)
 COLO = Placement.colocated(1)
@@ -96,7 +96,7 @@ def test_attainment_by_metric_uses_the_bench_definitions() -> None:
     planned = [PlannedShape(0.0, RequestShape(100, 5)), PlannedShape(0.0, RequestShape(100, 1))]
     result = simulate(make_profile(), P1D1, planned, {"ttft": 30.0, "tpot": 6.0})
     a, b = result.records
-    assert b.tpot_s == 0.0  # a 1-token output has TPOT 0, as in bench.metrics
+    assert b.tpot_s == 0.0  # a 1-token output has TPOT 0, as in bench.serve.metrics
     assert ms(a.ttft_s) == 24.0 and a.tpot_s * 1e3 == pytest.approx(6.5)  # TTFT met, TPOT not
     assert ms(b.ttft_s) == 3 + 20 + 20 + 1  # queued behind A's batch: TTFT missed
     assert result.attainment_of("ttft") == result.attainment_of("tpot") == 0.5

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from pdserve.bench.sweep_plots import plot_all
-from pdserve.bench.sweep_results import SweepResults, load_results, probes_csv
+from pdserve.bench.sweep.plots import plot_all
+from pdserve.bench.sweep.results import SweepResults, load_results, probes_csv
 from pdserve.cluster.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

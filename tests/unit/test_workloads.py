@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pdserve.bench.traces import TraceFormatError, load_trace
-from pdserve.bench.workloads import (
+from pdserve.bench.serve.traces import TraceFormatError, load_trace
+from pdserve.bench.serve.workloads import (
     LogNormal,
     RequestShape,
     TraceWorkload,

@@ -1,0 +1,327 @@
+"""Engine benchmark: pdserve's decode and prefill against transformers, same model, same prompts,
+same process, same thread count. Prints a table and optionally writes the raw numbers as JSON.
+
+    python -m pdserve.bench.micro.engine_bench --model small --out engine.json
+
+What is timed, and how, is defined in pdserve.bench.micro.engine_timers. Runs of the engines being
+compared are interleaved (A, B, C, A, B, C, ...) so a change of load on a shared machine hits
+them alike; each figure is the median over --repeats runs after --warmup untimed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from pdserve.bench.machine import machine_facts
+from pdserve.bench.micro import engine_timers as timers
+from pdserve.bench.micro.engine_timers import Timed
+from pdserve.bench.models import load_hf, load_pdserve, num_params, resolve_model
+from pdserve.engine.model import CausalLM
+
+DECODE_TARGET = (32, 1.5)  # (batch, ratio): decode at batch 32 >= 1.5x static-batch generate
+PREFILL_TARGET = 0.95  # prefill >= 0.95x a plain transformers forward, at every batch size
+
+
+@dataclass
+class Series:
+    """One engine's repeated timings of one phase at one batch size."""
+
+    phase: str
+    batch: int
+    engine: str
+    seconds: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    same_outputs: str | None = None  # "k/B" sequences identical to pdserve's (decode baselines)
+
+    @property
+    def rates(self) -> list[float]:
+        return [n / s for n, s in zip(self.tokens, self.seconds, strict=True)]
+
+    @property
+    def median_rate(self) -> float:
+        return statistics.median(self.rates)
+
+
+@dataclass
+class Row:
+    """pdserve against one baseline on one phase and batch size."""
+
+    phase: str
+    batch: int
+    ours: Series
+    base: Series
+    target: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.ours.median_rate / self.base.median_rate
+
+    @property
+    def best_ratio(self) -> float:
+        return max(self.ours.rates) / max(self.base.rates)
+
+    def verdict(self) -> str:
+        if self.target is None:
+            return ""
+        return f">= {self.target:.2f}x: {'met' if self.ratio >= self.target else 'NOT met'}"
+
+
+def measure(
+    phase: str,
+    batch: int,
+    engines: dict[str, Callable[[], Timed]],
+    args: argparse.Namespace,
+    bar: tqdm,
+) -> dict[str, Series]:
+    """Warm every engine up, then time them round robin, `args.repeats` rounds."""
+    bar.set_postfix_str(f"{phase} B={batch}")
+    for _ in range(args.warmup):
+        for run in engines.values():
+            run()
+            bar.update()
+    series = {name: Series(phase, batch, name) for name in engines}
+    outputs: dict[str, list[list[int]]] = {}
+    for _ in range(args.repeats):
+        for name, run in engines.items():
+            timed = run()
+            series[name].seconds.append(timed.seconds)
+            series[name].tokens.append(timed.tokens)
+            outputs.setdefault(name, timed.outputs)
+            bar.update()
+    ours = outputs.get("pdserve", [])
+    for name, s in series.items():
+        if name != "pdserve" and ours and outputs[name]:
+            same = sum(a == b for a, b in zip(ours, outputs[name], strict=True))
+            s.same_outputs = f"{same}/{len(ours)}"
+    return series
+
+
+def run_benchmark(args: argparse.Namespace) -> tuple[list[Row], dict]:
+    """Every phase at every batch size; returns the comparison rows and run facts."""
+    torch.set_num_threads(args.threads)
+    timers.quiet_transformers()
+    path = resolve_model(args.model)
+    model, hf = load_pdserve(path), load_hf(path)
+    vocab = model.config.vocab_size
+    per_batch = args.warmup + args.repeats
+    engines_per_batch = 2 + args.generate_batch + 2 + args.kv_send
+    kv = (
+        timers.KVSendBench(model, max(args.batch_sizes), args.prompt_len, args.block_size)
+        if args.kv_send
+        else None
+    )
+    rows: list[Row] = []
+    total = len(args.batch_sizes) * per_batch * engines_per_batch
+    try:
+        with tqdm(total=total, desc="engine bench", unit="run") as bar:
+            for b in args.batch_sizes:
+                prompts = timers.make_prompts(b, args.prompt_len, vocab, args.seed)
+                rows += _decode_rows(b, prompts, model, hf, args, bar)
+                rows += _prefill_rows(b, prompts, model, hf, kv, args, bar)
+    finally:
+        if kv is not None:
+            kv.close()
+    facts = {"model_path": str(path), "params": num_params(model), **machine_facts(args.threads)}
+    return rows, facts
+
+
+def _decode_rows(
+    b: int,
+    prompts: list[list[int]],
+    model: CausalLM,
+    hf: PreTrainedModel,
+    args: argparse.Namespace,
+    bar: tqdm,
+) -> list[Row]:
+    n = args.new_tokens
+    engines = {
+        "pdserve": lambda: timers.pdserve_decode(model, prompts, n, args.block_size),
+        "generate": lambda: timers.hf_generate(hf, prompts, n),
+    }
+    if args.generate_batch:
+        engines["generate_batch"] = lambda: timers.hf_generate_batch(hf, prompts, n)
+    s = measure("decode", b, engines, args, bar)
+    target = DECODE_TARGET[1] if b == DECODE_TARGET[0] else None
+    rows = [Row("decode", b, s["pdserve"], s["generate"], target)]
+    if "generate_batch" in s:
+        rows.append(Row("decode", b, s["pdserve"], s["generate_batch"]))
+    return rows
+
+
+def _prefill_rows(
+    b: int,
+    prompts: list[list[int]],
+    model: CausalLM,
+    hf: PreTrainedModel,
+    kv: timers.KVSendBench | None,
+    args: argparse.Namespace,
+    bar: tqdm,
+) -> list[Row]:
+    engines = {
+        "pdserve": lambda: timers.pdserve_prefill(model, prompts),
+        "forward": lambda: timers.hf_prefill(hf, prompts),
+    }
+    if kv is not None:
+        engines["pdserve+send"] = lambda: kv.run(prompts)
+    s = measure("prefill", b, engines, args, bar)
+    rows = [Row("prefill", b, s["pdserve"], s["forward"], PREFILL_TARGET)]
+    if "pdserve+send" in s:
+        rows.append(Row("prefill + KV send", b, s["pdserve+send"], s["forward"]))
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    head = (
+        "phase",
+        "B",
+        "pdserve tok/s",
+        "baseline",
+        "tok/s",
+        "ratio",
+        "best",
+        "same out",
+        "target",
+    )
+    body = [
+        (
+            r.phase,
+            str(r.batch),
+            f"{r.ours.median_rate:,.0f}",
+            r.base.engine,
+            f"{r.base.median_rate:,.0f}",
+            f"{r.ratio:.2f}x",
+            f"{r.best_ratio:.2f}x",
+            r.base.same_outputs or "",
+            r.verdict(),
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in (head, *body)
+    ]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def to_json(rows: Sequence[Row], facts: dict, args: argparse.Namespace) -> dict:
+    return {
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "facts": facts,
+        "rows": [
+            {
+                "phase": r.phase,
+                "batch": r.batch,
+                "baseline": r.base.engine,
+                "pdserve_tok_s": r.ours.median_rate,
+                "baseline_tok_s": r.base.median_rate,
+                "ratio": r.ratio,
+                "best_ratio": r.best_ratio,
+                "target": r.target,
+            }
+            for r in rows
+        ],
+        "series": [asdict(s) | {"rates": s.rates} for s in _unique_series(rows)],
+    }
+
+
+def _unique_series(rows: Sequence[Row]) -> list[Series]:
+    seen: dict[int, Series] = {}
+    for r in rows:
+        seen.setdefault(id(r.ours), r.ours)
+        seen.setdefault(id(r.base), r.base)
+    return list(seen.values())
+
+
+def _batch_sizes(text: str) -> list[int]:
+    sizes = [int(x) for x in text.split(",") if x.strip()]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive batch sizes, e.g. 1,8,32")
+    return sizes
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pdserve.bench.micro.engine_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=timers.__doc__,
+    )
+    p.add_argument(
+        "--model",
+        default="small",
+        help="tiny (built-in test model), small (random 58M Llama, built into the "
+        "pdserve cache dir on first use) or a local Hugging Face checkpoint dir",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=[1, 8, 32],
+        help="comma-separated batch sizes (default 1,8,32)",
+    )
+    p.add_argument("--prompt-len", type=int, default=256, help="tokens per prompt (default 256)")
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        default=64,
+        help="tokens generated per sequence, the prefill's first included (default 64)",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both sides (default 1, as a pdserve CPU worker)",
+    )
+    p.add_argument("--block-size", type=int, default=16, help="pdserve KV block size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument(
+        "--no-generate-batch",
+        dest="generate_batch",
+        action="store_false",
+        help="skip transformers' continuous batching (generate_batch)",
+    )
+    p.add_argument(
+        "--no-kv-send", dest="kv_send", action="store_false", help="skip the prefill + KV send rows"
+    )
+    p.add_argument("--out", type=Path, help="write the raw numbers as JSON here")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        p.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if args.prompt_len < 1 or args.new_tokens < 2:
+        p.error("--prompt-len must be >= 1 and --new-tokens >= 2 (one prefill token + decode)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows, facts = run_benchmark(args)
+    print(
+        f"\nmodel {args.model} ({facts['params'] / 1e6:.1f}M params, float32)  "
+        f"prompt {args.prompt_len} tokens, {args.new_tokens} new  "
+        f"median of {args.repeats} (+{args.warmup} warm-up)"
+    )
+    print(
+        f"{facts['cpu']} x{facts['cpu_count']}  torch {facts['torch']}  transformers "
+        f"{facts['transformers']}  threads {facts['threads']}\n"
+    )
+    print(format_table(rows))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(to_json(rows, facts, args), indent=2, default=str))
+        print(f"\nraw numbers: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

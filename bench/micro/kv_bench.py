@@ -1,0 +1,238 @@
+"""KV transfer throughput: pdserve's link protocol vs raw torch.distributed send/recv.
+
+Two processes, as in a deployment: a sender (prefill rank) and a receiver (decode replica). For
+each prompt length it moves one request's KV cache four ways, interleaved round by round, each
+timed on the sender from the first send to the receiver's 8-byte acknowledgement:
+
+- raw-1:    one send of all the bytes (the backend's best case; the baseline);
+- raw-L:    one send per layer into plain, pre-posted buffers: pdserve's message pattern in
+            plain torch.distributed;
+- pdserve:  the whole protocol, cold (every byte ready before it starts): msgpack header, one
+            tensor per layer (K and V in the cache's block layout), trailer; received by
+            KVReceiver straight into a paged cache (what decode really does);
+- streamed: the same, with the header sent ``--lead-ms`` before the clock starts, as in a
+            prefill, which sends the header before its forward pass and each layer's K/V as
+            the forward produces it (layer 0 alone takes longer than the default 2 ms on CPU).
+
+Every mode moves the same bytes: each layer as prefill's ``pack_layer`` makes it (that copy is
+the forward's, where ``.contiguous()`` copies of K and V used to be, and is not timed here). The
+receiver checks at the end that the KV landed in the cache exactly as sent.
+
+    python -m pdserve.bench.micro.kv_bench --tokens 128 512 1024 2048 4096 --out kv.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pdserve.engine.parallel import make_process_group
+from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
+from pdserve.kv_transfer.layout import pack_layer, wire_blocks, wire_plan
+from pdserve.kv_transfer.link import RECEIVER, SENDER, KVLink
+from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 24
+    kv_heads: int = 8
+    head_dim: int = 64
+    block_size: int = 16
+    dtype: str = "float32"
+    scattered: bool = False  # destination blocks not one ascending run (a churned cache)
+
+    def bytes_per_token(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim * getattr(torch, self.dtype).itemsize
+
+
+def _header(shape: Shape, tokens: int) -> TransferHeader:
+    blocks = tuple(range(-(-tokens // shape.block_size)))
+    if shape.scattered:  # blocks out of order: the receiver stages and scatters
+        blocks = blocks[::-1]
+    return TransferHeader(
+        (TransferItem(1, "bench", tokens, blocks),),
+        shape.layers,
+        shape.dtype,
+        0,
+        shape.kv_heads,
+        shape.head_dim,
+        shape.block_size,
+        has_trailer=True,
+    )
+
+
+MODES = ("raw-1", "raw-L", "pdserve", "streamed")
+
+
+def _kv(shape: Shape, tokens: int) -> torch.Tensor:
+    """One request's KV on the wire, [layers, blocks, 2, block_size, heads, head_dim], packed
+    by ``pack_layer``; the same on both sides."""
+    gen = torch.Generator().manual_seed(tokens)
+    dtype = getattr(torch, shape.dtype)
+    kv = torch.randn(shape.layers, 2, tokens, shape.kv_heads, shape.head_dim, generator=gen)
+    plan = wire_plan([(0, tokens)], shape.block_size)
+    return torch.stack([pack_layer(k, v, plan) for k, v in kv.to(dtype)])
+
+
+def _raw_ops(pg: Any, whole: torch.Tensor, mode: str, op: str, peer: int) -> None:
+    """The raw modes' sends (or receives) of ``whole``, all posted, then waited."""
+    parts = [whole] if mode == "raw-1" else list(whole.unbind(0))
+    works = [getattr(pg, op)([t], peer, 0) for t in parts]
+    for w in works:
+        w.wait()
+
+
+def _sender(
+    port: int, shape: Shape, tokens_list: list[int], repeats: int, lead_s: float, out: dict
+) -> None:
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, 2, False, datetime.timedelta(seconds=60))
+    link = KVLink.connect(
+        "bench/link", "gloo", SENDER, torch.device("cpu"), "127.0.0.1", port, store
+    )
+    raw = make_process_group("gloo", dist.PrefixStore("raw", store), SENDER, 2)
+    ack = torch.zeros(1, dtype=torch.int64)
+    results = {}
+    for tokens in tokens_list:
+        whole = _kv(shape, tokens)
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        for rep in range(repeats + 1):  # the first round warms up
+            for mode in MODES:
+                if mode == "streamed":  # off the clock, as layer 0's forward is in a prefill
+                    link.send_header(_header(shape, tokens))
+                    time.sleep(lead_s)
+                start = time.perf_counter()
+                if mode.startswith("raw"):
+                    _raw_ops(raw, whole, mode, "send", RECEIVER)
+                else:
+                    if mode == "pdserve":
+                        link.send_header(_header(shape, tokens))
+                    for layer in whole:
+                        link.send_tensor(layer)  # as prefill sends them
+                    link.send_tensor(torch.tensor([7]))
+                    link.flush()
+                raw.recv([ack], RECEIVER, 1).wait()
+                if rep:
+                    times[mode].append(time.perf_counter() - start)
+        nbytes = tokens * shape.bytes_per_token()
+        results[tokens] = {m: nbytes / statistics.median(t) / 1e9 for m, t in times.items()}
+        results[tokens]["bytes"] = nbytes
+    link.close()
+    out.update(results)
+
+
+def _receiver(store: dist.TCPStore, shape: Shape, tokens_list: list[int], repeats: int) -> None:
+    torch.set_num_threads(1)
+    link = KVLink.connect(
+        "bench/link", "gloo", RECEIVER, torch.device("cpu"), "127.0.0.1", store.port, store
+    )
+    raw = make_process_group("gloo", dist.PrefixStore("raw", store), RECEIVER, 2)
+    dtype = getattr(torch, shape.dtype)
+    max_blocks = -(-max(tokens_list) // shape.block_size)
+    cache = torch.zeros(
+        shape.layers, max_blocks, 2, shape.block_size, shape.kv_heads, shape.head_dim, dtype=dtype
+    )
+    landed = threading.Semaphore(0)
+    failed: list[BaseException] = []
+
+    def on_batch(_: ReceivedBatch) -> None:
+        landed.release()
+
+    def on_error(_: str, e: BaseException) -> None:
+        failed.append(e)
+        landed.release()
+
+    receiver = KVReceiver(link, cache, shape.block_size, lambda _: True, on_batch, on_error)
+    receiver.start()
+    ack = torch.ones(1, dtype=torch.int64)
+    for tokens in tokens_list:
+        whole = torch.empty(shape.layers, *_header(shape, tokens).layer_shape(), dtype=dtype)
+        for _ in range(repeats + 1):
+            for mode in MODES:
+                if mode.startswith("raw"):
+                    _raw_ops(raw, whole, mode, "recv", SENDER)
+                else:
+                    landed.acquire()
+                    if failed:
+                        raise RuntimeError(f"the KV link failed: {failed[0]}")
+                raw.send([ack], SENDER, 1).wait()
+        sent = _kv(shape, tokens)
+        blocks, _ = wire_blocks(_header(shape, tokens).items, shape.block_size)
+        if not torch.equal(whole, sent) or not torch.equal(cache[:, blocks], sent):
+            raise RuntimeError(f"{tokens} tokens: the KV did not arrive as sent")
+
+
+def run(shape: Shape, tokens_list: list[int], repeats: int, lead_ms: float = 2.0) -> dict:
+    store = KVLink.host_store("127.0.0.1")
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    out = manager.dict()
+    proc = ctx.Process(
+        target=_sender,
+        args=(store.port, shape, tokens_list, repeats, lead_ms / 1e3, out),
+        daemon=True,
+    )
+    proc.start()
+    _receiver(store, shape, tokens_list, repeats)
+    proc.join()
+    return dict(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=[128, 512, 1024, 2048, 4096],
+        help="prompt lengths (one request's KV each)",
+    )
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per case (median)")
+    p.add_argument(
+        "--scattered",
+        action="store_true",
+        help="destination blocks out of order (no in-place receive: staging + scatter)",
+    )
+    p.add_argument(
+        "--lead-ms",
+        type=float,
+        default=2.0,
+        help="streamed mode: how long before the KV its header goes (a prefill's layer 0)",
+    )
+    p.add_argument("--out", default=None, help="write the raw numbers as JSON here")
+    args = p.parse_args()
+    shape = Shape(args.layers, args.kv_heads, args.head_dim, 16, args.dtype, args.scattered)
+    results = run(shape, args.tokens, args.repeats, args.lead_ms)
+    print(f"KV shape: {asdict(shape)}; {shape.bytes_per_token()} bytes/token; backend gloo (CPU)")
+    print("GB/s per mode, then each mode over raw-1 (the baseline):")
+    print(f"{'tokens':>7} {'MiB':>7} " + " ".join(f"{m:>9}" for m in MODES) + " |"
+          + " ".join(f"{m:>9}" for m in MODES[1:]))  # fmt: skip
+    for tokens in args.tokens:
+        r = results[tokens]
+        print(f"{tokens:>7} {r['bytes'] / 2**20:>7.1f} "
+              + " ".join(f"{r[m]:>9.2f}" for m in MODES) + " |"
+              + " ".join(f"{r[m] / r['raw-1']:>9.2f}" for m in MODES[1:]))  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"shape": asdict(shape), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

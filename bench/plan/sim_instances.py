@@ -1,0 +1,235 @@
+"""The simulator's instances: a prefill TP group and a decode replica (or colocated instance).
+
+They mirror prefill_worker/worker.py and decode_worker/worker.py step for step, with the time
+of each forward pass taken from the profile instead of running it. The decode side drives the
+real `DecodeScheduler`, `BlockManager` and `LocalPrefillQueue` (pure Python), so continuous
+batching, max_num_seqs, block growth, recompute preemption, prefill priority and chunked
+prefill are the production code, not a copy of it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pdserve.bench.plan.profile_model import EngineKnobs, Profile
+from pdserve.decode_worker.prefill_queue import LocalPrefillQueue, PrefillChunk
+from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, ScheduleOutput
+from pdserve.engine.batching import take_batch
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.load import DecodeLoad, PrefillLoad
+
+MS = 1e-3
+
+
+@dataclass(eq=False)
+class SimRequest:
+    """One request's trip through the simulated deployment; times in s from the run's start."""
+
+    index: int
+    arrival_s: float
+    input_len: int
+    output_len: int
+    decode: int = -1
+    queued_s: float | None = None  # reached the prefill queue (or the local prefill queue)
+    prefill_start_s: float | None = None
+    prefill_end_s: float | None = None
+    landed_s: float | None = None  # KV + first token on the decode side
+    first_token_s: float | None = None  # the client has the first token
+    done_s: float | None = None  # the client has the last token
+    error: str = ""
+
+
+class Host(Protocol):
+    """What an instance needs from the simulation around it."""
+
+    now: float
+    profile: Profile
+    knobs: EngineKnobs
+
+    def at(self, t: float, fn: Callable[[], None]) -> None: ...
+    def busy_for(
+        self, owner: object, ms: float, threads: int, done: Callable[[], None], kind: str
+    ) -> None:
+        """Run `owner`'s computation of `ms` (at profiled speed) on `threads` threads."""
+
+    def first_token(self, req: SimRequest) -> None: ...
+    def streamed(self, tokens: int) -> None: ...
+    def finished(self, req: SimRequest) -> None: ...
+
+
+class PrefillSim:
+    """A prefill instance: FIFO queue, `take_batch` under the token budget, one batch at a time;
+    each batch sends its KV layer by layer while it computes (see `batch_ms`)."""
+
+    def __init__(self, host: Host, index: int, tp: int, decodes: Sequence[DecodeSim]) -> None:
+        self.host, self.index, self.tp, self.decodes = host, index, tp, decodes
+        self.queue: deque[SimRequest] = deque()
+        self.busy = False
+        self.queued_tokens = 0  # dispatched and not yet answered, the running batch included
+        self.queued_requests = 0
+
+    def load(self) -> PrefillLoad:
+        return PrefillLoad(self.index, self.queued_tokens, self.queued_requests)
+
+    def submit(self, req: SimRequest) -> None:
+        req.queued_s = self.host.now
+        self.queue.append(req)
+        self.queued_tokens += req.input_len
+        self.queued_requests += 1
+        if not self.busy:
+            self._next()
+
+    def _next(self) -> None:
+        if not self.queue:
+            self.busy = False
+            return
+        k = self.host.knobs
+        n = take_batch([r.input_len for r in self.queue], k.max_batch_tokens, k.max_batch_size)
+        batch = [self.queue.popleft() for _ in range(n)]
+        now = self.host.now
+        for r in batch:
+            r.prefill_start_s = now
+        self.busy = True
+        ms, threads = (
+            batch_ms(self.host.profile, batch, self.tp),
+            self.tp * self.host.profile.threads,
+        )
+        self.host.busy_for(self, ms, threads, lambda: self._done(batch), "prefill")
+
+    def _done(self, batch: list[SimRequest]) -> None:
+        now = self.host.now
+        land = now + self.host.profile.land_ms * MS  # trailer + receiver hand-off
+        by_decode: dict[int, list[SimRequest]] = {}
+        for r in batch:
+            self.queued_tokens -= r.input_len
+            self.queued_requests -= 1
+            r.prefill_end_s = now
+            self.host.first_token(r)  # TTFT does not wait for the KV tail
+            by_decode.setdefault(r.decode, []).append(r)
+        for d, reqs in by_decode.items():  # one header per destination: its items land together
+            self.host.at(land, lambda d=d, reqs=reqs: self.decodes[d].land(reqs))  # type: ignore[misc]
+        self._next()
+
+
+def batch_ms(profile: Profile, batch: Sequence[SimRequest], tp: int) -> float:
+    """How long a prefill instance is busy with `batch`: the forward (slowed by the measured
+    CPU cost of sending, and by the deployment's measured prefill scale), or longer when the
+    link cannot keep up with the layers.
+
+    Each KV-sending rank sends every layer's K and V for its heads as soon as the layer's
+    qkv projection has run; one rank's sends go out one after another. The batch is done when
+    the forward is done and the last layer has left (`flush`).
+    """
+    m = profile.model
+    lens = [r.input_len for r in batch]
+    scale = profile.overheads.prefill_scale * (1.0 + profile.send_overhead)
+    compute = profile.prefill_ms(lens, tp) * scale
+    heads = max(m.num_kv_heads // tp, 1)  # per sending rank; every rank sends in parallel
+    layer_wire = profile.transfer.wire_ms(sum(lens) * m.kv_bytes_per_token(heads) / m.num_layers)
+    sent = 0.0
+    for layer in range(m.num_layers):
+        ready = compute * (layer + m.qkv_fraction) / m.num_layers
+        sent = max(sent, ready) + layer_wire
+    return max(compute, sent)
+
+
+class DecodeSim:
+    """A decode replica, or colocated an instance running both phases: the real
+    `DecodeScheduler` and `LocalPrefillQueue` (prefill priority, or chunked prefill beside the
+    decode batch), one step at a time as the worker's `_plan`, step times from the profile."""
+
+    def __init__(self, host: Host, index: int) -> None:
+        k = host.knobs
+        self.host, self.index = host, index
+        self.blocks = BlockManager(k.num_blocks, k.block_size)
+        self.scheduler = DecodeScheduler(
+            self.blocks, k.max_num_seqs, host.profile.model.max_model_len
+        )
+        self.prefills = LocalPrefillQueue(
+            k.max_num_batched_tokens, k.max_num_seqs, k.chunked_prefill
+        )
+        self.requests: dict[int, SimRequest] = {}
+        self.busy = False
+
+    def load(self) -> DecodeLoad:
+        s = self.scheduler
+        return DecodeLoad(
+            self.index, self.blocks.num_free_blocks, self.blocks.num_blocks,
+            s.num_running + self.prefills.num_partial, s.num_waiting + self.prefills.num_waiting,
+        )  # fmt: skip
+
+    def reserve(self, req: SimRequest) -> bool:
+        """Blocks for the prompt's KV, as the router asks before dispatching its prefill."""
+        if self.scheduler.reserve(req.index, req.input_len) is None:
+            return False
+        self.requests[req.index] = req
+        req.decode = self.index
+        return True
+
+    def prefill_locally(self, req: SimRequest) -> None:
+        """Colocated: queue the reserved prompt for this instance's own prefill."""
+        req.queued_s = self.host.now
+        self.prefills.add(req.index, req.input_len)
+        self._kick()
+
+    def land(self, reqs: Sequence[SimRequest]) -> None:
+        """The prompts' KV and first tokens are here: join the batch, or finish at once."""
+        max_len = self.host.profile.model.max_model_len
+        for req in reqs:
+            req.landed_s = self.host.now
+            seq = DecodeSeq(req.index, req.input_len, req.output_len, [0] * (req.input_len + 1))
+            if req.output_len <= 1 or len(seq.token_ids) >= max_len:
+                self._finish(req)
+            else:
+                self.scheduler.activate(seq)
+        self._kick()
+
+    def _finish(self, req: SimRequest) -> None:
+        self.scheduler.abort(req.index)
+        del self.requests[req.index]
+        self.host.finished(req)
+
+    def _kick(self) -> None:
+        if not self.busy:
+            self._run_next()
+
+    def _run_next(self) -> None:
+        if self.prefills.prefill_only:  # prefill priority: whole prompts, no decode
+            out, chunks = ScheduleOutput(), self.prefills.schedule(0)
+        else:
+            out = self.scheduler.schedule()
+            chunks = self.prefills.schedule(out.num_tokens)
+        if not (out.decode or out.recompute or chunks):
+            self.busy = False
+            return
+        now = self.host.now
+        for c in chunks:
+            if c.start == 0:
+                self.requests[c.seq_id].prefill_start_s = now
+        spans = [(0, len(s.token_ids) - 1) for s in out.recompute]
+        spans += [(c.start, c.end) for c in chunks]
+        context = sum(len(s.token_ids) for s in out.decode)
+        ms = self.host.profile.step_ms(len(out.decode), context, spans)
+        self.busy = True
+        kind = "decode" if out.decode else "prefill"  # a step of prompt chunks only: prefill
+        self.host.busy_for(
+            self, ms, self.host.profile.threads, lambda: self._step_done(out, chunks), kind
+        )
+
+    def _step_done(self, out: ScheduleOutput, chunks: list[PrefillChunk]) -> None:
+        self.scheduler.on_step_done(out.decode)
+        self.host.streamed(len(out.decode))
+        for seq in out.decode:
+            seq.token_ids.append(0)
+            if self.scheduler.reached_length_limit(seq):
+                self._finish(self.requests[seq.seq_id])
+        self.prefills.on_done(chunks)
+        prefilled = [self.requests[c.seq_id] for c in chunks if c.last]
+        for r in prefilled:
+            r.prefill_end_s = self.host.now
+            self.host.first_token(r)
+        self.land(prefilled)  # still busy: the next step starts below
+        self._run_next()

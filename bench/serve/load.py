@@ -1,0 +1,203 @@
+"""Async load generator: streams `/v1/completions` requests at planned times and records them.
+
+Each request is sent at its planned arrival (seconds from the start), waits for a
+--max-concurrency slot if one is set, streams the answer over SSE, and fills a RequestRecord:
+send time, TTFT, the gaps between token-carrying chunks (ITL), end-to-end latency and the
+generated token count from the usage chunk. Errors (HTTP status, error events, broken streams,
+timeouts) fail that request and the run goes on. A run bounded by `max_duration_s` cancels
+what is still in flight at the deadline and never sends the rest: both count as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from pdserve.bench.serve.metrics import RequestRecord
+
+logger = logging.getLogger(__name__)
+
+NOT_SENT = "not sent: the benchmark's time limit (--max-duration) came first"
+CANCELLED = "cancelled in flight: the benchmark's time limit (--max-duration) was reached"
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One request of the run: when to send it and what to ask."""
+
+    index: int
+    arrival_s: float  # seconds after the start of the run
+    prompt_token_ids: list[int]  # [input_len]
+    output_len: int  # max_tokens, with EOS ignored
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Where and how to send: the completions URL, the model name and client limits."""
+
+    url: str  # e.g. http://127.0.0.1:8000/v1/completions
+    model: str
+    api_key: str | None = None
+    max_concurrency: int | None = None  # None: no client-side limit
+    request_timeout_s: float = 600.0  # per request, also the longest silence between chunks
+    max_duration_s: float | None = None  # None: until every request has finished
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
+        if self.max_duration_s is not None and not self.max_duration_s > 0:
+            raise ValueError(f"--max-duration must be > 0 s, got {self.max_duration_s}")
+
+
+def completion_payload(model: str, req: PlannedRequest) -> dict[str, Any]:
+    """The /v1/completions body: exact prompt length (token ids), exact output length."""
+    return {
+        "model": model,
+        "prompt": req.prompt_token_ids,
+        "max_tokens": req.output_len,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def run_load(
+    requests: Sequence[PlannedRequest], settings: LoadSettings
+) -> tuple[list[RequestRecord], float]:
+    """Send every request at its arrival time; (records in request order, duration in s)."""
+    records = [
+        RequestRecord(r.index, len(r.prompt_token_ids), r.output_len, r.arrival_s, error=NOT_SENT)
+        for r in requests
+    ]
+    slots = (
+        asyncio.Semaphore(settings.max_concurrency)
+        if settings.max_concurrency
+        else contextlib.nullcontext()
+    )
+    # the pool must not queue requests behind our back: as many connections as may be in flight
+    limits = httpx.Limits(max_connections=settings.max_concurrency, max_keepalive_connections=None)
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    async with httpx.AsyncClient(
+        limits=limits, timeout=httpx.Timeout(settings.request_timeout_s), headers=headers
+    ) as client:
+        with tqdm(total=len(requests), disable=not settings.show_progress, unit="req") as bar:
+            t0 = time.perf_counter()
+
+            async def one(req: PlannedRequest, record: RequestRecord) -> None:
+                await asyncio.sleep(max(0.0, req.arrival_s - (time.perf_counter() - t0)))
+                async with slots:
+                    await send_request(client, settings, req, record, t0)
+                bar.update(1)
+
+            tasks = [asyncio.create_task(one(r, rec)) for r, rec in zip(requests, records)]
+            await _wait_bounded(tasks, settings.max_duration_s)
+            duration = time.perf_counter() - t0
+    return records, duration
+
+
+async def _wait_bounded(tasks: Sequence[asyncio.Task[None]], limit_s: float | None) -> None:
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=limit_s)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]  # a bug in this module, not the server
+
+
+async def send_request(
+    client: httpx.AsyncClient,
+    settings: LoadSettings,
+    req: PlannedRequest,
+    record: RequestRecord,
+    t0: float,
+) -> None:
+    """Stream one completion into `record` (times relative to t0); failures go to record.error."""
+    start = time.perf_counter()
+    record.start_s, record.error = start - t0, ""
+    try:
+        payload = completion_payload(settings.model, req)
+        async with client.stream("POST", settings.url, json=payload) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode(errors="replace")
+                record.error = f"HTTP {resp.status_code}: {body[:500]}"
+                return
+            await _read_stream(resp, record, start)
+    except asyncio.CancelledError:
+        record.error = CANCELLED
+        raise
+    except (httpx.HTTPError, ValueError) as exc:  # transport errors, bad JSON
+        record.error = f"{type(exc).__name__}: {exc}"
+
+
+async def _read_stream(resp: httpx.Response, record: RequestRecord, start: float) -> None:
+    last: float | None = None
+    streamed = 0
+    usage: dict[str, Any] | None = None
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # blank separators, SSE comments
+        data = line[len("data:") :].strip()
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            record.error = f"error event: {json.dumps(chunk['error'])[:500]}"
+            return
+        now = time.perf_counter()
+        tokens = chunk_tokens(chunk)
+        if tokens:
+            if last is None:
+                record.ttft_s = now - start
+            else:
+                record.itl_s.append(now - last)
+            last, streamed = now, streamed + tokens
+        usage = chunk.get("usage") or usage
+    else:
+        record.error = "the stream ended before `data: [DONE]`"
+        return
+    _finish(record, start, streamed, usage)
+
+
+def _finish(
+    record: RequestRecord, start: float, streamed: int, usage: dict[str, Any] | None
+) -> None:
+    record.e2el_s = time.perf_counter() - start
+    if streamed == 0:
+        record.error = "the stream carried no tokens"
+        return
+    if usage is not None:
+        record.output_tokens = int(usage.get("completion_tokens", streamed))
+        record.input_len = int(usage.get("prompt_tokens", record.input_len))
+    else:
+        record.output_tokens = streamed  # one per chunk: a lower bound without usage
+    record.success = True
+
+
+def chunk_tokens(chunk: dict[str, Any]) -> int:
+    """Tokens one streamed chunk carried (0 for usage-only or finish-only chunks).
+
+    Exact when the server sends `token_ids`; otherwise one per chunk with text, or with none
+    yet unfinished (a token whose bytes the detokenizer holds back still counts).
+    """
+    choices = chunk.get("choices") or []
+    if not choices:
+        return 0
+    choice = choices[0]
+    ids = choice.get("token_ids")
+    if isinstance(ids, list):
+        return len(ids)
+    return 1 if choice.get("text") or choice.get("finish_reason") is None else 0

@@ -1,0 +1,185 @@
+"""One benchmark run in-process: plan the requests, send them, summarize.
+
+`await run_benchmark(BenchConfig(...))` is what `pdserve bench` and the sweeps call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from pdserve.bench.serve.arrivals import arrival_times
+from pdserve.bench.serve.load import LoadSettings, PlannedRequest, run_load
+from pdserve.bench.serve.metrics import LATENCY_METRICS, BenchSummary, RequestRecord, summarize
+from pdserve.bench.serve.workloads import (
+    TraceWorkload,
+    Workload,
+    WorkloadError,
+    clip_to_context,
+    parse_workload,
+    prompt_token_ids,
+)
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run against this server; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run: the server, the workload, the traffic, the SLOs."""
+
+    base_url: str = "http://127.0.0.1:8000"
+    workload: str | Workload = "fixed:in=256,out=64"
+    model: str | None = None  # None: the first model /v1/models lists
+    request_rate: float = math.inf  # req/s; inf: everything at t = 0
+    burstiness: float = 1.0  # gamma shape of inter-arrival gaps; 1 = Poisson
+    num_prompts: int = 1000
+    max_concurrency: int | None = None
+    goodput_ms: Mapping[str, float] = field(default_factory=dict)  # {"ttft": 500, "tpot": 50}
+    seed: int = 0
+    api_key: str | None = None
+    max_model_len: int | None = None  # None: from /v1/models (no clipping if it says nothing)
+    endpoint: str = "/v1/completions"
+    percentiles: tuple[float, ...] = (99.0,)
+    percentile_metrics: tuple[str, ...] = LATENCY_METRICS
+    token_id_range: tuple[int, int] = (16, 512)  # prompt ids drawn from [low, high)
+    num_warmups: int = 0
+    request_timeout_s: float = 600.0
+    max_duration_s: float | None = None
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1:
+            raise BenchError(f"--num-prompts must be >= 1, got {self.num_prompts}")
+        unknown = [m for m in self.percentile_metrics if m not in LATENCY_METRICS]
+        if unknown:
+            raise BenchError(
+                f"--percentile-metrics {','.join(unknown)}: choose from {','.join(LATENCY_METRICS)}"
+            )
+
+    @property
+    def root_url(self) -> str:
+        """The server root: trailing slashes and a trailing /v1 are dropped."""
+        url = self.base_url.rstrip("/")
+        return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What a run produced: the summary, every request's record and the --save-result JSON."""
+
+    summary: BenchSummary
+    records: list[RequestRecord]
+    result: dict[str, Any]
+
+    def save(self, result_path: Path | None, records_path: Path | None) -> None:
+        for path in (result_path, records_path):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+        if result_path is not None:
+            result_path.write_text(json.dumps(self.result, indent=2) + "\n")
+        if records_path is not None:
+            slos = self.summary.slos_ms
+            with records_path.open("w") as f:
+                for record in self.records:
+                    f.write(json.dumps(record.to_json(slos)) + "\n")
+
+
+async def run_benchmark(config: BenchConfig) -> BenchResult:
+    """Plan the requests, send them, summarize. Raises BenchError/WorkloadError on bad input."""
+    workload = (
+        parse_workload(config.workload) if isinstance(config.workload, str) else config.workload
+    )
+    if workload.replays_timestamps and not math.isinf(config.request_rate):
+        raise WorkloadError(
+            f"--workload {workload.spec!r} replays the trace's timestamps, so --request-rate "
+            "does not apply: drop --request-rate, or add ,timestamps=false to the workload"
+        )
+    if config.model is None or config.max_model_len is None:
+        model, max_len = await discover_model(config)
+        config = replace(
+            config, model=config.model or model, max_model_len=config.max_model_len or max_len
+        )
+    assert config.model is not None
+    planned = plan_requests(config, workload)
+    settings = LoadSettings(
+        url=config.root_url + config.endpoint,
+        model=config.model,
+        api_key=config.api_key,
+        max_concurrency=config.max_concurrency,
+        request_timeout_s=config.request_timeout_s,
+        max_duration_s=config.max_duration_s,
+        show_progress=config.show_progress,
+    )
+    if config.num_warmups > 0:
+        warm = [replace(planned[0], index=-1 - i, arrival_s=0.0) for i in range(config.num_warmups)]
+        await run_load(warm, replace(settings, show_progress=False, max_duration_s=None))
+    records, duration = await run_load(planned, settings)
+    summary = summarize(records, duration, config.goodput_ms, config.percentiles)
+    result = {**_metadata(config, workload), **summary.to_json(config.percentile_metrics)}
+    return BenchResult(summary, records, result)
+
+
+async def discover_model(config: BenchConfig) -> tuple[str, int | None]:
+    """(model id, max_model_len or None) from the server's /v1/models."""
+    url = config.root_url + "/v1/models"
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    try:
+        async with httpx.AsyncClient(timeout=30.0) as client:
+            resp = await client.get(url, headers=headers)
+    except httpx.HTTPError as exc:
+        raise BenchError(f"cannot reach {url} ({exc!r}): is the server up? check --url") from exc
+    if resp.status_code != 200:
+        raise BenchError(
+            f"GET {url} answered {resp.status_code}: {resp.text[:300]}; "
+            "check --url and --api-key, or pass both --model and --max-model-len"
+        )
+    models = resp.json().get("data") or []
+    if not models:
+        raise BenchError(f"{url} lists no model: pass --model")
+    card = models[0]
+    max_len = card.get("max_model_len")
+    return str(card["id"]), int(max_len) if max_len is not None else None
+
+
+def plan_requests(config: BenchConfig, workload: Workload) -> list[PlannedRequest]:
+    """Lengths, arrival times and prompt ids of every request; deterministic in config.seed."""
+    n = config.num_prompts
+    length_seed, arrival_seed, prompt_seed = (
+        int(s) for s in np.random.SeedSequence(config.seed).generate_state(3)
+    )
+    shapes = clip_to_context(workload.sample(n, length_seed), config.max_model_len)
+    if isinstance(workload, TraceWorkload) and workload.replays_timestamps:
+        arrivals = workload.arrival_times(n)
+    else:
+        arrivals = arrival_times(n, config.request_rate, config.burstiness, arrival_seed)
+    prompts = prompt_token_ids([s.input_len for s in shapes], prompt_seed, config.token_id_range)
+    return [
+        PlannedRequest(i, t, ids, s.output_len)
+        for i, (s, t, ids) in enumerate(zip(shapes, arrivals, prompts))
+    ]
+
+
+def _metadata(config: BenchConfig, workload: Workload) -> dict[str, Any]:
+    return {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "backend": "openai",
+        "base_url": config.root_url,
+        "model_id": config.model,
+        "workload": workload.spec,
+        "max_model_len": config.max_model_len,
+        "num_prompts": config.num_prompts,
+        "request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,
+        "burstiness": config.burstiness,
+        "max_concurrency": config.max_concurrency,
+        "seed": config.seed,
+    }
