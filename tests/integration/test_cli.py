@@ -42,8 +42,26 @@ def test_help_explains_every_verb() -> None:
     assert loaded.stdout.split() == ["False", "False"]
 
 
+def test_every_verb_has_light_help() -> None:
+    """`pdserve VERB --help` imports only that verb's module, and none loads torch or Ray."""
+    probe = (
+        "import sys, contextlib, io\n"
+        "from pdserve.cluster.cli import COMMANDS, main\n"
+        "for c in COMMANDS:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        main([c.name, '--help'])\n"
+        "    assert out.getvalue().startswith(f'usage: pdserve {c.name}'), out.getvalue()\n"
+        "print('torch' in sys.modules, 'ray' in sys.modules)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.split() == ["False", "False"]
+
+
 def test_cli_archs_match_the_engine() -> None:
-    from pdserve.cluster.cli import TINY_ARCHS as CLI_ARCHS
+    from pdserve.cluster.cli.tiny_model import TINY_ARCHS as CLI_ARCHS
     from pdserve.engine.tiny_model import TINY_ARCHS
 
     assert CLI_ARCHS == TINY_ARCHS

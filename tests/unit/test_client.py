@@ -17,8 +17,8 @@ import pytest
 import uvicorn
 from _fake_jobs_frontend import FakeFrontend, expected_text
 
+from pdserve.cluster.cli.jobs import add_jobs_args, add_submit_args, run_jobs, run_submit
 from pdserve.cluster.client import Client, PdserveError, read_prompts
-from pdserve.cluster.job_commands import add_jobs_args, add_submit_args, run_jobs, run_submit
 from pdserve.cluster.jobs import JobManager
 from pdserve.cluster.native_api import MSGPACK, PREFIX, NativeApi
 from pdserve.cluster.server import create_app

@@ -1,4 +1,5 @@
-"""``pdserve submit`` and ``pdserve jobs``: batch jobs from the command line, over the client."""
+"""``pdserve submit`` and ``pdserve jobs``: batch jobs from the command line, over the client
+(httpx only: no Ray, no torch)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,22 @@ from rich.table import Table
 from pdserve.cluster.client import Client, Job, PdserveError, read_prompts
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+SUBMIT_DESCRIPTION = (
+    "Submit prompts as a job that runs on the cluster; results are written there as they "
+    "complete, so you can disconnect and fetch them later."
+)
+
+
+def add_args(command: str, p: argparse.ArgumentParser) -> None:
+    if command == "submit":
+        p.description = SUBMIT_DESCRIPTION
+        add_submit_args(p)
+    else:
+        add_jobs_args(p)
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    return run_submit(args) if command == "submit" else run_jobs(args)
 
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""Implementations of the heavier CLI commands (imported lazily by ``cli``)."""
+"""``pdserve generate`` and ``pdserve demo``: a local cluster in this process, prompts in,
+completions and per-request metrics out. Ray and torch load when the command runs, not before."""
 
 from __future__ import annotations
 
@@ -6,17 +7,83 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from pdserve.cluster.cli import model_or_default
-from pdserve.cluster.llm import LLM
 from pdserve.engine.request import RequestMetrics
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 
+if TYPE_CHECKING:  # annotations only: it imports Ray and torch
+    from pdserve.cluster.llm import LLM
+
+DEMO_PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+    "Disaggregated serving splits prefill and decode because",
+)
+GENERATE_DESCRIPTION = "Start a local cluster, run the prompts, print completions."
+DEMO_DESCRIPTION = (
+    "Builds the tiny random-weight model (cached), starts a local cluster, streams a few "
+    "completions and prints TTFT, TPOT and KV bytes. The tiny model's weights are random: its "
+    "text is gibberish by design."
+)
+
+
+def add_args(command: str, p: argparse.ArgumentParser) -> None:
+    if command == "generate":
+        p.description = GENERATE_DESCRIPTION
+        p.add_argument("prompts", nargs="+", help="one or more prompts")
+        p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+        _add_engine_args(p)
+        _add_sampling_args(p)
+    else:
+        p.description = DEMO_DESCRIPTION
+        _add_engine_args(p)
+        p.add_argument("--max-tokens", type=int, default=24)
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    return generate(args) if command == "generate" else demo(args, DEMO_PROMPTS)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face model directory (default: the built-in tiny model)",
+    )
+    p.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel size of prefill")
+    p.add_argument("--decode-instances", type=int, default=1, help="decode replicas")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="connect to this Ray cluster (default: start a local one)",
+    )
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="per-request seed for sampling")
+    p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens whatever")
+
+
+def model_or_default(model: str | None) -> str:
+    from pdserve.engine.tiny_model import default_tiny_model
+
+    return model if model is not None else str(default_tiny_model())
+
 
 def _start(args: argparse.Namespace, console: Console) -> LLM:
+    from pdserve.cluster.llm import LLM  # Ray and torch from here on
+
     model = model_or_default(args.model)
     with console.status(
         f"starting a local cluster: prefill TP={args.prefill_tp}, "

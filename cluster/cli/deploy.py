@@ -1,0 +1,228 @@
+"""``pdserve up``, ``status`` and ``down``: a deployment's lifetime on a Ray cluster.
+
+Ray and torch load when one of them runs, not when its flags are built (``--help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:  # annotations only: it imports Ray and torch
+    from pdserve.cluster.spec import ResolvedDeployment
+
+DEFAULT_DEPLOYMENT = "local"
+UP_DESCRIPTION = (
+    "Validate the deploy spec, place each prefill instance's TP ranks in a STRICT_PACK placement "
+    "group and the decode replicas on the decode resources, and serve the OpenAI-compatible and "
+    "native APIs."
+)
+
+
+def add_args(command: str, p: argparse.ArgumentParser) -> None:
+    if command == "up":
+        p.description = UP_DESCRIPTION
+        _add_up_args(p)
+        return
+    p.add_argument(
+        "-n",
+        "--name",
+        default=DEFAULT_DEPLOYMENT,
+        help=f"deployment name, the spec's `name` (default: {DEFAULT_DEPLOYMENT})",
+    )
+    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    if command == "status":
+        p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    return {"up": up, "status": status, "down": down}[command](args)
+
+
+def _add_up_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-f",
+        "--file",
+        default=None,
+        help="deploy spec YAML (default: the embedded deploy/local.yaml)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to deploy onto ('auto' = the running one); default: the "
+        "spec's ray.address, else a local Ray instance that lives as long as `up`",
+    )
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="return once serving (needs a running Ray cluster: --address)",
+    )
+
+
+def namespace_of(name: str) -> str:
+    return f"pdserve-{name}"
+
+
+def up(args: argparse.Namespace) -> int:
+    import ray  # Ray and torch from here on
+
+    from pdserve.cluster.controller import launch
+
+    console = Console(stderr=True)
+    resolved = _resolve(args, console)
+    if resolved is None:
+        return 2
+    c = resolved.cluster
+    what = (
+        f"{c.decode_instances} colocated instance(s)"
+        if c.colocated
+        else f"{c.prefill_instances} prefill instance(s) x TP{c.prefill_tp}, "
+        f"{c.decode_instances} decode replica(s)"
+    )
+    with console.status(
+        f"deploying [bold]{resolved.name}[/]: {what} on {c.engine.device}, model {c.engine.model}"
+    ):
+        start = time.perf_counter()
+        actor, url = launch(resolved, detached=args.detach)
+    console.print(f"ray cluster: {ray.get_runtime_context().gcs_address}", highlight=False)
+    console.print(
+        f"[green]serving[/] {resolved.name} at {url} "
+        f"(ready in {time.perf_counter() - start:.1f} s)\n"
+        f"  try: curl {url}/v1/completions -H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{resolved.server.served_model_name}", '
+        f'"prompt": "Hello", "max_tokens": 16}}\'\n'
+        f"  status: pdserve status -n {resolved.name}    stop: pdserve down -n {resolved.name}",
+        highlight=False,
+    )
+    if not args.detach:
+        _serve_until_down(actor, console)
+        console.print(f"deployment {resolved.name!r} stopped")
+    return 0
+
+
+def _resolve(args: argparse.Namespace, console: Console) -> ResolvedDeployment | None:
+    """The spec, resolved on the Ray cluster it names (joined here), or on a local Ray instance
+    started here once the spec says how many actors it needs; None (after saying why) if bad."""
+    import ray
+    import torch
+
+    from pdserve.cluster.ray_env import init_ray
+    from pdserve.cluster.spec import (
+        SpecError,
+        default_spec_path,
+        load_spec,
+        resolve,
+        with_ray_address,
+    )
+
+    try:
+        spec = load_spec(args.file or default_spec_path())
+        if args.address:
+            spec = with_ray_address(spec, args.address)
+        address = spec.ray.address
+        if args.detach and not address:
+            console.print(
+                "[red]--detach needs a running Ray cluster[/]: start one with "
+                "`ray start --head` and pass `--address auto`"
+            )
+            return None
+        if address:
+            init_ray(address, namespace="pdserve")
+        gpus = ray.cluster_resources().get("GPU", 0) > 0 if address else torch.cuda.is_available()
+        resolved = resolve(spec, gpus_available=gpus)
+    except SpecError as e:
+        console.print(f"[red]invalid deploy spec[/]:\n{e}")
+        return None
+    if not address:
+        cpus = max(resolved.cluster.num_actors, os.cpu_count() or 1)
+        init_ray(namespace="pdserve", num_cpus=cpus)
+    return resolved
+
+
+def _serve_until_down(actor: Any, console: Console) -> None:
+    """Wait for the controller to close: `pdserve down`, Ctrl-C or SIGTERM."""
+    import ray
+
+    # SIGTERM (systemd, docker stop, kill) stops it as cleanly as Ctrl-C does
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        ray.get(actor.wait_closed.remote())
+    except KeyboardInterrupt:
+        console.print("shutting down…")
+        ray.get(actor.shutdown.remote(), timeout=60)
+    except ray.exceptions.RayActorError:
+        pass  # `pdserve down` killed it
+    ray.kill(actor)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    from pdserve.cluster.controller import find_controller
+    from pdserve.cluster.ray_env import init_ray
+
+    init_ray(args.address, namespace=namespace_of(args.name))
+    return find_controller(namespace_of(args.name))
+
+
+def status(args: argparse.Namespace) -> int:
+    import ray
+
+    console = Console()
+    controller = _connect(args)
+    if controller is None:
+        console.print(f"no deployment named {args.name!r} on this Ray cluster")
+        return 1
+    info = ray.get(controller.status.remote(), timeout=30)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    console.print(
+        f"[bold]{info['name']}[/] {info['state']} at {info.get('url')} "
+        f"({info.get('mode')}, model {info.get('model')}, up {info.get('uptime_s')} s, "
+        f"{info.get('inflight')} in flight)",
+        highlight=False,
+    )
+    console.print(_table("prefill pool", info.get("prefill", [])))
+    console.print(_table("decode pool", info.get("decode", [])))
+    return 0
+
+
+def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # a dead instance has fewer
+    for key in keys or ["(none)"]:
+        table.add_column(key)
+    for row in rows:
+        values = (row.get(k, "-") for k in keys)
+        table.add_row(*(", ".join(v) if isinstance(v, list) else str(v) for v in values))
+    return table
+
+
+def down(args: argparse.Namespace) -> int:
+    import ray
+
+    console = Console(stderr=True)
+    controller = _connect(args)
+    if controller is None:
+        console.print(f"no deployment named {args.name!r} on this Ray cluster")
+        return 1
+    try:
+        ray.get(controller.shutdown.remote(), timeout=120)
+    except ray.exceptions.RayActorError:
+        # a foreground `pdserve up` kills its controller as soon as shutdown has closed it,
+        # which can beat shutdown's reply to us: the deployment is down all the same
+        pass
+    else:
+        ray.kill(controller)
+    console.print(f"[green]deployment {args.name!r} is down[/]")
+    return 0
