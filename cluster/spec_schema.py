@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
 from pydantic_core import ErrorDetails
@@ -255,18 +255,19 @@ class DeploySpec(Section):
         return self.prefill or PrefillPool()
 
 
-def describe_error(err: ErrorDetails) -> str:
-    """One pydantic error as ``key.path: what is wrong, what to write``."""
-    loc = tuple(str(part) for part in err["loc"])
-    path = ".".join(loc) or "(top level)"
+def describe_error(err: ErrorDetails, root: type[BaseModel] = DeploySpec) -> str:
+    """One pydantic error as ``key.path: what is wrong, what to write``, for a file whose schema
+    is `root` (the deploy spec; experiment files pass theirs)."""
+    loc = tuple(err["loc"])
+    path = ".".join(str(part) for part in loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"{path}: unknown key{_key_hint(loc[-1], _keys_at(loc[:-1]))}"
+        return f"{path}: unknown key{_key_hint(root, str(loc[-1]), loc[:-1])}"
     if kind == "missing":
         return f"{path}: missing; add it" + (" (e.g. name: my-model)" if loc == ("name",) else "")
     if kind in ("model_type", "model_attributes_type"):
-        keys = ", ".join(_keys_at(loc))
-        auto = "auto or " if _section_at(loc) is KVCache else ""
+        keys = ", ".join(_keys_at(root, loc))
+        auto = "auto or " if _section_at(root, loc) is KVCache else ""
         return f"{path}: must be {auto}a section with keys {keys}, got {err['input']!r}"
     return describe_value_error(path, err)
 
@@ -292,32 +293,43 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _section_at(loc: Sequence[str]) -> type[BaseModel] | None:
-    """The schema section at a key path (None if the path is not a section)."""
-    model: type[BaseModel] = DeploySpec
+def _section_at(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The schema section at a key path (list indices skipped; None if the path is not one)."""
+    model = root
     for part in loc:
+        if isinstance(part, int):
+            continue
         field = model.model_fields.get(part)
-        if field is None:
+        nested = _section_type(field.annotation) if field is not None else None
+        if nested is None:
             return None
-        candidates = (field.annotation, *get_args(field.annotation))
-        nested = [t for t in candidates if isinstance(t, type) and issubclass(t, Section)]
-        if not nested:
-            return None
-        model = nested[0]
+        model = nested
     return model
 
 
-def _keys_at(loc: Sequence[str]) -> list[str]:
-    section = _section_at(loc)
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section class inside an annotation such as `X | None`, `list[X]` or `Annotated[...]`."""
+    if get_origin(annotation) is None and isinstance(annotation, type):
+        return annotation if issubclass(annotation, BaseModel) else None
+    for arg in get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys_at(root: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    section = _section_at(root, loc)
     return list(section.model_fields) if section is not None else []
 
 
-def _key_hint(key: str, valid: list[str]) -> str:
-    """Closest valid key, or the section the key belongs to, or the list of valid keys."""
+def _key_hint(root: type[BaseModel], key: str, loc: Sequence[str | int]) -> str:
+    """Closest valid key at `loc`, or the section the key belongs to, or the valid keys."""
+    valid = _keys_at(root, loc)
     suggestion = did_you_mean(key, valid)
     if suggestion:
         return suggestion.replace(" (", "; ", 1).removesuffix(")")
-    homes = [name for name in DeploySpec.model_fields if key in _keys_at((name,))]
+    homes = [name for name in root.model_fields if key in _keys_at(root, (name,))]
     if homes:
         return f"; it belongs under {homes[0]}"
     return f"; valid keys here: {', '.join(valid)}"

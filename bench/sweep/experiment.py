@@ -3,7 +3,7 @@
     load_experiment(path) -> Experiment           validated once, paths made absolute
     placement_deploy_spec(...) -> dict            the deploy spec one placement runs
 
-The YAML schema is `bench.sweep.schema`; docs/experiments.md documents it.
+The YAML schema is `sweep.schema`; docs/experiments.md documents it.
 """
 
 from __future__ import annotations
@@ -19,13 +19,9 @@ from pydantic import ValidationError
 
 from pdserve.bench.serve.traces import TraceFormatError
 from pdserve.bench.serve.workloads import WorkloadError, parse_workload
-from pdserve.bench.sweep.schema import (
-    ExperimentSection,
-    PlacementSection,
-    WorkloadSection,
-    describe_error,
-)
+from pdserve.bench.sweep.schema import ExperimentSection, PlacementSection, WorkloadSection
 from pdserve.cluster.spec import SpecError, default_spec_path, load_spec, read_yaml
+from pdserve.cluster.spec_schema import describe_error
 
 DEPLOY_NAME_PREFIX = "sweep-"
 CHECK_PORT = 8000  # placeholder port when checking a placement's spec; the sweep picks a free one
@@ -161,7 +157,9 @@ def load_experiment(
     try:
         section = ExperimentSection.model_validate(data)
     except ValidationError as e:
-        raise ExperimentError([describe_error(err) for err in e.errors()], origin) from None
+        raise ExperimentError(
+            [describe_error(err, ExperimentSection) for err in e.errors()], origin
+        ) from None
     problems: list[str] = []
     base = _base_deploy(section.deploy, base_dir, problems)
     workloads = tuple(_workload(w, i, base_dir, problems) for i, w in enumerate(section.workloads))

@@ -1,21 +1,18 @@
 """The schema of an EXPERIMENT.yaml for `pdserve sweep`: pydantic at the YAML edge, frozen,
-unknown keys rejected, every error one line naming the key path and what to write instead.
+unknown keys rejected, every error one line naming the key path and what to write instead
+(`cluster.spec_schema.describe_error`, shared with the deploy spec).
 
-`bench.sweep.experiment.load_experiment` validates a file with it and turns it into frozen dataclasses;
+`sweep.experiment.load_experiment` validates a file with it and turns it into frozen dataclasses;
 docs/experiments.md documents every key.
 """
 
 from __future__ import annotations
 
 import re
-import types
-from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
-from pydantic_core import ErrorDetails
-
-from pdserve.cluster.spec_schema import describe_value_error, did_you_mean
 
 _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,22}[a-z0-9])?")
 BENCH_MODELS = ("tiny", "small")
@@ -177,51 +174,3 @@ class ExperimentSection(Section):
             if twice:
                 raise ValueError(f"{key}: names must differ, {', '.join(twice)} appears twice")
         return self
-
-
-# --- error messages ---------------------------------------------------------------------------
-
-
-def describe_error(err: ErrorDetails) -> str:
-    """One pydantic error as ``key.path: what is wrong, what to write``."""
-    loc = tuple(err["loc"])
-    path = ".".join(str(p) for p in loc) or "(top level)"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        valid = _keys_at(loc[:-1])
-        hint = did_you_mean(str(loc[-1]), valid).replace(" (", "; ", 1).removesuffix(")")
-        return f"{path}: unknown key{hint or '; valid keys here: ' + ', '.join(valid)}"
-    if kind == "missing":
-        return f"{path}: missing; add it"
-    if kind in ("model_type", "model_attributes_type"):
-        return (
-            f"{path}: must be a section with keys {', '.join(_keys_at(loc))}, got {err['input']!r}"
-        )
-    return describe_value_error(path, err)
-
-
-def _keys_at(loc: Sequence[str | int]) -> list[str]:
-    """Valid keys of the section at a key path (list indices are skipped)."""
-    model: type[BaseModel] = ExperimentSection
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        nested = _section_type(field.annotation) if field is not None else None
-        if nested is None:
-            return []
-        model = nested
-    return list(model.model_fields)
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    """The Section class inside an annotation such as `list[X]`, `X | None` or `Annotated[...]`."""
-    if isinstance(annotation, type) and issubclass(annotation, Section):
-        return annotation
-    origin = get_origin(annotation)
-    if origin in (list, Union, types.UnionType, Annotated):
-        for arg in get_args(annotation):
-            found = _section_type(arg)
-            if found is not None:
-                return found
-    return None
