@@ -8,9 +8,6 @@ hidden 512, 8 layers, 8 heads / 4 KV heads, vocab 32000, about 58M parameters in
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +28,7 @@ from pdserve.engine.envs import cache_dir
 from pdserve.engine.loader import load_model
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
-from pdserve.engine.tiny_model import default_tiny_model
+from pdserve.engine.tiny_model import build_checkpoint, default_tiny_model
 
 MARKER = "pdserve_bench_model.json"
 BUILTIN_MODELS = ("tiny", "small")
@@ -71,33 +68,21 @@ class BenchModelSpec:
 def make_bench_model(out_dir: str | Path, spec: BenchModelSpec | None = None) -> Path:
     """Build a random Llama checkpoint (config.json + safetensors) into out_dir; reuse it when
     already built from the same spec."""
-    spec = spec or BenchModelSpec()
-    out = Path(out_dir)
-    stamp = asdict(spec)
-    marker = out / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
-        return out
-    if out.exists() and any(out.iterdir()) and not marker.is_file():
-        raise ValueError(
-            f"{out} exists and is not a pdserve bench model; choose an empty directory"
-        )
-    # Build beside the target, then rename: a concurrent run never sees a half-written model.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    chosen = spec or BenchModelSpec()
+    return build_checkpoint(
+        Path(out_dir),
+        MARKER,
+        asdict(chosen),
+        lambda tmp: _build(tmp, chosen),
+        "pdserve bench model",
+    )
+
+
+def _build(out: Path, spec: BenchModelSpec) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         model = LlamaForCausalLM(spec.hf_config())
-    model.save_pretrained(str(tmp))
-    (tmp / MARKER).write_text(json.dumps(stamp))
-    if marker.is_file():  # a stale build from another spec: replace it
-        shutil.rmtree(out, ignore_errors=True)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (marker.is_file() and json.loads(marker.read_text()) == stamp):
-            raise
-    return out
+    model.save_pretrained(str(out))
 
 
 def resolve_model(name: str) -> Path:
