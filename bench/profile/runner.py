@@ -13,7 +13,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from pdserve.bench.micro.engine_bench import machine_facts
+from pdserve.bench.machine import machine_facts
 from pdserve.bench.models import num_params
 from pdserve.bench.plan.latency_model import TransferModel, fit_decode, fit_prefill
 from pdserve.bench.plan.placement import knobs_of
