@@ -2,7 +2,7 @@
 
 - prefill: `DecodeRunner.run` over whole prompts as chunks from position 0, K/V written into a
   paged cache and each prompt's first token sampled (a colocated prefill step; disaggregated
-  prefill runs the same forward and sends instead of writing, see `profile_dist`).
+  prefill runs the same forward and sends instead of writing, see `profile.dist`).
 - decode: one step as the decode worker runs it: `DecodeScheduler.schedule`, `DecodeRunner.run`
   over the paged cache, `on_step_done`, the token appended and the stop check.
 
