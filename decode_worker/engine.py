@@ -125,14 +125,15 @@ class DecodeEngine:
 
     # -- admission --------------------------------------------------------------------------
 
-    def reserve(self, req: DecodeRequest) -> list[int] | None:
+    def reserve(self, req: DecodeRequest, num_computed: int = 0) -> list[int] | None:
         """Blocks for the prompt's KV before its prefill runs; None when they do not fit now.
-        A colocated request (``local_prefill``) joins the local prefill queue."""
+        A colocated request (``local_prefill``) joins the local prefill queue, its first
+        ``num_computed`` positions counted as cached already."""
         blocks = self.scheduler.reserve(req.transfer_id, len(req.prompt_token_ids))
         if blocks is not None:
             self._held[req.transfer_id] = _Held(req)
             if req.local_prefill:
-                self.prefills.add(req.transfer_id, len(req.prompt_token_ids))
+                self.prefills.add(req.transfer_id, len(req.prompt_token_ids), num_computed)
         return blocks
 
     def knows(self, tid: int) -> bool:

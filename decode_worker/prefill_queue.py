@@ -87,12 +87,16 @@ class LocalPrefillQueue:
         is running)."""
         return len(self._prompts) - self.num_partial
 
-    def add(self, seq_id: int, prompt_len: int) -> None:
+    def add(self, seq_id: int, prompt_len: int, computed: int = 0) -> None:
+        """Queue a prompt whose first ``computed`` positions already have their K/V cached."""
         if seq_id in self._prompts:
             raise SchedulerError(f"seq {seq_id} is already queued for prefill")
-        if prompt_len < 1:
-            raise ValueError(f"prompt_len={prompt_len} is invalid: must be >= 1")
-        self._prompts[seq_id] = _Prompt(prompt_len)
+        if not 0 <= computed < prompt_len:
+            raise ValueError(
+                f"prompt_len={prompt_len}, computed={computed} are invalid: need "
+                "0 <= computed < prompt_len (the last position is always computed)"
+            )
+        self._prompts[seq_id] = _Prompt(prompt_len, computed)
 
     def remove(self, seq_id: int) -> bool:
         """Forget `seq_id` (its blocks are the decode scheduler's to free); False if unknown."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from pdserve.decode_worker.engine import StepBatch
+from pdserve.decode_worker.engine import DecodeEngine, EngineLimits, StepBatch
 from pdserve.decode_worker.scheduler import DecodeSeq
 from pdserve.engine.attention import DecodeMetadata, MixedMetadata
+from pdserve.engine.kv_cache import allocate_kv_cache
 from pdserve.engine.model import CausalLM
 from pdserve.engine.sampling import Sampler
 from pdserve.engine.sampling_types import SamplerOutput
@@ -79,3 +81,32 @@ class DecodeRunner:
                 device=dev,
             ),
         )
+
+
+def build_engine(
+    model: CausalLM, limits: EngineLimits, device: torch.device, instance: int = 0
+) -> DecodeEngine:
+    """A `DecodeEngine` over ``model`` with a fresh paged KV cache of ``limits.num_blocks``
+    blocks: what a decode replica, the engine benchmark and the profiler all run."""
+    cache = allocate_kv_cache(model.config, 1, limits.num_blocks, limits.block_size, device)
+    return DecodeEngine(DecodeRunner(model, cache, limits.block_size, device), limits, instance)
+
+
+def model_limits(
+    model: CausalLM,
+    num_blocks: int,
+    block_size: int,
+    max_model_len: int | None = None,
+    **knobs: Any,
+) -> EngineLimits:
+    """`EngineLimits` for ``model`` (its KV heads, EOS ids and, unless given, its context) and
+    the given knobs (max_num_seqs, max_num_batched_tokens, chunked_prefill)."""
+    c = model.config
+    return EngineLimits(
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_model_len=max_model_len or c.max_model_len,
+        num_kv_heads=c.num_kv_heads,
+        eos_token_ids=tuple(c.eos_token_ids),
+        **knobs,
+    )

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Sequence
 
 import torch
 
-from pdserve.decode_worker.engine import DecodeEngine, EngineLimits, Output
-from pdserve.decode_worker.runner import DecodeRunner
+from pdserve.decode_worker.engine import DecodeEngine, Output
+from pdserve.decode_worker.runner import DecodeRunner, build_engine, model_limits
 from pdserve.engine.config import ModelConfig
-from pdserve.engine.kv_cache import allocate_kv_cache, num_blocks_for_bytes
+from pdserve.engine.kv_cache import num_blocks_for_bytes
 from pdserve.engine.load import DecodeLoad, DecodeStats
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup
@@ -238,19 +238,15 @@ def _build_engine(engine: EngineSpec, spec: DecodeSpec, device: torch.device) ->
     num_blocks = spec.num_blocks or num_blocks_for_bytes(
         cfg, 1, engine.block_size, _kv_budget(spec, device)
     )
-    kv_cache = allocate_kv_cache(cfg, 1, num_blocks, engine.block_size, device)
-    limits = EngineLimits(
-        num_blocks=num_blocks,
-        block_size=engine.block_size,
-        max_model_len=cfg.max_model_len,
-        num_kv_heads=cfg.num_kv_heads,
-        eos_token_ids=tuple(cfg.eos_token_ids),
+    limits = model_limits(
+        model,
+        num_blocks,
+        engine.block_size,
         max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens,
         chunked_prefill=spec.chunked_prefill,
     )
-    runner = DecodeRunner(model, kv_cache, engine.block_size, device)
-    return DecodeEngine(runner, limits, spec.instance)
+    return build_engine(model, limits, device, spec.instance)
 
 
 def _kv_budget(spec: DecodeSpec, device: torch.device) -> int:

@@ -31,17 +31,15 @@ from transformers import (
 )
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from pdserve.decode_worker.runner import DecodeRunner
-from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq
+from pdserve.decode_worker.engine import Output
+from pdserve.decode_worker.runner import build_engine, model_limits
 from pdserve.engine.attention import PrefillMetadata
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.kv_cache import allocate_kv_cache
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
-from pdserve.engine.request import PrefillItem
+from pdserve.engine.request import DecodeRequest, PrefillItem
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.sampling_types import SamplingRow
-from pdserve.engine.stop import check_token_stop
 from pdserve.kv_transfer.link import RECEIVER, SENDER, KVLink
 from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch
 from pdserve.prefill_worker.runner import PrefillRunner
@@ -87,70 +85,46 @@ def pdserve_prefill(model: CausalLM, prompts: list[list[int]]) -> Timed:
     return Timed(time.perf_counter() - start, sum(lens))
 
 
-def _admit(
-    scheduler: DecodeScheduler,
-    runner: DecodeRunner,
-    prompts: list[list[int]],
-    params: SamplingParams,
-) -> list[DecodeSeq]:
-    """What a decode replica holds once prefill is done: prompt K/V in reserved blocks and the
-    first token (here from a colocated prefill through the runner, untimed)."""
-    tables = []
-    for i, prompt in enumerate(prompts):
-        table = scheduler.reserve(i, len(prompt))
-        assert table is not None, "the benchmark sizes the cache for every sequence"
-        tables.append(table)
-    first = runner.prefill(prompts, tables, [SamplingRow(params, p, ()) for p in prompts])
-    assert first is not None
-    seqs = []
-    for i, (prompt, token) in enumerate(zip(prompts, first.token_ids, strict=True)):
-        seqs.append(DecodeSeq(i, len(prompt), params.max_tokens, [*prompt, token]))
-        scheduler.activate(seqs[-1])
-    return seqs
-
-
-def _decode_step(
-    scheduler: DecodeScheduler, runner: DecodeRunner, params: SamplingParams, eos: tuple[int, ...]
-) -> int:
-    """One step as the decode worker runs it; returns the number of tokens generated."""
-    out = scheduler.schedule()
-    assert not out.recompute and not out.preempted, "the cache holds every sequence"
-    table = scheduler.blocks.block_table
-    rows = [
-        SamplingRow(params, s.token_ids[: s.prompt_len], s.token_ids[s.prompt_len :])
-        for s in out.decode
-    ]
-    result = runner.step(out.decode, [table(s.seq_id) for s in out.decode], rows)
-    scheduler.on_step_done(out.decode)
-    for seq, token in zip(out.decode, result.token_ids, strict=True):
-        seq.token_ids.append(token)
-        stop = check_token_stop(
-            token, seq.num_output, len(seq.token_ids), params, eos, scheduler.max_model_len
-        )
-        if stop is not None or scheduler.reached_length_limit(seq):
-            scheduler.finish(seq.seq_id)
-    return len(out.decode)
-
-
 def pdserve_decode(
     model: CausalLM, prompts: list[list[int]], new_tokens: int, block_size: int
 ) -> Timed:
-    """Prefill into a paged cache (untimed), then time BlockManager + DecodeScheduler +
-    DecodeRunner steps until every sequence has new_tokens tokens."""
+    """Prefill into a paged cache (untimed), then time `DecodeEngine.step` (the step a decode
+    replica runs) until every sequence has new_tokens tokens."""
     max_len = max(len(p) for p in prompts) + new_tokens
-    blocks = BlockManager(len(prompts) * math.ceil(max_len / block_size), block_size)
-    scheduler = DecodeScheduler(blocks, max_num_seqs=len(prompts), max_model_len=max_len)
-    kv_cache = allocate_kv_cache(model.config, 1, blocks.num_blocks, block_size, CPU)
-    runner = DecodeRunner(model, kv_cache, block_size, CPU)
+    num_blocks = len(prompts) * math.ceil(max_len / block_size)
+    engine = build_engine(
+        model,
+        model_limits(
+            model, num_blocks, block_size, max_len,
+            max_num_seqs=len(prompts), max_num_batched_tokens=sum(map(len, prompts)),
+        ),
+        CPU,
+    )  # fmt: skip
     params = greedy(new_tokens)
-    seqs = _admit(scheduler, runner, prompts, params)
+    outputs: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        req = DecodeRequest(i, f"bench-{i}", tuple(p), params, local_prefill=True)
+        assert engine.reserve(req) is not None, "the benchmark sizes the cache for every sequence"
+        outputs[i] = []
+    while len(engine.prefills):  # untimed: the prompts' KV and first tokens (one step)
+        _collect(engine.step(), outputs)
     counted = 0
     start = time.perf_counter()
-    while scheduler.num_running or scheduler.num_waiting:
-        counted += _decode_step(scheduler, runner, params, model.config.eos_token_ids)
+    while engine.has_work:
+        counted += _collect(engine.step(), outputs)
     seconds = time.perf_counter() - start
-    scheduler.check_integrity()
-    return Timed(seconds, counted, [s.token_ids[s.prompt_len :] for s in seqs])
+    assert engine.check_integrity() == 0
+    return Timed(seconds, counted, [outputs[i] for i in range(len(prompts))])
+
+
+def _collect(outputs: list[Output], into: dict[int, list[int]]) -> int:
+    """Append each output's tokens to its sequence; returns how many there were."""
+    n = 0
+    for tid, delta in outputs:
+        assert delta.error is None, delta.error
+        into[tid] += delta.token_ids
+        n += len(delta.token_ids)
+    return n
 
 
 class KVSendBench:

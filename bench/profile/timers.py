@@ -1,10 +1,10 @@
 """Timed engine calls for `pdserve profile`, in this process, on the real engine code.
 
-- prefill: `DecodeRunner.run` over whole prompts as chunks from position 0, K/V written into a
-  paged cache and each prompt's first token sampled (a colocated prefill step; disaggregated
-  prefill runs the same forward and sends instead of writing, see `profile.dist`).
-- decode: one step as the decode worker runs it: `DecodeScheduler.schedule`, `DecodeRunner.run`
-  over the paged cache, `on_step_done`, the token appended and the stop check.
+- prefill: a `DecodeEngine` step over whole prompts, K/V written into a paged cache and each
+  prompt's first token sampled (a colocated prefill step; disaggregated prefill runs the same
+  forward and sends instead of writing, see `profile.dist`).
+- decode: one `DecodeEngine` step as a decode replica runs it (plan, prepare, forward over the
+  paged cache, commit: tokens appended, stops checked).
 
 Times are wall-clock milliseconds after a device synchronize.
 """
@@ -15,21 +15,19 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from pdserve.decode_worker.runner import ChunkInput, DecodeRunner
-from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq
-from pdserve.engine.block_manager import BlockManager
+from pdserve.decode_worker.engine import DecodeEngine
+from pdserve.decode_worker.runner import build_engine, model_limits
 from pdserve.engine.config import ModelConfig
-from pdserve.engine.kv_cache import allocate_kv_cache
 from pdserve.engine.loader import load_model
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
+from pdserve.engine.request import DecodeRequest
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.sampling_types import SamplingRow
 from pdserve.engine.spec import EngineSpec
-from pdserve.engine.stop import check_token_stop
 
 
 @dataclass
@@ -68,29 +66,30 @@ def greedy(max_tokens: int) -> SamplingParams:
 
 
 class PrefillTimer:
-    """Times a prefill step of `DecodeRunner.run` (forward + paged KV write + first tokens)."""
+    """Times a colocated prefill step, `DecodeEngine.step` over whole prompts: forward, paged
+    KV write and first tokens."""
 
     def __init__(self, target: Target, max_tokens: int, max_seqs: int) -> None:
         bs = target.engine.block_size
         self.target = target
-        self.blocks = BlockManager(math.ceil(max_tokens / bs) + max_seqs, bs)
-        cache = allocate_kv_cache(target.config, 1, self.blocks.num_blocks, bs, target.device)
-        self.runner = DecodeRunner(target.model, cache, bs, target.device)
+        blocks = math.ceil(max_tokens / bs) + max_seqs
+        self.limits = model_limits(
+            target.model, blocks, bs, min(target.config.max_model_len, blocks * bs),
+            max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens,
+        )  # fmt: skip
+        self.runner = build_engine(target.model, self.limits, target.device).runner
 
     def __call__(self, lens: Sequence[int], seed: int = 0) -> float:
-        prompts = self.target.prompts(lens, seed)
-        tables = [self.blocks.allocate(i, n) for i, n in enumerate(lens)]
-        chunks = [ChunkInput(p, 0, t, True) for p, t in zip(prompts, tables)]
-        rows = [SamplingRow(greedy(1), p, ()) for p in prompts]
-        try:
-            self.target.sync()
-            start = time.perf_counter()
-            self.runner.run([], [], chunks, rows)
-            self.target.sync()
-            return (time.perf_counter() - start) * 1e3
-        finally:
-            for i in range(len(lens)):
-                self.blocks.free(i)
+        engine = DecodeEngine(self.runner, self.limits)
+        for i, prompt in enumerate(self.target.prompts(lens, seed)):
+            engine.reserve(DecodeRequest(i, "profile", tuple(prompt), greedy(2), True))
+        self.target.sync()
+        start = time.perf_counter()
+        outputs = engine.step()
+        self.target.sync()
+        ms = (time.perf_counter() - start) * 1e3
+        assert len(outputs) == len(lens) and not len(engine.prefills), "one step, every prompt"
+        return ms
 
 
 class DecodeTimer:
@@ -100,8 +99,8 @@ class DecodeTimer:
         bs = target.engine.block_size
         self.target = target
         self.num_blocks = max(1, capacity_tokens // bs)
-        cache = allocate_kv_cache(target.config, 1, self.num_blocks, bs, target.device)
-        self.runner = DecodeRunner(target.model, cache, bs, target.device)
+        limits = model_limits(target.model, self.num_blocks, bs, self.capacity_tokens())
+        self.runner = build_engine(target.model, limits, target.device).runner
 
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.target.engine.block_size
@@ -110,62 +109,61 @@ class DecodeTimer:
         bs = self.target.engine.block_size
         return batch * math.ceil((context + steps + 2) / bs) <= self.num_blocks
 
-    def _batch(self, batch: int, context: int, params: SamplingParams) -> DecodeScheduler:
-        """A scheduler holding `batch` seqs whose prompts of `context` tokens are cached."""
+    def _engine(self, batch: int, context: int, max_tokens: int, **knobs: Any) -> DecodeEngine:
+        """An engine holding `batch` seqs whose prompts of `context` tokens are cached (their
+        KV landed as from a prefill, their first token the prompt's last)."""
         t = self.target
         max_len = min(t.config.max_model_len, self.capacity_tokens())
-        sched = DecodeScheduler(BlockManager(self.num_blocks, t.engine.block_size), batch, max_len)
+        knobs.setdefault("max_num_seqs", batch)
+        limits = model_limits(t.model, self.num_blocks, t.engine.block_size, max_len, **knobs)
+        engine = DecodeEngine(self.runner, limits)
+        heads = t.config.num_kv_heads
         for i, prompt in enumerate(t.prompts([context] * batch, seed=batch)):
-            assert sched.reserve(i, context) is not None, "the timer sizes the cache for the batch"
-            sched.activate(DecodeSeq(i, context, params.max_tokens, [*prompt, prompt[-1]]))
-        return sched
+            req = DecodeRequest(i, "profile", tuple(prompt), greedy(max_tokens))
+            assert engine.reserve(req) is not None, "the timer sizes the cache for the batch"
+            engine.kv_landed(i, heads, 0, 0.0, prompt[-1])
+        return engine
 
     def __call__(self, batch: int, context: int, steps: int) -> list[tuple[int, int, float]]:
         """(batch, Σcontext at schedule time, ms) of `steps` timed steps after one untimed."""
-        params = greedy(steps + 2)
-        sched = self._batch(batch, context, params)
+        engine = self._engine(batch, context, steps + 2)
         out = []
         for k in range(steps + 1):
-            context_sum, ms = self._step(sched, params)
+            context_sum, ms = self._step(engine)
             if k > 0:  # the first step warms the batch's shapes up
                 out.append((batch, context_sum, ms))
         return out
 
-    def _step(self, sched: DecodeScheduler, params: SamplingParams) -> tuple[int, float]:
-        """(Σcontext of the step's seqs as the simulator counts it, ms)."""
-        t, eos = self.target, self.target.config.eos_token_ids
+    def _step(self, engine: DecodeEngine) -> tuple[int, float]:
+        """(Σcontext of the step's seqs as the simulator counts it, ms) of one engine step."""
+        t = self.target
         t.sync()
         start = time.perf_counter()
-        step = sched.schedule()
-        assert not step.preempted, "the timer sizes the cache for the batch"
-        context_sum = sum(len(s.token_ids) for s in step.decode)
-        table = sched.blocks.block_table
-        rows = [
-            SamplingRow(params, s.token_ids[: s.prompt_len], s.token_ids[s.prompt_len :])
-            for s in step.decode
-        ]
-        result = self.runner.run(step.decode, [table(s.seq_id) for s in step.decode], [], rows)
-        assert result is not None, "a decode step samples a token per sequence"
-        sched.on_step_done(step.decode)
-        for seq, token in zip(step.decode, result.token_ids):
-            seq.token_ids.append(token)
-            check_token_stop(token, seq.num_output, len(seq.token_ids), params, eos, 1 << 30)
+        step = engine.plan()
+        assert step is not None and not step.out.preempted, "the timer sizes the cache"
+        context_sum = sum(len(s.token_ids) for s in step.out.decode)
+        assert engine.runner is not None
+        engine.commit(step, engine.runner.run(engine.prepare(step)))
         t.sync()
         return context_sum, (time.perf_counter() - start) * 1e3
 
     def mixed(self, batch: int, context: int, start: int, length: int) -> tuple[int, float]:
         """(Σcontext, ms) of one chunked-prefill step: `batch` seqs decode and positions
         [start, start + length) of another prompt prefill, in one forward."""
-        t, params = self.target, greedy(4)
-        sched = self._batch(batch, context, params)
+        t = self.target
+        engine = self._engine(
+            batch, context, 4, max_num_seqs=batch + 1,
+            max_num_batched_tokens=batch + length, chunked_prefill=True,
+        )  # fmt: skip
         prompt = t.prompts([start + length], seed=7)[0]
-        table = sched.blocks.allocate(-1, start + length)  # its first `start` positions: cached
+        req = DecodeRequest(-1, "profile", tuple(prompt), greedy(4), True)
+        engine.reserve(req, num_computed=start)  # its first `start` positions count as cached
         t.sync()
         begin = time.perf_counter()
-        step = sched.schedule()
-        rows = [SamplingRow(params, s.token_ids[: s.prompt_len], ()) for s in step.decode]
-        rows.append(SamplingRow(params, prompt, ()))
-        tables = [sched.blocks.block_table(s.seq_id) for s in step.decode]
-        self.runner.run(step.decode, tables, [ChunkInput(prompt[start:], start, table, True)], rows)
+        step = engine.plan()
+        assert step is not None and [c.num_tokens for c in step.chunks] == [length]
+        context_sum = sum(len(s.token_ids) for s in step.out.decode)
+        assert engine.runner is not None
+        engine.commit(step, engine.runner.run(engine.prepare(step)))
         t.sync()
-        return sum(len(s.token_ids) for s in step.decode), (time.perf_counter() - begin) * 1e3
+        return context_sum, (time.perf_counter() - begin) * 1e3
