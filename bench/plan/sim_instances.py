@@ -2,9 +2,9 @@
 
 They mirror prefill_worker/worker.py and decode_worker/worker.py step for step, with the time
 of each forward pass taken from the profile instead of running it. The decode side drives the
-real `DecodeScheduler`, `BlockManager` and `LocalPrefillQueue` (pure Python), so continuous
-batching, max_num_seqs, block growth, recompute preemption, prefill priority and chunked
-prefill are the production code, not a copy of it.
+real `DecodeEngine` (pure Python without its runner), so continuous batching, max_num_seqs,
+block growth, recompute preemption, prefill priority, chunked prefill and the stop rules are
+the production code, not a copy of it.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pdserve.bench.plan.profile_model import EngineKnobs, Profile
-from pdserve.decode_worker.prefill_queue import LocalPrefillQueue, PrefillChunk
-from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, ScheduleOutput
+from pdserve.decode_worker.engine import DecodeEngine, EngineLimits, EngineStep, Output
 from pdserve.engine.batching import take_batch
-from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.load import DecodeLoad, PrefillLoad
+from pdserve.engine.request import DecodeRequest
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_types import SamplerOutput
 
 MS = 1e-3
 
@@ -137,75 +138,63 @@ def batch_ms(profile: Profile, batch: Sequence[SimRequest], tp: int) -> float:
 
 
 class DecodeSim:
-    """A decode replica, or colocated an instance running both phases: the real
-    `DecodeScheduler` and `LocalPrefillQueue` (prefill priority, or chunked prefill beside the
-    decode batch), one step at a time as the worker's `_plan`, step times from the profile."""
+    """A decode replica, or colocated an instance running both phases: the production
+    `DecodeEngine` (scheduler, local prefill queue, stop rules), planned and committed one step
+    at a time as the decode actor does, with step times from the profile instead of a forward."""
 
     def __init__(self, host: Host, index: int) -> None:
         k = host.knobs
         self.host, self.index = host, index
-        self.blocks = BlockManager(k.num_blocks, k.block_size)
-        self.scheduler = DecodeScheduler(
-            self.blocks, k.max_num_seqs, host.profile.model.max_model_len
-        )
-        self.prefills = LocalPrefillQueue(
-            k.max_num_batched_tokens, k.max_num_seqs, k.chunked_prefill
-        )
+        limits = EngineLimits(
+            num_blocks=k.num_blocks, block_size=k.block_size,
+            max_model_len=host.profile.model.max_model_len, num_kv_heads=1,
+            max_num_seqs=k.max_num_seqs, max_num_batched_tokens=k.max_num_batched_tokens,
+            chunked_prefill=k.chunked_prefill,
+        )  # fmt: skip
+        self.engine = DecodeEngine(None, limits, index)  # the simulation runs the steps
+        self.blocks = self.engine.blocks
         self.requests: dict[int, SimRequest] = {}
         self.busy = False
 
     def load(self) -> DecodeLoad:
-        s = self.scheduler
-        return DecodeLoad(
-            self.index, self.blocks.num_free_blocks, self.blocks.num_blocks,
-            s.num_running + self.prefills.num_partial, s.num_waiting + self.prefills.num_waiting,
-        )  # fmt: skip
+        return self.engine.load()
 
-    def reserve(self, req: SimRequest) -> bool:
-        """Blocks for the prompt's KV, as the router asks before dispatching its prefill."""
-        if self.scheduler.reserve(req.index, req.input_len) is None:
+    def reserve(self, req: SimRequest, local_prefill: bool) -> bool:
+        """Blocks for the prompt's KV, as the router asks before dispatching its prefill;
+        colocated (``local_prefill``), the prompt is queued for this instance's own prefill."""
+        params = SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=True)
+        prompt = (0,) * req.input_len
+        if self.engine.reserve(DecodeRequest(req.index, "", prompt, params, local_prefill)) is None:
             return False
         self.requests[req.index] = req
         req.decode = self.index
+        if local_prefill:
+            req.queued_s = self.host.now
+            self._kick()
         return True
-
-    def prefill_locally(self, req: SimRequest) -> None:
-        """Colocated: queue the reserved prompt for this instance's own prefill."""
-        req.queued_s = self.host.now
-        self.prefills.add(req.index, req.input_len)
-        self._kick()
 
     def land(self, reqs: Sequence[SimRequest]) -> None:
         """The prompts' KV and first tokens are here: join the batch, or finish at once."""
-        max_len = self.host.profile.model.max_model_len
         for req in reqs:
             req.landed_s = self.host.now
-            seq = DecodeSeq(req.index, req.input_len, req.output_len, [0] * (req.input_len + 1))
-            if req.output_len <= 1 or len(seq.token_ids) >= max_len:
-                self._finish(req)
-            else:
-                self.scheduler.activate(seq)
+            self._finish(self.engine.kv_landed(req.index, 1, 0, 0.0, 0))
         self._kick()
 
-    def _finish(self, req: SimRequest) -> None:
-        self.scheduler.abort(req.index)
-        del self.requests[req.index]
-        self.host.finished(req)
+    def _finish(self, outputs: Sequence[Output]) -> None:
+        for tid, delta in outputs:
+            if delta.finish_reason is not None:
+                self.host.finished(self.requests.pop(tid))
 
     def _kick(self) -> None:
         if not self.busy:
             self._run_next()
 
     def _run_next(self) -> None:
-        if self.prefills.prefill_only:  # prefill priority: whole prompts, no decode
-            out, chunks = ScheduleOutput(), self.prefills.schedule(0)
-        else:
-            out = self.scheduler.schedule()
-            chunks = self.prefills.schedule(out.num_tokens)
-        if not (out.decode or out.recompute or chunks):
+        step = self.engine.plan()
+        if step is None:
             self.busy = False
             return
-        now = self.host.now
+        out, chunks, now = step.out, step.chunks, self.host.now
         for c in chunks:
             if c.start == 0:
                 self.requests[c.seq_id].prefill_start_s = now
@@ -215,21 +204,16 @@ class DecodeSim:
         ms = self.host.profile.step_ms(len(out.decode), context, spans)
         self.busy = True
         kind = "decode" if out.decode else "prefill"  # a step of prompt chunks only: prefill
-        self.host.busy_for(
-            self, ms, self.host.profile.threads, lambda: self._step_done(out, chunks), kind
-        )
+        self.host.busy_for(self, ms, self.host.profile.threads, lambda: self._done(step), kind)
 
-    def _step_done(self, out: ScheduleOutput, chunks: list[PrefillChunk]) -> None:
-        self.scheduler.on_step_done(out.decode)
-        self.host.streamed(len(out.decode))
-        for seq in out.decode:
-            seq.token_ids.append(0)
-            if self.scheduler.reached_length_limit(seq):
-                self._finish(self.requests[seq.seq_id])
-        self.prefills.on_done(chunks)
-        prefilled = [self.requests[c.seq_id] for c in chunks if c.last]
-        for r in prefilled:
-            r.prefill_end_s = self.host.now
-            self.host.first_token(r)
-        self.land(prefilled)  # still busy: the next step starts below
+    def _done(self, step: EngineStep) -> None:
+        n = len(step.out.decode) + sum(c.last for c in step.chunks)  # sampled rows
+        outputs = self.engine.commit(step, SamplerOutput([0] * n, [None] * n))
+        self.host.streamed(len(step.out.decode))
+        for c in step.chunks:
+            if c.last:  # its first token was sampled: prefilled and landed here
+                r = self.requests[c.seq_id]
+                r.prefill_end_s = r.landed_s = self.host.now
+                self.host.first_token(r)
+        self._finish(outputs)  # still busy: the next step starts below
         self._run_next()

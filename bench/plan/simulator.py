@@ -173,10 +173,9 @@ class Simulation:
         needed = -(-req.input_len // self.knobs.block_size)
         loads = [d.load() for d in self.decodes]
         d = pick_decode(self.knobs.decode_policy, loads, needed, next(self._turns[1]))
-        if d is None or not self.decodes[d].reserve(req):
+        if d is None or not self.decodes[d].reserve(req, local_prefill=not self.prefills):
             return False
         if not self.prefills:
-            self.decodes[d].prefill_locally(req)
             return True
         loads_p = [p.load() for p in self.prefills]
         p = pick_prefill(self.knobs.prefill_policy, loads_p, next(self._turns[0]))
