@@ -138,14 +138,15 @@ class JobManager:
         self._load()
 
     async def submit(
-        self, prompts: Sequence[Prompt], sampling: SamplingParams, name: str | None = None
+        self, prompts: object, sampling: SamplingParams, name: object = None
     ) -> JobInfo:
-        """Start a job; raises InvalidRequestError for a job that cannot run at all."""
-        checked = self._check(prompts, name)
+        """Start a job; raises InvalidRequestError for a job that cannot run at all (prompts and
+        name are checked here, whoever sends them)."""
+        checked, label = self._check(prompts, name)
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         job_dir = self.dir / job_id
         job_dir.mkdir()
-        info = JobInfo(job_id, name, "queued", total=len(checked), created=time.time())
+        info = JobInfo(job_id, label, "queued", total=len(checked), created=time.time())
         job = _Job(info, job_dir, ResultsFile(job_dir / RESULTS_FILE, len(checked)))
         job.results.open_for_append()
         self._save(job)
@@ -182,7 +183,7 @@ class JobManager:
         for job in self._jobs.values():
             job.results.close()
 
-    def _check(self, prompts: Sequence[Prompt], name: str | None) -> builtins.list[Prompt]:
+    def _check(self, prompts: object, name: object) -> tuple[builtins.list[Prompt], str | None]:
         if not isinstance(prompts, list) or not prompts:
             raise InvalidRequestError("prompts must be a non-empty list of prompts")
         if len(prompts) > self.max_job_prompts:
@@ -192,7 +193,7 @@ class JobManager:
             )
         if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME_CHARS):
             raise InvalidRequestError(f"name must be a string of at most {MAX_NAME_CHARS} chars")
-        return [check_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        return [check_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)], name
 
     async def _run(self, job: _Job, prompts: builtins.list[Prompt], params: SamplingParams) -> None:
         self._set_state(job, "running")

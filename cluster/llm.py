@@ -140,7 +140,8 @@ class LLM:
 
             async def one(i: int) -> RequestOutput:
                 out = await self.frontend.generate(ids[i], params[i])
-                out.prompt = batch[i] if isinstance(batch[i], str) else None
+                prompt = batch[i]
+                out.prompt = prompt if isinstance(prompt, str) else None
                 bar.update(1)
                 return out
 

@@ -219,9 +219,13 @@ class NativeApi:
             out = await collect(run.deltas())
         finally:
             run.task.cancel()  # no-op once finished; aborts the request if we were cancelled
-        reply = {"request_id": run.request_id, "text": out.text, "token_ids": out.token_ids}
-        reply["finish_reason"] = out.finish_reason
-        reply["metrics"] = None if out.metrics is None else metrics_dict(out.metrics)
+        reply: dict[str, Any] = {
+            "request_id": run.request_id,
+            "text": out.text,
+            "token_ids": out.token_ids,
+            "finish_reason": out.finish_reason,
+            "metrics": None if out.metrics is None else metrics_dict(out.metrics),
+        }
         if any(lp is not None for lp in out.logprobs):
             reply["logprobs"] = [logprobs_dict(lp) for lp in out.logprobs]
         return _pack(reply)

@@ -17,7 +17,12 @@ from pydantic import BaseModel, ConfigDict
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 
 ErrorType = Literal[
-    "invalid_request_error", "authentication_error", "not_found_error", "requests", "server_error"
+    "invalid_request_error",
+    "authentication_error",
+    "not_found_error",
+    "requests",
+    "server_error",
+    "service_unavailable",
 ]
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -79,8 +80,8 @@ class DecodeWorker:
                 runner.kv_cache,
                 self.engine.limits.block_size,
                 lambda item: self._accept(name, item),
-                lambda b: loop.call_soon_threadsafe(self._on_batch, b),
-                lambda n, e: loop.call_soon_threadsafe(self._on_link_error, n, e),
+                lambda b: _call_soon(loop, self._on_batch, b),
+                lambda n, e: _call_soon(loop, self._on_link_error, n, e),
             )
             self._receivers[name] = receiver
             receiver.start()
@@ -227,6 +228,11 @@ class DecodeWorker:
             self._emit(self.engine.fail_step(step, f"step failed: {e}"))
             return
         self._emit(self.engine.commit(step, result))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """Run ``fn(*args)`` on ``loop``'s thread (from a receiver thread)."""
+    loop.call_soon_threadsafe(fn, *args)
 
 
 def _build_engine(engine: EngineSpec, spec: DecodeSpec, device: torch.device) -> DecodeEngine:
