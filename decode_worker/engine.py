@@ -22,59 +22,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from pdserve.decode_worker.prefill_queue import LocalPrefillQueue, PrefillChunk
+from pdserve.decode_worker.prefill_queue import LocalPrefillQueue
 from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, ScheduleOutput
+from pdserve.decode_worker.step import (
+    ChunkInput,
+    EngineLimits,
+    EngineStep,
+    Output,
+    StepBatch,
+    StepRunner,
+)
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.load import DecodeLoad
 from pdserve.engine.request import DecodeRequest, StepDelta
 from pdserve.engine.sampling_types import SamplerOutput, SamplingRow, TokenLogprobs
 from pdserve.engine.stop import check_token_stop
-
-Output = tuple[int, StepDelta]  # (transfer id, what its stream gets)
-
-
-@dataclass(frozen=True)
-class ChunkInput:
-    """Positions [start, start + len(token_ids)) of one sequence to run through the model."""
-
-    token_ids: Sequence[int]
-    start: int
-    table: Sequence[int]  # the sequence's block table
-    sample: bool  # sample the next token from the chunk's last position (a prompt's last chunk)
-
-
-@dataclass(frozen=True)
-class StepBatch:
-    """What the runner computes in one forward: a decode token for each of ``seqs``, then the
-    ``chunks``; ``rows`` sample the seqs' next tokens, then those of the chunks with ``sample``
-    set, in that order."""
-
-    seqs: Sequence[DecodeSeq]
-    tables: Sequence[Sequence[int]]  # the seqs' block tables
-    chunks: Sequence[ChunkInput]
-    rows: Sequence[SamplingRow]
-
-
-class StepRunner(Protocol):
-    """The data plane: runs one step's forward over the paged KV cache."""
-
-    def run(self, batch: StepBatch) -> SamplerOutput | None:
-        """Sampled tokens for ``batch.rows`` (None when there are none)."""
-
-
-@dataclass
-class EngineStep:
-    """One step's plan: the decode scheduler's batch and the local prefill chunks."""
-
-    out: ScheduleOutput
-    chunks: list[PrefillChunk]
-
-    @property
-    def tids(self) -> set[int]:
-        s = self.out
-        return {q.seq_id for q in [*s.decode, *s.recompute]} | {c.seq_id for c in self.chunks}
 
 
 @dataclass
@@ -89,20 +52,6 @@ class _Held:
     transfer_s: float = 0.0
     aborted: bool = False  # abort asked while KV is in flight: drop once it has landed
     running: bool = False  # activated in the scheduler
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """What the engine must know of the model and its cache."""
-
-    num_blocks: int
-    block_size: int
-    max_model_len: int
-    num_kv_heads: int
-    eos_token_ids: tuple[int, ...] = ()
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192  # colocated: tokens of one step (see LocalPrefillQueue)
-    chunked_prefill: bool = False
 
 
 class DecodeEngine:

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from pdserve.decode_worker.engine import DecodeEngine, Output
+from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.runner import DecodeRunner, build_engine, model_limits
+from pdserve.decode_worker.step import Output
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.kv_cache import num_blocks_for_bytes
 from pdserve.engine.load import DecodeLoad, DecodeStats

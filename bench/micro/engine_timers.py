@@ -31,8 +31,8 @@ from transformers import (
 )
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from pdserve.decode_worker.engine import Output
 from pdserve.decode_worker.runner import build_engine, model_limits
+from pdserve.decode_worker.step import Output
 from pdserve.engine.attention import PrefillMetadata
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.kv_cache import allocate_kv_cache

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pdserve.bench.plan.profile_model import EngineKnobs, Profile
-from pdserve.decode_worker.engine import DecodeEngine, EngineLimits, EngineStep, Output
+from pdserve.decode_worker.engine import DecodeEngine
+from pdserve.decode_worker.step import EngineLimits, EngineStep, Output
 from pdserve.engine.batching import take_batch
 from pdserve.engine.load import DecodeLoad, PrefillLoad
 from pdserve.engine.request import DecodeRequest

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.decode_worker.engine import DecodeEngine, EngineLimits, StepBatch, StepRunner
+from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.prefill_queue import PrefillChunk
+from pdserve.decode_worker.step import EngineLimits, StepBatch, StepRunner
 from pdserve.engine.request import DecodeRequest
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sampling_types import SamplerOutput

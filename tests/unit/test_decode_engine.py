@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.decode_worker.engine import DecodeEngine, EngineLimits, Output, StepBatch
+from pdserve.decode_worker.engine import DecodeEngine
+from pdserve.decode_worker.step import EngineLimits, Output, StepBatch
 from pdserve.engine.request import DecodeRequest, StepDelta
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sampling_types import SamplerOutput

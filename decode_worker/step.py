@@ -1,0 +1,71 @@
+"""The types of one decode engine step: the plan, the runner's inputs, the runner's contract,
+and the limits an engine is built with. Plain data, no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pdserve.decode_worker.prefill_queue import PrefillChunk
+from pdserve.decode_worker.scheduler import DecodeSeq, ScheduleOutput
+from pdserve.engine.request import StepDelta
+from pdserve.engine.sampling_types import SamplerOutput, SamplingRow
+
+Output = tuple[int, StepDelta]  # (transfer id, what its stream gets)
+
+
+@dataclass(frozen=True)
+class ChunkInput:
+    """Positions [start, start + len(token_ids)) of one sequence to run through the model."""
+
+    token_ids: Sequence[int]
+    start: int
+    table: Sequence[int]  # the sequence's block table
+    sample: bool  # sample the next token from the chunk's last position (a prompt's last chunk)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What the runner computes in one forward: a decode token for each of ``seqs``, then the
+    ``chunks``; ``rows`` sample the seqs' next tokens, then those of the chunks with ``sample``
+    set, in that order."""
+
+    seqs: Sequence[DecodeSeq]
+    tables: Sequence[Sequence[int]]  # the seqs' block tables
+    chunks: Sequence[ChunkInput]
+    rows: Sequence[SamplingRow]
+
+
+class StepRunner(Protocol):
+    """The data plane: runs one step's forward over the paged KV cache."""
+
+    def run(self, batch: StepBatch) -> SamplerOutput | None:
+        """Sampled tokens for ``batch.rows`` (None when there are none)."""
+
+
+@dataclass
+class EngineStep:
+    """One step's plan: the decode scheduler's batch and the local prefill chunks."""
+
+    out: ScheduleOutput
+    chunks: list[PrefillChunk]
+
+    @property
+    def tids(self) -> set[int]:
+        s = self.out
+        return {q.seq_id for q in [*s.decode, *s.recompute]} | {c.seq_id for c in self.chunks}
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the engine must know of the model and its cache."""
+
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    num_kv_heads: int
+    eos_token_ids: tuple[int, ...] = ()
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192  # colocated: tokens of one step (see LocalPrefillQueue)
+    chunked_prefill: bool = False
