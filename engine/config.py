@@ -81,7 +81,9 @@ class ModelConfig:
         max_model_len: int | None = None,
     ) -> ModelConfig:
         """Read `path`/config.json (and generation_config.json for extra EOS ids)."""
-        root = Path(path)
+        from pdserve.engine.gguf_file import resolve_model_path  # not at the top: it imports us
+
+        root = Path(resolve_model_path(path))
         architecture = _read_architecture(root)
         try:
             hf = AutoConfig.from_pretrained(str(root))

@@ -22,7 +22,9 @@ class TokenizerLoadError(ValueError):
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """AutoTokenizer from a local model directory; never downloads."""
-    directory = Path(path)
+    from pdserve.engine.gguf_file import resolve_model_path  # it imports engine.config
+
+    directory = Path(resolve_model_path(path))
     if not directory.is_dir():
         raise TokenizerLoadError(
             f"tokenizer path {path!r} is not a directory: point it at a local Hugging Face model "
