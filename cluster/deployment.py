@@ -1,5 +1,6 @@
 """Placing a deployment on Ray: prefill TP groups in STRICT_PACK placement groups, decode
-replicas, and the router that ties them together."""
+replicas, and the router that ties them together (through ``ray_ports``: the router never holds
+an actor handle; status, debugging and tests reach the raw handles here)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pdserve.cluster.ray_ports import RayDecodePort, RayPrefillPort
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.parallel import check_tp_size, is_kv_sender
 from pdserve.engine.spec import WHOLE_PREFILL_BUDGET, DecodeSpec, EngineSpec, PrefillSpec
 from pdserve.prefill_worker.worker import PrefillWorker
+from pdserve.router.ports import DecodePort, PrefillPort
 from pdserve.router.router import PrefillInstance, Router, RouterConfig
 
 logger = logging.getLogger(__name__)
@@ -61,14 +64,34 @@ def _device_slot(engine: EngineSpec) -> dict[str, float]:
     return {"GPU": 1.0} if engine.device == "cuda" else {"CPU": 1.0}
 
 
+@dataclass(frozen=True)
+class PrefillGroup:
+    """One prefill instance's actors: ``ranks[0]`` is the leader; ``senders`` send KV."""
+
+    index: int
+    ranks: list[Any]
+    senders: list[int]
+
+    @property
+    def leader(self) -> Any:
+        return self.ranks[0]
+
+    def router_instance(self) -> PrefillInstance:
+        """The instance as the router sees it: one port per rank."""
+        ports: list[PrefillPort] = [
+            RayPrefillPort(h, self.index, r) for r, h in enumerate(self.ranks)
+        ]
+        return PrefillInstance(self.index, ports, self.senders)
+
+
 @dataclass
 class Deployment:
-    """Live actors of one deployment and the router driving them."""
+    """Live actors of one deployment (raw handles) and the router driving them (through ports)."""
 
     spec: ClusterSpec
     config: ModelConfig
     router: Router
-    prefill: list[PrefillInstance]
+    prefill: list[PrefillGroup]
     decode: list[Any]
     placement_groups: list[PlacementGroup]
 
@@ -96,7 +119,8 @@ class Deployment:
             await asyncio.gather(
                 *(_start_prefill(p) for p in prefill), *(d.get_load.remote() for d in decode)
             )
-            router = Router(prefill, decode, spec.router)
+            ports: list[DecodePort] = [RayDecodePort(h, j) for j, h in enumerate(decode)]
+            router = Router([g.router_instance() for g in prefill], ports, spec.router)
             await router.start()
         except BaseException:
             _kill([r for p in prefill for r in p.ranks] + decode, groups)
@@ -128,7 +152,7 @@ def _make_decode(spec: ClusterSpec, j: int) -> Any:
 
 def _make_prefill(
     spec: ClusterSpec, config: ModelConfig, i: int, pg: PlacementGroup
-) -> PrefillInstance:
+) -> PrefillGroup:
     slot = _device_slot(spec.engine)
     ranks = [
         PrefillActor.options(
@@ -148,10 +172,10 @@ def _make_prefill(
     senders = [
         r for r in range(spec.prefill_tp) if is_kv_sender(config.num_kv_heads, r, spec.prefill_tp)
     ]
-    return PrefillInstance(i, ranks, senders)
+    return PrefillGroup(i, ranks, senders)
 
 
-async def _start_prefill(p: PrefillInstance) -> None:
+async def _start_prefill(p: PrefillGroup) -> None:
     host, port = await p.leader.tp_address.remote()
     await asyncio.gather(
         *(

@@ -6,6 +6,9 @@ Life of a request (the transfer id is assigned here and is the only pairing key)
              ─▶ pick prefill + dispatch ─▶ first token (TTFT) ─▶ decode deltas … ─▶ finish
     abort at any point: queued prefill removed, or decode told to free once the KV has landed
     KV link failed before the first token: link forgotten, replica probed, request retried
+
+The router speaks to workers through ``ports`` only (no Ray, no torch here); a dead worker is a
+``WorkerDied`` from its port.
 """
 
 from __future__ import annotations
@@ -14,33 +17,26 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-
-from pdserve.engine.load import DecodeLoad, PrefillLoad
 from pdserve.engine.request import DecodeRequest, PrefillItem, PrefillResult, StepDelta
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.kv_transfer.link import KVLinkError
-from pdserve.router.policies import pick_decode, pick_prefill
+from pdserve.kv_transfer.errors import KVLinkError
+from pdserve.router.decode_pool import DecodePool
+from pdserve.router.errors import NoCapacityError, WorkerDied
+from pdserve.router.links import KVLinks
+from pdserve.router.phase import Phase
+from pdserve.router.ports import DecodePort
+from pdserve.router.prefill_pool import PrefillInstance, PrefillPool
+
+__all__ = ["NoCapacityError", "Phase", "PrefillInstance", "RequestTrace", "Router", "WorkerDied"]
 
 logger = logging.getLogger(__name__)
 
 
 KV_LINK_ATTEMPTS = 3  # tries of a request whose KV link failed before it yielded anything
-
-
-class NoCapacityError(RuntimeError):
-    """No decode replica can ever hold this prompt's KV."""
-
-
-class _DecodeDied(Exception):
-    """Internal: decode replica ``d`` died while a link to it was being made."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__(f"decode replica {d} died")
 
 
 class _LinkFailed(Exception):
@@ -60,21 +56,6 @@ class RouterConfig:
 
 
 @dataclass
-class PrefillInstance:
-    """A TP group: ``ranks[0]`` is the leader; ``senders`` are the ranks that send KV."""
-
-    index: int
-    ranks: list[Any]
-    senders: list[int]
-    queued_tokens: int = 0
-    queued_requests: int = 0
-
-    @property
-    def leader(self) -> Any:
-        return self.ranks[0]
-
-
-@dataclass
 class RequestTrace:
     """Phase timestamps (time.perf_counter) for the metrics; filled as the request moves."""
 
@@ -88,35 +69,50 @@ class RequestTrace:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Flight:
+    """One attempt: where it is placed and how far it got (its exit reads ``phase``)."""
+
+    req: DecodeRequest
+    decode: int
+    blocks: tuple[int, ...]
+    prefill: PrefillInstance | None
+    phase: Phase
+
+
 class Router:
     """Drives requests through one deployment's pools. All methods run on one event loop."""
 
     def __init__(
-        self, prefill: Sequence[PrefillInstance], decode: Sequence[Any], config: RouterConfig
+        self, prefill: Sequence[PrefillInstance], decode: Sequence[DecodePort], config: RouterConfig
     ) -> None:
         self.prefill = list(prefill)
         self.decode = list(decode)
         self.config = config
         self._ids = itertools.count(1)
-        # one round-robin position per pool: a shared one would alias with two picks a request
-        self._prefill_turn = itertools.count()
-        self._decode_turn = itertools.count()
-        self._loads: list[DecodeLoad] = []
-        self._links: dict[tuple[int, int], asyncio.Task[None]] = {}
-        self._link_generation = itertools.count()
-        self._capacity = asyncio.Condition()
-        self._background: set[asyncio.Task[None]] = set()
-        self._dead: set[int] = set()  # decode replicas whose actor died
-        self._dead_prefill: set[int] = set()  # prefill instances with a dead rank
-        self._phases: dict[str, str] = {}  # request id -> reserved | prefill | decode
+        self._links = KVLinks(self.decode, config.link_prefix)
+        self._prefill_pool = PrefillPool(
+            self.prefill, config.prefill_policy, self._links.drop_prefill
+        )
+        self._decode_pool = DecodePool(
+            self.decode, config.decode_policy, config.block_size, self._links.drop_decode
+        )
+        self._phases: dict[str, Phase] = {}  # request id -> RESERVED | PREFILL | DECODE
 
-    def phase(self, request_id: str) -> str | None:
-        """Where a request is: ``reserved`` (decode blocks held, prefill not dispatched yet),
-        ``prefill`` (queued, computing or sending its KV), ``decode``; None when unknown."""
+    def phase(self, request_id: str) -> Phase | None:
+        """Where a request is (RESERVED, PREFILL or DECODE); None when unknown or finished."""
         return self._phases.get(request_id)
 
+    @property
+    def dead_instances(self) -> dict[str, list[int]]:
+        """Instances taken out of rotation after their workers died (for status)."""
+        return {
+            "prefill": sorted(self._prefill_pool.dead),
+            "decode": sorted(self._decode_pool.dead),
+        }
+
     async def start(self) -> None:
-        self._loads = list(await asyncio.gather(*(d.get_load.remote() for d in self.decode)))
+        await self._decode_pool.start()
 
     # -- the request path -------------------------------------------------------------------
 
@@ -126,7 +122,7 @@ class Router:
         prompt: Sequence[int],
         sampling: SamplingParams,
         trace: RequestTrace | None = None,
-    ) -> AsyncIterator[StepDelta]:
+    ) -> AsyncGenerator[StepDelta, None]:
         """Yields the first token, then decode's deltas until one carries a finish or error.
 
         Disaggregated: the first token comes from the prefill instance (TTFT does not wait for
@@ -156,214 +152,127 @@ class Router:
         sampling: SamplingParams,
         trace: RequestTrace,
     ) -> AsyncGenerator[StepDelta, None]:
-        tid = next(self._ids)
-        colocated = not self.prefill
-        req = DecodeRequest(tid, request_id, tuple(prompt), sampling, local_prefill=colocated)
-        if not colocated and len(self._dead_prefill) == len(self.prefill):
-            raise NoCapacityError("no prefill instance is alive: redeploy (pdserve down/up)")
-        d, blocks = await self._reserve(req)
+        flight = await self._place(request_id, prompt, sampling, trace)
         try:
-            p = None if colocated else self._pick_prefill()
-        except NoCapacityError:  # the last one died while we waited for blocks
-            await self.decode[d].abort.remote(tid, False)
-            raise
-        trace.decode_instance = d
-        phase = "decode" if colocated else "reserved"
-        self._phases[request_id] = phase
-        try:
-            if p is not None:
-                trace.prefill_instance = p.index
-                try:
-                    links = await self._ensure_links(p, d)
-                except _DecodeDied as e:  # it died under our reservation: retry elsewhere
-                    self._mark_decode_dead(d)
-                    why = f"decode replica {d} died before its KV link was made"
-                    raise _LinkFailed(KVLinkError(d, why)) from e
-                except ray.exceptions.RayActorError:
-                    self._mark_prefill_dead(p)
-                    raise
-            stream = self.decode[d].stream.remote(tid)
-            if p is not None:
-                item = PrefillItem(tid, request_id, tuple(prompt), sampling, d, tuple(blocks))
-                phase = self._phases[request_id] = "prefill"
-                try:
-                    result = await self._prefill(p, item)
-                except Exception as e:
-                    # the prefill side failed (its batch raised, or its actor died): it sends
-                    # nothing more, and a batch that died half-sent dropped its links
-                    phase = "prefill-failed"
-                    if isinstance(e, ray.exceptions.RayActorError):
-                        self._mark_prefill_dead(p)
-                        raise
-                    await self._forget_link(p, d, links)
-                    if isinstance(e, KVLinkError):  # Ray's wrapper: keep the cause's message
-                        raise _LinkFailed(KVLinkError(e.decode_instance, e.message)) from e
-                    raise
-                phase = self._phases[request_id] = "decode"
-                trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s
-                trace.kv_wait_s = result.kv_wait_s
-                yield StepDelta([result.first_token], [result.logprobs])
-            async for ref in stream:
-                delta: StepDelta = await ref
-                if delta.load is not None:
-                    self._loads[d] = delta.load
-                trace.kv_bytes += delta.kv_bytes
-                trace.transfer_s += delta.transfer_s
-                if delta.finish_reason or delta.error:
-                    phase = "done"
-                yield delta
-                if phase == "done":
-                    return
+            links = await self._ensure_links(flight)
+            stream = self.decode[flight.decode].stream(flight.req.transfer_id)
+            async with contextlib.aclosing(stream):
+                if flight.prefill is not None:
+                    yield await self._run_prefill(flight, links, trace)
+                async for delta in stream:
+                    self._observe(flight, delta, trace)
+                    yield delta
+                    if flight.phase is Phase.DONE:
+                        return
         finally:
             self._phases.pop(request_id, None)
-            if phase != "done":
-                await asyncio.shield(self._abort(tid, p, d, phase))
-            async with self._capacity:
-                self._capacity.notify_all()
+            if flight.phase is not Phase.DONE:
+                await asyncio.shield(self._abort(flight))
+            await self._decode_pool.released()
+
+    async def _place(
+        self, request_id: str, prompt: Sequence[int], sampling: SamplingParams, trace: RequestTrace
+    ) -> _Flight:
+        """Reserve decode blocks, then pick the prefill instance (none when colocated)."""
+        colocated = not self.prefill
+        req = DecodeRequest(
+            next(self._ids), request_id, tuple(prompt), sampling, local_prefill=colocated
+        )
+        if not colocated:
+            self._prefill_pool.check_alive()
+        d, blocks = await self._reserve(req)
+        try:
+            p = None if colocated else self._prefill_pool.pick()
+        except NoCapacityError:  # the last one died while we waited for blocks
+            await asyncio.shield(self.decode[d].abort(req.transfer_id, False))
+            raise
+        trace.decode_instance = d
+        if p is not None:
+            trace.prefill_instance = p.index
+        flight = _Flight(req, d, tuple(blocks), p, Phase.DECODE if colocated else Phase.RESERVED)
+        self._phases[request_id] = flight.phase
+        return flight
+
+    async def _reserve(self, req: DecodeRequest) -> tuple[int, list[int]]:
+        return await self._decode_pool.reserve(req)
+
+    async def _ensure_links(self, flight: _Flight) -> asyncio.Task[None] | None:
+        """The links from the flight's prefill instance to its replica (None when colocated)."""
+        p, d = flight.prefill, flight.decode
+        if p is None:
+            return None
+        try:
+            return await self._links.ensure(p, d)
+        except WorkerDied as e:
+            if e.role == "decode":  # it died under our reservation: retry elsewhere
+                self._decode_pool.mark_dead(d)
+                why = f"decode replica {d} died before its KV link was made"
+                raise _LinkFailed(KVLinkError(d, why)) from e
+            self._prefill_pool.mark_dead(p)
+            raise
+
+    async def _run_prefill(
+        self, flight: _Flight, links: asyncio.Task[None] | None, trace: RequestTrace
+    ) -> StepDelta:
+        """Dispatch the prompt; its first token once the KV has left."""
+        p, req = flight.prefill, flight.req
+        assert p is not None and links is not None
+        item = PrefillItem(
+            req.transfer_id,
+            req.request_id,
+            req.prompt_token_ids,
+            req.sampling,
+            flight.decode,
+            flight.blocks,
+        )
+        flight.phase = self._phases[req.request_id] = Phase.PREFILL
+        try:
+            result = await self._prefill(p, item)
+        except Exception as e:
+            # the prefill side failed (its batch raised, or a rank died): it sends nothing
+            # more, and a batch that died half-sent dropped its links
+            flight.phase = Phase.PREFILL_FAILED
+            if isinstance(e, WorkerDied):
+                self._prefill_pool.mark_dead(p)
+                raise
+            self._links.forget(p, flight.decode, links)
+            await self._decode_pool.probe(flight.decode)
+            if isinstance(e, KVLinkError):
+                raise _LinkFailed(e) from e
+            raise
+        flight.phase = self._phases[req.request_id] = Phase.DECODE
+        trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s
+        trace.kv_wait_s = result.kv_wait_s
+        return StepDelta([result.first_token], [result.logprobs])
 
     async def _prefill(self, p: PrefillInstance, item: PrefillItem) -> PrefillResult:
         n = len(item.prompt_token_ids)
         p.queued_tokens += n
         p.queued_requests += 1
         try:
-            result: PrefillResult = await p.leader.prefill.remote(item)
-            return result
+            return await p.leader.prefill(item)
         finally:
             p.queued_tokens -= n
             p.queued_requests -= 1
 
-    async def _abort(self, tid: int, p: PrefillInstance | None, d: int, phase: str) -> None:
+    def _observe(self, flight: _Flight, delta: StepDelta, trace: RequestTrace) -> None:
+        if delta.load is not None:
+            self._decode_pool.observe(flight.decode, delta.load)
+        trace.kv_bytes += delta.kv_bytes
+        trace.transfer_s += delta.transfer_s
+        if delta.finish_reason or delta.error:
+            flight.phase = Phase.DONE  # decode has let go of it
+
+    async def _abort(self, flight: _Flight) -> None:
         """Free the request on both sides; decode keeps blocks whose KV may still arrive."""
+        tid, d, p = flight.req.transfer_id, flight.decode, flight.prefill
         pending = False
-        if phase == "prefill" and p is not None:
+        if flight.phase is Phase.PREFILL and p is not None:
             try:
-                pending = not await p.leader.abort.remote(tid)
-            except ray.exceptions.RayActorError:
+                pending = not await p.leader.abort(tid)
+            except WorkerDied:
                 pending = False  # a dead prefill sends nothing more
         try:
-            await self.decode[d].abort.remote(tid, pending)
-        except ray.exceptions.RayActorError:
+            await self.decode[d].abort(tid, pending)
+        except WorkerDied:
             logger.warning("decode replica %d died holding transfer %d", d, tid)
-
-    # -- placement --------------------------------------------------------------------------
-
-    def _pick_prefill(self) -> PrefillInstance:
-        alive = [p for p in self.prefill if p.index not in self._dead_prefill]
-        if not alive:
-            raise NoCapacityError("no prefill instance is alive: redeploy (pdserve down/up)")
-        loads = [PrefillLoad(i, p.queued_tokens, p.queued_requests) for i, p in enumerate(alive)]
-        return alive[pick_prefill(self.config.prefill_policy, loads, next(self._prefill_turn))]
-
-    def _mark_prefill_dead(self, p: PrefillInstance) -> None:
-        """A dead rank takes its instance out of rotation (its TP group cannot run a batch);
-        its links go with it, the rest of the pool serves on."""
-        if p.index not in self._dead_prefill:
-            logger.error("prefill instance %d has a dead rank; routing around it", p.index)
-            self._dead_prefill.add(p.index)
-            for key in [k for k in self._links if k[0] == p.index]:
-                del self._links[key]
-
-    def _mark_decode_dead(self, d: int) -> None:
-        """A dead replica takes its links with it; the rest of the pool serves on."""
-        if d not in self._dead:
-            logger.error("decode replica %d is dead; routing around it", d)
-            self._dead.add(d)
-            for key in [k for k in self._links if k[1] == d]:
-                del self._links[key]
-
-    @property
-    def dead_instances(self) -> dict[str, list[int]]:
-        """Instances taken out of rotation after their actors died (for status)."""
-        return {"prefill": sorted(self._dead_prefill), "decode": sorted(self._dead)}
-
-    async def _reserve(self, req: DecodeRequest) -> tuple[int, list[int]]:
-        """Blocks on some decode replica; waits while all are full (never when impossible)."""
-        needed = -(-len(req.prompt_token_ids) // self.config.block_size)
-        if all(needed > load.total_blocks for load in self._loads):
-            raise NoCapacityError(
-                f"a prompt of {len(req.prompt_token_ids)} tokens needs {needed} KV blocks; the "
-                f"largest decode replica has {max(x.total_blocks for x in self._loads)}: "
-                "give decode a larger KV cache or send a shorter prompt"
-            )
-        while True:
-            tried: set[int] = set(self._dead)
-            while len(tried) < len(self.decode):
-                loads = [x for x in self._loads if x.instance not in tried]
-                d = pick_decode(self.config.decode_policy, loads, needed, next(self._decode_turn))
-                if d is None:
-                    break
-                try:
-                    blocks, load = await self._reserve_on(d, req)
-                except ray.exceptions.RayActorError:
-                    self._mark_decode_dead(d)
-                    tried.add(d)
-                    continue
-                self._loads[d] = load
-                if blocks is not None:
-                    return d, blocks
-                tried.add(d)
-            if len(self._dead) == len(self.decode):
-                raise NoCapacityError("no decode replica is alive: redeploy (pdserve down/up)")
-            async with self._capacity:  # a finishing request frees blocks and wakes us
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._capacity.wait(), timeout=1.0)
-            alive = [i for i in range(len(self.decode)) if i not in self._dead]
-            fresh = await asyncio.gather(*(self.decode[i].get_load.remote() for i in alive))
-            for i, load in zip(alive, fresh):
-                self._loads[i] = load
-
-    async def _reserve_on(self, d: int, req: DecodeRequest) -> tuple[list[int] | None, DecodeLoad]:
-        """One reserve call that cannot leak: if the caller goes away while it is in flight,
-        whatever it reserved is released as soon as it answers."""
-        call = asyncio.ensure_future(self.decode[d].reserve.remote(req))
-        try:
-            result: tuple[list[int] | None, DecodeLoad] = await asyncio.shield(call)
-            return result
-        except asyncio.CancelledError:
-            task = asyncio.get_running_loop().create_task(
-                self._release_late(call, d, req.transfer_id)
-            )
-            self._background.add(task)  # keep a reference until it is done
-            task.add_done_callback(self._background.discard)
-            raise
-
-    async def _release_late(self, call: asyncio.Future[Any], d: int, tid: int) -> None:
-        blocks, _ = await call
-        if blocks is not None:
-            await self.decode[d].abort.remote(tid, False)
-
-    async def _ensure_links(self, p: PrefillInstance, d: int) -> asyncio.Task[None]:
-        """Create the links from each KV-sending rank of ``p`` to replica ``d`` once; returns the
-        task that made them (``_forget_link`` compares it)."""
-        key = (p.index, d)
-        task = self._links.get(key)
-        if task is None or (task.done() and task.exception() is not None):
-            task = asyncio.get_running_loop().create_task(self._connect(p, d))
-            self._links[key] = task
-        await asyncio.shield(task)
-        return task
-
-    async def _forget_link(self, p: PrefillInstance, d: int, task: asyncio.Task[None]) -> None:
-        """After a failed prefill: the prefill side dropped its link to ``d``, so the next request
-        builds a new one (unless another failure already replaced ``task``); a replica that no
-        longer answers is marked dead."""
-        if self._links.get((p.index, d)) is task:
-            del self._links[(p.index, d)]
-        try:
-            await self.decode[d].get_load.remote()
-        except ray.exceptions.RayActorError:
-            self._mark_decode_dead(d)
-
-    async def _connect(self, p: PrefillInstance, d: int) -> None:
-        generation = next(self._link_generation)  # a rebuilt link never reuses a name
-
-        async def one(rank: int) -> None:
-            name = f"{self.config.link_prefix}/p{p.index}r{rank}-d{d}.{generation}"
-            try:
-                host, port = await self.decode[d].listen.remote(name)
-            except ray.exceptions.RayActorError as e:  # the decode side's death, not prefill's
-                raise _DecodeDied(d) from e
-            await p.ranks[rank].connect_link.remote(d, name, host, port)
-
-        await asyncio.gather(*(one(r) for r in p.senders))
-        logger.info("kv links prefill %d -> decode %d up", p.index, d)

@@ -14,6 +14,8 @@ import ray
 
 from pdserve.bench.models import BenchModelSpec, make_bench_model
 from pdserve.cluster import LLM, SamplingParams
+from pdserve.router.phase import Phase
+from pdserve.router.router import Router
 
 pytestmark = pytest.mark.integration
 LONG = 2500  # prompt tokens: prefill takes a good fraction of a second on this model
@@ -69,7 +71,7 @@ def test_cancel_while_queued_for_prefill(slow_llm: LLM) -> None:
 
     async def scenario() -> None:
         long_task = asyncio.ensure_future(_consume(slow_llm, [7] * LONG, []))
-        await _until(lambda: _phase_is(router, f"r{LONG}", "prefill"))
+        await _until(lambda: _phase_is(router, f"r{LONG}", Phase.PREFILL))
         short = asyncio.ensure_future(_consume(slow_llm, [9] * 40, []))
         await _until(lambda: _queued(leader, 40))  # behind the long prefill in the queue
         short.cancel()
@@ -85,9 +87,9 @@ def test_cancel_while_prefilling_and_transferring(slow_llm: LLM) -> None:
 
     async def scenario() -> None:
         task = asyncio.ensure_future(_consume(slow_llm, [5] * LONG, []))
-        await _until(lambda: _phase_is(router, f"r{LONG}", "prefill"))
+        await _until(lambda: _phase_is(router, f"r{LONG}", Phase.PREFILL))
         await _until(lambda: _queued(leader, 0))  # out of the queue: computing and sending
-        assert router.phase(f"r{LONG}") == "prefill"
+        assert router.phase(f"r{LONG}") is Phase.PREFILL
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
@@ -101,7 +103,7 @@ def test_cancel_while_decoding(slow_llm: LLM) -> None:
         seen: list[int] = []
         task = asyncio.ensure_future(_consume(slow_llm, [3] * 64, seen))
         await _until(lambda: _true(len(seen) >= 3))
-        assert router.phase("r64") == "decode"
+        assert router.phase("r64") is Phase.DECODE
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
@@ -110,8 +112,8 @@ def test_cancel_while_decoding(slow_llm: LLM) -> None:
     assert len(out[0].token_ids) == 4  # and it keeps serving
 
 
-async def _phase_is(router: Any, request_id: str, phase: str) -> bool:
-    return bool(router.phase(request_id) == phase)
+async def _phase_is(router: Router, request_id: str, phase: Phase) -> bool:
+    return router.phase(request_id) is phase
 
 
 async def _queued(leader: Any, tokens: int) -> bool:
@@ -133,7 +135,7 @@ def test_prefill_dying_mid_request_frees_the_reservation(
 
         async def scenario() -> None:
             task = asyncio.ensure_future(_consume(llm, [5] * LONG, []))
-            await _until(lambda: _phase_is(router, f"r{LONG}", "prefill"))
+            await _until(lambda: _phase_is(router, f"r{LONG}", Phase.PREFILL))
             queued = asyncio.ensure_future(_consume(llm, [9] * 40, []))  # no KV sent for it yet
             await _until(lambda: _queued(leader, 40))
             ray.kill(leader, no_restart=True)

@@ -1,0 +1,65 @@
+"""The prefill pool as the router sees it: TP groups, their queue counters, the dead ones."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pdserve.engine.load import PrefillLoad
+from pdserve.router.errors import NoCapacityError
+from pdserve.router.policies import pick_prefill
+from pdserve.router.ports import PrefillPort
+
+logger = logging.getLogger(__name__)
+
+DEAD_POOL = "no prefill instance is alive: redeploy (pdserve down/up)"
+
+
+@dataclass
+class PrefillInstance:
+    """A TP group: ``ranks[0]`` is the leader; ``senders`` are the ranks that send KV."""
+
+    index: int
+    ranks: list[PrefillPort]
+    senders: list[int]
+    queued_tokens: int = 0
+    queued_requests: int = 0
+
+    @property
+    def leader(self) -> PrefillPort:
+        return self.ranks[0]
+
+
+class PrefillPool:
+    """Picks an instance by policy over its queue counters; a dead one leaves the rotation."""
+
+    def __init__(
+        self, instances: Sequence[PrefillInstance], policy: str, on_dead: Callable[[int], None]
+    ) -> None:
+        self.instances = list(instances)
+        self.policy = policy
+        self.dead: set[int] = set()  # instances with a dead rank
+        self._on_dead = on_dead
+        self._turn = itertools.count()  # its own round-robin position (not the decode pool's)
+
+    def check_alive(self) -> None:
+        """Raise NoCapacityError when no instance is alive."""
+        if len(self.dead) == len(self.instances):
+            raise NoCapacityError(DEAD_POOL)
+
+    def pick(self) -> PrefillInstance:
+        alive = [p for p in self.instances if p.index not in self.dead]
+        if not alive:
+            raise NoCapacityError(DEAD_POOL)
+        loads = [PrefillLoad(i, p.queued_tokens, p.queued_requests) for i, p in enumerate(alive)]
+        return alive[pick_prefill(self.policy, loads, next(self._turn))]
+
+    def mark_dead(self, p: PrefillInstance) -> None:
+        """A dead rank takes its instance out of rotation (its TP group cannot run a batch);
+        its links go with it, the rest of the pool serves on."""
+        if p.index not in self.dead:
+            logger.error("prefill instance %d has a dead rank; routing around it", p.index)
+            self.dead.add(p.index)
+            self._on_dead(p.index)
