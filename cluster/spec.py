@@ -20,11 +20,11 @@ from pydantic import ValidationError
 
 from pdserve.cluster.deployment import ClusterSpec
 from pdserve.cluster.settings import ServerSettings
+from pdserve.cluster.spec_errors import describe_error
 from pdserve.cluster.spec_schema import (
     BUILTIN_PREFIX,
     DeploySpec,
     KVCache,
-    describe_error,
 )
 from pdserve.engine import envs
 from pdserve.engine.spec import EngineSpec, step_budget_problem, step_token_budget
@@ -102,7 +102,7 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> DeploySpec:
     try:
         spec = DeploySpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError([describe_error(err) for err in e.errors()], origin) from None
+        raise SpecError([describe_error(err, DeploySpec) for err in e.errors()], origin) from None
     problems = _cross_check(spec)
     if problems:
         raise SpecError(problems, origin)

@@ -1,20 +1,20 @@
 """The deploy spec's schema: pydantic models for the YAML edge, frozen, unknown keys rejected.
 
 Each field validator raises ``ValueError`` with a message that says what to write instead, and
-``describe_error`` turns each pydantic error into one line: the key path, then the fix.
+``spec_errors.describe_error`` turns each pydantic error into one line: the key path, then the
+fix.
 Values written ``auto`` stay ``auto`` here; ``spec.resolve`` settles them once at launch.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal, get_args, get_origin
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
-from pydantic_core import ErrorDetails
 
+from pdserve.cluster.spec_errors import did_you_mean
 from pdserve.router.policies import DECODE_POLICIES, PREFILL_POLICIES
 
 BUILTIN_PREFIX = "builtin:"
@@ -31,22 +31,6 @@ _ADDRESS_RE = re.compile(r"(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 _MEMORY_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
-_COMPARISONS = (
-    ("greater than or equal to", ">="),
-    ("less than or equal to", "<="),
-    ("greater than", ">"),
-    ("less than", "<"),
-)
-# Names people write for a valid value that spelling distance would not find.
-_ALIASES = {"gpu": "cuda", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-_ALIASES |= {"fp32": "float32", "float": "float32", "disaggregate": "disaggregated"}
-
-
-def did_you_mean(value: str, choices: Sequence[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice (or known alias), else an empty string."""
-    alias = _ALIASES.get(value.lower())
-    close = [alias] if alias in choices else difflib.get_close_matches(value, list(choices), 1, 0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _one_of(*choices: str) -> AfterValidator:
@@ -175,6 +159,8 @@ class PrefillPool(Section):
 class KVCache(Section):
     """Each decode replica's KV cache: at most one of the three sizes; none given = auto."""
 
+    accepts_auto: ClassVar[bool] = True  # the whole section may be written `auto` (errors say so)
+
     blocks: Positive | None = None
     memory: Memory = None
     memory_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
@@ -253,83 +239,3 @@ class DeploySpec(Section):
     @property
     def prefill_pool(self) -> PrefillPool:
         return self.prefill or PrefillPool()
-
-
-def describe_error(err: ErrorDetails, root: type[BaseModel] = DeploySpec) -> str:
-    """One pydantic error as ``key.path: what is wrong, what to write``, for a file whose schema
-    is `root` (the deploy spec; experiment files pass theirs)."""
-    loc = tuple(err["loc"])
-    path = ".".join(str(part) for part in loc) or "(top level)"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return f"{path}: unknown key{_key_hint(root, str(loc[-1]), loc[:-1])}"
-    if kind == "missing":
-        return f"{path}: missing; add it" + (" (e.g. name: my-model)" if loc == ("name",) else "")
-    if kind in ("model_type", "model_attributes_type"):
-        keys = ", ".join(_keys_at(root, loc))
-        auto = "auto or " if _section_at(root, loc) is KVCache else ""
-        return f"{path}: must be {auto}a section with keys {keys}, got {err['input']!r}"
-    return describe_value_error(path, err)
-
-
-def describe_value_error(path: str, err: ErrorDetails) -> str:
-    """A bad value at ``path`` (also used for experiment files): the validator's own message,
-    or pydantic's rephrased (``must be >= 1, got 0``)."""
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] in ("value_error", "assertion_error"):
-        return f"{path}: {msg}"
-    value = err["input"]
-    unquote = " (write it without quotes)" if isinstance(value, str) and _is_number(value) else ""
-    for words, symbol in _COMPARISONS:
-        msg = msg.replace(words, symbol)
-    return f"{path}: {msg.replace('Input should', 'must', 1)}, got {value!r}{unquote}"
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _section_at(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
-    """The schema section at a key path (list indices skipped; None if the path is not one)."""
-    model = root
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        nested = _section_type(field.annotation) if field is not None else None
-        if nested is None:
-            return None
-        model = nested
-    return model
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    """The section class inside an annotation such as `X | None`, `list[X]` or `Annotated[...]`."""
-    if get_origin(annotation) is None and isinstance(annotation, type):
-        return annotation if issubclass(annotation, BaseModel) else None
-    for arg in get_args(annotation):
-        found = _section_type(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _keys_at(root: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
-    section = _section_at(root, loc)
-    return list(section.model_fields) if section is not None else []
-
-
-def _key_hint(root: type[BaseModel], key: str, loc: Sequence[str | int]) -> str:
-    """Closest valid key at `loc`, or the section the key belongs to, or the valid keys."""
-    valid = _keys_at(root, loc)
-    suggestion = did_you_mean(key, valid)
-    if suggestion:
-        return suggestion.replace(" (", "; ", 1).removesuffix(")")
-    homes = [name for name in root.model_fields if key in _keys_at(root, (name,))]
-    if homes:
-        return f"; it belongs under {homes[0]}"
-    return f"; valid keys here: {', '.join(valid)}"

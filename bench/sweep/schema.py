@@ -1,6 +1,6 @@
 """The schema of an EXPERIMENT.yaml for `pdserve sweep`: pydantic at the YAML edge, frozen,
 unknown keys rejected, every error one line naming the key path and what to write instead
-(`cluster.spec_schema.describe_error`, shared with the deploy spec).
+(`cluster.spec_errors.describe_error`, shared with the deploy spec).
 
 `sweep.experiment.load_experiment` validates a file with it and turns it into frozen dataclasses;
 docs/experiments.md documents every key.
