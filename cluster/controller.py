@@ -22,8 +22,8 @@ from pdserve.cluster.jobs import JobManager
 from pdserve.cluster.metrics import ServingMetrics
 from pdserve.cluster.native_api import make_native_router
 from pdserve.cluster.server import create_app
-from pdserve.cluster.spec import ResolvedDeployment
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.deploy_config import DeploymentConfig
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.router.frontend import Frontend
 
@@ -36,9 +36,9 @@ LOAD_REFRESH_S = 1.0
 class Controller:
     """Ray actor (async, detached). Start with ``launch``; stop with ``shutdown``."""
 
-    def __init__(self, resolved: ResolvedDeployment, detached: bool = False) -> None:
+    def __init__(self, config: DeploymentConfig, detached: bool = False) -> None:
         logging.basicConfig(level=logging.INFO)
-        self.resolved = resolved
+        self.config = config
         self.detached = detached
         self.started = time.time()
         self._deployment: Deployment | None = None
@@ -50,22 +50,15 @@ class Controller:
 
     async def start(self) -> str:
         """Start the workers, then serve HTTP; returns the base URL once it answers."""
-        r = self.resolved
-        engine = r.cluster.engine
-        config = await asyncio.to_thread(
-            ModelConfig.from_pretrained,
-            engine.model,
-            dtype=engine.dtype,
-            device=engine.device,
-            max_model_len=engine.max_model_len,
-        )
-        tokenizer = await asyncio.to_thread(load_tokenizer, engine.model)
-        self._deployment = await Deployment.start(r.cluster, config, detached=self.detached)
+        r = self.config
+        model = await asyncio.to_thread(ModelConfig.of, r.model)
+        tokenizer = await asyncio.to_thread(load_tokenizer, r.model.path)
+        self._deployment = await Deployment.start(r, model, detached=self.detached)
         frontend = Frontend(
             self._deployment.router,
             tokenizer,
-            config.max_model_len,
-            max_inflight=r.server.max_queued_requests,
+            model.max_model_len,
+            max_inflight=r.router.max_queued_requests,
         )
         self._frontend = frontend
         self._jobs = JobManager(frontend, r.server.jobs_dir) if r.server.jobs_dir else None
@@ -112,7 +105,7 @@ class Controller:
     async def status(self) -> dict[str, Any]:
         """Pools, instances, KV usage, queue depths and links, as plain data."""
         dep = self._deployment
-        r = self.resolved
+        r = self.config
         if dep is None:
             return {"name": r.name, "state": "starting"}
         stats = await asyncio.gather(
@@ -124,7 +117,7 @@ class Controller:
             "namespace": r.namespace,
             "state": "serving",
             "mode": r.mode,
-            "model": r.cluster.engine.model,
+            "model": r.model.path,
             "url": f"http://{r.server.host}:{r.server.port}",
             "uptime_s": round(time.time() - self.started, 1),
             "inflight": self._frontend.inflight if self._frontend else 0,
@@ -193,23 +186,23 @@ class Controller:
 ControllerActor: Any = ray.remote(Controller)
 
 
-def launch(resolved: ResolvedDeployment, *, detached: bool) -> tuple[Any, str]:
+def launch(config: DeploymentConfig, *, detached: bool) -> tuple[Any, str]:
     """Create the controller on this node (where the HTTP port is expected) and start it."""
     node = ray.get_runtime_context().get_node_id()
-    existing = find_controller(resolved.namespace)
+    existing = find_controller(config.namespace)
     if existing is not None:
         raise RuntimeError(
-            f"a deployment named {resolved.name!r} is already running in namespace "
-            f"{resolved.namespace!r}: `pdserve down -n {resolved.name}` first, or pick another name"
+            f"a deployment named {config.name!r} is already running in namespace "
+            f"{config.namespace!r}: `pdserve down -n {config.name}` first, or pick another name"
         )
     actor: Any = ControllerActor.options(
         name=CONTROLLER_NAME,
-        namespace=resolved.namespace,
+        namespace=config.namespace,
         num_cpus=0,
         lifetime="detached" if detached else None,
         max_concurrency=100_000,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-    ).remote(resolved, detached)
+    ).remote(config, detached)
     try:
         url = str(ray.get(actor.start.remote()))
     except BaseException:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -16,11 +16,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pdserve.cluster.ray_ports import RayDecodePort, RayPrefillPort
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.deploy_config import DeploymentConfig
 from pdserve.engine.parallel import check_tp_size, is_kv_sender
-from pdserve.engine.spec import WHOLE_PREFILL_BUDGET, DecodeSpec, EngineSpec, PrefillSpec
 from pdserve.prefill_worker.worker import PrefillWorker
 from pdserve.router.ports import DecodePort, PrefillPort
-from pdserve.router.router import PrefillInstance, Router, RouterConfig
+from pdserve.router.router import PrefillInstance, Router
 
 logger = logging.getLogger(__name__)
 
@@ -28,40 +28,8 @@ PrefillActor = ray.remote(PrefillWorker)
 DecodeActor = ray.remote(DecodeWorker)
 
 
-@dataclass(frozen=True)
-class ClusterSpec:
-    """A resolved deployment: no ``auto`` left in it."""
-
-    engine: EngineSpec
-    prefill_instances: int = 1
-    prefill_tp: int = 1
-    decode_instances: int = 1
-    max_batch_tokens: int = 8192
-    max_batch_size: int = 64
-    max_num_seqs: int = 64
-    num_kv_blocks: int | None = None
-    kv_cache_bytes: int = 512 << 20
-    kv_cache_memory_fraction: float | None = None
-    # colocated mode (see DecodeSpec): per-step token budget and chunked prefill
-    max_num_batched_tokens: int = WHOLE_PREFILL_BUDGET
-    chunked_prefill: bool = False
-    router: RouterConfig = field(default_factory=RouterConfig)
-    # Ray resources each actor asks for besides its device slot (e.g. {"prefill": 1}).
-    prefill_resources: dict[str, float] = field(default_factory=dict)
-    decode_resources: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def colocated(self) -> bool:
-        """No prefill pool: every decode instance prefills its own prompts."""
-        return self.prefill_instances == 0
-
-    @property
-    def num_actors(self) -> int:
-        return self.prefill_instances * self.prefill_tp + self.decode_instances
-
-
-def _device_slot(engine: EngineSpec) -> dict[str, float]:
-    return {"GPU": 1.0} if engine.device == "cuda" else {"CPU": 1.0}
+def _device_slot(config: DeploymentConfig) -> dict[str, float]:
+    return {"GPU": 1.0} if config.model.device == "cuda" else {"CPU": 1.0}
 
 
 @dataclass(frozen=True)
@@ -88,8 +56,8 @@ class PrefillGroup:
 class Deployment:
     """Live actors of one deployment (raw handles) and the router driving them (through ports)."""
 
-    spec: ClusterSpec
-    config: ModelConfig
+    config: DeploymentConfig
+    model: ModelConfig
     router: Router
     prefill: list[PrefillGroup]
     decode: list[Any]
@@ -97,81 +65,69 @@ class Deployment:
 
     @classmethod
     async def start(
-        cls, spec: ClusterSpec, config: ModelConfig, *, detached: bool = False
+        cls, config: DeploymentConfig, model: ModelConfig, *, detached: bool = False
     ) -> Deployment:
         """Create and start every actor; ``detached`` placement groups outlive the driver that
         created the (detached) controller."""
-        check_tp_size(config.num_heads, config.num_kv_heads, spec.prefill_tp)
+        check_tp_size(model.num_heads, model.num_kv_heads, config.prefill_tp)
         groups: list[PlacementGroup] = []
-        decode = [_make_decode(spec, j) for j in range(spec.decode_instances)]
+        decode = [_make_decode(config, j) for j in range(config.decode.instances)]
         prefill = []
-        for i in range(spec.prefill_instances):
+        for i in range(config.prefill_instances):
+            resources = config.prefill.resources if config.prefill else {}
             pg = placement_group(
-                [_device_slot(spec.engine) | spec.prefill_resources] * spec.prefill_tp,
+                [_device_slot(config) | resources] * config.prefill_tp,
                 strategy="STRICT_PACK",
-                name=f"{spec.router.link_prefix}-prefill{i}",
+                name=f"{config.link_prefix}-prefill{i}",
                 lifetime="detached" if detached else None,
             )
             groups.append(pg)
-            prefill.append(_make_prefill(spec, config, i, pg))
+            prefill.append(_make_prefill(config, model, i, pg))
         try:
             await asyncio.gather(*(pg.ready() for pg in groups))
             await asyncio.gather(
                 *(_start_prefill(p) for p in prefill), *(d.get_load.remote() for d in decode)
             )
             ports: list[DecodePort] = [RayDecodePort(h, j) for j, h in enumerate(decode)]
-            router = Router([g.router_instance() for g in prefill], ports, spec.router)
+            router = Router([g.router_instance() for g in prefill], ports, config)
             await router.start()
         except BaseException:
             _kill([r for p in prefill for r in p.ranks] + decode, groups)
             raise
-        return cls(spec, config, router, prefill, decode, groups)
+        return cls(config, model, router, prefill, decode, groups)
 
     def shutdown(self) -> None:
         _kill([r for p in self.prefill for r in p.ranks] + self.decode, self.placement_groups)
 
 
-def _make_decode(spec: ClusterSpec, j: int) -> Any:
-    slot = _device_slot(spec.engine)
-    dspec = DecodeSpec(
-        instance=j,
-        max_num_seqs=spec.max_num_seqs,
-        num_blocks=spec.num_kv_blocks,
-        kv_cache_bytes=spec.kv_cache_bytes,
-        kv_cache_memory_fraction=spec.kv_cache_memory_fraction,
-        max_num_batched_tokens=spec.max_num_batched_tokens,
-        chunked_prefill=spec.chunked_prefill,
-    )
+def _make_decode(config: DeploymentConfig, j: int) -> Any:
+    slot = _device_slot(config)
     return DecodeActor.options(
         num_cpus=slot.get("CPU", 0),
         num_gpus=slot.get("GPU", 0),
-        resources=spec.decode_resources,
+        resources=config.decode.resources,
         max_concurrency=10_000,
-    ).remote(spec.engine, dspec)
+    ).remote(config, j)
 
 
 def _make_prefill(
-    spec: ClusterSpec, config: ModelConfig, i: int, pg: PlacementGroup
+    config: DeploymentConfig, model: ModelConfig, i: int, pg: PlacementGroup
 ) -> PrefillGroup:
-    slot = _device_slot(spec.engine)
+    assert config.prefill is not None, "colocated deployments have no prefill pool"
+    slot, tp = _device_slot(config), config.prefill.tensor_parallel_size
     ranks = [
         PrefillActor.options(
             num_cpus=slot.get("CPU", 0),
             num_gpus=slot.get("GPU", 0),
-            resources=spec.prefill_resources,
+            resources=config.prefill.resources,
             max_concurrency=10_000,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=r
             ),
-        ).remote(
-            spec.engine,
-            PrefillSpec(i, r, spec.prefill_tp, spec.max_batch_tokens, spec.max_batch_size),
-        )
-        for r in range(spec.prefill_tp)
+        ).remote(config, i, r)
+        for r in range(tp)
     ]
-    senders = [
-        r for r in range(spec.prefill_tp) if is_kv_sender(config.num_kv_heads, r, spec.prefill_tp)
-    ]
+    senders = [r for r in range(tp) if is_kv_sender(model.num_kv_heads, r, tp)]
     return PrefillGroup(i, ranks, senders)
 
 

@@ -5,40 +5,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import uuid
 from collections.abc import Iterator, Sequence
 from types import TracebackType
+from typing import Any
 
 import ray
 from tqdm import tqdm
 
-from pdserve.cluster.deployment import ClusterSpec, Deployment
+from pdserve.cluster.deployment import Deployment
+from pdserve.cluster.llm_spec import llm_spec, resolve_llm_spec
 from pdserve.cluster.loop import LoopThread
 from pdserve.cluster.ray_env import ensure_ray
+from pdserve.cluster.resolve import settle
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.deploy_config import namespace_for
 from pdserve.engine.request import RequestOutput
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
-from pdserve.engine.spec import EngineSpec, step_token_budget
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.router.frontend import Frontend, OutputDelta
-from pdserve.router.router import RouterConfig
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 
 
-def resolve_device(device: str) -> str:
-    """``auto``: CUDA when the Ray cluster has GPUs, else CPU."""
-    if device == "auto":
-        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r} is unknown; use 'auto', 'cpu' or 'cuda'")
-    return device
-
-
 class LLM:
     """A prefill pool (TP groups) and a decode pool (replicas) on Ray, driven in-process.
+
+    ``LLM(model, **keywords)``: every keyword sets one key of the deploy spec (the YAML that
+    ``pdserve up`` reads), through the same validation and resolution: ``mode``, ``dtype``,
+    ``device``, ``max_model_len``, ``served_model_name``, ``prefill_instances``,
+    ``prefill_tensor_parallel_size``, ``max_batch_tokens``, ``max_batch_size``,
+    ``decode_instances``, ``max_num_seqs``, ``block_size``, ``num_kv_blocks``,
+    ``kv_cache_memory``, ``enable_chunked_prefill``, ``max_num_batched_tokens``,
+    ``kv_transfer_backend``, ``prefill_policy``, ``decode_policy``, ``ray_address``,
+    ``num_threads`` (the table is ``spec_schema.llm_keywords()``; None means the default).
 
     ``mode="colocated"`` is the baseline instead: ``decode_instances`` instances, each running
     both phases on the same engine with continuous batching and prefill priority, or with
@@ -50,74 +51,23 @@ class LLM:
     Use it as a context manager, or call ``shutdown()``, to release the actors and KV links.
     """
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        prefill_tensor_parallel_size: int = 1,
-        decode_instances: int = 1,
-        prefill_instances: int = 1,
-        mode: str = "disaggregated",
-        dtype: str = "auto",
-        device: str = "auto",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        max_num_seqs: int = 64,
-        max_batch_tokens: int = 8192,
-        enable_chunked_prefill: bool = False,
-        max_num_batched_tokens: int | None = None,
-        kv_transfer_backend: str = "auto",
-        num_threads: int = 1,
-        ray_address: str | None = None,
-    ) -> None:
-        self.config = ModelConfig.from_pretrained(
-            model, dtype=dtype, device="cpu", max_model_len=max_model_len
-        )
-        self.tokenizer = load_tokenizer(model)
-        if mode not in ("disaggregated", "colocated"):
-            raise ValueError(f"mode={mode!r} is unknown; use 'disaggregated' or 'colocated'")
-        if mode == "colocated":  # decode_instances instances, each running both phases
-            prefill_instances = 0
-        elif enable_chunked_prefill or max_num_batched_tokens is not None:
-            raise ValueError(
-                "enable_chunked_prefill and max_num_batched_tokens only apply to "
-                "mode='colocated' (prefill instances run whole prompts: see max_batch_tokens)"
-            )
-        step_budget = step_token_budget(
-            max_num_batched_tokens, max_num_seqs, enable_chunked_prefill
-        )
-        namespace = f"pdserve-{uuid.uuid4().hex[:8]}"
-        needed = prefill_instances * prefill_tensor_parallel_size + decode_instances
-        self._owns_ray = ensure_ray(ray_address, needed, namespace)
+    def __init__(self, model: str | None = None, **keywords: Any) -> None:
+        spec = llm_spec(model, keywords)  # a bad keyword raises here, before Ray starts
+        namespace = namespace_for(spec.name)
+        self._owns_ray = ensure_ray(spec.ray.address, settle(spec, "cpu").num_actors, namespace)
         self._loop = LoopThread()
-        engine = EngineSpec(
-            model,
-            dtype,
-            resolve_device(device),
-            max_model_len,
-            num_threads,
-            kv_transfer_backend,
-            block_size,
-        )
-        self.spec = ClusterSpec(
-            engine=engine,
-            prefill_instances=prefill_instances,
-            prefill_tp=prefill_tensor_parallel_size,
-            decode_instances=decode_instances,
-            max_batch_tokens=max_batch_tokens,
-            max_num_seqs=max_num_seqs,
-            num_kv_blocks=num_kv_blocks,
-            max_num_batched_tokens=step_budget,
-            chunked_prefill=enable_chunked_prefill,
-            router=RouterConfig(block_size=block_size, link_prefix=namespace),
-        )
         try:
-            self.deployment = self._loop.run(Deployment.start(self.spec, self.config))
+            gpus = ray.cluster_resources().get("GPU", 0) > 0
+            self.config = resolve_llm_spec(spec, gpus_available=gpus)
+            self.model_config = ModelConfig.of(self.config.model)
+            self.tokenizer = load_tokenizer(self.config.model.path)
+            self.deployment = self._loop.run(Deployment.start(self.config, self.model_config))
         except BaseException:
             self._release()
             raise
-        self.frontend = Frontend(self.deployment.router, self.tokenizer, self.config.max_model_len)
+        self.frontend = Frontend(
+            self.deployment.router, self.tokenizer, self.model_config.max_model_len
+        )
 
     def generate(
         self,

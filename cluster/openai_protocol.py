@@ -117,7 +117,7 @@ class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = None  # None: ServerSettings.max_tokens_default
+    max_tokens: int | None = None  # None: ServerSettings.max_tokens_default (deploy_config)
     logprobs: int | None = None
     echo: bool = False
 

@@ -26,8 +26,8 @@ from pdserve.cluster.openai_protocol import (
     OpenAIError,
     UsageInfo,
 )
-from pdserve.cluster.settings import ServerSettings
 from pdserve.cluster.streaming import ClosingStream, unless_disconnected
+from pdserve.engine.deploy_config import ServerSettings
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.tokenizer import apply_chat_template, encode_prompt
 from pdserve.router.frontend import FinishHook, OutputDelta, RequestFailedError, collect

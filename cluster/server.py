@@ -33,7 +33,7 @@ from pdserve.cluster.openai_protocol import (
     OpenAIError,
 )
 from pdserve.cluster.openai_serving import OpenAIServing, ServingFrontend
-from pdserve.cluster.settings import ServerSettings
+from pdserve.engine.deploy_config import ServerSettings
 from pdserve.engine.sampling_params import InvalidRequestError
 from pdserve.router.frontend import QueueFullError, RequestFailedError
 from pdserve.router.router import NoCapacityError

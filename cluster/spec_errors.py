@@ -76,19 +76,19 @@ def _section_at(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseMod
         if isinstance(part, int):
             continue
         field = model.model_fields.get(part)
-        nested = _section_type(field.annotation) if field is not None else None
+        nested = section_type(field.annotation) if field is not None else None
         if nested is None:
             return None
         model = nested
     return model
 
 
-def _section_type(annotation: Any) -> type[BaseModel] | None:
+def section_type(annotation: Any) -> type[BaseModel] | None:
     """The section class inside an annotation such as `X | None`, `list[X]` or `Annotated[...]`."""
     if get_origin(annotation) is None and isinstance(annotation, type):
         return annotation if issubclass(annotation, BaseModel) else None
     for arg in get_args(annotation):
-        found = _section_type(arg)
+        found = section_type(arg)
         if found is not None:
             return found
     return None

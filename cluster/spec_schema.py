@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
-from pdserve.cluster.spec_errors import did_you_mean
+from pdserve.cluster.spec_errors import did_you_mean, section_type
 from pdserve.router.policies import DECODE_POLICIES, PREFILL_POLICIES
 
 BUILTIN_PREFIX = "builtin:"
@@ -124,6 +124,14 @@ Memory = Annotated[int | None, PlainValidator(parse_memory)]
 NonEmpty = Annotated[str, _check(lambda s: bool(s.strip()), "must not be empty")]
 
 
+LLM_KEYWORD = "llm"  # json_schema_extra key: the `LLM(...)` keyword that sets a field
+
+
+def kw(default: Any, keyword: str) -> Any:
+    """A field's default, and the `LLM(...)` keyword that sets it (one place per knob)."""
+    return Field(default, json_schema_extra={LLM_KEYWORD: keyword})
+
+
 class Section(BaseModel):
     """Base of every section: frozen, strict types (no "8" for 8), unknown keys rejected."""
 
@@ -134,25 +142,25 @@ class ModelSection(Section):
     """Which checkpoint to serve, in which dtype, on which device."""
 
     path: Annotated[str, AfterValidator(_check_model_path)] = BUILTIN_PREFIX + "tiny-llama"
-    dtype: Annotated[str, _one_of(*DTYPES)] = "auto"
-    device: Annotated[str, _one_of(*DEVICES)] = "auto"
-    max_model_len: AutoInt = "auto"
-    served_name: NonEmpty = "auto"
+    dtype: Annotated[str, _one_of(*DTYPES)] = kw("auto", "dtype")
+    device: Annotated[str, _one_of(*DEVICES)] = kw("auto", "device")
+    max_model_len: AutoInt = kw("auto", "max_model_len")
+    served_name: NonEmpty = kw("auto", "served_model_name")
 
 
-class PrefillPool(Section):
+class PrefillSection(Section):
     """Prefill instances, each a tensor-parallel group of actors (one device each)."""
 
-    instances: Positive = 1
+    instances: Positive = kw(1, "prefill_instances")
     tensor_parallel_size: Annotated[
         int,
         _check(
             _power_of_two,
             "must be a power of two (1, 2, 4, 8) dividing the model's attention heads",
         ),
-    ] = 1
-    max_batch_tokens: Positive = 8192
-    max_batch_size: Positive = 64
+    ] = kw(1, "prefill_tensor_parallel_size")
+    max_batch_tokens: Positive = kw(8192, "max_batch_tokens")
+    max_batch_size: Positive = kw(64, "max_batch_size")
     resources: Resources = Field(default_factory=dict)
 
 
@@ -161,8 +169,8 @@ class KVCache(Section):
 
     accepts_auto: ClassVar[bool] = True  # the whole section may be written `auto` (errors say so)
 
-    blocks: Positive | None = None
-    memory: Memory = None
+    blocks: Positive | None = kw(None, "num_kv_blocks")
+    memory: Memory = kw(None, "kv_cache_memory")
     memory_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
 
     @model_validator(mode="before")
@@ -182,26 +190,30 @@ class KVCache(Section):
         return self
 
 
-class DecodePool(Section):
+class DecodeSection(Section):
     """Decode replicas (one device each); in colocated mode, the colocated instances."""
 
-    instances: Positive = 1
-    max_num_seqs: Positive = 64
-    block_size: Annotated[int, Field(ge=1, le=1024)] = 16
+    instances: Positive = kw(1, "decode_instances")
+    max_num_seqs: Positive = kw(64, "max_num_seqs")
+    block_size: Annotated[int, Field(ge=1, le=1024)] = kw(16, "block_size")
     kv_cache: KVCache = Field(default_factory=KVCache)
     resources: Resources = Field(default_factory=dict)
     # colocated mode only (spec._cross_check rejects them otherwise)
-    chunked_prefill: bool = False
-    max_num_batched_tokens: AutoInt = "auto"
+    chunked_prefill: bool = kw(False, "enable_chunked_prefill")
+    max_num_batched_tokens: AutoInt = kw("auto", "max_num_batched_tokens")
 
 
 class KVTransferSection(Section):
-    backend: Annotated[str, _one_of(*KV_BACKENDS)] = "auto"
+    backend: Annotated[str, _one_of(*KV_BACKENDS)] = kw("auto", "kv_transfer_backend")
 
 
 class RouterSection(Section):
-    prefill_policy: Annotated[str, _one_of(*PREFILL_POLICIES)] = "least_loaded"
-    decode_policy: Annotated[str, _one_of(*DECODE_POLICIES)] = "most_free_blocks"
+    prefill_policy: Annotated[str, _one_of(*PREFILL_POLICIES)] = kw(
+        "least_loaded", "prefill_policy"
+    )
+    decode_policy: Annotated[str, _one_of(*DECODE_POLICIES)] = kw(
+        "most_free_blocks", "decode_policy"
+    )
     max_queued_requests: Positive = 256
 
 
@@ -213,8 +225,8 @@ class ServerSection(Section):
 
 
 class RaySection(Section):
-    address: Annotated[str | None, AfterValidator(_check_address)] = None
-    num_threads_per_cpu_worker: Positive = 1
+    address: Annotated[str | None, AfterValidator(_check_address)] = kw(None, "ray_address")
+    num_threads_per_cpu_worker: Positive = kw(1, "num_threads")
 
 
 class DeploySpec(Section):
@@ -227,15 +239,28 @@ class DeploySpec(Section):
             "must be 1-32 characters of a-z, 0-9 and '-' (not at either end), e.g. my-model",
         ),
     ]
-    mode: Annotated[str, _one_of(*MODES)] = "disaggregated"
+    mode: Annotated[str, _one_of(*MODES)] = kw("disaggregated", "mode")
     model: ModelSection = Field(default_factory=ModelSection)
-    prefill: PrefillPool | None = None  # None: defaults (disaggregated) or no pool (colocated)
-    decode: DecodePool = Field(default_factory=DecodePool)
+    prefill: PrefillSection | None = None  # None: defaults (disaggregated) or no pool (colocated)
+    decode: DecodeSection = Field(default_factory=DecodeSection)
     kv_transfer: KVTransferSection = Field(default_factory=KVTransferSection)
     router: RouterSection = Field(default_factory=RouterSection)
     server: ServerSection = Field(default_factory=ServerSection)
     ray: RaySection = Field(default_factory=RaySection)
 
     @property
-    def prefill_pool(self) -> PrefillPool:
-        return self.prefill or PrefillPool()
+    def prefill_pool(self) -> PrefillSection:
+        return self.prefill or PrefillSection()
+
+
+def llm_keywords(root: type[BaseModel] = DeploySpec) -> dict[str, tuple[str, ...]]:
+    """`LLM(...)` keyword -> the key path it sets, read off the schema's ``kw`` fields."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, field in root.model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and LLM_KEYWORD in extra:
+            out[str(extra[LLM_KEYWORD])] = (name,)
+        nested = section_type(field.annotation)
+        if nested is not None:
+            out |= {k: (name, *path) for k, path in llm_keywords(nested).items()}
+    return out

@@ -19,12 +19,12 @@ from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.runner import DecodeRunner, build_engine, model_limits
 from pdserve.decode_worker.step import Output
 from pdserve.engine.config import ModelConfig
-from pdserve.engine.kv_cache import num_blocks_for_bytes
+from pdserve.engine.deploy_config import DeploymentConfig, resolve_host
+from pdserve.engine.kv_cache import bytes_per_block
 from pdserve.engine.load import DecodeLoad, DecodeStats
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.request import DecodeRequest, StepDelta
-from pdserve.engine.spec import DecodeSpec, EngineSpec, resolve_host
 from pdserve.kv_transfer.descriptor import TransferItem
 from pdserve.kv_transfer.layout import blocks_for
 from pdserve.kv_transfer.link import RECEIVER, KVLink, resolve_backend
@@ -38,13 +38,12 @@ MAX_UNCLAIMED = 10_000
 class DecodeWorker:
     """Ray actor (async). Construct through ``cluster``; methods are called by the router."""
 
-    def __init__(self, engine: EngineSpec, spec: DecodeSpec) -> None:
-        torch.set_num_threads(engine.num_threads)
-        self.spec = spec
-        self.device = torch.device(engine.device)
-        self.host = resolve_host(engine.host)
-        self.kv_backend = engine.kv_backend
-        self.engine = _build_engine(engine, spec, self.device)
+    def __init__(self, config: DeploymentConfig, instance: int) -> None:
+        torch.set_num_threads(config.model.num_threads)
+        self.device = torch.device(config.model.device)
+        self.host = resolve_host(config.model.host)
+        self.kv_backend = config.kv_backend
+        self.engine = _build_engine(config, instance, self.device)
         self._streams: dict[int, asyncio.Queue[StepDelta]] = {}
         self._attached: set[int] = set()  # a stream() call is reading the queue
         # finished before their stream() call arrived; oldest dropped beyond MAX_UNCLAIMED
@@ -236,37 +235,19 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: 
     loop.call_soon_threadsafe(fn, *args)
 
 
-def _build_engine(engine: EngineSpec, spec: DecodeSpec, device: torch.device) -> DecodeEngine:
+def _build_engine(config: DeploymentConfig, instance: int, device: torch.device) -> DecodeEngine:
     """Load the model, size and allocate the paged KV cache, and wrap both in an engine."""
-    cfg = ModelConfig.from_pretrained(
-        engine.model, dtype=engine.dtype, device=engine.device, max_model_len=engine.max_model_len
-    )
+    d = config.decode
+    cfg = ModelConfig.of(config.model)
     model = load_model(cfg, TPGroup.single(), device)  # first: the cache gets the rest
-    num_blocks = spec.num_blocks or num_blocks_for_bytes(
-        cfg, 1, engine.block_size, _kv_budget(spec, device)
-    )
+    memory = torch.cuda.mem_get_info(device) if device.type == "cuda" else None
+    num_blocks = d.kv_cache.num_blocks(bytes_per_block(cfg, 1, d.block_size), memory)
     limits = model_limits(
         model,
         num_blocks,
-        engine.block_size,
-        max_num_seqs=spec.max_num_seqs,
-        max_num_batched_tokens=spec.max_num_batched_tokens,
-        chunked_prefill=spec.chunked_prefill,
+        d.block_size,
+        max_num_seqs=d.max_num_seqs,
+        max_num_batched_tokens=d.max_num_batched_tokens,
+        chunked_prefill=d.chunked_prefill,
     )
-    return build_engine(model, limits, device, spec.instance)
-
-
-def _kv_budget(spec: DecodeSpec, device: torch.device) -> int:
-    """Bytes for the KV cache: a fixed size, or (CUDA) a fraction of the GPU's memory less
-    what the weights already use, keeping 10% of the remainder for activations."""
-    if spec.kv_cache_memory_fraction is None or device.type != "cuda":
-        return spec.kv_cache_bytes
-    free, total = torch.cuda.mem_get_info(device)
-    budget = int(total * spec.kv_cache_memory_fraction) - (total - free)
-    if budget <= 0:
-        raise ValueError(
-            f"decode.kv_cache.memory_fraction={spec.kv_cache_memory_fraction} leaves no room "
-            f"for the KV cache after the weights ({(total - free) / 2**30:.1f} GiB used of "
-            f"{total / 2**30:.1f} GiB): raise the fraction or use a smaller model"
-        )
-    return int(budget * 0.9)
+    return build_engine(model, limits, device, instance)

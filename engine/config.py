@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from pdserve.engine.deploy_config import ModelSettings
 from pdserve.engine.parallel import kv_head_range
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
@@ -70,6 +71,13 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     dtype: torch.dtype
+
+    @classmethod
+    def of(cls, model: ModelSettings) -> ModelConfig:
+        """The config of a deployment's model, as its settings load it."""
+        return cls.from_pretrained(
+            model.path, dtype=model.dtype, device=model.device, max_model_len=model.max_model_len
+        )
 
     @classmethod
     def from_pretrained(

@@ -20,10 +20,10 @@ import torch
 
 from pdserve.engine.batching import take_batch
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.deploy_config import DeploymentConfig, resolve_host
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup, make_process_group
 from pdserve.engine.request import PrefillItem, PrefillResult
-from pdserve.engine.spec import EngineSpec, PrefillSpec, resolve_host
 from pdserve.kv_transfer.link import SENDER, KVLink, KVLinkError, resolve_backend
 from pdserve.prefill_worker.runner import PrefillRunner
 
@@ -40,18 +40,16 @@ class _Queued:
 class PrefillWorker:
     """Ray actor (async). Construct through ``cluster``; methods are called by the router."""
 
-    def __init__(self, engine: EngineSpec, spec: PrefillSpec) -> None:
-        torch.set_num_threads(engine.num_threads)
-        self.engine = engine
-        self.spec = spec
-        self.device = torch.device(engine.device)
-        self.host = resolve_host(engine.host)
-        self.config = ModelConfig.from_pretrained(
-            engine.model,
-            dtype=engine.dtype,
-            device=engine.device,
-            max_model_len=engine.max_model_len,
-        )
+    def __init__(self, config: DeploymentConfig, instance: int, rank: int) -> None:
+        assert config.prefill is not None, "a colocated deployment has no prefill pool"
+        m = config.model
+        torch.set_num_threads(m.num_threads)
+        self.deployment = config
+        self.pool = config.prefill
+        self.instance, self.rank = instance, rank
+        self.device = torch.device(m.device)
+        self.host = resolve_host(m.host)
+        self.config = ModelConfig.of(m)
         self._tp_store: torch.distributed.TCPStore | None = None
         self._runner: PrefillRunner | None = None
         self._links: dict[int, KVLink] = {}
@@ -72,33 +70,33 @@ class PrefillWorker:
     async def start(self, tp_host: str, tp_port: int, peers: Sequence[Any] = ()) -> None:
         """Join the TP group, load this rank's shard; the leader also starts its batch loop."""
         await asyncio.to_thread(self._start, tp_host, tp_port)
-        if self.spec.tp_rank == 0:
+        if self.rank == 0:
             self._peers = list(peers)
             self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
 
     def _start(self, host: str, port: int) -> None:
         tp = TPGroup.single()
-        if self.spec.tp_size > 1:
+        if self.pool.tensor_parallel_size > 1:
             store = self._tp_store or torch.distributed.TCPStore(host, port, 2, False)
             self._tp_store = store
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             pg = make_process_group(
                 backend,
                 torch.distributed.PrefixStore("tp", store),
-                self.spec.tp_rank,
-                self.spec.tp_size,
+                self.rank,
+                self.pool.tensor_parallel_size,
             )
-            tp = TPGroup(self.spec.tp_rank, self.spec.tp_size, pg)
+            tp = TPGroup(self.rank, self.pool.tensor_parallel_size, pg)
         model = load_model(self.config, tp, self.device)
-        self._runner = PrefillRunner(model, tp, self.device, self.engine.block_size)
-        logger.info("prefill instance %d rank %d ready", self.spec.instance, self.spec.tp_rank)
+        self._runner = PrefillRunner(model, tp, self.device, self.deployment.decode.block_size)
+        logger.info("prefill instance %d rank %d ready", self.instance, self.rank)
 
     async def connect_link(self, decode_instance: int, name: str, host: str, port: int) -> bool:
         """Join the link a decode replica is hosting; False when this rank sends no KV."""
         assert self._runner is not None, "start() first"
         if not self._runner.sends_kv:
             return False
-        backend = resolve_backend(self.engine.kv_backend, self.device)
+        backend = resolve_backend(self.deployment.kv_backend, self.device)
         link = await asyncio.to_thread(
             KVLink.connect, name, backend, SENDER, self.device, host, port
         )
@@ -139,8 +137,8 @@ class PrefillWorker:
             while self._queue:
                 n = take_batch(
                     [len(q.item.prompt_token_ids) for q in self._queue],
-                    self.spec.max_batch_tokens,
-                    self.spec.max_batch_size,
+                    self.pool.max_batch_tokens,
+                    self.pool.max_batch_size,
                 )
                 batch = [self._queue.popleft() for _ in range(n)]
                 await self._run_batch(batch)
@@ -164,7 +162,7 @@ class PrefillWorker:
                 broken.setdefault(dest, why)
             kv_wait_s = max(kv_wait_s, rank_wait_s)
         for why in broken.values():
-            logger.error("prefill instance %d: %s", self.spec.instance, why)
+            logger.error("prefill instance %d: %s", self.instance, why)
         for i, q in enumerate(batch):
             if q.future.done():
                 continue

@@ -18,9 +18,9 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
+from pdserve.engine.deploy_config import DeploymentConfig
 from pdserve.engine.request import DecodeRequest, PrefillItem, PrefillResult, StepDelta
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.errors import KVLinkError
@@ -47,14 +47,6 @@ class _LinkFailed(Exception):
         self.error = error
 
 
-@dataclass(frozen=True)
-class RouterConfig:
-    prefill_policy: str = "least_loaded"
-    decode_policy: str = "most_free_blocks"
-    block_size: int = 16
-    link_prefix: str = "pdserve"  # unique per deployment: link names never collide
-
-
 @dataclass
 class RequestTrace:
     """Phase timestamps (time.perf_counter) for the metrics; filled as the request moves."""
@@ -66,7 +58,6 @@ class RequestTrace:
     transfer_s: float = 0.0
     decode_instance: int = -1
     prefill_instance: int = -1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,18 +75,24 @@ class Router:
     """Drives requests through one deployment's pools. All methods run on one event loop."""
 
     def __init__(
-        self, prefill: Sequence[PrefillInstance], decode: Sequence[DecodePort], config: RouterConfig
+        self,
+        prefill: Sequence[PrefillInstance],
+        decode: Sequence[DecodePort],
+        config: DeploymentConfig,
     ) -> None:
         self.prefill = list(prefill)
         self.decode = list(decode)
         self.config = config
         self._ids = itertools.count(1)
-        self._links = KVLinks(self.decode, config.link_prefix)
+        self._links = KVLinks(self.decode, config.link_prefix)  # names unique per deployment
         self._prefill_pool = PrefillPool(
-            self.prefill, config.prefill_policy, self._links.drop_prefill
+            self.prefill, config.router.prefill_policy, self._links.drop_prefill
         )
         self._decode_pool = DecodePool(
-            self.decode, config.decode_policy, config.block_size, self._links.drop_decode
+            self.decode,
+            config.router.decode_policy,
+            config.decode.block_size,
+            self._links.drop_decode,
         )
         self._phases: dict[str, Phase] = {}  # request id -> RESERVED | PREFILL | DECODE
 

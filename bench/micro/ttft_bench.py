@@ -77,7 +77,8 @@ def ttft_breakdown(model: Path, prompt_len: int, n: int, threads: int) -> dict[s
 def http_overhead(model: Path, n: int) -> dict[str, float]:
     from pdserve.cluster.controller import launch
     from pdserve.cluster.ray_env import init_ray
-    from pdserve.cluster.spec import load_spec, resolve
+    from pdserve.cluster.resolve import resolve
+    from pdserve.cluster.spec import load_spec
 
     spec = {
         "name": "bench-http",

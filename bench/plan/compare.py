@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench.plan.placement import knobs_of, placement_of
+from pdserve.bench.plan.placement import placement_of
 from pdserve.bench.plan.profile_model import Profile
 from pdserve.bench.plan.simulator import HostCpu, plan_shapes, simulate
 from pdserve.bench.serve.workloads import parse_workload
+from pdserve.cluster.resolve import settle
 
 TOLERANCE_PP = 10.0
 
@@ -85,7 +86,7 @@ def compare(
         except (KeyError, SpecError) as e:
             name = entry.get("name")
             raise CompareError(f"placement {name!r}: no usable deploy_spec ({e})") from None
-        placement, knobs = placement_of(spec), knobs_of(spec, profile.model, profile.auto_kv_blocks)
+        placement, config = placement_of(spec), settle(spec, profile.device)
         for wname, measured in entry.get("workloads", {}).items():
             if wname not in workloads:
                 raise CompareError(f"workload {wname!r} of {entry['name']!r} is not in workloads")
@@ -97,7 +98,7 @@ def compare(
                 planned = plan_shapes(
                     workload, n, rate, burstiness, seed, profile.model.max_model_len
                 )
-                sim = simulate(profile, placement, planned, slos, knobs, host)
+                sim = simulate(profile, placement, planned, slos, config, host)
                 rows.append(
                     CompareRow(
                         entry.get("name", placement.name),

@@ -1,5 +1,6 @@
 """Placements: how a number of devices is split into prefill TP groups and decode replicas (or
-colocated instances), and the deploy spec that runs one. Pure apart from pydantic."""
+colocated instances), the deploy spec that runs one, and the settings a placement runs with. Pure
+apart from pydantic."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.bench.plan.profile_model import EngineKnobs, ModelShape
+from pdserve.bench.plan.profile_model import Profile
+from pdserve.cluster.resolve import settle
+from pdserve.cluster.spec import load_spec
 from pdserve.cluster.spec_schema import DeploySpec
-from pdserve.engine.spec import step_token_budget
+from pdserve.engine.deploy_config import DeploymentConfig
 
 DISAGGREGATED, COLOCATED = "disaggregated", "colocated"
 COLOCATED_ONLY = ("chunked_prefill", "max_num_batched_tokens")  # decode keys spec.py rejects
@@ -103,29 +106,16 @@ def placement_of(spec: DeploySpec) -> Placement:
     )
 
 
-def knobs_of(spec: DeploySpec, model: ModelShape, auto_kv_blocks: int) -> EngineKnobs:
-    """The engine settings a spec runs with; `auto_kv_blocks`: what an auto KV cache resolves
-    to on the profiled device (cluster/spec.py's rule, measured there by pdserve profile)."""
-    kv, block = spec.decode.kv_cache, spec.decode.block_size
-    if kv.blocks is not None:
-        blocks = kv.blocks
-    elif kv.memory is not None:
-        blocks = kv.memory // (model.kv_bytes_per_token() * block)
-    else:
-        blocks = auto_kv_blocks
-    pool, decode = spec.prefill_pool, spec.decode
-    step_tokens = None if decode.max_num_batched_tokens == "auto" else decode.max_num_batched_tokens
-    return EngineKnobs(
-        block_size=block,
-        num_blocks=max(int(blocks), 1),
-        max_batch_tokens=pool.max_batch_tokens,
-        max_batch_size=pool.max_batch_size,
-        max_num_seqs=decode.max_num_seqs,
-        max_num_batched_tokens=step_token_budget(
-            step_tokens, decode.max_num_seqs, decode.chunked_prefill
-        ),
-        chunked_prefill=decode.chunked_prefill,
-        prefill_policy=spec.router.prefill_policy,
-        decode_policy=spec.router.decode_policy,
-        max_queued_requests=spec.router.max_queued_requests,
-    )
+def profile_config(profile: Profile) -> DeploymentConfig:
+    """The deploy spec a profile was measured with, settled on its device: the engine settings
+    (batching, decode capacity, routing) a placement keeps when plan varies its counts."""
+    return settle(load_spec(profile.spec or {"name": "profile"}), profile.device)
+
+
+def kv_blocks(config: DeploymentConfig, profile: Profile) -> int:
+    """KV blocks of each decode replica: the deployment's own sizing rule on the profiled model
+    (a memory_fraction cache: what the profile measured an auto cache gets there)."""
+    kv = config.decode.kv_cache
+    if kv.memory_fraction is not None:
+        return max(profile.auto_kv_blocks, 1)
+    return max(kv.num_blocks(profile.model.kv_bytes_per_token() * config.decode.block_size), 1)

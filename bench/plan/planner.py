@@ -12,11 +12,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.bench.plan.placement import Placement, knobs_of
+from pdserve.bench.plan.placement import Placement, profile_config
 from pdserve.bench.plan.profile_model import Profile
 from pdserve.bench.plan.simulator import HostCpu, plan_shapes, simulate
 from pdserve.bench.serve.workloads import Workload
 from pdserve.bench.sweep.bisection import BisectionResult, bisect_rate
+from pdserve.cluster.resolve import settle
+from pdserve.engine.deploy_config import PrefillSettings
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ def rate_range_for(profile: Profile, workload: Workload, devices: int) -> tuple[
     full token budgets could not prefill the prompts fast enough."""
     shapes = workload.sample(256, seed=0)
     mean_in = max(1, round(sum(s.input_len for s in shapes) / len(shapes)))
-    per_batch = max(1, min(profile.knobs.max_batch_tokens // mean_in, profile.knobs.max_batch_size))
+    pool = profile_config(profile).prefill or PrefillSettings()
+    per_batch = max(1, min(pool.max_batch_tokens // mean_in, pool.max_batch_size))
     batch_s = profile.prefill_ms([mean_in] * per_batch) / 1e3
     hi = 1.5 * devices * per_batch / max(batch_s, 1e-6)
     return hi / 1000, hi
@@ -75,11 +78,11 @@ def rank(
 def search_placement(
     profile: Profile, placement: Placement, spec: Mapping[str, Any], s: SearchSettings
 ) -> Ranked:
-    """Bisect one placement's goodput with the simulator, running the knobs its spec gives."""
+    """Bisect one placement's goodput with the simulator, running the settings its spec gives."""
     from pdserve.cluster.spec import SpecError, load_spec
 
     try:
-        knobs = knobs_of(load_spec(spec), profile.model, profile.auto_kv_blocks)
+        config = settle(load_spec(spec), profile.device)
     except SpecError as e:
         return Ranked(placement, None, str(e))
     lo, hi = s.rate_range or rate_range_for(profile, s.workload, placement.devices)
@@ -87,7 +90,7 @@ def search_placement(
 
     def attainment(rate: float) -> float:
         planned = plan_shapes(s.workload, s.num_prompts, rate, s.burstiness, s.seed, max_len)
-        return simulate(profile, placement, planned, s.slos_ms, knobs, s.host).attainment
+        return simulate(profile, placement, planned, s.slos_ms, config, s.host).attainment
 
     try:
         found = bisect_rate(

@@ -4,7 +4,7 @@
 prefill batch, a decode step or a KV transfer takes. JSON layout (all times in ms)::
 
     {"version": 1, "hardware": {...}, "device": "cpu", "threads": 1,
-     "model": {ModelShape}, "knobs": {EngineKnobs}, "spec": {deploy spec as a mapping},
+     "model": {ModelShape}, "spec": {deploy spec as a mapping: the engine settings},
      "prefill": {"1": Fit, "2": Fit, ...},       # per measured TP degree, forward only
      "send_overhead": 0.05,                       # TP1 prefill slows by this share while sending
      "auto_kv_blocks": 32768,                     # decode KV blocks of an auto kv_cache here
@@ -74,23 +74,6 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
-class EngineKnobs:
-    """The deploy spec's engine settings a placement runs with (prefill batching, decode
-    capacity, routing). Plan keeps them and varies only the instance counts and TP."""
-
-    block_size: int = 16
-    num_blocks: int = 1024  # KV blocks per decode replica / colocated instance
-    max_batch_tokens: int = 8192  # prefill instances: token budget of a batch
-    max_batch_size: int = 64
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192  # colocated: tokens one step computes
-    chunked_prefill: bool = False  # colocated: prompts in chunks beside decode
-    prefill_policy: str = "least_loaded"
-    decode_policy: str = "most_free_blocks"
-    max_queued_requests: int = 256
-
-
-@dataclass(frozen=True)
 class Overheads:
     """Fixed costs outside the model's forward passes, in ms, and where the numbers come from."""
 
@@ -117,7 +100,6 @@ class Overheads:
 @dataclass(frozen=True)
 class Profile:
     model: ModelShape
-    knobs: EngineKnobs
     prefill: Mapping[int, Fit]  # TP degree -> fit of the forward pass
     decode: Fit
     transfer: TransferModel
@@ -199,7 +181,6 @@ class Profile:
             "device": self.device,
             "threads": self.threads,
             "model": asdict(self.model),
-            "knobs": asdict(self.knobs),
             "spec": dict(self.spec),
             "prefill": {str(tp): fit.to_json() for tp, fit in sorted(self.prefill.items())},
             "send_overhead": self.send_overhead,
@@ -229,7 +210,6 @@ class Profile:
             t = data["transfer"]
             return cls(
                 model=ModelShape(**data["model"]),
-                knobs=EngineKnobs(**data["knobs"]),
                 prefill={int(tp): Fit.from_json(f) for tp, f in data["prefill"].items()},
                 decode=Fit.from_json(data["decode"]),
                 transfer=TransferModel(

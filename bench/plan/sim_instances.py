@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pdserve.bench.plan.profile_model import EngineKnobs, Profile
+from pdserve.bench.plan.profile_model import Profile
 from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.step import EngineLimits, EngineStep, Output
 from pdserve.engine.batching import take_batch
+from pdserve.engine.deploy_config import DeploymentConfig, PrefillSettings
 from pdserve.engine.load import DecodeLoad, PrefillLoad
 from pdserve.engine.request import DecodeRequest
 from pdserve.engine.sampling_params import SamplingParams
@@ -49,7 +50,8 @@ class Host(Protocol):
 
     now: float
     profile: Profile
-    knobs: EngineKnobs
+    config: DeploymentConfig  # the engine settings (batching, decode capacity, routing)
+    num_blocks: int  # KV blocks of each decode replica
 
     def at(self, t: float, fn: Callable[[], None]) -> None: ...
     def busy_for(
@@ -88,7 +90,7 @@ class PrefillSim:
         if not self.queue:
             self.busy = False
             return
-        k = self.host.knobs
+        k = self.host.config.prefill or PrefillSettings()  # a colocated spec: the defaults
         n = take_batch([r.input_len for r in self.queue], k.max_batch_tokens, k.max_batch_size)
         batch = [self.queue.popleft() for _ in range(n)]
         now = self.host.now
@@ -144,10 +146,10 @@ class DecodeSim:
     at a time as the decode actor does, with step times from the profile instead of a forward."""
 
     def __init__(self, host: Host, index: int) -> None:
-        k = host.knobs
+        k = host.config.decode
         self.host, self.index = host, index
         limits = EngineLimits(
-            num_blocks=k.num_blocks, block_size=k.block_size,
+            num_blocks=host.num_blocks, block_size=k.block_size,
             max_model_len=host.profile.model.max_model_len, num_kv_heads=1,
             max_num_seqs=k.max_num_seqs, max_num_batched_tokens=k.max_num_batched_tokens,
             chunked_prefill=k.chunked_prefill,

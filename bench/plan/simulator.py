@@ -26,12 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from pdserve.bench.plan.cpu_share import CpuShare
-from pdserve.bench.plan.placement import Placement
-from pdserve.bench.plan.profile_model import EngineKnobs, Profile
+from pdserve.bench.plan.placement import Placement, kv_blocks, profile_config
+from pdserve.bench.plan.profile_model import Profile
 from pdserve.bench.plan.sim_instances import MS, DecodeSim, PrefillSim, SimRequest
 from pdserve.bench.serve.arrivals import arrival_times
 from pdserve.bench.serve.metrics import BenchSummary, RequestRecord, summarize
 from pdserve.bench.serve.workloads import RequestShape, TraceWorkload, Workload, clip_to_context
+from pdserve.engine.deploy_config import DeploymentConfig
 from pdserve.router.policies import pick_decode, pick_prefill
 
 QUEUE_FULL = "HTTP 429: admission queue full (max_queued_requests)"
@@ -104,11 +105,12 @@ class Simulation:
         self,
         profile: Profile,
         placement: Placement,
-        knobs: EngineKnobs | None = None,
+        config: DeploymentConfig | None = None,
         host: HostCpu | None = None,
     ) -> None:
         self.profile = profile
-        self.knobs = knobs or profile.knobs
+        self.config = config or profile_config(profile)
+        self.num_blocks = kv_blocks(self.config, profile)
         self.placement = placement
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
@@ -153,7 +155,7 @@ class Simulation:
     # -- the router ---------------------------------------------------------------------------
 
     def _arrive(self, req: SimRequest) -> None:
-        if self._inflight >= self.knobs.max_queued_requests:
+        if self._inflight >= self.config.router.max_queued_requests:
             req.error = QUEUE_FULL
             return
         self._inflight += 1
@@ -161,7 +163,7 @@ class Simulation:
         self.at(self.now + dispatch, lambda: self._dispatch(req))
 
     def _dispatch(self, req: SimRequest) -> None:
-        needed = -(-req.input_len // self.knobs.block_size)
+        needed = -(-req.input_len // self.config.decode.block_size)
         if all(needed > d.blocks.num_blocks for d in self.decodes):
             req.error = NO_CAPACITY
             self._inflight -= 1
@@ -170,15 +172,15 @@ class Simulation:
             self._waiting.append(req)  # retried each time a request finishes and frees blocks
 
     def _reserve(self, req: SimRequest) -> bool:
-        needed = -(-req.input_len // self.knobs.block_size)
+        needed = -(-req.input_len // self.config.decode.block_size)
         loads = [d.load() for d in self.decodes]
-        d = pick_decode(self.knobs.decode_policy, loads, needed, next(self._turns[1]))
+        d = pick_decode(self.config.router.decode_policy, loads, needed, next(self._turns[1]))
         if d is None or not self.decodes[d].reserve(req, local_prefill=not self.prefills):
             return False
         if not self.prefills:
             return True
         loads_p = [p.load() for p in self.prefills]
-        p = pick_prefill(self.knobs.prefill_policy, loads_p, next(self._turns[0]))
+        p = pick_prefill(self.config.router.prefill_policy, loads_p, next(self._turns[0]))
         self.prefills[p].submit(req)
         return True
 
@@ -229,10 +231,11 @@ def simulate(
     placement: Placement,
     planned: Sequence[PlannedShape],
     slos_ms: Mapping[str, float],
-    knobs: EngineKnobs | None = None,
+    config: DeploymentConfig | None = None,
     host: HostCpu | None = None,
 ) -> SimResult:
-    return Simulation(profile, placement, knobs, host).run(planned, slos_ms)
+    """Run ``placement`` with ``config``'s engine settings (default: the profile's spec)."""
+    return Simulation(profile, placement, config, host).run(planned, slos_ms)
 
 
 def _record(r: SimRequest) -> RequestRecord:

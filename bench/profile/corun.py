@@ -23,7 +23,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from pdserve.bench.profile.timers import DecodeTimer, PrefillTimer, Target
-from pdserve.engine.spec import EngineSpec
+from pdserve.engine.deploy_config import DeploymentConfig
 
 DECODE_POINT = (4, 128)  # (batch, context): a small decode batch, weight-streaming bound
 PREFILL_LENS = (256,)  # one mid-sized prompt: compute bound
@@ -45,9 +45,9 @@ class _Work:
         return statistics.median(ms for *_, ms in self.decode_timer(batch, context, 2))
 
 
-def _neighbour(engine: EngineSpec, mode: Any, ready: Any, stop: Any) -> None:
+def _neighbour(deployment: DeploymentConfig, mode: Any, ready: Any, stop: Any) -> None:
     """Child process: loop what `mode` says until told to stop."""
-    work = _Work(Target.load(engine))
+    work = _Work(Target.load(deployment))
     for kind in KINDS:
         work.run(kind)  # warm-up
     ready.set()
@@ -75,7 +75,7 @@ def measure_corun(target: Target, seconds: float = 1.0, rounds: int = 3) -> dict
         work.run(kind)  # warm-up
     ctx = mp.get_context("spawn")
     mode, ready, stop = ctx.Value("i", IDLE), ctx.Event(), ctx.Event()
-    child = ctx.Process(target=_neighbour, args=(target.engine, mode, ready, stop))
+    child = ctx.Process(target=_neighbour, args=(target.deployment, mode, ready, stop))
     child.start()
     ratios: dict[str, list[float]] = {}
     try:

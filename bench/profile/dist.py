@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from pdserve.engine.attention import PrefillMetadata
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.deploy_config import ModelSettings
 from pdserve.engine.kv_cache import kv_cache_shape
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup, make_process_group
@@ -131,20 +132,18 @@ class LinkBench:
 
 
 def _tp_rank_main(
-    rank: int, tp: int, port: int, engine: Any, commands: Any, device_type: str
+    rank: int, tp: int, port: int, model: ModelSettings, commands: Any, device_type: str
 ) -> None:
     """Ranks 1..tp-1: join the TP group, load the shard, run each batch rank 0 announces."""
-    torch.set_num_threads(engine.num_threads)
+    torch.set_num_threads(model.num_threads)
     device = torch.device("cuda", rank) if device_type == "cuda" else CPU
     store = dist.TCPStore(HOST, port, tp, False, TIMEOUT)
     backend = "nccl" if device_type == "cuda" else "gloo"
     pg = make_process_group(backend, dist.PrefixStore("tp", store), rank, tp)
-    config = ModelConfig.from_pretrained(
-        engine.model, dtype=engine.dtype, device=device_type, max_model_len=engine.max_model_len
-    )
-    model = load_model(config, TPGroup(rank, tp, pg), device)
+    config = ModelConfig.of(model)
+    shard = load_model(config, TPGroup(rank, tp, pg), device)
     while (lens := commands.get()) is not None:
-        _forward(model, config, lens, device)
+        _forward(shard, config, lens, device)
 
 
 @torch.inference_mode()
@@ -161,13 +160,13 @@ def _forward(model: Any, config: ModelConfig, lens: Sequence[int], device: torch
 class TPPrefillBench:
     """Prefill forward at TP degree `tp` across `tp` processes; `__call__` times rank 0."""
 
-    def __init__(self, engine: Any, tp: int) -> None:
-        self.device_type = torch.device(engine.device).type
+    def __init__(self, model: ModelSettings, tp: int) -> None:
+        self.device_type = torch.device(model.device).type
         store = dist.TCPStore(HOST, 0, tp, True, TIMEOUT, wait_for_workers=False)
         ctx = mp.get_context("spawn")
         self._queues = [ctx.Queue() for _ in range(1, tp)]
         self._procs = [
-            ctx.Process(target=_tp_rank_main, args=(r, tp, store.port, engine, q, self.device_type))
+            ctx.Process(target=_tp_rank_main, args=(r, tp, store.port, model, q, self.device_type))
             for r, q in zip(range(1, tp), self._queues)
         ]
         for proc in self._procs:
@@ -175,10 +174,7 @@ class TPPrefillBench:
         self.device = torch.device("cuda", 0) if self.device_type == "cuda" else CPU
         backend = "nccl" if self.device_type == "cuda" else "gloo"
         pg = make_process_group(backend, dist.PrefixStore("tp", store), 0, tp)
-        self.config = ModelConfig.from_pretrained(
-            engine.model, dtype=engine.dtype, device=engine.device,
-            max_model_len=engine.max_model_len,
-        )  # fmt: skip
+        self.config = ModelConfig.of(model)
         self.model = load_model(self.config, TPGroup(0, tp, pg), self.device)
         self._store = store
 

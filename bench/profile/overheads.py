@@ -106,7 +106,8 @@ def _run_deployment(spec: Any) -> tuple[dict[int, float], dict[int, float], floa
 
     from pdserve.cluster.controller import launch
     from pdserve.cluster.ray_env import init_ray
-    from pdserve.cluster.spec import load_spec, resolve
+    from pdserve.cluster.resolve import resolve
+    from pdserve.cluster.spec import load_spec
 
     data = deploy_spec(spec.model_dump(mode="json"), Placement(DISAGGREGATED, 1, 1, 1))
     data["name"] = f"profile-{uuid.uuid4().hex[:8]}"

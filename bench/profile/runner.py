@@ -16,20 +16,15 @@ from tqdm import tqdm
 from pdserve.bench.machine import machine_facts
 from pdserve.bench.models import num_params
 from pdserve.bench.plan.latency_model import TransferModel, fit_decode, fit_prefill
-from pdserve.bench.plan.placement import knobs_of
-from pdserve.bench.plan.profile_model import EngineKnobs, ModelShape, Overheads, Profile
+from pdserve.bench.plan.profile_model import ModelShape, Overheads, Profile
 from pdserve.bench.profile.corun import measure_corun
 from pdserve.bench.profile.dist import LinkBench, TPPrefillBench
 from pdserve.bench.profile.grid import Grid, cpu_count, interleaved, median_by_key
 from pdserve.bench.profile.overheads import DEFAULT_OVERHEADS, measure_overheads
 from pdserve.bench.profile.timers import DecodeTimer, PrefillTimer, Target
-from pdserve.cluster.spec import (
-    CPU_KV_CACHE_BYTES,
-    SpecError,
-    default_spec_path,
-    load_spec,
-    resolve,
-)
+from pdserve.cluster.resolve import auto_kv_cache, resolve
+from pdserve.cluster.spec import SpecError, default_spec_path, load_spec
+from pdserve.engine.deploy_config import KVCacheSize, PrefillSettings
 from pdserve.engine.kv_cache import bytes_per_block
 from pdserve.engine.parallel import TPGroup, check_tp_size
 from pdserve.prefill_worker.runner import PrefillRunner
@@ -47,12 +42,12 @@ def profile_spec(args: argparse.Namespace) -> Profile:
     except SpecError as e:
         raise ProfileSetupError(str(e)) from None
     started = time.perf_counter()
-    target = Target.load(resolved.cluster.engine)
+    target = Target.load(resolved)
     shape = _shape(spec, target)
-    knobs = knobs_of(spec, shape, _auto_kv_blocks(target))
+    pool, decode = resolved.prefill or PrefillSettings(), resolved.decode
     grid = Grid.build(
-        min(args.max_prefill_tokens, knobs.max_batch_tokens), target.config.max_model_len,
-        knobs.max_batch_size, knobs.max_num_seqs, shape.kv_bytes_per_token(), args.quick,
+        min(args.max_prefill_tokens, pool.max_batch_tokens), target.config.max_model_len,
+        pool.max_batch_size, decode.max_num_seqs, shape.kv_bytes_per_token(), args.quick,
     )  # fmt: skip
     tps = _tp_degrees(args.max_tp or spec.prefill_pool.tensor_parallel_size, target)
     total = (
@@ -61,14 +56,15 @@ def profile_spec(args: argparse.Namespace) -> Profile:
         + grid.repeats * len(grid.mixed)
     )
     with tqdm(total=total, desc=f"profiling {shape.name}", unit="run") as bar:
-        samples = _measure(target, knobs, grid, tps, bar)
+        samples = _measure(target, _kv_blocks(target, decode.kv_cache), grid, tps, bar)
     prefill = {tp: fit_prefill(median_by_key(s)) for tp, s in samples["prefill"].items()}
-    decode = fit_decode(samples["decode_points"])
+    decode_fit = fit_decode(samples["decode_points"])
     transfer = TransferModel.fitted(median_by_key(samples["transfer"]))
     send_overhead, land_ms = _send_costs(samples["send"])
     profile = Profile(
-        shape, knobs, prefill, decode, transfer, DEFAULT_OVERHEADS, send_overhead,
-        _auto_kv_blocks(target), land_ms, target.device.type, target.engine.num_threads,
+        shape, prefill, decode_fit, transfer, DEFAULT_OVERHEADS, send_overhead,
+        _kv_blocks(target, auto_kv_cache(target.device.type)), land_ms, target.device.type,
+        target.threads,
         _hardware(target), _as_written(source),
         _raw(samples), _tp_note(tps),
     )  # fmt: skip
@@ -114,7 +110,7 @@ def _as_written(source: Path | dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure(
-    target: Target, knobs: EngineKnobs, grid: Grid, tps: Sequence[int], bar: tqdm
+    target: Target, num_blocks: int, grid: Grid, tps: Sequence[int], bar: tqdm
 ) -> dict[str, Any]:
     tick = bar.update
     max_tokens = max(sum(c) for c in grid.prefill + grid.send)
@@ -122,10 +118,10 @@ def _measure(
     comps = [tuple(c) for c in grid.prefill]
     timer(list(comps[0]))  # warm-up
     out: dict[str, Any] = {"prefill": {1: interleaved(comps, grid.repeats, timer, tick)}}
-    out |= _decode_samples(target, knobs, grid, tick)
+    out |= _decode_samples(target, num_blocks, grid, tick)
     out["transfer"], out["send"] = _link_samples(target, grid, timer, max_tokens, tick)
     for tp in tps[1:]:
-        bench = TPPrefillBench(target.engine, tp)
+        bench = TPPrefillBench(target.deployment.model, tp)
         try:
             bench(list(comps[0]))  # warm-up
             out["prefill"][tp] = interleaved(comps, grid.repeats, bench, tick)
@@ -135,10 +131,10 @@ def _measure(
 
 
 def _decode_samples(
-    target: Target, knobs: EngineKnobs, grid: Grid, tick: Callable[[], None]
+    target: Target, num_blocks: int, grid: Grid, tick: Callable[[], None]
 ) -> dict[str, Any]:
     """Decode steps over the spec's KV cache size (freed on return), and mixed steps."""
-    decode = DecodeTimer(target, knobs.num_blocks * knobs.block_size)
+    decode = DecodeTimer(target, num_blocks * target.block_size)
     out: dict[str, Any] = {"decode": [], "decode_points": []}
     for b, c in grid.decode:
         if decode.fits(b, c, grid.decode_steps):
@@ -155,8 +151,8 @@ def _link_samples(
     target: Target, grid: Grid, plain: PrefillTimer, max_tokens: int, tick: Callable[[], None]
 ) -> tuple[list[tuple[int, float]], list[tuple[tuple[int, ...], float, float, float]]]:
     link = LinkBench(
-        target.config, target.engine.block_size, max(max_tokens, *grid.transfer),
-        target.engine.num_threads,
+        target.config, target.block_size, max(max_tokens, *grid.transfer),
+        target.threads,
     )  # fmt: skip
     try:
         bpt = target.config.kv_bytes_per_token(1)
@@ -165,9 +161,7 @@ def _link_samples(
             (n * bpt, ms)
             for n, ms in interleaved(grid.transfer, grid.repeats, link.transfer_ms, tick)
         ]
-        runner = PrefillRunner(
-            target.model, TPGroup.single(), target.device, target.engine.block_size
-        )
+        runner = PrefillRunner(target.model, TPGroup.single(), target.device, target.block_size)
         send = []
         for _ in range(grid.repeats):
             for comp in grid.send:
@@ -202,13 +196,11 @@ def _shape(spec: Any, target: Target) -> ModelShape:
     )  # fmt: skip
 
 
-def _auto_kv_blocks(target: Target) -> int:
-    """Blocks an auto kv_cache gives a decode replica here (cluster/spec.py, decode worker)."""
-    per_block = bytes_per_block(target.config, 1, target.engine.block_size)
-    if target.device.type != "cuda":
-        return CPU_KV_CACHE_BYTES // per_block
-    free, total = torch.cuda.mem_get_info(target.device)
-    return max(0, int((int(total * 0.9) - (total - free)) * 0.9)) // per_block
+def _kv_blocks(target: Target, kv: KVCacheSize) -> int:
+    """Blocks a decode replica's cache of size `kv` gets here (the deployment's own rule)."""
+    per_block = bytes_per_block(target.config, 1, target.block_size)
+    memory = torch.cuda.mem_get_info(target.device) if target.device.type == "cuda" else None
+    return kv.num_blocks(per_block, memory)
 
 
 def _tp_degrees(limit: int, target: Target) -> list[int]:
@@ -233,7 +225,7 @@ def _tp_note(tps: Sequence[int]) -> str:
 
 
 def _hardware(target: Target) -> dict[str, Any]:
-    facts = machine_facts(target.engine.num_threads)
+    facts = machine_facts(target.threads)
     if target.device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(target.device)
         facts["gpu_count"] = torch.cuda.device_count()

@@ -22,32 +22,37 @@ import torch
 from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.runner import build_engine, model_limits
 from pdserve.engine.config import ModelConfig
+from pdserve.engine.deploy_config import DeploymentConfig
 from pdserve.engine.loader import load_model
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.request import DecodeRequest
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.spec import EngineSpec
 
 
 @dataclass
 class Target:
     """The model as a spec runs it: its config, one TP1 copy on the device, the thread count."""
 
-    engine: EngineSpec
+    deployment: DeploymentConfig
     config: ModelConfig
     model: CausalLM
     device: torch.device
 
     @classmethod
-    def load(cls, engine: EngineSpec) -> Target:
-        torch.set_num_threads(engine.num_threads)
-        config = ModelConfig.from_pretrained(
-            engine.model, dtype=engine.dtype, device=engine.device,
-            max_model_len=engine.max_model_len,
-        )  # fmt: skip
-        device = torch.device(engine.device)
-        return cls(engine, config, load_model(config, TPGroup.single(), device), device)
+    def load(cls, deployment: DeploymentConfig) -> Target:
+        torch.set_num_threads(deployment.model.num_threads)
+        config = ModelConfig.of(deployment.model)
+        device = torch.device(deployment.model.device)
+        return cls(deployment, config, load_model(config, TPGroup.single(), device), device)
+
+    @property
+    def block_size(self) -> int:
+        return self.deployment.decode.block_size
+
+    @property
+    def threads(self) -> int:
+        return self.deployment.model.num_threads
 
     def prompts(self, lens: Sequence[int], seed: int = 0) -> list[list[int]]:
         """Random prompts of these lengths, above the low ids where special tokens live."""
@@ -70,7 +75,7 @@ class PrefillTimer:
     KV write and first tokens."""
 
     def __init__(self, target: Target, max_tokens: int, max_seqs: int) -> None:
-        bs = target.engine.block_size
+        bs = target.block_size
         self.target = target
         blocks = math.ceil(max_tokens / bs) + max_seqs
         self.limits = model_limits(
@@ -96,17 +101,17 @@ class DecodeTimer:
     """Times decode steps of `batch` sequences at a context length, through the real path."""
 
     def __init__(self, target: Target, capacity_tokens: int) -> None:
-        bs = target.engine.block_size
+        bs = target.block_size
         self.target = target
         self.num_blocks = max(1, capacity_tokens // bs)
         limits = model_limits(target.model, self.num_blocks, bs, self.capacity_tokens())
         self.runner = build_engine(target.model, limits, target.device).runner
 
     def capacity_tokens(self) -> int:
-        return self.num_blocks * self.target.engine.block_size
+        return self.num_blocks * self.target.block_size
 
     def fits(self, batch: int, context: int, steps: int) -> bool:
-        bs = self.target.engine.block_size
+        bs = self.target.block_size
         return batch * math.ceil((context + steps + 2) / bs) <= self.num_blocks
 
     def _engine(self, batch: int, context: int, max_tokens: int, **knobs: Any) -> DecodeEngine:
@@ -115,7 +120,7 @@ class DecodeTimer:
         t = self.target
         max_len = min(t.config.max_model_len, self.capacity_tokens())
         knobs.setdefault("max_num_seqs", batch)
-        limits = model_limits(t.model, self.num_blocks, t.engine.block_size, max_len, **knobs)
+        limits = model_limits(t.model, self.num_blocks, t.block_size, max_len, **knobs)
         engine = DecodeEngine(self.runner, limits)
         heads = t.config.num_kv_heads
         for i, prompt in enumerate(t.prompts([context] * batch, seed=batch)):

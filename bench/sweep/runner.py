@@ -38,7 +38,9 @@ from pdserve.bench.sweep.results import (
 )
 from pdserve.cluster.controller import launch
 from pdserve.cluster.ray_env import init_ray
-from pdserve.cluster.spec import ResolvedDeployment, load_spec, resolve
+from pdserve.cluster.resolve import resolve
+from pdserve.cluster.spec import load_spec
+from pdserve.engine.deploy_config import DeploymentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -115,15 +117,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _empty_results(experiment: Experiment, resolved: ResolvedDeployment) -> SweepResults:
+def _empty_results(experiment: Experiment, resolved: DeploymentConfig) -> SweepResults:
     return SweepResults(
         experiment=experiment.name,
         target=experiment.target,
-        device_kind=resolved.cluster.engine.device,
+        device_kind=resolved.model.device,
         threads_per_device=experiment.threads_per_device,
         workloads=[WorkloadInfo(w.name, w.workload, w.slos_ms) for w in experiment.workloads],
         extra={
-            "model": resolved.cluster.engine.model,
+            "model": resolved.model.path,
             "bisection": {"rel_tol": experiment.rel_tol, "max_probes": experiment.max_probes},
             "seed": experiment.seed,
         },
@@ -133,7 +135,7 @@ def _empty_results(experiment: Experiment, resolved: ResolvedDeployment) -> Swee
 def _run_placement(
     experiment: Experiment,
     placement: Placement,
-    resolved: ResolvedDeployment,
+    resolved: DeploymentConfig,
     result: PlacementResult,
     results: SweepResults,
     out_dir: Path,

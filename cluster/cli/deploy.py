@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:  # annotations only: it imports Ray and torch
-    from pdserve.cluster.spec import ResolvedDeployment
+    from pdserve.engine.deploy_config import DeploymentConfig
 
 DEFAULT_DEPLOYMENT = "local"
 UP_DESCRIPTION = (
@@ -66,10 +66,6 @@ def _add_up_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def namespace_of(name: str) -> str:
-    return f"pdserve-{name}"
-
-
 def up(args: argparse.Namespace) -> int:
     import ray  # Ray and torch from here on
 
@@ -79,15 +75,15 @@ def up(args: argparse.Namespace) -> int:
     resolved = _resolve(args, console)
     if resolved is None:
         return 2
-    c = resolved.cluster
+    c = resolved
     what = (
-        f"{c.decode_instances} colocated instance(s)"
-        if c.colocated
+        f"{c.decode.instances} colocated instance(s)"
+        if c.prefill is None
         else f"{c.prefill_instances} prefill instance(s) x TP{c.prefill_tp}, "
-        f"{c.decode_instances} decode replica(s)"
+        f"{c.decode.instances} decode replica(s)"
     )
     with console.status(
-        f"deploying [bold]{resolved.name}[/]: {what} on {c.engine.device}, model {c.engine.model}"
+        f"deploying [bold]{c.name}[/]: {what} on {c.model.device}, model {c.model.path}"
     ):
         start = time.perf_counter()
         actor, url = launch(resolved, detached=args.detach)
@@ -107,20 +103,15 @@ def up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve(args: argparse.Namespace, console: Console) -> ResolvedDeployment | None:
+def _resolve(args: argparse.Namespace, console: Console) -> DeploymentConfig | None:
     """The spec, resolved on the Ray cluster it names (joined here), or on a local Ray instance
     started here once the spec says how many actors it needs; None (after saying why) if bad."""
     import ray
     import torch
 
     from pdserve.cluster.ray_env import init_ray
-    from pdserve.cluster.spec import (
-        SpecError,
-        default_spec_path,
-        load_spec,
-        resolve,
-        with_ray_address,
-    )
+    from pdserve.cluster.resolve import resolve
+    from pdserve.cluster.spec import SpecError, default_spec_path, load_spec, with_ray_address
 
     try:
         spec = load_spec(args.file or default_spec_path())
@@ -141,7 +132,7 @@ def _resolve(args: argparse.Namespace, console: Console) -> ResolvedDeployment |
         console.print(f"[red]invalid deploy spec[/]:\n{e}")
         return None
     if not address:
-        cpus = max(resolved.cluster.num_actors, os.cpu_count() or 1)
+        cpus = max(resolved.num_actors, os.cpu_count() or 1)
         init_ray(namespace="pdserve", num_cpus=cpus)
     return resolved
 
@@ -169,9 +160,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _connect(args: argparse.Namespace) -> Any:
     from pdserve.cluster.controller import find_controller
     from pdserve.cluster.ray_env import init_ray
+    from pdserve.engine.deploy_config import namespace_for
 
-    init_ray(args.address, namespace=namespace_of(args.name))
-    return find_controller(namespace_of(args.name))
+    init_ray(args.address, namespace=namespace_for(args.name))
+    return find_controller(namespace_for(args.name))
 
 
 def status(args: argparse.Namespace) -> int:

@@ -100,7 +100,7 @@ def _start(args: argparse.Namespace, console: Console) -> LLM:
         )
     console.print(
         f"[green]cluster ready[/] in {time.perf_counter() - start:.1f} s "
-        f"(device {llm.spec.engine.device})",
+        f"(device {llm.config.model.device})",
         highlight=False,
     )
     return llm

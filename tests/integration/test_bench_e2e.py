@@ -25,7 +25,8 @@ from pdserve.bench.sweep.plots import plot_all
 from pdserve.bench.sweep.probe import scrape_phases
 from pdserve.bench.sweep.runner import run_sweep
 from pdserve.cluster.controller import find_controller, launch
-from pdserve.cluster.spec import load_spec, resolve
+from pdserve.cluster.resolve import resolve
+from pdserve.cluster.spec import load_spec
 from pdserve.engine.tiny_model import default_tiny_model
 
 pytestmark = pytest.mark.integration

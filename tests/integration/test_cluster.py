@@ -17,7 +17,8 @@ from cluster_helpers import NEW_TOKENS, deploy_spec, hf_greedy, parity_prompts
 
 from pdserve.cluster import Client
 from pdserve.cluster.controller import launch
-from pdserve.cluster.spec import load_spec, resolve
+from pdserve.cluster.resolve import resolve
+from pdserve.cluster.spec import load_spec
 
 pytestmark = pytest.mark.integration
 

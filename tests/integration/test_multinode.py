@@ -15,7 +15,8 @@ from ray.cluster_utils import Cluster
 
 from pdserve.cluster.controller import launch
 from pdserve.cluster.ray_env import init_ray
-from pdserve.cluster.spec import load_spec, resolve
+from pdserve.cluster.resolve import resolve
+from pdserve.cluster.spec import load_spec
 
 pytestmark = pytest.mark.integration
 

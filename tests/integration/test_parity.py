@@ -26,7 +26,7 @@ def test_greedy_parity_with_transformers(
         outs = llm.generate(prompts, params)  # one mixed batch: 1, 7, 100 and 300 tokens
         assert [o.finish_reason for o in outs] == ["length"] * len(prompts)
         # every head of every layer, whole 16-token blocks, summed over the TP ranks' links
-        per_block = 16 * llm.config.kv_bytes_per_token()
+        per_block = 16 * llm.model_config.kv_bytes_per_token()
         assert [o.metrics.kv_bytes for o in outs] == [-(-len(p) // 16) * per_block for p in prompts]
         # the wait for the KV sends after the forward is timed on every batch, within prefill
         assert all(0 < o.metrics.kv_wait_s <= o.metrics.prefill_s for o in outs)

@@ -93,7 +93,7 @@ def test_max_tokens_one_and_logprobs(llm: LLM) -> None:
 
 
 def test_bad_input_is_rejected_and_cluster_keeps_serving(llm: LLM) -> None:
-    too_long = [5] * llm.config.max_model_len
+    too_long = [5] * llm.model_config.max_model_len
     for prompt in ("", [], too_long, [10**9]):
         with pytest.raises(InvalidRequestError):
             llm.generate(prompt, GREEDY)  # type: ignore[arg-type]

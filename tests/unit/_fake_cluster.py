@@ -10,9 +10,10 @@ from typing import Any
 from _fake_decode import FakeDecode
 from _fake_prefill import FakePrefill
 
+from pdserve.engine.deploy_config import DecodeSettings, DeploymentConfig, ModelSettings
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.router.prefill_pool import PrefillInstance
-from pdserve.router.router import RequestTrace, Router, RouterConfig
+from pdserve.router.router import RequestTrace, Router
 
 BLOCK = 4  # tokens per KV block in every fake
 
@@ -29,7 +30,8 @@ async def fake_cluster(prefill: int = 1, decode: int = 1, num_blocks: int = 16) 
     decodes = [FakeDecode(j, num_blocks, BLOCK) for j in range(decode)]
     prefills = [FakePrefill(i, decodes) for i in range(prefill)]
     instances = [PrefillInstance(i, [p], [0]) for i, p in enumerate(prefills)]
-    router = Router(instances, decodes, RouterConfig(block_size=BLOCK, link_prefix="t"))
+    config = DeploymentConfig("t", ModelSettings("fake"), decode=DecodeSettings(block_size=BLOCK))
+    router = Router(instances, decodes, config)
     await router.start()
     return FakeCluster(router, decodes, prefills)
 

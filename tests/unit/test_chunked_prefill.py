@@ -14,6 +14,7 @@ from _colocated import ColocatedEngine
 from transformers import AutoModelForCausalLM
 
 from pdserve.cluster import LLM
+from pdserve.cluster.spec import SpecError
 from pdserve.decode_worker.runner import DecodeRunner
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.kv_cache import allocate_kv_cache
@@ -88,9 +89,16 @@ def test_preemption_with_chunked_prefill_matches_transformers(
 
 
 def test_llm_options_are_checked_before_anything_starts(tiny_models: dict[str, Path]) -> None:
+    # LLM(...) keywords go through the deploy spec's validation; errors name the keyword
     model = str(tiny_models["llama"])
-    with pytest.raises(ValueError, match="only apply to mode='colocated'"):
+    with pytest.raises(SpecError, match="enable_chunked_prefill: only applies in colocated mode"):
         LLM(model, enable_chunked_prefill=True)
-    with pytest.raises(ValueError, match=r"at least max_num_seqs \(64\) with chunked prefill"):
+    with pytest.raises(
+        SpecError, match=r"max_num_batched_tokens: must be at least max_num_seqs \(64\)"
+    ):
         LLM(model, mode="colocated", enable_chunked_prefill=True, max_num_batched_tokens=32)
+    with pytest.raises(SpecError, match="prefill_tensor_parallel_size: must be a power of two"):
+        LLM(model, prefill_tensor_parallel_size=3)
+    with pytest.raises(TypeError, match="did you mean 'max_num_seqs'"):
+        LLM(model, max_num_seq=8)
     assert not ray.is_initialized()

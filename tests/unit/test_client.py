@@ -22,7 +22,7 @@ from pdserve.cluster.client import Client, PdserveError, read_prompts
 from pdserve.cluster.jobs import JobManager
 from pdserve.cluster.native_api import MSGPACK, PREFIX, NativeApi
 from pdserve.cluster.server import create_app
-from pdserve.cluster.settings import ServerSettings
+from pdserve.engine.deploy_config import ServerSettings
 
 KEY = "test-key"
 BODY_LIMIT = 64 << 10

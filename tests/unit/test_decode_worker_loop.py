@@ -7,9 +7,14 @@ import asyncio
 from pathlib import Path
 
 from pdserve.decode_worker.worker import DecodeWorker
+from pdserve.engine.deploy_config import (
+    DecodeSettings,
+    DeploymentConfig,
+    KVCacheSize,
+    ModelSettings,
+)
 from pdserve.engine.request import DecodeRequest, StepDelta
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.spec import DecodeSpec, EngineSpec
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -24,8 +29,9 @@ async def _collect(worker: DecodeWorker, tid: int) -> list[StepDelta]:
 def test_step_loop_error_fails_held_requests_and_keeps_serving(
     tiny_models: dict[str, Path],
 ) -> None:
-    engine = EngineSpec(model=str(tiny_models["llama"]), host="127.0.0.1", max_model_len=256)
-    worker = DecodeWorker(engine, DecodeSpec(instance=0, num_blocks=32))
+    model = ModelSettings(str(tiny_models["llama"]), host="127.0.0.1", max_model_len=256)
+    decode = DecodeSettings(kv_cache=KVCacheSize(blocks=32))
+    worker = DecodeWorker(DeploymentConfig("t", model, decode=decode), instance=0)
     real_plan = worker.engine.plan
     calls = {"n": 0}
 

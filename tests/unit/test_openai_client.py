@@ -14,7 +14,7 @@ import uvicorn
 from _scripted_frontend import ScriptedFrontend
 
 from pdserve.cluster.server import create_app
-from pdserve.cluster.settings import ServerSettings
+from pdserve.engine.deploy_config import ServerSettings
 from pdserve.engine.tiny_model import make_tiny_model
 from pdserve.engine.tokenizer import load_tokenizer
 

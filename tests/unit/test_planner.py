@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from pdserve.bench.plan.placement import (
     Placement,
     deploy_spec,
     enumerate_placements,
-    knobs_of,
+    kv_blocks,
     placement_of,
 )
 from pdserve.bench.plan.planner import Ranked, rank
@@ -23,6 +24,7 @@ from pdserve.bench.plan.simulator import plan_shapes, simulate
 from pdserve.bench.serve.workloads import parse_workload
 from pdserve.bench.sweep.bisection import BisectionResult
 from pdserve.cluster.cli import main
+from pdserve.cluster.resolve import settle
 from pdserve.cluster.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,16 +61,16 @@ def test_emitted_specs_load_and_describe_the_placement() -> None:
         assert spec.name == "local" and spec.server.port == 8000  # the rest of the base is kept
 
 
-def test_knobs_follow_the_spec() -> None:
-    shape = make_profile().model
+def test_settings_follow_the_spec() -> None:
+    profile = replace(make_profile(), auto_kv_blocks=77, device="cuda")
     spec = load_spec({"name": "x", "decode": {"kv_cache": {"memory": "1MiB"}, "max_num_seqs": 8}})
-    knobs = knobs_of(spec, shape, auto_kv_blocks=77)
-    assert knobs.num_blocks == (1 << 20) // (shape.kv_bytes_per_token() * 16)
-    assert knobs.max_num_seqs == 8
+    config = settle(spec, profile.device)
+    assert kv_blocks(config, profile) == (1 << 20) // (profile.model.kv_bytes_per_token() * 16)
+    assert config.decode.max_num_seqs == 8
     colo = load_spec({"name": "x", "mode": "colocated", "decode": {"chunked_prefill": True}})
-    knobs = knobs_of(colo, shape, auto_kv_blocks=77)
-    assert knobs.num_blocks == 77 and knobs.chunked_prefill
-    assert knobs.max_num_batched_tokens == 2048  # auto with chunked prefill (vLLM's default)
+    config = settle(colo, profile.device)  # auto on a GPU: a memory fraction, as profiled
+    assert kv_blocks(config, profile) == 77 and config.decode.chunked_prefill
+    assert config.decode.max_num_batched_tokens == 2048  # auto with chunked prefill (vLLM's)
 
 
 def test_ranking_is_by_goodput_per_device() -> None:

@@ -8,7 +8,7 @@ from _colocated import ColocatedEngine
 
 from pdserve.decode_worker.prefill_queue import LocalPrefillQueue, PrefillChunk
 from pdserve.decode_worker.scheduler import SchedulerError
-from pdserve.engine.spec import DecodeSpec, step_token_budget
+from pdserve.engine.deploy_config import DecodeSettings, step_token_budget
 
 
 def spans(chunks: list[PrefillChunk]) -> list[tuple[int, int, int]]:
@@ -138,4 +138,4 @@ def test_step_budget_defaults_and_checks() -> None:
     with pytest.raises(ValueError, match=r"at least max_num_seqs \(64\)"):
         step_token_budget(32, 64, chunked=True)
     with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1"):
-        DecodeSpec(0, max_num_batched_tokens=0)
+        DecodeSettings(max_num_batched_tokens=0)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pdserve.bench.plan.latency_model import prefill_features
+from pdserve.bench.plan.placement import kv_blocks, profile_config
 from pdserve.bench.plan.profile_model import Profile
 from pdserve.bench.profile.cli import format_quality
 from pdserve.bench.profile.grid import Grid
@@ -47,8 +48,10 @@ def test_quick_profile_of_the_tiny_model_fits_and_saves_everything(quick_profile
     data = json.loads(quick_profile.read_text())
     profile = Profile.load(quick_profile)
     assert profile.threads == 1 and profile.device == "cpu"
-    assert profile.model.num_layers == 2 and profile.knobs.max_num_seqs == 16
-    assert profile.knobs.num_blocks == (64 << 20) // (profile.model.kv_bytes_per_token() * 16)
+    config = profile_config(profile)
+    assert profile.model.num_layers == 2 and config.decode.max_num_seqs == 16
+    per_block = profile.model.kv_bytes_per_token() * 16
+    assert kv_blocks(config, profile) == (64 << 20) // per_block
     assert data["hardware"]["cpu_count"] >= 1 and data["spec"]["name"] == "tiny"
     assert data["overheads"]["source"].startswith("default")  # --quick deploys nothing
     raw = data["samples"]

@@ -16,7 +16,7 @@ from starlette.types import Message
 from transformers import PreTrainedTokenizerBase
 
 from pdserve.cluster.server import create_app
-from pdserve.cluster.settings import ServerSettings
+from pdserve.engine.deploy_config import ServerSettings
 from pdserve.engine.tiny_model import make_tiny_model
 from pdserve.engine.tokenizer import apply_chat_template, load_tokenizer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from _sim_profile import SHAPE, fit, make_profile
+from _sim_profile import SHAPE, fit, make_profile, toy_spec
 
 from pdserve.bench.plan.latency_model import PREFILL_FEATURES, TransferModel
 from pdserve.bench.plan.placement import Placement
@@ -74,9 +74,9 @@ def test_colocated_instance_delays_decoding_while_it_prefills() -> None:
 
 
 def test_full_kv_cache_makes_the_next_request_wait_for_blocks() -> None:
-    knobs = replace(make_profile().knobs, num_blocks=16)  # 256 tokens: one prompt of 200
+    blocks = toy_spec(decode={"kv_cache": {"blocks": 16}})  # 256 tokens: one prompt of 200
     a, b = run(
-        P1D1, (0.0, 200, 3), (0.0, 200, 3), knobs=knobs, model=replace(SHAPE, max_model_len=256)
+        P1D1, (0.0, 200, 3), (0.0, 200, 3), spec=blocks, model=replace(SHAPE, max_model_len=256)
     )
     assert ms(a.ttft_s) == 3 + 30 + 1
     # B reserves only when A finishes (3 + 30 + 2 + 2 steps of 6 = 47 ms), then prefills alone
@@ -84,9 +84,9 @@ def test_full_kv_cache_makes_the_next_request_wait_for_blocks() -> None:
 
 
 def test_admission_bound_fails_requests_like_a_429() -> None:
-    knobs = replace(make_profile().knobs, max_queued_requests=1)
+    bound = toy_spec(router={"max_queued_requests": 1})
     planned = [PlannedShape(0.0, RequestShape(100, 5)) for _ in range(2)]
-    result = simulate(make_profile(knobs=knobs), P1D1, planned, LOOSE)
+    result = simulate(make_profile(spec=bound), P1D1, planned, LOOSE)
     assert [r.success for r in result.records] == [True, False]
     assert result.records[1].error == QUEUE_FULL
     assert result.attainment == 0.5  # a failed request meets no SLO
@@ -155,11 +155,12 @@ def test_chunked_prefill_runs_prompt_chunks_beside_the_decode_batch() -> None:
     # budget 58 tokens a step. A (50 tokens) decodes from 18 ms in steps of 6; B (100) arrives
     # at 30 ms. Prefill priority stalls A for B's whole 20 ms prefill; chunked runs B in two
     # chunks (57 + 43 tokens) beside A's decode token: steps of 6 + 5.7 and 6 + 4.3 ms.
-    knobs = replace(make_profile().knobs, max_num_seqs=8, max_num_batched_tokens=58)
-    whole_a, whole_b = run(COLO, (0.0, 50, 11), (0.030, 100, 2), knobs=knobs)
-    chunked = replace(knobs, chunked_prefill=True)
+    budget = {"max_num_seqs": 8, "max_num_batched_tokens": 58}
+    whole = toy_spec(mode="colocated", decode=budget)
+    whole_a, whole_b = run(COLO, (0.0, 50, 11), (0.030, 100, 2), spec=whole)
+    chunked = toy_spec(mode="colocated", decode={**budget, "chunked_prefill": True})
     chunk_a, chunk_b = run(Placement.colocated(1, True), (0.0, 50, 11), (0.030, 100, 2),
-                           knobs=chunked)  # fmt: skip
+                           spec=chunked)  # fmt: skip
     assert ms(whole_a.ttft_s) == ms(chunk_a.ttft_s) == 3 + 15 + 1
     assert ms(whole_b.arrival_s + whole_b.ttft_s) == 36 + 20 + 1
     assert ms(chunk_b.arrival_s + chunk_b.ttft_s) == pytest.approx(36 + 11.7 + 10.3 + 1)

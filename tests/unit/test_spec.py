@@ -14,18 +14,18 @@ from typing import Any
 import pytest
 import yaml
 
+from pdserve.cluster.resolve import read_api_key, resolve
 from pdserve.cluster.spec import (
     LOCAL_SPEC_YAML,
     DeploySpec,
     SpecError,
     default_spec_path,
     load_spec,
-    read_api_key,
-    resolve,
     with_ray_address,
     write_embedded_spec,
 )
 from pdserve.cluster.spec_schema import parse_memory
+from pdserve.engine.deploy_config import KVCacheSize
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -78,21 +78,20 @@ def resolve_problems(data: dict[str, Any], gpus: bool = False) -> list[str]:
 @pytest.mark.parametrize("name", ["local.yaml", "local-tp2.yaml"])
 def test_local_specs_resolve_to_cpu_clusters_on_the_builtin_model(name: str) -> None:
     resolved = resolve(load_spec(DEPLOY / name), gpus_available=False)
-    engine = resolved.cluster.engine
-    assert engine.device == "cpu"
-    assert (Path(engine.model) / "config.json").is_file()
+    assert resolved.model.device == "cpu"
+    assert (Path(resolved.model.path) / "config.json").is_file()
     assert resolved.server.served_model_name == "tiny-llama"
     assert resolved.namespace == f"pdserve-{resolved.name}"
-    assert resolved.cluster.router.link_prefix == resolved.namespace
+    assert resolved.link_prefix == resolved.namespace
     assert resolved.server.host == "127.0.0.1"
-    assert resolved.kv_cache_memory_fraction is None
+    assert resolved.decode.kv_cache.memory_fraction is None
 
 
 def test_local_tp2_has_tp2_prefill_and_two_decode_replicas_beside_local() -> None:
     local = resolve(load_spec(DEPLOY / "local.yaml"), gpus_available=False)
     tp2 = resolve(load_spec(DEPLOY / "local-tp2.yaml"), gpus_available=False)
-    assert (local.cluster.prefill_tp, local.cluster.decode_instances) == (1, 1)
-    assert (tp2.cluster.prefill_tp, tp2.cluster.decode_instances) == (2, 2)
+    assert (local.prefill_tp, local.decode.instances) == (1, 1)
+    assert (tp2.prefill_tp, tp2.decode.instances) == (2, 2)
     # Both can run on one Ray cluster and one machine.
     assert local.namespace != tp2.namespace
     assert local.server.port != tp2.server.port
@@ -106,12 +105,13 @@ def test_gpu_spec_resolves_without_its_model_and_says_so(
     with caplog.at_level(logging.WARNING):
         resolved = resolve(load_spec(GPU_SPEC), gpus_available=True)
     assert "does not exist on this machine" in caplog.text
-    cluster = resolved.cluster
-    assert cluster.engine.device == "cuda" and cluster.engine.kv_backend == "nccl"
-    assert (cluster.prefill_instances, cluster.prefill_tp, cluster.decode_instances) == (2, 2, 4)
-    assert cluster.num_actors == 8
-    assert cluster.prefill_resources == {"prefill": 1} and cluster.decode_resources == {"decode": 1}
-    assert resolved.kv_cache_memory_fraction == 0.9
+    c = resolved
+    assert c.model.device == "cuda" and c.kv_backend == "nccl"
+    assert (c.prefill_instances, c.prefill_tp, c.decode.instances) == (2, 2, 4)
+    assert c.num_actors == 8
+    assert c.prefill is not None and c.prefill.resources == {"prefill": 1}
+    assert c.decode.resources == {"decode": 1}
+    assert c.decode.kv_cache == KVCacheSize(memory_fraction=0.9)
     assert resolved.server.api_key == "sk-test"
     assert resolved.ray_address == "auto"
 
@@ -263,7 +263,7 @@ def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
 def test_memory_sizes(text: str | int, size: int) -> None:
     assert parse_memory(text) == size
     spec = load_spec(S(decode={"kv_cache": {"memory": text}}))
-    assert resolve(spec, gpus_available=False).cluster.kv_cache_bytes == size
+    assert resolve(spec, gpus_available=False).decode.kv_cache == KVCacheSize(memory_bytes=size)
 
 
 # --- resolving --------------------------------------------------------------------------------
@@ -271,19 +271,32 @@ def test_memory_sizes(text: str | int, size: int) -> None:
 
 def test_device_auto_follows_the_cluster() -> None:
     spec = load_spec(S(model={"device": "auto"}))
-    assert resolve(spec, gpus_available=True).cluster.engine.device == "cuda"
-    assert resolve(spec, gpus_available=False).cluster.engine.device == "cpu"
+    assert resolve(spec, gpus_available=True).model.device == "cuda"
+    assert resolve(spec, gpus_available=False).model.device == "cpu"
     assert resolve_problems(S(model={"device": "cuda"}))[0].startswith("model.device: ")
 
 
-def test_kv_cache_sizes_reach_the_cluster_spec() -> None:
+def test_kv_cache_sizes_reach_the_resolved_config() -> None:
     blocks = resolve(load_spec(S(decode={"kv_cache": {"blocks": 77}})), gpus_available=False)
-    assert blocks.cluster.num_kv_blocks == 77
+    assert blocks.decode.kv_cache == KVCacheSize(blocks=77)
     auto = resolve(load_spec(S(decode={"kv_cache": "auto"})), gpus_available=False)
-    assert (auto.cluster.num_kv_blocks, auto.cluster.kv_cache_bytes) == (None, 512 << 20)
+    assert auto.decode.kv_cache == KVCacheSize(memory_bytes=512 << 20)
     frac = S(decode={"kv_cache": {"memory_fraction": 0.5}}, model={"device": "auto"})
-    assert resolve(load_spec(frac), gpus_available=True).kv_cache_memory_fraction == 0.5
+    on_gpu = resolve(load_spec(frac), gpus_available=True).decode.kv_cache
+    assert on_gpu == KVCacheSize(memory_fraction=0.5)
     assert resolve_problems(frac)[0].startswith("decode.kv_cache.memory_fraction: ")
+
+
+def test_the_kv_sizing_rule() -> None:
+    assert KVCacheSize(blocks=7).num_blocks(1000) == 7
+    assert KVCacheSize(memory_bytes=10_500).num_blocks(1000) == 10
+    half = KVCacheSize(memory_fraction=0.5)
+    # 100 GB device, 20 GB used by the weights: 30 GB left of the half, 90% of it for KV
+    assert half.num_blocks(10**9, device_memory=(80 * 10**9, 100 * 10**9)) == 27
+    with pytest.raises(ValueError, match="leaves no room"):
+        half.num_blocks(10**9, device_memory=(40 * 10**9, 100 * 10**9))
+    with pytest.raises(ValueError, match="exactly one"):
+        KVCacheSize(blocks=1, memory_bytes=2)
 
 
 def test_model_dependent_checks_name_the_key(tmp_path: Path) -> None:
@@ -301,7 +314,7 @@ def test_local_model_dir_sets_the_served_name(tiny_models: dict[str, Path]) -> N
     spec = load_spec(S(model={"path": str(tiny_models["qwen2"]), "max_model_len": 512}))
     resolved = resolve(spec, gpus_available=False)
     assert resolved.server.served_model_name == tiny_models["qwen2"].name
-    assert resolved.cluster.engine.max_model_len == 512
+    assert resolved.model.max_model_len == 512
     named = S(model={"path": str(tiny_models["qwen2"]), "served_name": "q"})
     assert resolve(load_spec(named), gpus_available=False).server.served_model_name == "q"
 
@@ -320,8 +333,8 @@ def test_colocated_mode_has_no_prefill_pool() -> None:
     spec = load_spec(S(mode="colocated", decode={"instances": 3}))
     assert spec.prefill is None
     resolved = resolve(spec, gpus_available=False)
-    assert resolved.mode == "colocated"
-    assert (resolved.cluster.prefill_instances, resolved.cluster.decode_instances) == (0, 3)
+    assert resolved.mode == "colocated" and resolved.prefill is None
+    assert (resolved.prefill_instances, resolved.decode.instances) == (0, 3)
 
 
 @pytest.mark.parametrize(
@@ -334,11 +347,11 @@ def test_colocated_mode_has_no_prefill_pool() -> None:
         ({"chunked_prefill": True, "max_num_batched_tokens": 512}, True, 512),
     ],
 )
-def test_colocated_step_budget_reaches_the_cluster_spec(
+def test_colocated_step_budget_reaches_the_resolved_config(
     decode: dict[str, Any], chunked: bool, budget: int
 ) -> None:
-    cluster = resolve(load_spec(S(mode="colocated", decode=decode)), gpus_available=False).cluster
-    assert (cluster.chunked_prefill, cluster.max_num_batched_tokens) == (chunked, budget)
+    d = resolve(load_spec(S(mode="colocated", decode=decode)), gpus_available=False).decode
+    assert (d.chunked_prefill, d.max_num_batched_tokens) == (chunked, budget)
 
 
 def test_address_override_is_validated_and_keeps_the_rest() -> None:

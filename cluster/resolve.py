@@ -1,0 +1,229 @@
+"""Resolving a validated deploy spec into the frozen `DeploymentConfig` that Ray runs.
+
+    resolve(spec, gpus_available=...) -> DeploymentConfig    for a launch: the model is located
+                                         (``builtin:`` built), checked, the API key read
+    settle(spec, device) -> DeploymentConfig                  the same tree without touching the
+                                         model or the environment (the planner, the simulator)
+
+Every ``auto`` is settled here and nowhere else. The YAML spec and ``LLM(...)`` (which builds a
+spec from its keywords) both come through this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pdserve.cluster.spec import SpecError
+from pdserve.cluster.spec_schema import BUILTIN_PREFIX, DeploySpec, KVCache
+from pdserve.engine import envs
+from pdserve.engine.deploy_config import (
+    DecodeSettings,
+    DeploymentConfig,
+    KVCacheSize,
+    ModelSettings,
+    PrefillSettings,
+    RouterSettings,
+    ServerSettings,
+    step_token_budget,
+)
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 512 << 20  # decode KV cache on CPU when kv_cache is auto
+CUDA_KV_MEMORY_FRACTION = 0.9  # share of a decode GPU a replica fills when kv_cache is auto
+
+
+def resolve(
+    spec: DeploySpec, *, gpus_available: bool, environ: Mapping[str, str] | None = None
+) -> DeploymentConfig:
+    """Settle every ``auto`` for the cluster at hand; builds the tiny model for ``builtin:``.
+
+    Model-dependent checks (tensor-parallel size against the heads, max_model_len against the
+    positions) run when the model exists here; otherwise they are skipped with a warning and
+    the workers check the model on their own nodes.
+    """
+    problems: list[str] = []
+    device = _device(spec.model.device, gpus_available, problems)
+    model_path = _model_path(spec.model.path)
+    _check_model(spec, model_path, device, problems)
+    try:
+        api_key = read_api_key(spec.server.api_key, environ)
+    except SpecError as e:
+        api_key, problems = None, problems + e.problems
+    if spec.kv_transfer.backend == "nccl" and device != "cuda":
+        problems.append(
+            "kv_transfer.backend: nccl moves CUDA tensors and the model runs on cpu; "
+            "write gloo or auto"
+        )
+    config: DeploymentConfig | None = None
+    try:
+        config = settle(spec, device, model_path=model_path, api_key=api_key)
+    except SpecError as e:
+        problems += e.problems
+    if problems or config is None:
+        raise SpecError(problems, f"deploy spec {spec.name!r}")
+    if spec.server.host in ("0.0.0.0", "::") and api_key is None:
+        logger.warning(
+            "server.host %s serves every network interface with no api_key", spec.server.host
+        )
+    return config
+
+
+def settle(
+    spec: DeploySpec, device: str, *, model_path: str | None = None, api_key: str | None = None
+) -> DeploymentConfig:
+    """The tree for ``spec`` on ``device`` ("cpu" or "cuda"). ``model_path``: where the model
+    is (default: the spec's path as written); ``api_key``: the key itself (not ``env:VAR``)."""
+    problems: list[str] = []
+    kv = _kv_cache(spec.decode.kv_cache, device, problems)
+    if problems:
+        raise SpecError(problems, f"deploy spec {spec.name!r}")
+    m, d = spec.model, spec.decode
+    path = model_path or spec.model.path
+    return DeploymentConfig(
+        name=spec.name,
+        model=ModelSettings(
+            path=path,
+            dtype=m.dtype,
+            device=device,
+            max_model_len=None if m.max_model_len == "auto" else m.max_model_len,
+            num_threads=spec.ray.num_threads_per_cpu_worker,
+        ),
+        prefill=None if spec.mode == "colocated" else _prefill(spec),
+        decode=DecodeSettings(
+            instances=d.instances,
+            max_num_seqs=d.max_num_seqs,
+            block_size=d.block_size,
+            kv_cache=kv,
+            max_num_batched_tokens=step_token_budget(
+                None if d.max_num_batched_tokens == "auto" else d.max_num_batched_tokens,
+                d.max_num_seqs,
+                d.chunked_prefill,
+            ),
+            chunked_prefill=d.chunked_prefill,
+            resources=dict(d.resources),
+        ),
+        kv_backend=spec.kv_transfer.backend,
+        router=RouterSettings(
+            spec.router.prefill_policy, spec.router.decode_policy, spec.router.max_queued_requests
+        ),
+        server=ServerSettings(
+            host=spec.server.host,
+            port=spec.server.port,
+            served_model_name=_served_name(m.served_name, m.path, path),
+            api_key=api_key,
+            max_request_bytes=spec.server.max_request_bytes,
+            jobs_dir=str(envs.cache_dir() / "jobs" / spec.name),
+        ),
+        ray_address=spec.ray.address,
+    )
+
+
+def _prefill(spec: DeploySpec) -> PrefillSettings:
+    p = spec.prefill_pool
+    return PrefillSettings(
+        p.instances, p.tensor_parallel_size, p.max_batch_tokens, p.max_batch_size, dict(p.resources)
+    )
+
+
+def read_api_key(value: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """``server.api_key``: a literal key, or ``env:VAR`` read from `environ` (default os.environ).
+
+    The one environment read outside engine/envs.py: the variable's name comes from the spec,
+    so no fixed accessor there can serve it. Raises SpecError when VAR is unset or empty.
+    """
+    if value is None or not value.startswith("env:"):
+        return value
+    var = value.removeprefix("env:")
+    key = (os.environ if environ is None else environ).get(var, "")
+    if not key:
+        raise SpecError(
+            [
+                f"server.api_key: environment variable {var} is not set; "
+                f"export {var}=<key> or write the key itself"
+            ]
+        )
+    return key
+
+
+def _device(device: str, gpus_available: bool, problems: list[str]) -> str:
+    if device == "auto":
+        return "cuda" if gpus_available else "cpu"
+    if device == "cuda" and not gpus_available:
+        problems.append("model.device: cuda, but the Ray cluster has no GPUs; write cpu or auto")
+    return device
+
+
+def _model_path(path: str) -> str:
+    """A local directory or file: ``builtin:tiny-<arch>`` is built in the cache dir on first use."""
+    if path.startswith(BUILTIN_PREFIX):
+        from pdserve.engine.tiny_model import default_tiny_model  # imports transformers
+
+        arch = path.removeprefix(BUILTIN_PREFIX + "tiny-")
+        return str(default_tiny_model(arch))
+    return str(Path(path).expanduser().absolute())
+
+
+def _served_name(served_name: str, spec_path: str, model_path: str) -> str:
+    if served_name != "auto":
+        return served_name
+    if spec_path.startswith(BUILTIN_PREFIX):
+        return spec_path.removeprefix(BUILTIN_PREFIX)
+    return Path(model_path).name
+
+
+def _check_model(spec: DeploySpec, model_path: str, device: str, problems: list[str]) -> None:
+    if not Path(model_path).exists():
+        logger.warning(
+            "model.path %s does not exist on this machine: skipping the checks that need the "
+            "model (tensor_parallel_size, max_model_len); each worker checks it on its node",
+            model_path,
+        )
+        return
+    from pdserve.engine.config import ModelConfig, ModelLoadError  # imports transformers
+    from pdserve.engine.parallel import check_tp_size
+
+    try:
+        config = ModelConfig.from_pretrained(model_path, dtype=spec.model.dtype, device=device)
+    except ModelLoadError as e:
+        problems.append(f"model.path: {e}")
+        return
+    max_len, max_pos = spec.model.max_model_len, config.max_position_embeddings
+    if max_len != "auto" and max_len > max_pos:
+        problems.append(
+            f"model.max_model_len: must be at most the model's max_position_embeddings "
+            f"({max_pos}), got {max_len}; write auto or a smaller value"
+        )
+    if spec.mode == "disaggregated":
+        try:
+            check_tp_size(
+                config.num_heads, config.num_kv_heads, spec.prefill_pool.tensor_parallel_size
+            )
+        except ValueError as e:
+            problems.append(f"prefill.tensor_parallel_size: {e}")
+
+
+def _kv_cache(kv: KVCache, device: str, problems: list[str]) -> KVCacheSize:
+    """The KV cache size rule: what was written, else 512 MiB on CPU and 90% of a GPU."""
+    if kv.blocks is not None:
+        return KVCacheSize(blocks=kv.blocks)
+    if kv.memory is not None:
+        return KVCacheSize(memory_bytes=kv.memory)
+    if kv.memory_fraction is not None:
+        if device != "cuda":
+            problems.append(
+                "decode.kv_cache.memory_fraction: only applies on GPUs and the model runs on "
+                'cpu; write {memory: "512MiB"} or {blocks: N}'
+            )
+        return KVCacheSize(memory_fraction=kv.memory_fraction)
+    return auto_kv_cache(device)
+
+
+def auto_kv_cache(device: str) -> KVCacheSize:
+    """What ``kv_cache: auto`` means on ``device``: 512 MiB on CPU, 90% of a GPU."""
+    if device == "cuda":
+        return KVCacheSize(memory_fraction=CUDA_KV_MEMORY_FRACTION)
+    return KVCacheSize(memory_bytes=CPU_KV_CACHE_BYTES)

@@ -1,0 +1,202 @@
+"""The resolved deployment: one frozen tree, every ``auto`` settled, every value set once.
+
+``cluster.spec.resolve`` builds it from a validated deploy spec (the YAML file, or the spec
+that ``LLM(...)`` assembles from its keywords); nothing else constructs one in production. Each
+role reads the sections it needs from the same tree, nothing is copied into a role's own type:
+
+- prefill ranks: ``model``, ``prefill``, ``decode.block_size`` (the KV travels in decode's layout)
+- decode replicas: ``model``, ``decode``
+- the router: ``router``, ``decode.block_size``, ``link_prefix``
+- the HTTP server and the controller: ``server``, ``model.served_name``, ``router``
+
+Plain data, no torch and no Ray, so the router, the planner and the simulator read it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CHUNKED_PREFILL_BUDGET = 2048  # vLLM's default step budget with chunked prefill (serving)
+WHOLE_PREFILL_BUDGET = 8192  # prompt tokens of one prefill-only step (prefill priority)
+KV_ACTIVATION_RESERVE = 0.1  # CUDA: share of the memory left after the weights kept for activations
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What every worker loads, and where it runs."""
+
+    path: str  # a local model directory or .gguf file (builtin: names already resolved)
+    dtype: str = "auto"
+    device: str = "cpu"  # "cpu" or "cuda"
+    max_model_len: int | None = None  # None: the model's own
+    num_threads: int = 1  # torch intra-op threads per actor on CPU
+    # Address the workers' rendezvous stores (TP group, KV links) bind to; "auto" = the node's
+    # IP as Ray knows it, which is what peers on other nodes can reach.
+    host: str = "auto"
+
+
+@dataclass(frozen=True)
+class PrefillSettings:
+    """Prefill instances, each a tensor-parallel group of ranks."""
+
+    instances: int = 1
+    tensor_parallel_size: int = 1
+    max_batch_tokens: int = 8192  # a batch's prompt tokens (a longer prompt runs alone)
+    max_batch_size: int = 64
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, per rank
+
+
+@dataclass(frozen=True)
+class KVCacheSize:
+    """How big a decode replica's KV cache is: exactly one of the three is set."""
+
+    blocks: int | None = None
+    memory_bytes: int | None = None
+    memory_fraction: float | None = None  # CUDA: share of the GPU, weights included
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.blocks, self.memory_bytes, self.memory_fraction) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"{self}: set exactly one of blocks, memory_bytes, memory_fraction")
+
+    def num_blocks(self, bytes_per_block: int, device_memory: tuple[int, int] | None = None) -> int:
+        """Blocks of ``bytes_per_block`` that fit. ``device_memory`` (free, total bytes, read
+        after the weights were loaded) sizes a ``memory_fraction`` cache: the fraction of the
+        total less what is used already, less ``KV_ACTIVATION_RESERVE`` of that for activations."""
+        if self.blocks is not None:
+            return self.blocks
+        if self.memory_bytes is not None:
+            return self.memory_bytes // bytes_per_block
+        assert self.memory_fraction is not None
+        if device_memory is None:
+            raise ValueError("a memory_fraction KV cache needs the device's memory (CUDA only)")
+        free, total = device_memory
+        budget = int(total * self.memory_fraction) - (total - free)
+        if budget <= 0:
+            raise ValueError(
+                f"decode.kv_cache.memory_fraction={self.memory_fraction} leaves no room for the "
+                f"KV cache after the weights ({(total - free) / 2**30:.1f} GiB used of "
+                f"{total / 2**30:.1f} GiB): raise the fraction or use a smaller model"
+            )
+        return int(budget * (1 - KV_ACTIVATION_RESERVE)) // bytes_per_block
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Decode replicas (colocated mode: the instances running both phases)."""
+
+    instances: int = 1
+    max_num_seqs: int = 64
+    block_size: int = 16
+    kv_cache: KVCacheSize = field(default_factory=lambda: KVCacheSize(memory_bytes=512 << 20))
+    # colocated: tokens one step computes. Chunked: decode tokens + prefill chunks; else the
+    # prompts of one prefill-only step (a longer prompt runs alone).
+    max_num_batched_tokens: int = WHOLE_PREFILL_BUDGET
+    chunked_prefill: bool = False
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problem = step_budget_problem(
+            self.max_num_batched_tokens, self.max_num_seqs, self.chunked_prefill
+        )
+        if problem is not None:
+            raise ValueError(f"max_num_batched_tokens {problem}")
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    prefill_policy: str = "least_loaded"
+    decode_policy: str = "most_free_blocks"
+    max_queued_requests: int = 256  # admitted and not finished; above it: 429 + Retry-After
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"  # loopback unless configured: secure by default
+    served_model_name: str = "pdserve"  # the id /v1/models lists and requests must name
+    port: int = 8000
+    api_key: str | None = None  # when set, every route but /health needs "Bearer KEY"
+    max_request_bytes: int = 1 << 20  # bodies above this get 413
+    max_tokens_default: int = 16  # OpenAI's default for /v1/completions without max_tokens
+    jobs_dir: str = ""  # where batch-job results are written ("" = no jobs API)
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    """A whole deployment, resolved. ``prefill`` is None in colocated mode."""
+
+    name: str
+    model: ModelSettings
+    prefill: PrefillSettings | None = field(default_factory=PrefillSettings)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    kv_backend: str = "auto"  # "auto", "gloo" or "nccl"
+    router: RouterSettings = field(default_factory=RouterSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    ray_address: str | None = None
+
+    @property
+    def namespace(self) -> str:
+        """The deployment's Ray namespace; two deployments differ in it."""
+        return namespace_for(self.name)
+
+    @property
+    def link_prefix(self) -> str:
+        """Names of this deployment's KV links and placement groups start with it."""
+        return self.namespace
+
+    @property
+    def mode(self) -> str:
+        return "colocated" if self.prefill is None else "disaggregated"
+
+    @property
+    def prefill_instances(self) -> int:
+        return 0 if self.prefill is None else self.prefill.instances
+
+    @property
+    def prefill_tp(self) -> int:
+        return 1 if self.prefill is None else self.prefill.tensor_parallel_size
+
+    @property
+    def num_actors(self) -> int:
+        return self.prefill_instances * self.prefill_tp + self.decode.instances
+
+
+def namespace_for(name: str) -> str:
+    """The Ray namespace of the deployment called ``name`` (its controller is found there)."""
+    return f"pdserve-{name}"
+
+
+def step_token_budget(max_num_batched_tokens: int | None, max_num_seqs: int, chunked: bool) -> int:
+    """A colocated instance's ``max_num_batched_tokens``, or its default for None (vLLM's):
+    2048 (at least ``max_num_seqs``) with chunked prefill, 8192 without."""
+    if max_num_batched_tokens is None:
+        if not chunked:
+            return WHOLE_PREFILL_BUDGET
+        return max(CHUNKED_PREFILL_BUDGET, max_num_seqs)
+    problem = step_budget_problem(max_num_batched_tokens, max_num_seqs, chunked)
+    if problem is not None:
+        raise ValueError(f"max_num_batched_tokens {problem}")
+    return max_num_batched_tokens
+
+
+def step_budget_problem(
+    max_num_batched_tokens: int, max_num_seqs: int, chunked: bool
+) -> str | None:
+    """What is wrong with a step budget (the key's name left out), or None."""
+    if max_num_batched_tokens < 1:
+        return f"must be >= 1, got {max_num_batched_tokens}"
+    if chunked and max_num_batched_tokens < max_num_seqs:
+        return (
+            f"must be at least max_num_seqs ({max_num_seqs}) with chunked prefill, got "
+            f"{max_num_batched_tokens}: each step decodes every running sequence first"
+        )
+    return None
+
+
+def resolve_host(host: str) -> str:
+    """``auto`` -> this node's IP as Ray reports it (inside a Ray worker), else the host given."""
+    if host != "auto":
+        return host
+    import ray  # imported here: the engine does not otherwise depend on Ray
+
+    return str(ray.util.get_node_ip_address())
