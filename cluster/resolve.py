@@ -11,10 +11,14 @@ spec from its keywords) both come through this module.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from pdserve.cluster.spec import SpecError
 from pdserve.cluster.spec_schema import BUILTIN_PREFIX, DeploySpec, KVCache
@@ -31,6 +35,7 @@ from pdserve.engine.deploy_config import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CPU_KV_CACHE_BYTES = 512 << 20  # decode KV cache on CPU when kv_cache is auto
 CUDA_KV_MEMORY_FRACTION = 0.9  # share of a decode GPU a replica fills when kv_cache is auto
@@ -76,57 +81,52 @@ def settle(
     spec: DeploySpec, device: str, *, model_path: str | None = None, api_key: str | None = None
 ) -> DeploymentConfig:
     """The tree for ``spec`` on ``device`` ("cpu" or "cuda"). ``model_path``: where the model
-    is (default: the spec's path as written); ``api_key``: the key itself (not ``env:VAR``)."""
+    is (default: the spec's path as written); ``api_key``: the key itself (not ``env:VAR``).
+
+    A settings field takes the value of the spec field of the same name in its section, so a
+    new knob needs no line here; only what is settled (``auto``, paths, keys) is written out.
+    """
     problems: list[str] = []
     kv = _kv_cache(spec.decode.kv_cache, device, problems)
     if problems:
         raise SpecError(problems, f"deploy spec {spec.name!r}")
     m, d = spec.model, spec.decode
-    path = model_path or spec.model.path
+    path = model_path or m.path
+    budget = None if d.max_num_batched_tokens == "auto" else d.max_num_batched_tokens
     return DeploymentConfig(
         name=spec.name,
-        model=ModelSettings(
-            path=path,
-            dtype=m.dtype,
-            device=device,
+        model=_same_named(
+            m, ModelSettings, path=path, device=device,
             max_model_len=None if m.max_model_len == "auto" else m.max_model_len,
             num_threads=spec.ray.num_threads_per_cpu_worker,
         ),
-        prefill=None if spec.mode == "colocated" else _prefill(spec),
-        decode=DecodeSettings(
-            instances=d.instances,
-            max_num_seqs=d.max_num_seqs,
-            block_size=d.block_size,
-            kv_cache=kv,
-            max_num_batched_tokens=step_token_budget(
-                None if d.max_num_batched_tokens == "auto" else d.max_num_batched_tokens,
-                d.max_num_seqs,
-                d.chunked_prefill,
-            ),
-            chunked_prefill=d.chunked_prefill,
-            resources=dict(d.resources),
+        prefill=None if spec.mode == "colocated" else _same_named(spec.prefill_pool, PrefillSettings),
+        decode=_same_named(
+            d, DecodeSettings, kv_cache=kv,
+            max_num_batched_tokens=step_token_budget(budget, d.max_num_seqs, d.chunked_prefill),
         ),
         kv_backend=spec.kv_transfer.backend,
-        router=RouterSettings(
-            spec.router.prefill_policy, spec.router.decode_policy, spec.router.max_queued_requests
-        ),
-        server=ServerSettings(
-            host=spec.server.host,
-            port=spec.server.port,
+        router=_same_named(spec.router, RouterSettings),
+        server=_same_named(
+            spec.server, ServerSettings, api_key=api_key,
             served_model_name=_served_name(m.served_name, m.path, path),
-            api_key=api_key,
-            max_request_bytes=spec.server.max_request_bytes,
             jobs_dir=str(envs.cache_dir() / "jobs" / spec.name),
         ),
         ray_address=spec.ray.address,
-    )
+    )  # fmt: skip
 
 
-def _prefill(spec: DeploySpec) -> PrefillSettings:
-    p = spec.prefill_pool
-    return PrefillSettings(
-        p.instances, p.tensor_parallel_size, p.max_batch_tokens, p.max_batch_size, dict(p.resources)
-    )
+def _same_named(section: BaseModel, settings: type[T], **settled: Any) -> T:
+    """``settings`` from the section's fields of the same names, then the ``settled`` values
+    (a mapping field is copied: the tree shares nothing with the spec)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):  # type: ignore[arg-type]
+        if f.name in settled:
+            values[f.name] = settled[f.name]
+        elif f.name in type(section).model_fields:
+            value = getattr(section, f.name)
+            values[f.name] = dict(value) if isinstance(value, Mapping) else value
+    return settings(**values)
 
 
 def read_api_key(value: str | None, environ: Mapping[str, str] | None = None) -> str | None:

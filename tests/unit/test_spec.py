@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pdserve.cluster.resolve import read_api_key, resolve
+from pdserve.cluster.resolve import read_api_key, resolve, settle
 from pdserve.cluster.spec import (
     LOCAL_SPEC_YAML,
     DeploySpec,
@@ -25,7 +25,7 @@ from pdserve.cluster.spec import (
     write_embedded_spec,
 )
 from pdserve.cluster.spec_schema import parse_memory
-from pdserve.engine.deploy_config import KVCacheSize
+from pdserve.engine.deploy_config import KVCacheSize, PrefillSettings, RouterSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -369,3 +369,25 @@ def test_spec_is_frozen_and_errors_survive_pickling() -> None:
         spec.name = "other"  # type: ignore[misc]
     error = SpecError(["a.b: bad", "c: worse"], "x.yaml")
     assert pickle.loads(pickle.dumps(error)).problems == error.problems
+
+
+def test_every_written_knob_reaches_the_resolved_tree() -> None:
+    spec = load_spec(
+        S(
+            prefill={"instances": 3, "tensor_parallel_size": 2, "max_batch_tokens": 100,
+                     "max_batch_size": 5, "resources": {"p": 1}},
+            decode={"instances": 2, "max_num_seqs": 7, "block_size": 8, "resources": {"d": 1}},
+            router={"prefill_policy": "round_robin", "decode_policy": "fewest_running",
+                    "max_queued_requests": 9},
+            server={"host": "127.0.0.2", "port": 9999, "max_request_bytes": 4096},
+            ray={"num_threads_per_cpu_worker": 3},
+            kv_transfer={"backend": "gloo"},
+        )
+    )  # fmt: skip
+    c = settle(spec, "cpu")
+    assert c.prefill == PrefillSettings(3, 2, 100, 5, {"p": 1.0})
+    assert (c.decode.instances, c.decode.max_num_seqs, c.decode.block_size) == (2, 7, 8)
+    assert c.decode.resources == {"d": 1.0}
+    assert c.router == RouterSettings("round_robin", "fewest_running", 9)
+    assert (c.server.host, c.server.port, c.server.max_request_bytes) == ("127.0.0.2", 9999, 4096)
+    assert (c.model.num_threads, c.kv_backend) == (3, "gloo")
