@@ -12,11 +12,11 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
-from pdserve.cluster.deployment import Deployment
-from pdserve.cluster.llm_spec import llm_spec, resolve_llm_spec
+from pdserve.cluster.config.keywords import llm_spec, resolve_llm_spec
+from pdserve.cluster.config.resolve import settle
+from pdserve.cluster.launch.deployment import Deployment
+from pdserve.cluster.launch.ray_env import ensure_ray
 from pdserve.cluster.loop import LoopThread
-from pdserve.cluster.ray_env import ensure_ray
-from pdserve.cluster.resolve import settle
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.deploy_config import namespace_for
 from pdserve.engine.request import RequestOutput

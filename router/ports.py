@@ -1,6 +1,6 @@
 """What the router needs of its workers: typed ports, and the one error a dead worker raises.
 
-The router never sees an actor handle. ``pdserve.cluster.ray_ports`` implements these ports over
+The router never sees an actor handle. ``pdserve.cluster.launch.ray_ports`` implements these ports over
 Ray (and turns Ray's actor-death errors into ``WorkerDied``); the unit tests implement them with
 in-process fakes over the real block accounting.
 """

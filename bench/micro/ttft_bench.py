@@ -75,10 +75,10 @@ def ttft_breakdown(model: Path, prompt_len: int, n: int, threads: int) -> dict[s
 
 
 def http_overhead(model: Path, n: int) -> dict[str, float]:
-    from pdserve.cluster.controller import launch
-    from pdserve.cluster.ray_env import init_ray
-    from pdserve.cluster.resolve import resolve
-    from pdserve.cluster.spec import load_spec
+    from pdserve.cluster.config.resolve import resolve
+    from pdserve.cluster.config.spec import load_spec
+    from pdserve.cluster.launch.controller import launch
+    from pdserve.cluster.launch.ray_env import init_ray
 
     spec = {
         "name": "bench-http",

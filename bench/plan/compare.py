@@ -19,7 +19,7 @@ from pdserve.bench.plan.placement import placement_of
 from pdserve.bench.plan.profile_model import Profile
 from pdserve.bench.plan.simulator import HostCpu, plan_shapes, simulate
 from pdserve.bench.serve.workloads import parse_workload
-from pdserve.cluster.resolve import settle
+from pdserve.cluster.config.resolve import settle
 
 TOLERANCE_PP = 10.0
 
@@ -75,7 +75,7 @@ def compare(
     profile: Profile, results: Mapping[str, Any], host: HostCpu | None = None
 ) -> Comparison:
     """Simulate every probe of a sweep's results (see the module docstring)."""
-    from pdserve.cluster.spec import SpecError, load_spec
+    from pdserve.cluster.config.spec import SpecError, load_spec
 
     workloads = {w["name"]: w for w in _list(results, "workloads")}
     seed = int(results.get("seed", 0))

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.bench.plan.profile_model import Profile
-from pdserve.cluster.resolve import settle
-from pdserve.cluster.spec import load_spec
-from pdserve.cluster.spec_schema import DeploySpec
+from pdserve.cluster.config.resolve import settle
+from pdserve.cluster.config.schema import DeploySpec
+from pdserve.cluster.config.spec import load_spec
 from pdserve.engine.deploy_config import DeploymentConfig
 
 DISAGGREGATED, COLOCATED = "disaggregated", "colocated"

@@ -17,7 +17,7 @@ from pdserve.bench.plan.profile_model import Profile
 from pdserve.bench.plan.simulator import HostCpu, plan_shapes, simulate
 from pdserve.bench.serve.workloads import Workload
 from pdserve.bench.sweep.bisection import BisectionResult, bisect_rate
-from pdserve.cluster.resolve import settle
+from pdserve.cluster.config.resolve import settle
 from pdserve.engine.deploy_config import PrefillSettings
 
 
@@ -79,7 +79,7 @@ def search_placement(
     profile: Profile, placement: Placement, spec: Mapping[str, Any], s: SearchSettings
 ) -> Ranked:
     """Bisect one placement's goodput with the simulator, running the settings its spec gives."""
-    from pdserve.cluster.spec import SpecError, load_spec
+    from pdserve.cluster.config.spec import SpecError, load_spec
 
     try:
         config = settle(load_spec(spec), profile.device)

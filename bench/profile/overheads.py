@@ -104,10 +104,10 @@ def _run_deployment(spec: Any) -> tuple[dict[int, float], dict[int, float], floa
     import ray
     import torch
 
-    from pdserve.cluster.controller import launch
-    from pdserve.cluster.ray_env import init_ray
-    from pdserve.cluster.resolve import resolve
-    from pdserve.cluster.spec import load_spec
+    from pdserve.cluster.config.resolve import resolve
+    from pdserve.cluster.config.spec import load_spec
+    from pdserve.cluster.launch.controller import launch
+    from pdserve.cluster.launch.ray_env import init_ray
 
     data = deploy_spec(spec.model_dump(mode="json"), Placement(DISAGGREGATED, 1, 1, 1))
     data["name"] = f"profile-{uuid.uuid4().hex[:8]}"

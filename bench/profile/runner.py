@@ -22,8 +22,8 @@ from pdserve.bench.profile.dist import LinkBench, TPPrefillBench
 from pdserve.bench.profile.grid import Grid, cpu_count, interleaved, median_by_key
 from pdserve.bench.profile.overheads import DEFAULT_OVERHEADS, measure_overheads
 from pdserve.bench.profile.timers import DecodeTimer, PrefillTimer, Target
-from pdserve.cluster.resolve import auto_kv_cache, resolve
-from pdserve.cluster.spec import SpecError, default_spec_path, load_spec
+from pdserve.cluster.config.resolve import auto_kv_cache, resolve
+from pdserve.cluster.config.spec import SpecError, default_spec_path, load_spec
 from pdserve.engine.deploy_config import KVCacheSize, PrefillSettings
 from pdserve.engine.kv_cache import bytes_per_block
 from pdserve.engine.parallel import TPGroup, check_tp_size

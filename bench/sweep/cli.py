@@ -86,7 +86,7 @@ def _sweep(experiment: Experiment, out_dir: Path, console: Console) -> int:
     from pdserve.bench.serve.workloads import WorkloadError
     from pdserve.bench.sweep.plots import plot_all
     from pdserve.bench.sweep.runner import run_sweep
-    from pdserve.cluster.spec import SpecError
+    from pdserve.cluster.config.spec import SpecError
 
     try:
         results = run_sweep(experiment, out_dir, console)

@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from pdserve.bench.serve.traces import TraceFormatError
 from pdserve.bench.serve.workloads import WorkloadError, parse_workload
 from pdserve.bench.sweep.schema import ExperimentSection, PlacementSection, WorkloadSection
-from pdserve.cluster.spec import SpecError, default_spec_path, load_spec, read_yaml
-from pdserve.cluster.spec_errors import describe_error
+from pdserve.cluster.config.errors import describe_error
+from pdserve.cluster.config.spec import SpecError, default_spec_path, load_spec, read_yaml
 
 DEPLOY_NAME_PREFIX = "sweep-"
 CHECK_PORT = 8000  # placeholder port when checking a placement's spec; the sweep picks a free one

@@ -36,10 +36,10 @@ from pdserve.bench.sweep.results import (
     WorkloadInfo,
     WorkloadResult,
 )
-from pdserve.cluster.controller import launch
-from pdserve.cluster.ray_env import init_ray
-from pdserve.cluster.resolve import resolve
-from pdserve.cluster.spec import load_spec
+from pdserve.cluster.config.resolve import resolve
+from pdserve.cluster.config.spec import load_spec
+from pdserve.cluster.launch.controller import launch
+from pdserve.cluster.launch.ray_env import init_ray
 from pdserve.engine.deploy_config import DeploymentConfig
 
 logger = logging.getLogger(__name__)

@@ -69,7 +69,7 @@ def _add_up_args(p: argparse.ArgumentParser) -> None:
 def up(args: argparse.Namespace) -> int:
     import ray  # Ray and torch from here on
 
-    from pdserve.cluster.controller import launch
+    from pdserve.cluster.launch.controller import launch
 
     console = Console(stderr=True)
     resolved = _resolve(args, console)
@@ -109,9 +109,14 @@ def _resolve(args: argparse.Namespace, console: Console) -> DeploymentConfig | N
     import ray
     import torch
 
-    from pdserve.cluster.ray_env import init_ray
-    from pdserve.cluster.resolve import resolve
-    from pdserve.cluster.spec import SpecError, default_spec_path, load_spec, with_ray_address
+    from pdserve.cluster.config.resolve import resolve
+    from pdserve.cluster.config.spec import (
+        SpecError,
+        default_spec_path,
+        load_spec,
+        with_ray_address,
+    )
+    from pdserve.cluster.launch.ray_env import init_ray
 
     try:
         spec = load_spec(args.file or default_spec_path())
@@ -158,8 +163,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def _connect(args: argparse.Namespace) -> Any:
-    from pdserve.cluster.controller import find_controller
-    from pdserve.cluster.ray_env import init_ray
+    from pdserve.cluster.launch.controller import find_controller
+    from pdserve.cluster.launch.ray_env import init_ray
     from pdserve.engine.deploy_config import namespace_for
 
     init_ray(args.address, namespace=namespace_for(args.name))

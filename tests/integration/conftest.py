@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from pdserve.cluster.ray_env import init_ray
+from pdserve.cluster.launch.ray_env import init_ray
 from pdserve.engine.tiny_model import TINY_ARCHS, make_tiny_model
 
 

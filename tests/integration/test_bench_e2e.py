@@ -24,9 +24,9 @@ from pdserve.bench.sweep.phase_metrics import PhaseTotals
 from pdserve.bench.sweep.plots import plot_all
 from pdserve.bench.sweep.probe import scrape_phases
 from pdserve.bench.sweep.runner import run_sweep
-from pdserve.cluster.controller import find_controller, launch
-from pdserve.cluster.resolve import resolve
-from pdserve.cluster.spec import load_spec
+from pdserve.cluster.config.resolve import resolve
+from pdserve.cluster.config.spec import load_spec
+from pdserve.cluster.launch.controller import find_controller, launch
 from pdserve.engine.tiny_model import default_tiny_model
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,9 @@ import ray
 from cluster_helpers import NEW_TOKENS, deploy_spec, hf_greedy, parity_prompts
 
 from pdserve.cluster import Client
-from pdserve.cluster.controller import launch
-from pdserve.cluster.resolve import resolve
-from pdserve.cluster.spec import load_spec
+from pdserve.cluster.config.resolve import resolve
+from pdserve.cluster.config.spec import load_spec
+from pdserve.cluster.launch.controller import launch
 
 pytestmark = pytest.mark.integration
 

@@ -13,10 +13,10 @@ import ray
 from cluster_helpers import deploy_spec, hf_greedy
 from ray.cluster_utils import Cluster
 
-from pdserve.cluster.controller import launch
-from pdserve.cluster.ray_env import init_ray
-from pdserve.cluster.resolve import resolve
-from pdserve.cluster.spec import load_spec
+from pdserve.cluster.config.resolve import resolve
+from pdserve.cluster.config.spec import load_spec
+from pdserve.cluster.launch.controller import launch
+from pdserve.cluster.launch.ray_env import init_ray
 
 pytestmark = pytest.mark.integration
 

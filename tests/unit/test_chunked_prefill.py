@@ -14,7 +14,7 @@ from _colocated import ColocatedEngine
 from transformers import AutoModelForCausalLM
 
 from pdserve.cluster import LLM
-from pdserve.cluster.spec import SpecError
+from pdserve.cluster.config.spec import SpecError
 from pdserve.decode_worker.runner import DecodeRunner
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.kv_cache import allocate_kv_cache

@@ -19,9 +19,9 @@ from _fake_jobs_frontend import FakeFrontend, expected_text
 
 from pdserve.cluster.cli.jobs import add_jobs_args, add_submit_args, run_jobs, run_submit
 from pdserve.cluster.client import Client, PdserveError, read_prompts
-from pdserve.cluster.jobs import JobManager
-from pdserve.cluster.native_api import MSGPACK, PREFIX, NativeApi
-from pdserve.cluster.server import create_app
+from pdserve.cluster.serving.jobs import JobManager
+from pdserve.cluster.serving.native_api import MSGPACK, PREFIX, NativeApi
+from pdserve.cluster.serving.server import create_app
 from pdserve.engine.deploy_config import ServerSettings
 
 KEY = "test-key"

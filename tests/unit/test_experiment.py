@@ -17,7 +17,7 @@ from pdserve.bench.sweep.experiment import (
     load_experiment,
     placement_deploy_spec,
 )
-from pdserve.cluster.spec import load_spec
+from pdserve.cluster.config.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "deploy" / "experiments"

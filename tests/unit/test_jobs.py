@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from _fake_jobs_frontend import FakeFrontend, expected_text
 
-from pdserve.cluster.job_store import JobInfo, load_info
-from pdserve.cluster.jobs import CANCELLED, JobManager
+from pdserve.cluster.serving.job_store import JobInfo, load_info
+from pdserve.cluster.serving.jobs import CANCELLED, JobManager
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 
 PARAMS = SamplingParams(max_tokens=6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.cluster.metrics import ServingMetrics
+from pdserve.cluster.serving.metrics import ServingMetrics
 from pdserve.engine.request import RequestMetrics
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from _scripted_frontend import ScriptedFrontend
 
-from pdserve.cluster.server import create_app
+from pdserve.cluster.serving.server import create_app
 from pdserve.engine.deploy_config import ServerSettings
 from pdserve.engine.tiny_model import make_tiny_model
 from pdserve.engine.tokenizer import load_tokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.bench.sweep.phase_metrics import PhaseTotals
-from pdserve.cluster.metrics import ServingMetrics
+from pdserve.cluster.serving.metrics import ServingMetrics
 from pdserve.engine.request import RequestMetrics
 
 

@@ -24,8 +24,8 @@ from pdserve.bench.plan.simulator import plan_shapes, simulate
 from pdserve.bench.serve.workloads import parse_workload
 from pdserve.bench.sweep.bisection import BisectionResult
 from pdserve.cluster.cli import main
-from pdserve.cluster.resolve import settle
-from pdserve.cluster.spec import load_spec
+from pdserve.cluster.config.resolve import settle
+from pdserve.cluster.config.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 WORKLOAD = "fixed:in=100,out=10"

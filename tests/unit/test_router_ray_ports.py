@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
-from pdserve.cluster.ray_ports import RayDecodePort, RayPrefillPort
+from pdserve.cluster.launch.ray_ports import RayDecodePort, RayPrefillPort
 from pdserve.engine.request import PrefillItem, StepDelta
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.errors import KVLinkError

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Message
 from transformers import PreTrainedTokenizerBase
 
-from pdserve.cluster.server import create_app
+from pdserve.cluster.serving.server import create_app
 from pdserve.engine.deploy_config import ServerSettings
 from pdserve.engine.tiny_model import make_tiny_model
 from pdserve.engine.tokenizer import apply_chat_template, load_tokenizer

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from pdserve.cluster.resolve import read_api_key, resolve, settle
-from pdserve.cluster.spec import (
+from pdserve.cluster.config.resolve import read_api_key, resolve, settle
+from pdserve.cluster.config.schema import parse_memory
+from pdserve.cluster.config.spec import (
     LOCAL_SPEC_YAML,
     DeploySpec,
     SpecError,
@@ -24,7 +25,6 @@ from pdserve.cluster.spec import (
     with_ray_address,
     write_embedded_spec,
 )
-from pdserve.cluster.spec_schema import parse_memory
 from pdserve.engine.deploy_config import KVCacheSize, PrefillSettings, RouterSettings
 
 REPO = Path(__file__).resolve().parents[2]

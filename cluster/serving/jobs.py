@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from pdserve.cluster.job_store import (
+from pdserve.cluster.serving.job_store import (
     JOB_FILE,
     RESULTS_FILE,
     JobInfo,

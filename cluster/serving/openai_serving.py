@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from transformers import PreTrainedTokenizerBase
 
-from pdserve.cluster.openai_format import ChatFormat, CompletionFormat, ReplyFormat, sse
-from pdserve.cluster.openai_protocol import (
+from pdserve.cluster.serving.openai_format import ChatFormat, CompletionFormat, ReplyFormat, sse
+from pdserve.cluster.serving.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ErrorInfo,
@@ -26,7 +26,7 @@ from pdserve.cluster.openai_protocol import (
     OpenAIError,
     UsageInfo,
 )
-from pdserve.cluster.streaming import ClosingStream, unless_disconnected
+from pdserve.cluster.serving.streaming import ClosingStream, unless_disconnected
 from pdserve.engine.deploy_config import ServerSettings
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.tokenizer import apply_chat_template, encode_prompt

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pdserve.cluster.spec_errors import describe_error
-from pdserve.cluster.spec_schema import DeploySpec
+from pdserve.cluster.config.errors import describe_error
+from pdserve.cluster.config.schema import DeploySpec
 from pdserve.engine import envs
 from pdserve.engine.deploy_config import step_budget_problem
 
@@ -88,7 +88,7 @@ def with_ray_address(spec: DeploySpec, address: str | None) -> DeploySpec:
 
 def default_spec_path() -> Path:
     """deploy/local.yaml of this checkout, else the embedded copy written to the cache dir."""
-    checkout = Path(__file__).resolve().parent.parent / "deploy" / "local.yaml"
+    checkout = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
     if checkout.is_file():
         return checkout
     return write_embedded_spec(envs.cache_dir() / "deploy" / "local.yaml")

@@ -13,7 +13,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pdserve.cluster.ray_ports import RayDecodePort, RayPrefillPort
+from pdserve.cluster.launch.ray_ports import RayDecodePort, RayPrefillPort
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.deploy_config import DeploymentConfig

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from pdserve.cluster.spec import SpecError
-from pdserve.cluster.spec_schema import BUILTIN_PREFIX, DeploySpec, KVCache
+from pdserve.cluster.config.schema import BUILTIN_PREFIX, DeploySpec, KVCache
+from pdserve.cluster.config.spec import SpecError
 from pdserve.engine import envs
 from pdserve.engine.deploy_config import (
     DecodeSettings,

@@ -23,8 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pdserve.cluster.metrics import CONTENT_TYPE, ServingMetrics
-from pdserve.cluster.openai_protocol import (
+from pdserve.cluster.serving.metrics import CONTENT_TYPE, ServingMetrics
+from pdserve.cluster.serving.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ErrorType,
@@ -32,7 +32,7 @@ from pdserve.cluster.openai_protocol import (
     ModelList,
     OpenAIError,
 )
-from pdserve.cluster.openai_serving import OpenAIServing, ServingFrontend
+from pdserve.cluster.serving.openai_serving import OpenAIServing, ServingFrontend
 from pdserve.engine.deploy_config import ServerSettings
 from pdserve.engine.sampling_params import InvalidRequestError
 from pdserve.router.frontend import QueueFullError, RequestFailedError

@@ -7,10 +7,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from pdserve.cluster.resolve import resolve
-from pdserve.cluster.spec import SpecError, load_spec
-from pdserve.cluster.spec_errors import did_you_mean
-from pdserve.cluster.spec_schema import DeploySpec, llm_keywords
+from pdserve.cluster.config.errors import did_you_mean
+from pdserve.cluster.config.resolve import resolve
+from pdserve.cluster.config.schema import DeploySpec, llm_keywords
+from pdserve.cluster.config.spec import SpecError, load_spec
 from pdserve.engine.deploy_config import DeploymentConfig
 
 SOURCE = "LLM(...)"

@@ -17,11 +17,11 @@ import ray
 import uvicorn
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pdserve.cluster.deployment import Deployment
-from pdserve.cluster.jobs import JobManager
-from pdserve.cluster.metrics import ServingMetrics
-from pdserve.cluster.native_api import make_native_router
-from pdserve.cluster.server import create_app
+from pdserve.cluster.launch.deployment import Deployment
+from pdserve.cluster.serving.jobs import JobManager
+from pdserve.cluster.serving.metrics import ServingMetrics
+from pdserve.cluster.serving.native_api import make_native_router
+from pdserve.cluster.serving.server import create_app
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.deploy_config import DeploymentConfig
 from pdserve.engine.tokenizer import load_tokenizer

@@ -38,9 +38,9 @@ import msgpack
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from pdserve.cluster.jobs import Generator, JobInfo, JobManager, check_prompt, metrics_dict
-from pdserve.cluster.openai_protocol import OpenAIError
-from pdserve.cluster.streaming import ClosingStream, unless_disconnected
+from pdserve.cluster.serving.jobs import Generator, JobInfo, JobManager, check_prompt, metrics_dict
+from pdserve.cluster.serving.openai_protocol import OpenAIError
+from pdserve.cluster.serving.streaming import ClosingStream, unless_disconnected
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.sampling_types import TokenLogprobs
 from pdserve.router.frontend import OutputDelta, collect

@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
-from pdserve.cluster.spec_errors import did_you_mean, section_type
+from pdserve.cluster.config.errors import did_you_mean, section_type
 from pdserve.router.policies import DECODE_POLICIES, PREFILL_POLICIES
 
 BUILTIN_PREFIX = "builtin:"
