@@ -21,14 +21,15 @@ abort of a request in the running step takes effect at its commit. Every verb re
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from pdserve.decode_worker.prefill_queue import LocalPrefillQueue
-from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq, ScheduleOutput
+from pdserve.decode_worker.scheduler import DecodeScheduler
+from pdserve.decode_worker.seq import DecodeSeq, ScheduleOutput
 from pdserve.decode_worker.step import (
     ChunkInput,
     EngineLimits,
     EngineStep,
+    HeldRequest,
     Output,
     StepBatch,
     StepRunner,
@@ -36,22 +37,8 @@ from pdserve.decode_worker.step import (
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.load import DecodeLoad
 from pdserve.engine.request import DecodeRequest, StepDelta
-from pdserve.engine.sampling_types import SamplerOutput, SamplingRow, TokenLogprobs
+from pdserve.engine.sampling_types import SamplerOutput, SamplingRow
 from pdserve.engine.stop import check_token_stop
-
-
-@dataclass
-class _Held:
-    """A request this engine holds, from its reservation until it is dropped."""
-
-    req: DecodeRequest
-    heads: int = 0  # KV heads landed so far (summed over the prefill ranks' slices)
-    first_token: int | None = None
-    first_logprobs: TokenLogprobs | None = None  # colocated: from the local prefill
-    kv_bytes: int = 0
-    transfer_s: float = 0.0
-    aborted: bool = False  # abort asked while KV is in flight: drop once it has landed
-    running: bool = False  # activated in the scheduler
 
 
 class DecodeEngine:
@@ -68,7 +55,7 @@ class DecodeEngine:
             limits.max_num_batched_tokens, limits.max_num_seqs, limits.chunked_prefill
         )
         self.num_preemptions = 0
-        self._held: dict[int, _Held] = {}
+        self._held: dict[int, HeldRequest] = {}
         self._step: EngineStep | None = None  # planned and not yet committed
         self._deferred: set[int] = set()  # aborted while in the planned step
 
@@ -80,7 +67,7 @@ class DecodeEngine:
         ``num_computed`` positions counted as cached already."""
         blocks = self.scheduler.reserve(req.transfer_id, len(req.prompt_token_ids))
         if blocks is not None:
-            self._held[req.transfer_id] = _Held(req)
+            self._held[req.transfer_id] = HeldRequest(req)
             if req.local_prefill:
                 self.prefills.add(req.transfer_id, len(req.prompt_token_ids), num_computed)
         return blocks
@@ -267,7 +254,7 @@ class DecodeEngine:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _land(self, held: _Held) -> list[Output]:
+    def _land(self, held: HeldRequest) -> list[Output]:
         """All KV slices and the first token are here: start decoding (or finish at once)."""
         req = held.req
         if held.aborted:
@@ -297,7 +284,7 @@ class DecodeEngine:
             reason = "length"
         return reason
 
-    def _drop(self, held: _Held, last: StepDelta) -> list[Output]:
+    def _drop(self, held: HeldRequest, last: StepDelta) -> list[Output]:
         tid = held.req.transfer_id
         self.scheduler.abort(tid)
         self.prefills.remove(tid)

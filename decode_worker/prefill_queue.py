@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.decode_worker.scheduler import SchedulerError
+from pdserve.decode_worker.seq import SchedulerError
 from pdserve.engine.batching import take_batch
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from pdserve.decode_worker.engine import DecodeEngine
-from pdserve.decode_worker.scheduler import DecodeSeq
+from pdserve.decode_worker.seq import DecodeSeq
 from pdserve.decode_worker.step import EngineLimits, StepBatch
 from pdserve.engine.attention import DecodeMetadata, MixedMetadata
 from pdserve.engine.kv_cache import allocate_kv_cache

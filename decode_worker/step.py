@@ -1,5 +1,5 @@
 """The types of one decode engine step: the plan, the runner's inputs, the runner's contract,
-and the limits an engine is built with. Plain data, no torch."""
+the limits an engine is built with, and what it holds per request. Plain data, no torch."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pdserve.decode_worker.prefill_queue import PrefillChunk
-from pdserve.decode_worker.scheduler import DecodeSeq, ScheduleOutput
-from pdserve.engine.request import StepDelta
-from pdserve.engine.sampling_types import SamplerOutput, SamplingRow
+from pdserve.decode_worker.seq import DecodeSeq, ScheduleOutput
+from pdserve.engine.request import DecodeRequest, StepDelta
+from pdserve.engine.sampling_types import SamplerOutput, SamplingRow, TokenLogprobs
 
 Output = tuple[int, StepDelta]  # (transfer id, what its stream gets)
 
@@ -69,3 +69,17 @@ class EngineLimits:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192  # colocated: tokens of one step (see LocalPrefillQueue)
     chunked_prefill: bool = False
+
+
+@dataclass
+class HeldRequest:
+    """A request a decode engine holds, from its reservation until it is dropped."""
+
+    req: DecodeRequest
+    heads: int = 0  # KV heads landed so far (summed over the prefill ranks' slices)
+    first_token: int | None = None
+    first_logprobs: TokenLogprobs | None = None  # colocated: from the local prefill
+    kv_bytes: int = 0
+    transfer_s: float = 0.0
+    aborted: bool = False  # abort asked while KV is in flight: drop once it has landed
+    running: bool = False  # activated in the scheduler

@@ -41,72 +41,35 @@ class PrefillRunner:
 
         Every KV-sending rank sends each destination one header, then one tensor per layer (K and
         V in the decode cache's block layout) as soon as the layer's K/V exist (overlapping the
-        rest of the forward pass), and rank 0 finally sends the first tokens. All sends have left when this returns. A link that fails (its
-        decode replica died, or it was never made) stops only the sends to that destination: the
-        batch's other items still reach theirs.
+        rest of the forward pass), and rank 0 finally sends the first tokens. All sends have
+        left when this returns. A link that fails (its decode replica died, or it was never
+        made) stops only the sends to that destination: the batch's other items still reach
+        theirs.
         """
         seq_lens = [len(item.prompt_token_ids) for item in items]
         ranges = token_ranges(seq_lens)
-        # destination decode instance -> indices of its items in this batch
-        by_dest: dict[int, list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            by_dest[item.decode_instance].append(i)
-        broken: dict[int, str] = {}
-
-        def on_link(dest: int, op: Callable[[KVLink], None]) -> None:
-            if dest in broken:
-                return
-            link = links.get(dest)
-            if link is None:
-                broken[dest] = f"no KV link to decode replica {dest} on this rank"
-                return
-            try:
-                op(link)
-            except RuntimeError as e:  # gloo/NCCL: the peer closed or the group was torn down
-                broken[dest] = f"KV link to decode replica {dest} failed: {e}"
-
+        sends = _BatchSends(items, links, ranges, self.block_size)
         if self.sends_kv:
-            for dest, idx in by_dest.items():
-                header = self._header([items[i] for i in idx])
-                on_link(dest, partial(KVLink.send_header, header=header))
-
-        plans = {
-            dest: wire_plan([ranges[i] for i in idx], self.block_size)
-            for dest, idx in by_dest.items()
-        }
-
-        def send_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            # k, v: [T, kv_heads_local, head_dim] views for the whole packed batch
-            for dest, plan in plans.items():
-                if dest in broken:
-                    continue
-                wire = pack_layer(k, v, plan)
-                on_link(dest, partial(KVLink.send_tensor, tensor=wire))
-
+            sends.headers(self._header)
         input_ids = torch.tensor(
             [t for it in items for t in it.prompt_token_ids], device=self.device
         )
         positions = torch.cat([torch.arange(n) for n in seq_lens]).to(self.device)
+        meta = PrefillMetadata(seq_lens)
         hidden = self.model(
-            input_ids,
-            positions,
-            PrefillMetadata(seq_lens),
-            None,
-            send_layer if self.sends_kv else None,
+            input_ids, positions, meta, None, sends.layer if self.sends_kv else None
         )
         out = None
         if self.tp.rank == 0:
             last = torch.tensor([end - 1 for _, end in ranges], device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, last))
-            rows = [SamplingRow(it.sampling, it.prompt_token_ids, ()) for it in items]
-            out = self.sampler(logits, rows)
-            for dest, idx in by_dest.items():
-                tokens = torch.tensor([out.token_ids[i] for i in idx])
-                on_link(dest, partial(KVLink.send_tensor, tensor=tokens))
+            out = self.sampler(
+                logits, [SamplingRow(it.sampling, it.prompt_token_ids, ()) for it in items]
+            )
+            sends.trailers(out.token_ids)
         if self.sends_kv:
-            for dest in by_dest:
-                on_link(dest, KVLink.flush)
-        return out, broken
+            sends.flush()
+        return out, sends.broken
 
     def _header(self, items: Sequence[PrefillItem]) -> TransferHeader:
         cfg = self.model.config
@@ -123,3 +86,57 @@ class PrefillRunner:
             block_size=self.block_size,
             has_trailer=self.tp.rank == 0,
         )
+
+
+class _BatchSends:
+    """One batch's sends, per destination decode replica; a destination whose link fails is
+    skipped from then on (``broken`` says why)."""
+
+    def __init__(
+        self,
+        items: Sequence[PrefillItem],
+        links: Mapping[int, KVLink],
+        ranges: Sequence[tuple[int, int]],
+        block_size: int,
+    ) -> None:
+        self.items, self.links = items, links
+        self.by_dest: dict[int, list[int]] = defaultdict(list)  # replica -> its items' indices
+        for i, item in enumerate(items):
+            self.by_dest[item.decode_instance].append(i)
+        self.plans = {
+            dest: wire_plan([ranges[i] for i in idx], block_size)
+            for dest, idx in self.by_dest.items()
+        }
+        self.broken: dict[int, str] = {}
+
+    def headers(self, header: Callable[[Sequence[PrefillItem]], TransferHeader]) -> None:
+        for dest, idx in self.by_dest.items():
+            h = header([self.items[i] for i in idx])
+            self._on_link(dest, partial(KVLink.send_header, header=h))
+
+    def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v: [T, kv_heads_local, head_dim] views for the whole packed batch
+        for dest, plan in self.plans.items():
+            if dest not in self.broken:
+                self._on_link(dest, partial(KVLink.send_tensor, tensor=pack_layer(k, v, plan)))
+
+    def trailers(self, first_tokens: Sequence[int]) -> None:
+        for dest, idx in self.by_dest.items():
+            tokens = torch.tensor([first_tokens[i] for i in idx])
+            self._on_link(dest, partial(KVLink.send_tensor, tensor=tokens))
+
+    def flush(self) -> None:
+        for dest in self.by_dest:
+            self._on_link(dest, KVLink.flush)
+
+    def _on_link(self, dest: int, op: Callable[[KVLink], None]) -> None:
+        if dest in self.broken:
+            return
+        link = self.links.get(dest)
+        if link is None:
+            self.broken[dest] = f"no KV link to decode replica {dest} on this rank"
+            return
+        try:
+            op(link)
+        except RuntimeError as e:  # gloo/NCCL: the peer closed or the group was torn down
+            self.broken[dest] = f"KV link to decode replica {dest} failed: {e}"

@@ -7,7 +7,7 @@ import pytest
 from _colocated import ColocatedEngine
 
 from pdserve.decode_worker.prefill_queue import LocalPrefillQueue, PrefillChunk
-from pdserve.decode_worker.scheduler import SchedulerError
+from pdserve.decode_worker.seq import SchedulerError
 from pdserve.engine.deploy_config import DecodeSettings, step_token_budget
 
 
