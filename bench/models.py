@@ -23,12 +23,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from pdserve.engine.built_dir import build_once
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.envs import cache_dir
 from pdserve.engine.loader import load_model
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
-from pdserve.engine.tiny_model import build_checkpoint, default_tiny_model
+from pdserve.engine.tiny_model import default_tiny_model
 
 MARKER = "pdserve_bench_model.json"
 BUILTIN_MODELS = ("tiny", "small")
@@ -69,7 +70,7 @@ def make_bench_model(out_dir: str | Path, spec: BenchModelSpec | None = None) ->
     """Build a random Llama checkpoint (config.json + safetensors) into out_dir; reuse it when
     already built from the same spec."""
     chosen = spec or BenchModelSpec()
-    return build_checkpoint(
+    return build_once(
         Path(out_dir),
         MARKER,
         asdict(chosen),

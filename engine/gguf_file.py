@@ -15,20 +15,12 @@ model, and a crashed conversion leaves nothing that looks complete.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import logging
-import os
-import shutil
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import gguf
-
+from pdserve.engine.built_dir import build_once
 from pdserve.engine.envs import cache_dir
 from pdserve.engine.gguf_convert import write_config, write_tensors, write_tokenizer
 from pdserve.engine.gguf_reader import is_gguf_file, open_gguf, require_file
@@ -57,24 +49,19 @@ def materialize_gguf(path: Path, cache_root: Path, progress: bool = True) -> Pat
     architecture other than llama/qwen2/qwen3, or a tensor type outside SUPPORTED_TYPES.
     """
     source = require_file(path.expanduser().resolve())
+    stat = source.stat()
+    stamp = {
+        "source": str(source),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "converter_version": CONVERTER_VERSION,
+    }
     out = cache_root / f"gguf-{source.stem}-{cache_key(source)}"
-    if _is_complete(out):  # converted, so checked, before: skip reading the file
-        return out
-    cache_root.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_root / f".{out.name}.lock"):
-        if _is_complete(out):  # another worker converted it while we waited
-            return out
-        reader = open_gguf(source)  # all checks, before anything is written
-        _remove_leftovers(out)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            _convert(reader, source, tmp, progress)
-            os.rename(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out
+
+    def convert(tmp: Path) -> None:
+        _convert(tmp, source, progress)
+
+    return build_once(out, MARKER, stamp, convert, "GGUF conversion", owned=True)
 
 
 def cache_key(source: Path) -> str:
@@ -84,41 +71,11 @@ def cache_key(source: Path) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
-def _convert(reader: gguf.GGUFReader, source: Path, out: Path, progress: bool) -> None:
+def _convert(out: Path, source: Path, progress: bool) -> None:
     started = time.perf_counter()
+    reader = open_gguf(source)  # every check, before anything is written
     logger.info("converting %s into %s (float32)", source, out)
     config = write_config(reader, source, out)
     write_tokenizer(source, out)
     write_tensors(reader, config, source, out, progress)
-    stat = source.stat()
-    stamp = {
-        "source": str(source),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "converter_version": CONVERTER_VERSION,
-    }
-    (out / MARKER).write_text(json.dumps(stamp, indent=2))
     logger.info("converted %s in %.1f s", source.name, time.perf_counter() - started)
-
-
-def _is_complete(out: Path) -> bool:
-    return (out / MARKER).is_file()
-
-
-def _remove_leftovers(out: Path) -> None:
-    """Drop what a crashed conversion left (we hold the lock, so nobody is writing them)."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if out.exists():  # no marker: not ours to trust
-        shutil.rmtree(out)
-
-
-@contextmanager
-def _locked(lock_file: Path) -> Iterator[None]:
-    """An exclusive flock on lock_file; the OS releases it if this process dies."""
-    with lock_file.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

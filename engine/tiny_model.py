@@ -7,11 +7,6 @@ safetensors, tokenizer.json, chat template) that transformers itself loads as th
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +26,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from pdserve.engine.built_dir import build_once
 from pdserve.engine.envs import cache_dir
 
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
@@ -163,39 +159,9 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> 
     if arch not in TINY_ARCHS:
         raise ValueError(f"unknown tiny arch {arch!r}; choose one of {TINY_ARCHS}")
     stamp = {"arch": arch, "seed": seed, "version": BUILDER_VERSION}
-    return build_checkpoint(
+    return build_once(
         Path(out_dir), MARKER, stamp, lambda tmp: _build(tmp, arch, seed), "pdserve tiny model"
     )
-
-
-def build_checkpoint(
-    out: Path, marker_name: str, stamp: dict[str, Any], build: Callable[[Path], None], what: str
-) -> Path:
-    """Build a checkpoint directory once per `stamp` (also used for the benchmark models).
-
-    `out` is reused when its marker file holds `stamp`; a non-empty directory without a marker
-    is refused (`what` names the model in the error). Otherwise `build` writes a fresh directory
-    beside `out`, which is then renamed into place: a concurrent builder never sees a
-    half-written model, and of two racing builds of the same stamp the loser is dropped.
-    """
-    marker = out / marker_name
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
-        return out
-    if out.exists() and any(out.iterdir()) and not marker.is_file():
-        raise ValueError(f"{out} exists and is not a {what}; choose an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    build(tmp)
-    (tmp / marker_name).write_text(json.dumps(stamp))
-    if marker.is_file():  # a stale build (other args or recipe): replace it
-        shutil.rmtree(out, ignore_errors=True)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (marker.is_file() and json.loads(marker.read_text()) == stamp):
-            raise
-    return out
 
 
 def default_tiny_model(arch: str = "llama", seed: int = 0) -> Path:
