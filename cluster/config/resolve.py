@@ -20,9 +20,15 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from pdserve.cluster.config.schema import BUILTIN_PREFIX, DeploySpec, KVCache
+from pdserve.cluster.config.schema import DeploySpec, KVCache
 from pdserve.cluster.config.spec import SpecError
 from pdserve.engine import envs
+from pdserve.engine.builtin_models import (
+    BUILTIN_PREFIX,
+    BuiltinModelError,
+    builtin_path,
+    is_builtin,
+)
 from pdserve.engine.deploy_config import (
     DecodeSettings,
     DeploymentConfig,
@@ -44,7 +50,7 @@ CUDA_KV_MEMORY_FRACTION = 0.9  # share of a decode GPU a replica fills when kv_c
 def resolve(
     spec: DeploySpec, *, gpus_available: bool, environ: Mapping[str, str] | None = None
 ) -> DeploymentConfig:
-    """Settle every ``auto`` for the cluster at hand; builds the tiny model for ``builtin:``.
+    """Settle every ``auto`` for the cluster at hand; locates (or builds) a ``builtin:`` model.
 
     Model-dependent checks (tensor-parallel size against the heads, max_model_len against the
     positions) run when the model exists here; otherwise they are skipped with a warning and
@@ -52,7 +58,10 @@ def resolve(
     """
     problems: list[str] = []
     device = _device(spec.model.device, gpus_available, problems)
-    model_path = _model_path(spec.model.path)
+    try:
+        model_path = _model_path(spec.model.path)
+    except BuiltinModelError as e:
+        raise SpecError([f"model.path: {e}"], f"deploy spec {spec.name!r}") from None
     _check_model(spec, model_path, device, problems)
     try:
         api_key = read_api_key(spec.server.api_key, environ)
@@ -158,21 +167,19 @@ def _device(device: str, gpus_available: bool, problems: list[str]) -> str:
 
 
 def _model_path(path: str) -> str:
-    """A local directory or file: ``builtin:tiny-<arch>`` is built in the cache dir on first use."""
-    if path.startswith(BUILTIN_PREFIX):
-        from pdserve.engine.tiny_model import default_tiny_model  # imports transformers
-
-        arch = path.removeprefix(BUILTIN_PREFIX + "tiny-")
-        return str(default_tiny_model(arch))
+    """A local directory or file; a ``builtin:`` name is found (or built) here."""
+    if is_builtin(path):
+        return str(builtin_path(path))
     return str(Path(path).expanduser().absolute())
 
 
 def _served_name(served_name: str, spec_path: str, model_path: str) -> str:
     if served_name != "auto":
         return served_name
-    if spec_path.startswith(BUILTIN_PREFIX):
+    if is_builtin(spec_path):
         return spec_path.removeprefix(BUILTIN_PREFIX)
-    return Path(model_path).name
+    path = Path(model_path)
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
 
 
 def _check_model(spec: DeploySpec, model_path: str, device: str, problems: list[str]) -> None:

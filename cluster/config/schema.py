@@ -15,10 +15,9 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
 from pdserve.cluster.config.errors import did_you_mean, section_type
+from pdserve.engine.builtin_models import BUILTIN_MODELS, BUILTIN_PREFIX, DEFAULT_MODEL
 from pdserve.router.policies import DECODE_POLICIES, PREFILL_POLICIES
 
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 KV_BACKENDS = ("auto", "nccl", "gloo")
@@ -83,7 +82,10 @@ def _check_resources(value: dict[str, float]) -> dict[str, float]:
 
 def _check_model_path(value: str) -> str:
     if not value.strip():
-        raise ValueError("must be a local Hugging Face model directory or builtin:tiny-llama")
+        raise ValueError(
+            "must be a local model directory, a .gguf file or a built-in name such as "
+            f"{BUILTIN_PREFIX}{DEFAULT_MODEL}"
+        )
     name = value.removeprefix(BUILTIN_PREFIX)
     if value.startswith(BUILTIN_PREFIX) and name not in BUILTIN_MODELS:
         builtins = [BUILTIN_PREFIX + m for m in BUILTIN_MODELS]
@@ -113,10 +115,6 @@ def _check_address(value: str | None) -> str | None:
     raise ValueError(f"must be null (start a local Ray), auto, or host:port, got {value!r}")
 
 
-def _power_of_two(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
 Positive = Annotated[int, Field(ge=1)]
 Resources = Annotated[dict[str, Annotated[float, Field(gt=0)]], AfterValidator(_check_resources)]
 AutoInt = Annotated[int | Literal["auto"], PlainValidator(_auto_or_positive_int)]
@@ -141,7 +139,7 @@ class Section(BaseModel):
 class ModelSection(Section):
     """Which checkpoint to serve, in which dtype, on which device."""
 
-    path: Annotated[str, AfterValidator(_check_model_path)] = BUILTIN_PREFIX + "tiny-llama"
+    path: Annotated[str, AfterValidator(_check_model_path)] = BUILTIN_PREFIX + DEFAULT_MODEL
     dtype: Annotated[str, _one_of(*DTYPES)] = kw("auto", "dtype")
     device: Annotated[str, _one_of(*DEVICES)] = kw("auto", "device")
     max_model_len: AutoInt = kw("auto", "max_model_len")
@@ -152,13 +150,8 @@ class PrefillSection(Section):
     """Prefill instances, each a tensor-parallel group of actors (one device each)."""
 
     instances: Positive = kw(1, "prefill_instances")
-    tensor_parallel_size: Annotated[
-        int,
-        _check(
-            _power_of_two,
-            "must be a power of two (1, 2, 4, 8) dividing the model's attention heads",
-        ),
-    ] = kw(1, "prefill_tensor_parallel_size")
+    # any size dividing the model's heads: resolve checks it against the model
+    tensor_parallel_size: Positive = kw(1, "prefill_tensor_parallel_size")
     max_batch_tokens: Positive = kw(8192, "max_batch_tokens")
     max_batch_size: Positive = kw(64, "max_batch_size")
     resources: Resources = Field(default_factory=dict)

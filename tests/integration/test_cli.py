@@ -1,4 +1,4 @@
-"""The command line as a user runs it: `pdserve up -f deploy/local-tp2.yaml`, then status, a
+"""The command line as a user runs it: `pdserve up -f SPEC` (local-tp3.yaml's shape), then status, a
 request, and `pdserve down`, each a separate process."""
 
 from __future__ import annotations
@@ -71,8 +71,12 @@ def test_up_status_request_down(tmp_path: Path) -> None:
     with pytest.raises(httpx.ConnectError):  # nothing else may answer on the spec's port
         httpx.get("http://127.0.0.1:8001/health", timeout=2)
     log = (tmp_path / "up.log").open("w+")
+    spec = tmp_path / "tp2.yaml"  # deploy/local-tp3.yaml's shape on the tiny model, at TP=2
+    text = Path("deploy/local-tp3.yaml").read_text().replace("name: local-tp3", "name: itest-tp2")
+    text = text.replace("builtin:smollm2-135m-instruct", "builtin:tiny-llama")
+    spec.write_text(text.replace("tensor_parallel_size: 3", "tensor_parallel_size: 2"))
     up = subprocess.Popen(
-        [PDSERVE, "up", "-f", "deploy/local-tp2.yaml"],
+        [PDSERVE, "up", "-f", str(spec)],
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
@@ -93,7 +97,7 @@ def test_up_status_request_down(tmp_path: Path) -> None:
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
         assert re.search(r"ray cluster: \S+", Path(log.name).read_text())
-        args = ["-n", "local-tp2"]  # --address auto: the local cluster `up` started
+        args = ["-n", "itest-tp2"]  # --address auto: the local cluster `up` started
         status = subprocess.run(
             [PDSERVE, "status", *args, "--json"], capture_output=True, text=True, timeout=120
         )
@@ -111,7 +115,8 @@ def test_sigterm_stops_a_foreground_up_cleanly(tmp_path: Path) -> None:
     """`kill PID` / `docker stop` reach a foreground `up` as SIGTERM: it shuts the deployment down
     as Ctrl-C does and exits 0."""
     spec = tmp_path / "term.yaml"
-    spec.write_text(Path("deploy/local.yaml").read_text().replace("port: 8000", "port: 8002"))
+    text = Path("deploy/local.yaml").read_text().replace("port: 8000", "port: 8002")
+    spec.write_text(text.replace("builtin:smollm2-135m-instruct", "builtin:tiny-llama"))
     log = (tmp_path / "up.log").open("w+")
     up = subprocess.Popen([PDSERVE, "up", "-f", str(spec)], stdout=log, stderr=subprocess.STDOUT)
     try:

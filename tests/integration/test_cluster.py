@@ -1,4 +1,4 @@
-"""The deployed cluster: a controller started from deploy/local-tp2.yaml (TP=2 prefill, 2 decode
+"""The deployed cluster: a controller started from deploy/local-tp3.yaml's shape at TP=2 (TP=2 prefill, 2 decode
 replicas) serving HTTP, used through curl-like requests, the client library and the openai package."""
 
 from __future__ import annotations
@@ -25,7 +25,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def served(ray_session: None, tiny_dirs: dict[str, Path]) -> Iterator[tuple[Any, str]]:
-    spec = deploy_spec("deploy/local-tp2.yaml", "itest-tp2", tiny_dirs["llama"])
+    spec = deploy_spec(
+        "deploy/local-tp3.yaml",
+        "itest-tp2",
+        tiny_dirs["llama"],
+        prefill={"tensor_parallel_size": 2},
+    )
     actor, url = launch(resolve(load_spec(spec), gpus_available=False), detached=False)
     yield actor, url
     ray.get(actor.shutdown.remote(), timeout=120)

@@ -37,10 +37,10 @@ def test_actors_follow_resources_and_kv_crosses_nodes(
     cluster: dict[str, str], tiny_dirs: dict[str, Path]
 ) -> None:
     spec = deploy_spec(
-        "deploy/local-tp2.yaml",
+        "deploy/local-tp3.yaml",
         "itest-multinode",
         tiny_dirs["llama"],
-        prefill={"resources": {"prefill": 1}},
+        prefill={"resources": {"prefill": 1}, "tensor_parallel_size": 2},
         decode={"resources": {"decode": 1}},
     )
     actor, url = launch(resolve(load_spec(spec), gpus_available=False), detached=False)

@@ -28,7 +28,7 @@ def cache_dir(
 
 def spec_dict(**sections: Any) -> dict[str, Any]:
     """A minimal valid spec (the built-in model on CPU) with `sections` merged in."""
-    base: dict[str, Any] = {"name": "t", "model": {"device": "cpu"}}
+    base: dict[str, Any] = {"name": "t", "model": {"device": "cpu", "path": "builtin:tiny-llama"}}
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             base[key] = {**base[key], **value}

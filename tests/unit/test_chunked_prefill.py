@@ -97,8 +97,8 @@ def test_llm_options_are_checked_before_anything_starts(tiny_models: dict[str, P
         SpecError, match=r"max_num_batched_tokens: must be at least max_num_seqs \(64\)"
     ):
         LLM(model, mode="colocated", enable_chunked_prefill=True, max_num_batched_tokens=32)
-    with pytest.raises(SpecError, match="prefill_tensor_parallel_size: must be a power of two"):
-        LLM(model, prefill_tensor_parallel_size=3)
+    with pytest.raises(SpecError, match="prefill_tensor_parallel_size: must be >= 1"):
+        LLM(model, prefill_tensor_parallel_size=0)
     with pytest.raises(TypeError, match="did you mean 'max_num_seqs'"):
         LLM(model, max_num_seq=8)
     assert not ray.is_initialized()

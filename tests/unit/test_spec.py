@@ -14,7 +14,7 @@ import pytest
 import yaml
 from _spec_helpers import DEPLOY, GPU_SPEC, REPO, S, cache_dir, problems_of, spec_error  # noqa: F401
 
-from pdserve.cluster.config.resolve import resolve
+from pdserve.cluster.config.resolve import resolve, settle
 from pdserve.cluster.config.schema import parse_memory
 from pdserve.cluster.config.spec import (
     LOCAL_SPEC_YAML,
@@ -30,23 +30,22 @@ from pdserve.engine.deploy_config import KVCacheSize
 # --- the shipped specs ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "local-tp2.yaml"])
-def test_local_specs_resolve_to_cpu_clusters_on_the_builtin_model(name: str) -> None:
-    resolved = resolve(load_spec(DEPLOY / name), gpus_available=False)
-    assert resolved.model.device == "cpu"
-    assert (Path(resolved.model.path) / "config.json").is_file()
-    assert resolved.server.served_model_name == "tiny-llama"
+@pytest.mark.parametrize("name", ["local.yaml", "local-tp3.yaml"])
+def test_local_specs_settle_to_cpu_clusters_on_the_default_model(name: str) -> None:
+    resolved = settle(load_spec(DEPLOY / name), "cpu")  # the model itself: test_real_model
+    assert resolved.model.path == "builtin:smollm2-135m-instruct"
+    assert resolved.server.served_model_name == "smollm2-135m-instruct"
     assert resolved.namespace == f"pdserve-{resolved.name}"
     assert resolved.link_prefix == resolved.namespace
     assert resolved.server.host == "127.0.0.1"
     assert resolved.decode.kv_cache.memory_fraction is None
 
 
-def test_local_tp2_has_tp2_prefill_and_two_decode_replicas_beside_local() -> None:
-    local = resolve(load_spec(DEPLOY / "local.yaml"), gpus_available=False)
-    tp2 = resolve(load_spec(DEPLOY / "local-tp2.yaml"), gpus_available=False)
+def test_local_tp3_has_tp3_prefill_and_two_decode_replicas_beside_local() -> None:
+    local = settle(load_spec(DEPLOY / "local.yaml"), "cpu")
+    tp2 = settle(load_spec(DEPLOY / "local-tp3.yaml"), "cpu")
     assert (local.prefill_tp, local.decode.instances) == (1, 1)
-    assert (tp2.prefill_tp, tp2.decode.instances) == (2, 2)
+    assert (tp2.prefill_tp, tp2.decode.instances) == (3, 2)
     # Both can run on one Ray cluster and one machine.
     assert local.namespace != tp2.namespace
     assert local.server.port != tp2.server.port
@@ -153,7 +152,7 @@ def test_unknown_keys_are_rejected_with_a_suggestion(
         (S(model={"device": "gpu"}), "model.device", "'cuda'"),
         (S(model={"path": "builtin:tiny-lama"}), "model.path", "builtin:tiny-llama"),
         (S(model={"max_model_len": 0}), "model.max_model_len", "auto or a positive"),
-        (S(prefill={"tensor_parallel_size": 3}), "prefill.tensor_parallel_size", "power of two"),
+        (S(prefill={"tensor_parallel_size": 0}), "prefill.tensor_parallel_size", ">= 1"),
         (S(prefill={"instances": 0}), "prefill.instances", "must be >= 1, got 0"),
         (S(prefill={"resources": {"GPU": 1}}), "prefill.resources", "custom resources only"),
         (S(decode={"instances": "2"}), "decode.instances", "without quotes"),
@@ -222,7 +221,7 @@ def test_memory_sizes(text: str | int, size: int) -> None:
 
 
 def test_address_override_is_validated_and_keeps_the_rest() -> None:
-    spec = load_spec(DEPLOY / "local-tp2.yaml")
+    spec = load_spec(DEPLOY / "local-tp3.yaml")
     moved = with_ray_address(spec, "10.0.0.1:6379")
     assert moved.ray.address == "10.0.0.1:6379"
     assert moved.model_copy(update={"ray": spec.ray}) == spec
