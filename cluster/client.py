@@ -3,7 +3,9 @@
 Light on purpose (httpx and msgpack only; no torch, no Ray), so any machine can use it::
 
     with Client("http://head-node:8000") as client:
-        print(client.generate("The capital of France is", max_tokens=8)["text"])
+        print(client.generate("The capital of France is", max_tokens=8)["text"])  # raw text
+        chat = [{"role": "user", "content": "What is the capital of France?"}]
+        print(client.chat(chat, max_tokens=32)["text"])  # the model's chat template
         job = client.submit_job("prompts.jsonl", max_tokens=64)
         job.wait(progress=True)
         for result in job.results():  # in submission order
@@ -16,7 +18,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,6 +33,7 @@ MSGPACK = "application/x-msgpack"
 TERMINAL_STATES = ("completed", "cancelled", "failed")
 MAX_FRAME_BYTES = 64 << 20
 Prompt = str | list[int]
+Message = Mapping[str, str]  # {"role": ..., "content": ...}
 
 
 class PdserveError(RuntimeError):
@@ -116,8 +119,17 @@ class Client:
         self._http = httpx.Client(base_url=self.url + PREFIX, headers=headers, timeout=timeout)
 
     def generate(self, prompt: Prompt, *, request_id: str | None = None, **sampling: Any) -> dict:
-        """One completion: {request_id, text, token_ids, finish_reason, metrics}."""
-        out: dict = self._call("POST", "/generate", _request(prompt, request_id, sampling))
+        """One raw completion: {request_id, text, token_ids, finish_reason, metrics}."""
+        out: dict = self._call("POST", "/generate", _request(prompt, None, request_id, sampling))
+        return out
+
+    def chat(
+        self, messages: Sequence[Message], *, request_id: str | None = None, **sampling: Any
+    ) -> dict:
+        """One chat reply (the model's chat template applied, stopping at its end of turn),
+        shaped as ``generate``'s."""
+        body = _request(None, messages, request_id, sampling)
+        out: dict = self._call("POST", "/generate", body)
         return out
 
     def stream(
@@ -125,7 +137,16 @@ class Client:
     ) -> Iterator[dict]:
         """Deltas {request_id, text, token_ids, finish_reason, ...} as they are generated; the
         last has finish_reason and metrics. Leaving the loop early aborts the request."""
-        body = msgpack.packb(_request(prompt, request_id, sampling))
+        return self._stream(_request(prompt, None, request_id, sampling))
+
+    def stream_chat(
+        self, messages: Sequence[Message], *, request_id: str | None = None, **sampling: Any
+    ) -> Iterator[dict]:
+        """``stream`` for a chat: deltas of the reply to ``messages``."""
+        return self._stream(_request(None, messages, request_id, sampling))
+
+    def _stream(self, request: dict[str, Any]) -> Iterator[dict]:
+        body = msgpack.packb(request)
         with self._errors(), self._http.stream("POST", "/stream", content=body) as resp:
             if not resp.is_success:
                 resp.read()
@@ -199,8 +220,18 @@ class Client:
             ) from e
 
 
-def _request(prompt: Prompt, request_id: str | None, sampling: dict[str, Any]) -> dict[str, Any]:
-    return {"prompt": prompt, "sampling": sampling, "request_id": request_id or uuid.uuid4().hex}
+def _request(
+    prompt: Prompt | None,
+    messages: Sequence[Message] | None,
+    request_id: str | None,
+    sampling: dict[str, Any],
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"sampling": sampling, "request_id": request_id or uuid.uuid4().hex}
+    if messages is not None:
+        body["messages"] = [dict(m) for m in messages]
+    else:
+        body["prompt"] = prompt
+    return body
 
 
 class Job:

