@@ -1,13 +1,16 @@
 """Turn a batch of logits into next tokens: penalties, temperature, top-k/top-p/min-p, draws.
 
 Order per row: penalties -> greedy argmax if temperature == 0 -> temperature -> top-k -> top-p
--> min-p -> sample. Each step is one batched tensor op driven by per-row parameter tensors; the
-only per-row Python work is drawing the noise of seeded rows.
+-> min-p -> sample. Penalties are batched tensor ops driven by per-row parameter tensors; the
+filters and the draw are in `sampling_draw`, which samples exactly from the processed
+distribution without sorting the vocabulary.
 
-Sampling is an exponential race: token = argmax(probs / q) with q ~ Exp(1) i.i.d., which picks
-token i with probability probs[i]. A seeded row draws q from a CPU generator seeded with
-(seed, tokens generated so far), so its token depends only on that pair and its own logits: the
-same on the prefill worker (token 1) and on any decode worker (the rest), whatever the batch.
+Each sampled row gets its uniforms (a few, one per draw: inverse-CDF draws, see
+`sampling_draw`) from a CPU generator. A seeded row's generator is seeded with (seed, tokens
+generated so far), so its token depends only on that pair and its own logits: the same on the
+prefill worker (token 1) and on any decode worker (the rest), whatever the batch and whatever
+the device. Unseeded rows draw from the sampler's own generator, seeded once from the OS
+(or from `Sampler(seed=...)`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from pdserve.engine.sampling_draw import DRAWS, sample
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sampling_types import SamplerOutput, SamplingRow, TokenLogprobs
 
@@ -27,10 +31,15 @@ _MASK64 = (1 << 64) - 1
 class Sampler:
     """Samples one token per row of a logits batch, following each row's SamplingParams."""
 
-    def __init__(self) -> None:
-        # Seeded noise is drawn on the CPU: CPU and CUDA generators give different streams, and
-        # the two workers that sample one request may sit on different device types.
-        self._generator = torch.Generator(device="cpu")
+    def __init__(self, seed: int | None = None) -> None:
+        # Noise is drawn on the CPU: CPU and CUDA generators give different streams, and the
+        # two workers that sample one request may sit on different device types.
+        self._seeded = torch.Generator(device="cpu")  # reseeded for every seeded row
+        self._unseeded = torch.Generator(device="cpu")
+        if seed is None:
+            self._unseeded.seed()  # every process its own stream
+        else:
+            self._unseeded.manual_seed(seed)
 
     def __call__(self, logits: Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         # logits: [B, V]
@@ -46,7 +55,9 @@ class Sampler:
 
         token_ids = logits.argmax(dim=-1)  # [B]: the answer for greedy rows
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if sampled:
+        if len(sampled) == len(rows):
+            token_ids = self._sample(logits, rows)
+        elif sampled:
             index = torch.tensor(sampled, device=logits.device)
             token_ids[index] = self._sample(logits[index], [rows[i] for i in sampled])
 
@@ -57,25 +68,16 @@ class Sampler:
 
     def _sample(self, logits: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
         # logits: [S, V] for the non-greedy rows only
-        device = logits.device
-        temperature = torch.tensor([r.params.temperature for r in rows], device=device)
-        temperature = temperature.clamp(min=1e-5)  # smaller ones would overflow; greedy anyway
-        logits = logits / temperature[:, None]
-        logits = apply_top_k_top_p(logits, rows)
-        logits = apply_min_p(logits, rows)
-        probs = torch.softmax(logits, dim=-1)
-        noise = torch.empty_like(probs).exponential_()  # [S, V]; default RNG for unseeded rows
+        uniforms = self._uniforms(rows).to(logits.device)  # [S, DRAWS]
+        return sample(logits, [r.params for r in rows], uniforms)
+
+    def _uniforms(self, rows: Sequence[SamplingRow]) -> Tensor:
+        uniforms = torch.rand(len(rows), DRAWS, generator=self._unseeded)
         for i, row in enumerate(rows):
             if row.params.seed is not None:
-                noise[i] = self._seeded_noise(row, probs.shape[1]).to(device)
-        # A zero draw would turn a filtered token's 0 / 0 into NaN, which argmax would pick.
-        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-        return (probs / noise).argmax(dim=-1)
-
-    def _seeded_noise(self, row: SamplingRow, vocab_size: int) -> Tensor:
-        assert row.params.seed is not None
-        self._generator.manual_seed(step_seed(row.params.seed, len(row.output_token_ids)))
-        return torch.empty(vocab_size).exponential_(generator=self._generator)
+                self._seeded.manual_seed(step_seed(row.params.seed, len(row.output_token_ids)))
+                uniforms[i] = torch.rand(DRAWS, generator=self._seeded)
+        return uniforms
 
 
 def _is_plain_greedy(params: SamplingParams) -> bool:
@@ -144,44 +146,6 @@ def apply_penalties(logits: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
         counts = token_counts([r.output_token_ids for r in rows], vocab, device)
         logits = logits - frequency * counts - presence * (counts > 0).float()
     return logits
-
-
-def apply_top_k_top_p(logits: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
-    """Set logits outside each row's top-k, then outside its top-p nucleus, to -inf."""
-    # logits: [B, V]
-    vocab = logits.shape[1]
-    device = logits.device
-    top_k = [r.params.top_k if r.params.top_k > 0 else vocab for r in rows]
-    top_p = [r.params.top_p for r in rows]
-    use_k, use_p = any(k < vocab for k in top_k), any(p < 1.0 for p in top_p)
-    if not (use_k or use_p):
-        return logits
-    # Ascending sort: the tokens to drop are a prefix of each sorted row.
-    sorted_logits, order = logits.sort(dim=-1)  # [B, V] each
-    if use_k:
-        k = torch.tensor(top_k, device=device).clamp(max=vocab)
-        kth_largest = sorted_logits.gather(1, (vocab - k)[:, None])  # [B, 1]
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, -torch.inf)
-    if use_p:
-        p = torch.tensor(top_p, device=device)[:, None]
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative <= 1.0 - p  # the least likely tokens holding at most 1 - p of the mass
-        drop[:, -1] = False  # always keep the most likely token
-        sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
-
-
-def apply_min_p(logits: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
-    """Set logits of tokens less likely than min_p times the row's top probability to -inf."""
-    # logits: [B, V]
-    min_p = [r.params.min_p for r in rows]
-    if not any(m > 0.0 for m in min_p):
-        return logits
-    probs = torch.softmax(logits, dim=-1)
-    threshold = torch.tensor(min_p, device=logits.device)[:, None] * probs.amax(
-        dim=-1, keepdim=True
-    )
-    return logits.masked_fill(probs < threshold, -torch.inf)
 
 
 def gather_logprobs(

@@ -19,7 +19,14 @@ from pdserve.bench.serve.metrics import (
     format_result,
     parse_goodput,
 )
-from pdserve.bench.serve.runner import BenchConfig, BenchError, BenchResult, run_benchmark
+from pdserve.bench.serve.runner import (
+    CHAT,
+    COMPLETIONS,
+    BenchConfig,
+    BenchError,
+    BenchResult,
+    run_benchmark,
+)
 from pdserve.bench.serve.workloads import (
     WORKLOAD_HELP,
     TraceWorkload,
@@ -48,8 +55,20 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         default=BenchConfig.base_url,
         help="server root (default %(default)s)",
     )
-    parser.add_argument("--endpoint", default=BenchConfig.endpoint, help="completions path")
+    parser.add_argument(
+        "--endpoint",
+        default=BenchConfig.endpoint,
+        choices=(COMPLETIONS, CHAT),
+        help=f"{COMPLETIONS} (prompt: token ids, or text for chat workloads) or {CHAT} "
+        "(one user message of text); default %(default)s",
+    )
     parser.add_argument("--model", default=None, help="model name (default: ask /v1/models)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="sizes text prompts: a model directory, GGUF file or builtin:NAME (default: the "
+        "served model's, if found; else lengths are estimated from words)",
+    )
     parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     parser.add_argument(
         "--workload",
@@ -111,7 +130,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--request-timeout", type=float, default=600.0, metavar="S", help="per request"
     )
-    parser.add_argument("--seed", type=int, default=0, help="lengths, arrivals and prompt ids")
+    parser.add_argument("--seed", type=int, default=0, help="lengths, arrivals and prompts")
+    _add_sampling_args(parser)
     parser.add_argument(
         "--save-result", type=Path, default=None, metavar="FILE", help="write the summary as JSON"
     )
@@ -123,6 +143,19 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         help="per-request JSONL (default: next to --save-result)",
     )
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """vLLM's sampling flags: sent only when given, except temperature (0 by default)."""
+    group = parser.add_argument_group("sampling (every request; outputs stay exactly as long)")
+    group.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="default 0, greedy, as vLLM's bench sends (the server's own default is 1)",
+    )
+    group.add_argument("--top-p", type=float, default=None, help="default: not sent")
+    group.add_argument("--top-k", type=int, default=None, help="default: not sent")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -145,6 +178,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         api_key=args.api_key,
         max_model_len=args.max_model_len,
         endpoint=args.endpoint,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        tokenizer=args.tokenizer,
         percentiles=percentiles,
         percentile_metrics=tuple(m.strip() for m in args.percentile_metrics.split(",")),
         num_warmups=args.num_warmups,
@@ -189,6 +226,8 @@ def _print_traffic(config: BenchConfig) -> None:
         print(f"Traffic request rate: {config.request_rate}")
         print(f"Burstiness factor: {config.burstiness} ({process})")
     print(f"Maximum request concurrency: {config.max_concurrency}")
+    sampling = ", ".join(f"{k}={v:g}" for k, v in config.sampling.items())
+    print(f"Endpoint: {config.endpoint}; sampling: {sampling}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

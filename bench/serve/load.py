@@ -1,11 +1,15 @@
-"""Async load generator: streams `/v1/completions` requests at planned times and records them.
+"""Async load generator: streams completions or chat completions at planned times and records
+them.
 
 Each request is sent at its planned arrival (seconds from the start), waits for a
 --max-concurrency slot if one is set, streams the answer over SSE, and fills a RequestRecord:
 send time, TTFT, the gaps between token-carrying chunks (ITL), end-to-end latency and the
-generated token count from the usage chunk. Errors (HTTP status, error events, broken streams,
-timeouts) fail that request and the run goes on. A run bounded by `max_duration_s` cancels
-what is still in flight at the deadline and never sends the rest: both count as failed.
+generated token count from the usage chunk. /v1/completions gets `prompt` (token ids or text)
+and reads `choices[0].text`; /v1/chat/completions gets `messages` (one user turn holding the
+text) and reads `choices[0].delta.content`, as `vllm bench serve` does. Errors (HTTP status,
+error events, broken streams, timeouts) fail that request and the run goes on. A run bounded
+by `max_duration_s` cancels what is still in flight at the deadline and never sends the rest:
+both count as failed. The run's duration starts when its first request is sent.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -36,16 +40,23 @@ class PlannedRequest:
 
     index: int
     arrival_s: float  # seconds after the start of the run
-    prompt_token_ids: list[int]  # [input_len]
+    prompt: list[int] | str  # token ids [input_len], or text
     output_len: int  # max_tokens, with EOS ignored
+    text_tokens: int = 0  # a text prompt's tokens as the server will count them (planned)
+
+    @property
+    def input_len(self) -> int:
+        return len(self.prompt) if isinstance(self.prompt, list) else self.text_tokens
 
 
 @dataclass(frozen=True)
 class LoadSettings:
-    """Where and how to send: the completions URL, the model name and client limits."""
+    """Where and how to send: the URL, the model name, sampling fields and client limits."""
 
     url: str  # e.g. http://127.0.0.1:8000/v1/completions
     model: str
+    chat: bool = False  # the URL is a /v1/chat/completions endpoint
+    sampling: Mapping[str, float | int] = field(default_factory=dict)  # sent as given
     api_key: str | None = None
     max_concurrency: int | None = None  # None: no client-side limit
     request_timeout_s: float = 600.0  # per request, also the longest silence between chunks
@@ -59,14 +70,21 @@ class LoadSettings:
             raise ValueError(f"--max-duration must be > 0 s, got {self.max_duration_s}")
 
 
-def completion_payload(model: str, req: PlannedRequest) -> dict[str, Any]:
-    """The /v1/completions body: exact prompt length (token ids), exact output length."""
+def request_payload(settings: LoadSettings, req: PlannedRequest) -> dict[str, Any]:
+    """The request body: the prompt, the exact output length (EOS ignored), the sampling
+    fields, streamed with usage. Chat: one user message and max_completion_tokens."""
+    body: dict[str, Any] = {"model": settings.model}
+    if settings.chat:
+        assert isinstance(req.prompt, str), "chat prompts are planned as text"
+        body["messages"] = [{"role": "user", "content": req.prompt}]
+        body["max_completion_tokens"] = req.output_len
+    else:
+        body["prompt"] = req.prompt
+        body["max_tokens"] = req.output_len
     return {
-        "model": model,
-        "prompt": req.prompt_token_ids,
-        "max_tokens": req.output_len,
+        **body,
         "ignore_eos": True,
-        "temperature": 0.0,
+        **settings.sampling,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -77,7 +95,7 @@ async def run_load(
 ) -> tuple[list[RequestRecord], float]:
     """Send every request at its arrival time; (records in request order, duration in s)."""
     records = [
-        RequestRecord(r.index, len(r.prompt_token_ids), r.output_len, r.arrival_s, error=NOT_SENT)
+        RequestRecord(r.index, r.input_len, r.output_len, r.arrival_s, error=NOT_SENT)
         for r in requests
     ]
     slots = (
@@ -102,8 +120,14 @@ async def run_load(
 
             tasks = [asyncio.create_task(one(r, rec)) for r, rec in zip(requests, records)]
             await _wait_bounded(tasks, settings.max_duration_s)
-            duration = time.perf_counter() - t0
+            duration = time.perf_counter() - t0 - first_send_s(records)
     return records, duration
+
+
+def first_send_s(records: Sequence[RequestRecord]) -> float:
+    """When the first request was sent (s from the start; 0 if none was): the run's duration
+    counts from there, as vLLM's from the start of sending, not from the first arrival gap."""
+    return min((r.start_s for r in records if r.error != NOT_SENT), default=0.0)
 
 
 async def _wait_bounded(tasks: Sequence[asyncio.Task[None]], limit_s: float | None) -> None:
@@ -129,7 +153,7 @@ async def send_request(
     start = time.perf_counter()
     record.start_s, record.error = start - t0, ""
     try:
-        payload = completion_payload(settings.model, req)
+        payload = request_payload(settings, req)
         async with client.stream("POST", settings.url, json=payload) as resp:
             if resp.status_code != 200:
                 body = (await resp.aread()).decode(errors="replace")
@@ -188,10 +212,12 @@ def _finish(
 
 
 def chunk_tokens(chunk: dict[str, Any]) -> int:
-    """Tokens one streamed chunk carried (0 for usage-only or finish-only chunks).
+    """Tokens one streamed chunk carried (0 for usage-only, finish-only or role-only chunks).
 
-    Exact when the server sends `token_ids`; otherwise one per chunk with text, or with none
-    yet unfinished (a token whose bytes the detokenizer holds back still counts).
+    Exact when the server sends `token_ids`; otherwise one per chunk with text (completions:
+    `text`, chat: `delta.content`), or with none yet unfinished (a token whose bytes the
+    detokenizer holds back still counts). A chat stream's opening chunk, which carries only
+    the role and may come before any token, does not count.
     """
     choices = chunk.get("choices") or []
     if not choices:
@@ -200,4 +226,9 @@ def chunk_tokens(chunk: dict[str, Any]) -> int:
     ids = choice.get("token_ids")
     if isinstance(ids, list):
         return len(ids)
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        if delta.get("content") or delta.get("reasoning_content"):
+            return 1
+        return 1 if delta.get("role") is None and choice.get("finish_reason") is None else 0
     return 1 if choice.get("text") or choice.get("finish_reason") is None else 0

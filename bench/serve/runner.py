@@ -19,14 +19,18 @@ import numpy as np
 from pdserve.bench.serve.arrivals import arrival_times
 from pdserve.bench.serve.load import LoadSettings, PlannedRequest, run_load
 from pdserve.bench.serve.metrics import LATENCY_METRICS, BenchSummary, RequestRecord, summarize
+from pdserve.bench.serve.prompts import TextPrompts, prompt_token_ids
+from pdserve.bench.serve.tokens import TextTokens, TokenizerNotFound, find_tokens
 from pdserve.bench.serve.workloads import (
     TraceWorkload,
     Workload,
     WorkloadError,
     clip_to_context,
     parse_workload,
-    prompt_token_ids,
 )
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+GREEDY = 0.0  # vLLM's bench sends temperature 0 unless --temperature is given
 
 
 class BenchError(RuntimeError):
@@ -48,7 +52,11 @@ class BenchConfig:
     seed: int = 0
     api_key: str | None = None
     max_model_len: int | None = None  # None: from /v1/models (no clipping if it says nothing)
-    endpoint: str = "/v1/completions"
+    endpoint: str = COMPLETIONS  # or CHAT
+    temperature: float | None = None  # None: GREEDY, as vLLM's bench
+    top_p: float | None = None  # None: not sent (the server's default)
+    top_k: int | None = None  # None: not sent (the server's default)
+    tokenizer: str | None = None  # for text prompts; None: the served model's, if found
     percentiles: tuple[float, ...] = (99.0,)
     percentile_metrics: tuple[str, ...] = LATENCY_METRICS
     token_id_range: tuple[int, int] = (16, 512)  # prompt ids drawn from [low, high)
@@ -60,11 +68,37 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
             raise BenchError(f"--num-prompts must be >= 1, got {self.num_prompts}")
+        if self.endpoint not in (COMPLETIONS, CHAT):
+            raise BenchError(
+                f"--endpoint {self.endpoint}: the bench speaks {COMPLETIONS} (prompts) or "
+                f"{CHAT} (messages); choose one of them"
+            )
+        self._check_sampling()
         unknown = [m for m in self.percentile_metrics if m not in LATENCY_METRICS]
         if unknown:
             raise BenchError(
                 f"--percentile-metrics {','.join(unknown)}: choose from {','.join(LATENCY_METRICS)}"
             )
+
+    def _check_sampling(self) -> None:
+        if self.temperature is not None and not self.temperature >= 0:
+            raise BenchError(f"--temperature {self.temperature}: use 0 (greedy) or more")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise BenchError(f"--top-p {self.top_p}: must be in (0, 1]; 1 disables it")
+        if self.top_k is not None and self.top_k < -1:
+            raise BenchError(f"--top-k {self.top_k}: use -1 or 0 to disable, or a count")
+
+    @property
+    def chat(self) -> bool:
+        return self.endpoint == CHAT
+
+    @property
+    def sampling(self) -> dict[str, float | int]:
+        """The sampling fields every request carries: temperature (GREEDY unless given),
+        top_p and top_k only when given."""
+        temperature = GREEDY if self.temperature is None else self.temperature
+        given = {"top_p": self.top_p, "top_k": self.top_k}
+        return {"temperature": temperature, **{k: v for k, v in given.items() if v is not None}}
 
     @property
     def root_url(self) -> str:
@@ -110,10 +144,13 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
             config, model=config.model or model, max_model_len=config.max_model_len or max_len
         )
     assert config.model is not None
-    planned = plan_requests(config, workload)
+    tokens = _text_tokens(config, workload)
+    planned = plan_requests(config, workload, tokens)
     settings = LoadSettings(
         url=config.root_url + config.endpoint,
         model=config.model,
+        chat=config.chat,
+        sampling=config.sampling,
         api_key=config.api_key,
         max_concurrency=config.max_concurrency,
         request_timeout_s=config.request_timeout_s,
@@ -125,8 +162,22 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
         await run_load(warm, replace(settings, show_progress=False, max_duration_s=None))
     records, duration = await run_load(planned, settings)
     summary = summarize(records, duration, config.goodput_ms, config.percentiles)
-    result = {**_metadata(config, workload), **summary.to_json(config.percentile_metrics)}
+    result = {
+        **_metadata(config, workload, tokens),
+        **summary.to_json(config.percentile_metrics),
+    }
     return BenchResult(summary, records, result)
+
+
+def _text_tokens(config: BenchConfig, workload: Workload) -> TextTokens | None:
+    """The tokenizer text prompts are sized with; None when the prompts are token ids."""
+    if not (workload.text or config.chat):
+        return None
+    assert config.model is not None
+    try:
+        return find_tokens(config.tokenizer, config.model, config.chat)
+    except TokenizerNotFound as exc:
+        raise BenchError(str(exc)) from None
 
 
 async def discover_model(config: BenchConfig) -> tuple[str, int | None]:
@@ -151,8 +202,13 @@ async def discover_model(config: BenchConfig) -> tuple[str, int | None]:
     return str(card["id"]), int(max_len) if max_len is not None else None
 
 
-def plan_requests(config: BenchConfig, workload: Workload) -> list[PlannedRequest]:
-    """Lengths, arrival times and prompt ids of every request; deterministic in config.seed."""
+def plan_requests(
+    config: BenchConfig, workload: Workload, tokens: TextTokens | None = None
+) -> list[PlannedRequest]:
+    """Lengths, arrival times and prompts of every request; deterministic in config.seed.
+
+    Prompts are token ids unless the workload asks for text or the endpoint is chat; text is
+    sized with `tokens` (default: the words estimate)."""
     n = config.num_prompts
     length_seed, arrival_seed, prompt_seed = (
         int(s) for s in np.random.SeedSequence(config.seed).generate_state(3)
@@ -162,20 +218,31 @@ def plan_requests(config: BenchConfig, workload: Workload) -> list[PlannedReques
         arrivals = workload.arrival_times(n)
     else:
         arrivals = arrival_times(n, config.request_rate, config.burstiness, arrival_seed)
-    prompts = prompt_token_ids([s.input_len for s in shapes], prompt_seed, config.token_id_range)
+    lengths = [s.input_len for s in shapes]
+    if workload.text or config.chat:
+        texts = TextPrompts(tokens or TextTokens()).make(lengths, prompt_seed)
+        return [
+            PlannedRequest(i, t, p.text, s.output_len, p.tokens)
+            for i, (s, t, p) in enumerate(zip(shapes, arrivals, texts))
+        ]
+    prompts = prompt_token_ids(lengths, prompt_seed, config.token_id_range)
     return [
         PlannedRequest(i, t, ids, s.output_len)
         for i, (s, t, ids) in enumerate(zip(shapes, arrivals, prompts))
     ]
 
 
-def _metadata(config: BenchConfig, workload: Workload) -> dict[str, Any]:
+def _metadata(config: BenchConfig, workload: Workload, tokens: TextTokens | None) -> dict[str, Any]:
     return {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
         "backend": "openai",
         "base_url": config.root_url,
         "model_id": config.model,
+        "endpoint": config.endpoint,
         "workload": workload.spec,
+        "prompts": "token ids" if tokens is None else "text",
+        "tokenizer": None if tokens is None else tokens.name,
+        "sampling_params": {**config.sampling, "ignore_eos": True},
         "max_model_len": config.max_model_len,
         "num_prompts": config.num_prompts,
         "request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,

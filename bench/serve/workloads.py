@@ -2,7 +2,14 @@
 
 The `--workload` syntax is WORKLOAD_HELP below. Every length is at least 1, and with a known
 model context input + output fits in it: the prompt is cut to leave room for at least one
-token, then the output to what remains.
+token, then the output to what remains. What the prompts hold (random token ids or real text)
+is `bench.serve.prompts`; a workload only says whether it asks for text (`chat`).
+
+A trace's `scale=F` maps a length L above SCALE_FLOOR tokens to
+SCALE_FLOOR + (L - SCALE_FLOOR) x F (rounded) and keeps shorter ones as they are: the lengths
+shrink toward the floor, keeping their order and the shape of the distribution above it,
+instead of collapsing to 1 token (a plain L x F turns every output under 15 tokens into 1 at
+F = 0.1, and at F = 0.01 most of them).
 """
 
 from __future__ import annotations
@@ -28,14 +35,22 @@ what to send (lengths in tokens):
                                          their own timestamps, F times faster (default 1)
   trace:PATH,timestamps=false            the trace's lengths (rows drawn at random, seeded)
                                          sent at --request-rate / --burstiness
-  trace:PATH,...,scale=F                 every length times F (rounded, at least 1), e.g.
+  trace:PATH,...,scale=F                 lengths above 16 tokens shrink (or grow) toward 16:
+                                         L -> 16 + (L - 16) x F, shorter ones are kept; e.g.
                                          scale=0.25 for a CPU-sized version of the trace
+  chat[:in_mean=256,out_mean=128,in_sigma=0.5,out_sigma=0.5]
+  chat:in=64-512,out=16-128              prompts of real English text (public-domain prose
+                                         shipped with pdserve) phrased as requests, lengths
+                                         log-normal (the default) or as in fixed/uniform
+Token ids on /v1/completions; text on /v1/chat/completions (every workload) and for chat.
 Lengths are clipped to the model's context (from /v1/models or --max-model-len)."""
 WORKLOAD_EXAMPLES = (
     "fixed:in=256,out=64 | uniform:in=64-512,out=16-128 | "
     "lognormal:in_mean=512,out_mean=128 | trace:PATH[,speedup=F] | trace:PATH,timestamps=false"
-    " | trace:PATH,scale=F"
+    " | trace:PATH,scale=F | chat | chat:in_mean=256,out_mean=128 | chat:in=64-512,out=16-128"
 )
+SCALE_FLOOR = 16  # tokens: a trace's scale= never takes a length below min(length, this)
+CHAT_DEFAULTS = {"in_mean": 256.0, "out_mean": 128.0}
 
 
 class WorkloadError(ValueError):
@@ -83,11 +98,13 @@ LengthDist = Fixed | Uniform | LogNormal
 
 @dataclass(frozen=True)
 class SyntheticWorkload:
-    """Independent input and output length distributions; arrivals come from the rate."""
+    """Independent input and output length distributions; arrivals come from the rate.
+    `text`: the prompts are real English text (the `chat` kind), not random token ids."""
 
     spec: str
     input: LengthDist
     output: LengthDist
+    text: bool = False
     replays_timestamps = False
 
     def sample(self, n: int, seed: int) -> list[RequestShape]:
@@ -99,13 +116,14 @@ class SyntheticWorkload:
 @dataclass(frozen=True)
 class TraceWorkload:
     """Rows of a trace CSV; `speedup` set: replay its timestamps, None: only its lengths.
-    Lengths are multiplied by `scale` (rounded, at least 1)."""
+    Lengths are scaled by `scale` toward SCALE_FLOOR (scaled_length)."""
 
     spec: str
     path: Path
     rows: tuple[TraceRow, ...]
     speedup: float | None
     scale: float = 1.0
+    text = False
 
     @property
     def replays_timestamps(self) -> bool:
@@ -119,10 +137,12 @@ class TraceWorkload:
             rng = np.random.default_rng(seed)
             idx = rng.choice(len(self.rows), size=n, replace=n > len(self.rows))
             picked = [self.rows[int(i)] for i in idx]
-        return [RequestShape(self._scaled(r.input_len), self._scaled(r.output_len)) for r in picked]
-
-    def _scaled(self, n: int) -> int:
-        return max(1, round(n * self.scale))
+        return [
+            RequestShape(
+                scaled_length(r.input_len, self.scale), scaled_length(r.output_len, self.scale)
+            )
+            for r in picked
+        ]
 
     def arrival_times(self, n: int) -> list[float]:
         """Seconds from the start of the first n rows, compressed `speedup` times."""
@@ -141,12 +161,22 @@ class TraceWorkload:
 Workload = SyntheticWorkload | TraceWorkload
 
 
+def scaled_length(n: int, scale: float) -> int:
+    """A trace length under scale=F: n if n <= SCALE_FLOOR, else SCALE_FLOOR + (n - SCALE_FLOOR) x F
+    rounded; at least 1 (a trace's 0 becomes 1, as every length does)."""
+    if n <= SCALE_FLOOR:
+        return max(1, n)
+    return max(1, round(SCALE_FLOOR + (n - SCALE_FLOOR) * scale))
+
+
 def parse_workload(spec: str) -> Workload:
     """Parse a --workload string (syntax: WORKLOAD_HELP)."""
     kind, sep, rest = spec.partition(":")
     kind = kind.strip().lower()
     if kind == "trace":
         return _parse_trace(spec, rest)
+    if kind == "chat":
+        return _parse_chat(spec, rest)
     if not sep or kind not in ("fixed", "uniform", "lognormal"):
         raise WorkloadError(
             f"--workload {spec!r}: unknown kind {kind!r}; write {WORKLOAD_EXAMPLES}"
@@ -165,6 +195,29 @@ def parse_workload(spec: str) -> Workload:
         spec,
         LogNormal(_positive(spec, keys, "in_mean"), _positive(spec, keys, "in_sigma", 0.5)),
         LogNormal(_positive(spec, keys, "out_mean"), _positive(spec, keys, "out_sigma", 0.5)),
+    )
+
+
+def _parse_chat(spec: str, rest: str) -> SyntheticWorkload:
+    """chat[:KEYS]: text prompts; lengths as fixed/uniform (in=, out=) or log-normal (default)."""
+    keys = _key_values(spec, rest) if rest.strip() else {}
+    if "in" in keys or "out" in keys:
+        _expect(spec, keys, required=("in", "out"))
+        return SyntheticWorkload(
+            spec, _range(spec, keys, "in"), _range(spec, keys, "out"), text=True
+        )
+    _expect(spec, keys, required=(), optional=("in_mean", "out_mean", "in_sigma", "out_sigma"))
+    return SyntheticWorkload(
+        spec,
+        LogNormal(
+            _positive(spec, keys, "in_mean", CHAT_DEFAULTS["in_mean"]),
+            _positive(spec, keys, "in_sigma", 0.5),
+        ),
+        LogNormal(
+            _positive(spec, keys, "out_mean", CHAT_DEFAULTS["out_mean"]),
+            _positive(spec, keys, "out_sigma", 0.5),
+        ),
+        text=True,
     )
 
 
@@ -256,14 +309,3 @@ def clip_to_context(
             gen = min(gen, max_model_len - inp)
         out.append(RequestShape(inp, gen))
     return out
-
-
-def prompt_token_ids(
-    lengths: Sequence[int], seed: int, id_range: tuple[int, int]
-) -> list[list[int]]:
-    """Random prompts as token ids in [low, high): exact lengths, no tokenizer round trip."""
-    low, high = id_range
-    if not 0 <= low < high:
-        raise WorkloadError(f"token id range {low}-{high} must be LOW-HIGH with 0 <= LOW < HIGH")
-    rng = np.random.default_rng(seed)
-    return [rng.integers(low, high, size=n).tolist() for n in lengths]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import pytest
 import ray
 
 from pdserve.cluster.launch.ray_env import init_ray
+
+# The GGUF writers and references of the unit tests (tests/unit/_gguf_*.py) serve here too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from pdserve.engine.tiny_model import TINY_ARCHS, make_tiny_model
 
 

@@ -23,6 +23,7 @@ from pdserve.cluster.serving.jobs import JobManager
 from pdserve.cluster.serving.native_api import MSGPACK, PREFIX, NativeApi
 from pdserve.cluster.serving.server import create_app
 from pdserve.engine.deploy_config import ServerSettings
+from pdserve.engine.tokenizer import apply_chat_template, load_tokenizer
 
 KEY = "test-key"
 BODY_LIMIT = 64 << 10
@@ -43,8 +44,11 @@ def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]
+) -> Iterator[Served]:
     fe = FakeFrontend(jitter_s=0.002)
+    fe.tokenizer = load_tokenizer(str(tiny_models["llama"]))  # its chat template renders chats
     api = NativeApi(fe, JobManager(fe, tmp_path_factory.mktemp("jobs"), max_concurrency=16))
     settings = ServerSettings(api_key=KEY, max_request_bytes=BODY_LIMIT)
     app = create_app(cast(Any, fe), settings, extra_routers=[api.router])
@@ -242,3 +246,21 @@ def test_cli_submit_writes_results_in_order_and_jobs_lists_them(
     assert run_jobs(_args(add_jobs_args, ["job-nope", *common])) == 1
     src.write_text('{"prompt": "x", "max_tokens": 3}\n')
     assert run_submit(_args(add_submit_args, [str(src), *common])) == 2
+
+
+def test_chat_is_rendered_with_the_models_template_on_the_server(
+    client: Client, served: Served
+) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ids = apply_chat_template(served.frontend.tokenizer, messages)
+    # the fake answers with its prompt, one letter per token id
+    expected = expected_text("".join(chr(65 + t % 26) for t in ids), 8)
+    assert client.chat(messages, max_tokens=8)["text"] == expected
+    assert "".join(d["text"] for d in client.stream_chat(messages, max_tokens=8)) == expected
+    assert client.generate("Hi", max_tokens=8)["text"] == "HI"  # a prompt stays raw text
+    with pytest.raises(PdserveError, match="either prompt") as info:
+        client._call("POST", "/generate", {"prompt": "x", "messages": messages})
+    assert info.value.status_code == 400
+    with pytest.raises(PdserveError, match="messages") as info:
+        client.chat([{"role": "user"}], max_tokens=4)
+    assert info.value.status_code == 400

@@ -136,7 +136,7 @@ def test_requests_are_the_bench_runs_requests() -> None:
     sim = plan_shapes(workload, 50, 3.0, 0.5, 7, 256)
     assert [p.arrival_s for p in sim] == [r.arrival_s for r in real]
     assert [(p.shape.input_len, p.shape.output_len) for p in sim] == [
-        (len(r.prompt_token_ids), r.output_len) for r in real
+        (r.input_len, r.output_len) for r in real
     ]
 
 

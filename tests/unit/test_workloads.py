@@ -1,4 +1,4 @@
-"""Workload specs, length sampling, context clipping, prompts and trace files."""
+"""Workload specs, length sampling, context clipping, token-id prompts and trace files."""
 
 from __future__ import annotations
 
@@ -7,16 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pdserve.bench.serve.prompts import prompt_token_ids
 from pdserve.bench.serve.traces import TraceFormatError, load_trace
 from pdserve.bench.serve.workloads import (
+    SCALE_FLOOR,
     LogNormal,
     RequestShape,
+    SyntheticWorkload,
     TraceWorkload,
     Uniform,
     WorkloadError,
     clip_to_context,
     parse_workload,
-    prompt_token_ids,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +56,18 @@ def test_lognormal_has_the_asked_mean() -> None:
     assert np.mean([s.output_len for s in shapes]) == pytest.approx(128, rel=0.05)
 
 
+def test_chat_asks_for_text_with_lengths_of_either_kind() -> None:
+    default = parse_workload("chat")
+    assert isinstance(default, SyntheticWorkload) and default.text
+    assert (default.input, default.output) == (LogNormal(256, 0.5), LogNormal(128, 0.5))
+    tuned = parse_workload("chat:in_mean=512,out_sigma=1")
+    assert (tuned.input, tuned.output) == (LogNormal(512, 0.5), LogNormal(128, 1.0))  # type: ignore[union-attr]
+    ranged = parse_workload("chat:in=64-512,out=32")
+    assert (ranged.input, ranged.output) == (Uniform(64, 512), Uniform(32, 32))  # type: ignore[union-attr]
+    assert ranged.sample(5, seed=1) == ranged.sample(5, seed=1)
+    assert not parse_workload("lognormal:in_mean=256,out_mean=128").text
+
+
 def test_single_value_uniform_range() -> None:
     assert parse_workload("uniform:in=8,out=4-4").input == Uniform(8, 8)  # type: ignore[union-attr]
 
@@ -73,6 +87,9 @@ def test_single_value_uniform_range() -> None:
         ("trace:", "give the trace's path"),
         ("trace:x.csv,speedup=2,timestamps=false", "drop speedup"),
         ("trace:x.csv,timestamps=maybe", "true or false"),
+        ("chat:in=64", "missing out"),
+        ("chat:in=64,out=8,in_mean=3", "unknown key 'in_mean'"),
+        ("chat:in_mean=0", "number > 0"),
     ],
 )
 def test_bad_specs_say_what_to_write(spec: str, says: str) -> None:
@@ -97,7 +114,7 @@ def test_prompt_token_ids_exact_lengths_in_range() -> None:
     assert [len(p) for p in prompts] == [3, 0, 50]
     assert all(16 <= t < 20 and isinstance(t, int) for p in prompts for t in p)
     assert prompt_token_ids([50], 4, (16, 512)) == prompt_token_ids([50], 4, (16, 512))
-    with pytest.raises(WorkloadError, match="LOW < HIGH"):
+    with pytest.raises(ValueError, match="LOW < HIGH"):
         prompt_token_ids([1], 0, (10, 10))
 
 
@@ -119,13 +136,14 @@ def test_trace_lengths_only_draws_rows(tmp_path: Path) -> None:
     assert set(shapes) == {RequestShape(100, 5), RequestShape(200, 6), RequestShape(300, 7)}
 
 
-def test_trace_scale_multiplies_lengths(tmp_path: Path) -> None:
-    path = write(tmp_path, HEADER + "0,100,5\n1,201,1\n")
+def test_trace_scale_moves_lengths_toward_the_floor(tmp_path: Path) -> None:
+    assert SCALE_FLOOR == 16
+    path = write(tmp_path, HEADER + "0,100,5\n1,201,40\n")
     w = parse_workload(f"trace:{path},speedup=1,scale=0.25")
-    # 100 -> 25, 5 -> 1.25 -> 1, 201 -> 50.25 -> 50, 1 -> 0.25 -> at least 1
-    assert w.sample(2, seed=0) == [RequestShape(25, 1), RequestShape(50, 1)]
+    # 100 -> 16 + 84/4 = 37, 5 stays (at most the floor), 201 -> 62.25 -> 62, 40 -> 22
+    assert w.sample(2, seed=0) == [RequestShape(37, 5), RequestShape(62, 22)]
     lengths_only = parse_workload(f"trace:{path},timestamps=false,scale=2")
-    assert set(lengths_only.sample(50, seed=0)) == {RequestShape(200, 10), RequestShape(402, 2)}
+    assert set(lengths_only.sample(50, seed=0)) == {RequestShape(184, 5), RequestShape(386, 64)}
     with pytest.raises(WorkloadError, match="scale=0 must be a number > 0"):
         parse_workload(f"trace:{path},scale=0")
 
@@ -178,3 +196,19 @@ def test_azure_conversation_trace() -> None:
     assert w.sample(2, seed=0) == [RequestShape(374, 44), RequestShape(396, 109)]
     clipped = clip_to_context(w.sample(1000, seed=0), 2048)
     assert max(s.input_len + s.output_len for s in clipped) <= 2048
+
+
+@pytest.mark.skipif(not AZURE.is_file(), reason="the shared Azure trace is not on this machine")
+def test_a_tenth_of_the_azure_trace_keeps_real_outputs() -> None:
+    """scale=0.1 once made every output under 15 tokens a 1-token output (0.9% of this trace,
+    55% at scale=0.01); now none is, and the lengths keep their order and spread."""
+    w = parse_workload(f"trace:{AZURE},timestamps=false,scale=0.1")
+    shapes = w.sample(5000, seed=0)
+    outs = np.array([s.output_len for s in shapes])
+    assert np.mean(outs == 1) < 0.001
+    assert np.mean(outs < 8) < 0.01  # the trace's shortest output is 7 tokens
+    original = np.array([r.output_len for r in w.rows])  # type: ignore[union-attr]
+    scaled_median = np.median([s.output_len for s in w.sample(len(original), seed=1)])
+    assert scaled_median == pytest.approx(16 + (np.median(original) - 16) * 0.1, abs=3)
+    tiny = parse_workload(f"trace:{AZURE},timestamps=false,scale=0.01").sample(5000, seed=0)
+    assert np.mean([s.output_len == 1 for s in tiny]) < 0.001
