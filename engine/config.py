@@ -261,7 +261,10 @@ def _resolve_dtype(dtype: str, device: str, hf: PretrainedConfig) -> torch.dtype
         # CPU half-precision matmuls are slow and lossy, so CPU runs in float32.
         if torch.device(device).type == "cpu":
             return torch.float32
-        return _checkpoint_dtype(hf)
+        # On GPUs the checkpoint's dtype, but a float32 checkpoint (a GGUF converted to
+        # float32, say) runs in bfloat16, as vLLM does: float32 would halve the throughput.
+        saved = _checkpoint_dtype(hf)
+        return torch.bfloat16 if saved == torch.float32 else saved
     if dtype not in _DTYPES:
         raise ModelLoadError(
             f"dtype {dtype!r} is not one of 'auto', {', '.join(map(repr, _DTYPES))}"

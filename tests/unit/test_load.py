@@ -1,27 +1,26 @@
-"""The load generator against a fake OpenAI-compatible server with scripted chunk timing.
-
-The fake streams `max_tokens` tokens: the first after TTFT, the rest ITL apart; token 1 carries
-no text (a detokenizer holding bytes back) and a text-less finish chunk follows the last token,
-so the client must count token-carrying chunks, not text. Two output lengths are scripted to
-fail: FAIL_HTTP answers 500, FAIL_MIDSTREAM sends an error event after two tokens.
-"""
+"""The load generator against a fake OpenAI-compatible server with scripted chunk timing
+(tests/unit/_fake_openai_server.py): what goes over the wire and what each record holds."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import socket
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-from fastapi import Body, FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from _fake_openai_server import (
+    FAIL_HTTP,
+    FAIL_MIDSTREAM,
+    ITL,
+    MAX_MODEL_LEN,
+    SLACK,
+    TTFT,
+    FakeState,
+    fake_fixture,
+    server_fixture,
+)
 
 from pdserve.bench.serve.cli import BenchConfig, main, run_benchmark
 from pdserve.bench.serve.load import (
@@ -35,95 +34,7 @@ from pdserve.bench.serve.load import (
 from pdserve.bench.serve.metrics import summarize
 from pdserve.bench.serve.workloads import WorkloadError
 
-TTFT = 0.10
-ITL = 0.04
-SLACK = 0.15  # scheduling noise on a busy 2-core machine; lower bounds are exact
-FAIL_HTTP = 7
-FAIL_MIDSTREAM = 9
-MAX_MODEL_LEN = 128
-
-
-@dataclass
-class FakeState:
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-    in_flight: int = 0
-    max_in_flight: int = 0
-
-    def reset(self) -> None:
-        self.bodies.clear()
-        self.in_flight = self.max_in_flight = 0
-
-
-def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
-def chunk(text: str, finish: str | None = None) -> str:
-    return sse({"choices": [{"index": 0, "text": text, "finish_reason": finish}]})
-
-
-async def stream_tokens(state: FakeState, body: dict[str, Any]) -> AsyncIterator[str]:
-    n = body["max_tokens"]
-    try:
-        await asyncio.sleep(TTFT)
-        for i in range(n):
-            if i:
-                await asyncio.sleep(ITL)
-            if n == FAIL_MIDSTREAM and i == 2:
-                yield sse({"error": {"message": "decode worker died", "code": 500}})
-                return
-            yield chunk("" if i == 1 else f"t{i}")
-        yield chunk("", finish="length")  # no text, no token: must not count
-        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n}
-        yield sse({"choices": [], "usage": usage})
-        yield "data: [DONE]\n\n"
-    finally:
-        state.in_flight -= 1
-
-
-def make_app(state: FakeState) -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        card = {"id": "fake-model", "object": "model", "max_model_len": MAX_MODEL_LEN}
-        return {"object": "list", "data": [card]}
-
-    @app.post("/v1/completions", response_model=None)
-    async def completions(body: dict[str, Any] = Body(...)) -> JSONResponse | StreamingResponse:
-        state.bodies.append(body)
-        if body["max_tokens"] == FAIL_HTTP:
-            return JSONResponse({"error": {"message": "scripted failure"}}, status_code=500)
-        state.in_flight += 1
-        state.max_in_flight = max(state.max_in_flight, state.in_flight)
-        return StreamingResponse(stream_tokens(state, body), media_type="text/event-stream")
-
-    return app
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, FakeState]]:
-    state = FakeState()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(make_app(state), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:  # uvicorn offers no readiness callback
-        assert time.monotonic() < deadline, "fake server did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", state
-    srv.should_exit = True
-    thread.join(timeout=5)
-    sock.close()
-
-
-@pytest.fixture
-def fake(server: tuple[str, FakeState]) -> tuple[str, FakeState]:
-    server[1].reset()
-    return server
+__all__ = ["fake_fixture", "server_fixture"]  # pytest finds them as `fake` and `server`
 
 
 def plan(outputs: list[int], arrivals: list[float] | None = None) -> list[PlannedRequest]:
@@ -155,6 +66,7 @@ def test_records_ttft_itl_tpot(fake: tuple[str, FakeState]) -> None:
     body = next(b for b in state.bodies if len(b["prompt"]) == 10)  # request 0
     assert body["prompt"] == list(range(16, 26))
     assert (body["max_tokens"], body["ignore_eos"], body["temperature"]) == (6, True, 0.0)
+    assert "top_p" not in body and "top_k" not in body and "messages" not in body
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert sorted(len(b["prompt"]) for b in state.bodies) == [10, 11, 12, 13]
     assert records[2].input_len == 12
@@ -188,6 +100,17 @@ def test_requests_leave_at_their_arrival_times(fake: tuple[str, FakeState]) -> N
     records, _ = asyncio.run(run_load(plan([2, 2], arrivals=[0.0, 0.3]), settings(url)))
     assert records[0].start_s < 0.1
     assert records[1].start_s >= 0.3
+
+
+def test_duration_starts_when_the_first_request_is_sent(fake: tuple[str, FakeState]) -> None:
+    url, _ = fake
+    # the first arrival is 1 s in: a rate's first gap is no part of the benchmark's duration
+    records, duration = asyncio.run(run_load(plan([3, 3], arrivals=[1.0, 1.1]), settings(url)))
+    first_sent = min(r.start_s for r in records)
+    last_done = max(r.start_s + r.e2el_s for r in records)
+    assert first_sent >= 1.0
+    assert last_done - first_sent <= duration < last_done - first_sent + SLACK
+    assert duration < last_done - 0.5  # before: from the start of the run, 1 s more
 
 
 def test_time_limit_cancels_in_flight_and_unsent(fake: tuple[str, FakeState]) -> None:

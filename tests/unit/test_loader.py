@@ -115,6 +115,9 @@ def test_dtype_resolution(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     assert ModelConfig.from_pretrained(path).dtype == torch.float32
     assert ModelConfig.from_pretrained(path, device="cuda").dtype == torch.bfloat16
     assert ModelConfig.from_pretrained(path, dtype="float16").dtype == torch.float16
+    _edit_config(model_dir, dtype="float32")  # e.g. a GGUF converted to float32: bf16 on a GPU
+    assert ModelConfig.from_pretrained(path, device="cuda").dtype == torch.bfloat16
+    assert ModelConfig.from_pretrained(path).dtype == torch.float32
     with pytest.raises(ModelLoadError, match="float64"):
         ModelConfig.from_pretrained(path, dtype="float64")
 
