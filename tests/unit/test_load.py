@@ -65,8 +65,8 @@ def test_records_ttft_itl_tpot(fake: tuple[str, FakeState]) -> None:
     # what went over the wire: exact prompt ids, exact output length, streamed usage
     body = next(b for b in state.bodies if len(b["prompt"]) == 10)  # request 0
     assert body["prompt"] == list(range(16, 26))
-    assert (body["max_tokens"], body["ignore_eos"], body["temperature"]) == (6, True, 0.0)
-    assert "top_p" not in body and "top_k" not in body and "messages" not in body
+    assert (body["max_tokens"], body["ignore_eos"]) == (6, True)
+    assert not {"temperature", "top_p", "top_k", "messages"} & set(body)  # none in settings
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert sorted(len(b["prompt"]) for b in state.bodies) == [10, 11, 12, 13]
     assert records[2].input_len == 12
@@ -108,9 +108,8 @@ def test_duration_starts_when_the_first_request_is_sent(fake: tuple[str, FakeSta
     records, duration = asyncio.run(run_load(plan([3, 3], arrivals=[1.0, 1.1]), settings(url)))
     first_sent = min(r.start_s for r in records)
     last_done = max(r.start_s + r.e2el_s for r in records)
-    assert first_sent >= 1.0
+    assert first_sent >= 1.0  # so a duration from the start of the run would be 1 s longer
     assert last_done - first_sent <= duration < last_done - first_sent + SLACK
-    assert duration < last_done - 0.5  # before: from the start of the run, 1 s more
 
 
 def test_time_limit_cancels_in_flight_and_unsent(fake: tuple[str, FakeState]) -> None:
