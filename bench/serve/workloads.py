@@ -8,8 +8,8 @@ is `bench.serve.prompts`; a workload only says whether it asks for text (`chat`)
 A trace's `scale=F` maps a length L above SCALE_FLOOR tokens to
 SCALE_FLOOR + (L - SCALE_FLOOR) x F (rounded) and keeps shorter ones as they are: the lengths
 shrink toward the floor, keeping their order and the shape of the distribution above it,
-instead of collapsing to 1 token (a plain L x F turns every output under 15 tokens into 1 at
-F = 0.1, and at F = 0.01 most of them).
+instead of collapsing to 1 token (a plain L x F made every output under 15 tokens 1 token at
+F = 0.1, and at F = 0.01 every one under 150: over half of the Azure conversation trace's).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ WORKLOAD_EXAMPLES = (
     " | trace:PATH,scale=F | chat | chat:in_mean=256,out_mean=128 | chat:in=64-512,out=16-128"
 )
 SCALE_FLOOR = 16  # tokens: a trace's scale= never takes a length below min(length, this)
-CHAT_DEFAULTS = {"in_mean": 256.0, "out_mean": 128.0}
+CHAT_MEANS = (256.0, 128.0)  # `chat` without lengths: log-normal input and output means
 
 
 class WorkloadError(ValueError):
@@ -191,11 +191,7 @@ def parse_workload(spec: str) -> Workload:
         _expect(spec, keys, required=("in", "out"))
         return SyntheticWorkload(spec, _range(spec, keys, "in"), _range(spec, keys, "out"))
     _expect(spec, keys, required=("in_mean", "out_mean"), optional=("in_sigma", "out_sigma"))
-    return SyntheticWorkload(
-        spec,
-        LogNormal(_positive(spec, keys, "in_mean"), _positive(spec, keys, "in_sigma", 0.5)),
-        LogNormal(_positive(spec, keys, "out_mean"), _positive(spec, keys, "out_sigma", 0.5)),
-    )
+    return SyntheticWorkload(spec, _lognormal(spec, keys, "in"), _lognormal(spec, keys, "out"))
 
 
 def _parse_chat(spec: str, rest: str) -> SyntheticWorkload:
@@ -207,17 +203,19 @@ def _parse_chat(spec: str, rest: str) -> SyntheticWorkload:
             spec, _range(spec, keys, "in"), _range(spec, keys, "out"), text=True
         )
     _expect(spec, keys, required=(), optional=("in_mean", "out_mean", "in_sigma", "out_sigma"))
+    in_mean, out_mean = CHAT_MEANS
     return SyntheticWorkload(
         spec,
-        LogNormal(
-            _positive(spec, keys, "in_mean", CHAT_DEFAULTS["in_mean"]),
-            _positive(spec, keys, "in_sigma", 0.5),
-        ),
-        LogNormal(
-            _positive(spec, keys, "out_mean", CHAT_DEFAULTS["out_mean"]),
-            _positive(spec, keys, "out_sigma", 0.5),
-        ),
+        _lognormal(spec, keys, "in", in_mean),
+        _lognormal(spec, keys, "out", out_mean),
         text=True,
+    )
+
+
+def _lognormal(spec: str, keys: dict[str, str], side: str, mean: float | None = None) -> LogNormal:
+    """`side`_mean (required unless `mean` is given) and `side`_sigma (default 0.5)."""
+    return LogNormal(
+        _positive(spec, keys, f"{side}_mean", mean), _positive(spec, keys, f"{side}_sigma", 0.5)
     )
 
 

@@ -17,7 +17,14 @@ import ray
 from cluster_helpers import deploy_spec
 from rich.console import Console
 
-from pdserve.bench.serve.runner import BenchConfig, BenchResult, plan_requests, run_benchmark
+from pdserve.bench.serve.runner import (
+    CHAT,
+    BenchConfig,
+    BenchResult,
+    plan_requests,
+    run_benchmark,
+)
+from pdserve.bench.serve.tokens import find_tokens
 from pdserve.bench.serve.workloads import parse_workload
 from pdserve.bench.sweep.experiment import load_experiment
 from pdserve.bench.sweep.phase_metrics import PhaseTotals
@@ -70,7 +77,7 @@ def test_benchmark_against_1p1d(served: tuple[Any, str]) -> None:
         parse_workload(str(config.workload)),
     )
     assert [r.output_tokens for r in records] == [p.output_len for p in planned]
-    assert [r.input_len for r in records] == [len(p.prompt_token_ids) for p in planned]
+    assert [r.input_len for r in records] == [p.input_len for p in planned]
     assert all(0 < r.ttft_s <= r.e2el_s and len(r.itl_s) <= r.output_tokens - 1 for r in records)
 
     met = [r.meets(SLOS) for r in records]
@@ -88,6 +95,35 @@ def test_benchmark_against_1p1d(served: tuple[Any, str]) -> None:
     breakdown = phases.breakdown_ms()
     assert breakdown["prefill"] > 0 and breakdown["transfer"] > 0 and breakdown["decode"] > 0
     assert breakdown["ttft"] <= breakdown["e2e"]
+
+
+def test_chat_workload_on_the_chat_endpoint_with_sampling(served: tuple[Any, str]) -> None:
+    """Real text as one user message, sized with the model's tokenizer through its chat
+    template: the server counts exactly the planned prompt tokens; sampled, not greedy."""
+    _, url = served
+    tokenizer = str(default_tiny_model())
+    config = BenchConfig(
+        base_url=url, endpoint=CHAT, workload="chat:in=40-120,out=4-8", num_prompts=6,
+        request_rate=20.0, seed=5, temperature=0.8, top_k=20, tokenizer=tokenizer,
+        show_progress=False,
+    )  # fmt: skip
+    result = asyncio.run(run_benchmark(config))
+    records = result.records
+    assert all(r.success for r in records), [r.error for r in records if not r.success][:3]
+    planned = plan_requests(
+        replace(
+            config, model=result.result["model_id"], max_model_len=result.result["max_model_len"]
+        ),
+        parse_workload("chat:in=40-120,out=4-8"),
+        find_tokens(tokenizer, "tiny", chat=True),
+    )
+    assert all(isinstance(p.prompt, str) for p in planned)
+    assert [r.input_len for r in records] == [p.input_len for p in planned]  # the server's count
+    assert all(40 - 3 <= r.input_len <= 120 for r in records)
+    assert [r.output_tokens for r in records] == [p.output_len for p in planned]
+    assert all(0 < r.ttft_s <= r.e2el_s and len(r.itl_s) <= r.output_tokens - 1 for r in records)
+    assert result.result["sampling_params"]["temperature"] == 0.8
+    assert result.result["tokenizer"] == tokenizer
 
 
 def test_short_sweep_writes_results_records_and_plots(ray_session: None, tmp_path: Path) -> None:
