@@ -7,7 +7,7 @@ import logging
 import queue
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import ray
 from tqdm import tqdm
@@ -117,8 +117,9 @@ class LLM:
 
     def chat_prompts(self, messages: Conversation | Sequence[Conversation]) -> list[list[int]]:
         """Token ids of each conversation rendered with the chat template, ready for a reply."""
-        conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
-        return [apply_chat_template(self.tokenizer, [dict(m) for m in c]) for c in conversations]  # type: ignore[union-attr]
+        one = bool(messages) and isinstance(messages[0], Mapping)
+        conversations = cast(Sequence[Conversation], [messages] if one else messages)
+        return [apply_chat_template(self.tokenizer, [dict(m) for m in c]) for c in conversations]
 
     def stream(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None
