@@ -53,11 +53,12 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         logits = apply_penalties(logits, rows)
 
-        token_ids = logits.argmax(dim=-1)  # [B]: the answer for greedy rows
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if len(sampled) == len(rows):
+        if len(sampled) == len(rows):  # an argmax of [B, V] costs about one draw: skip it
             token_ids = self._sample(logits, rows)
-        elif sampled:
+        else:
+            token_ids = logits.argmax(dim=-1)  # [B]: the answer for greedy rows
+        if 0 < len(sampled) < len(rows):
             index = torch.tensor(sampled, device=logits.device)
             token_ids[index] = self._sample(logits[index], [rows[i] for i in sampled])
 

@@ -26,7 +26,7 @@ def row(prompt: Sequence[int] = (), output: Sequence[int] = (), **params: Any) -
 def draws(logits: Sequence[float], n: int, **params: Any) -> list[int]:
     """n independent samples of one distribution, drawn as one batch of n identical rows."""
     batch = torch.tensor([logits], dtype=torch.float32).repeat(n, 1)
-    return Sampler()(batch, [row(**params)] * n).token_ids
+    return Sampler(seed=0)(batch, [row(**params)] * n).token_ids
 
 
 def frequencies(tokens: list[int], vocab: int) -> list[float]:
@@ -87,7 +87,7 @@ def test_temperature_sharpens_the_distribution() -> None:
 
 def test_temperature_near_zero_is_greedy() -> None:
     logits = torch.randn(64, 100)
-    sampled = Sampler()(logits, [row(temperature=1e-4)] * 64).token_ids
+    sampled = Sampler(seed=0)(logits, [row(temperature=1e-4)] * 64).token_ids
     assert sampled == logits.argmax(-1).tolist()
 
 
@@ -111,20 +111,31 @@ def test_min_p_drops_tokens_below_the_scaled_top_probability() -> None:
 def test_filters_are_per_row_in_one_batch() -> None:
     logits = torch.tensor([PROBS] * 400).log()
     rows = [row(top_k=1) if i % 2 == 0 else row() for i in range(400)]
-    tokens = Sampler()(logits, rows).token_ids
+    tokens = Sampler(seed=0)(logits, rows).token_ids
     assert set(tokens[0::2]) == {0}
     assert len(set(tokens[1::2])) == 4
 
 
-def test_seeded_sample_ignores_batch_mates_position_and_global_rng() -> None:
-    target_logits = torch.randn(1000) * 0.1  # nearly flat: a draw varies with the noise
-    target = row(prompt=[1, 2], output=[5, 6, 7], seed=42)
+@pytest.mark.parametrize(
+    "filters",
+    [{}, {"top_p": 0.9}, {"top_k": 50, "temperature": 0.7}, {"min_p": 0.05, "top_p": 0.95}],
+    ids=["plain", "top-p", "top-k", "min-p"],
+)
+def test_seeded_sample_ignores_batch_mates_position_and_global_rng(filters: dict) -> None:
+    target_logits = torch.randn(1000) * 0.5  # flat enough that a draw varies with the noise
+    target = row(prompt=[1, 2], output=[5, 6, 7], seed=42, **filters)
     alone = Sampler()(target_logits[None], [target]).token_ids[0]
     for seed in range(5):
         torch.manual_seed(seed)
-        mates = torch.randn(3, 1000)
+        mates = torch.randn(4, 1000)
         batch = torch.cat([mates[:2], target_logits[None], mates[2:]])
-        rows = [row(), row(seed=7), target, row(temperature=0.0, repetition_penalty=1.5)]
+        rows = [
+            row(),
+            row(seed=7, top_k=5),  # another parameter group: the target's rows are gathered
+            target,
+            row(temperature=0.0, repetition_penalty=1.5),
+            row(top_p=0.5, min_p=0.1),
+        ]
         assert Sampler()(batch, rows).token_ids[2] == alone
 
 
@@ -177,3 +188,17 @@ def test_logprobs_come_from_raw_logits_sorted_best_first() -> None:
     assert [lp for _, lp in first.top] == pytest.approx(raw[0, want_ids].tolist(), abs=1e-5)
     assert out.logprobs[1] is not None and out.logprobs[1].top == []
     assert out.logprobs[2] is None
+
+
+def test_unseeded_rows_differ_between_samplers_whatever_the_global_rng() -> None:
+    # Each worker process builds its own Sampler; restarting one must not replay its draws.
+    logits = torch.zeros(64, 1000)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        draws.append(Sampler()(logits, [row()] * 64).token_ids)
+    assert draws[0] != draws[1]
+    assert (
+        Sampler(seed=5)(logits, [row()] * 64).token_ids
+        == Sampler(seed=5)(logits, [row()] * 64).token_ids
+    )
