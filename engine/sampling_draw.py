@@ -94,23 +94,7 @@ def draw_full(
     candidates = inverse_cdf(weights, uniforms[:, :rounds], cdf)  # [S, rounds]
     if rounds > 0 and not bool(((top_p < 1.0) | (min_p > 0.0)).any()):
         return candidates[:, 0]
-    # min-p needs no pass: p_j / p_max is the candidate's weight.
-    in_min_p = (weights.gather(1, candidates) >= min_p[:, None]).tolist()  # [S][rounds]
-    nucleus = (top_p * cdf[:, -1]).tolist()  # the mass a candidate's betters must stay below
-    uses_top_p = (top_p < 1.0).tolist()
-    tokens = candidates.tolist()
-    chosen = [-1] * len(tokens)
-    for r in range(rounds):
-        todo = [i for i, c in enumerate(chosen) if c < 0 and in_min_p[i][r]]
-        check = [i for i in todo if uses_top_p[i]]
-        if check:
-            betters = mass_above(weights, [tokens[i][r] for i in range(len(tokens))], check)
-            rejected = {i for i, m in zip(check, betters, strict=True) if m >= nucleus[i]}
-            todo = [i for i in todo if i not in rejected]
-        for i in todo:
-            chosen[i] = tokens[i][r]
-        if min(chosen) >= 0:
-            break
+    chosen = first_in_support(weights, cdf, candidates, top_p, min_p)
     result = torch.tensor(chosen, device=logits.device)
     rest = [i for i, c in enumerate(chosen) if c < 0]
     if rest:
@@ -121,14 +105,37 @@ def draw_full(
     return result
 
 
-def mass_above(weights: Tensor, tokens: list[int], rows: list[int]) -> list[float]:
+def first_in_support(
+    weights: Tensor, cdf: Tensor, candidates: Tensor, top_p: Tensor, min_p: Tensor
+) -> list[int]:
+    """Per row, its first candidate inside the top-p / min-p support; -1 if none is.
+    weights, cdf [S, V]; candidates [S, rounds]; top_p, min_p [S]."""
+    # min-p needs no pass: p_j / p_max is the candidate's weight.
+    in_min_p = (weights.gather(1, candidates) >= min_p[:, None]).tolist()  # [S][rounds]
+    nucleus = (top_p * cdf[:, -1]).tolist()  # the mass a candidate's betters must stay below
+    uses_top_p = (top_p < 1.0).tolist()
+    tokens = candidates.tolist()
+    chosen = [-1] * len(tokens)
+    for r in range(candidates.shape[1]):
+        todo = [i for i, c in enumerate(chosen) if c < 0 and in_min_p[i][r]]
+        check = [i for i in todo if uses_top_p[i]]
+        if check:
+            betters = mass_above(weights, candidates[:, r], check)
+            rejected = {i for i, m in zip(check, betters, strict=True) if m >= nucleus[i]}
+            todo = [i for i in todo if i not in rejected]
+        for i in todo:
+            chosen[i] = tokens[i][r]
+        if min(chosen) >= 0:
+            break
+    return chosen
+
+
+def mass_above(weights: Tensor, tokens: Tensor, rows: list[int]) -> list[float]:
     """For each row i in rows: the total weight of the tokens heavier than tokens[i]."""
+    own = weights.gather(1, tokens[:, None]).squeeze(1).tolist()  # [S]
     # threshold keeps x where x > own and writes 0 elsewhere: one pass, no bool mask (masks
     # and where() cost 2-4x more on CPU); one call per row, as its threshold is a scalar.
-    masses = []
-    for i in rows:
-        own = float(weights[i, tokens[i]])
-        masses.append(F.threshold(weights[i], own, 0.0).sum())
+    masses = [F.threshold(weights[i], own[i], 0.0).sum() for i in rows]
     return torch.stack(masses).tolist()
 
 
