@@ -1,5 +1,5 @@
-"""Benchmark-size random-weight checkpoints, built locally (never downloaded), and loaders that
-give pdserve and transformers the very same weights.
+"""The engine benchmarks' models: random-weight checkpoints built locally (never downloaded), the
+real built-in SmolLM2, and loaders that give pdserve and transformers the very same weights.
 
 `small` is Llama-shaped and big enough that compute, not Python overhead, dominates on a CPU:
 hidden 512, 8 layers, 8 heads / 4 KV heads, vocab 32000, about 58M parameters in float32.
@@ -24,8 +24,10 @@ from transformers import (
 )
 
 from pdserve.engine.built_dir import build_once
+from pdserve.engine.builtin_models import BUILTIN_PREFIX, DEFAULT_MODEL, builtin_path, is_builtin
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.envs import cache_dir
+from pdserve.engine.gguf_file import resolve_model_path
 from pdserve.engine.loader import load_model
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
@@ -33,6 +35,8 @@ from pdserve.engine.tiny_model import default_tiny_model
 
 MARKER = "pdserve_bench_model.json"
 BUILTIN_MODELS = ("tiny", "small")
+SHORT_NAMES = {"smollm2": BUILTIN_PREFIX + DEFAULT_MODEL}  # --model smollm2
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -87,16 +91,25 @@ def _build(out: Path, spec: BenchModelSpec) -> None:
 
 
 def resolve_model(name: str) -> Path:
-    """`tiny` (the built-in test model), `small` (built into the cache dir) or a checkpoint dir."""
+    """The checkpoint directory of --model `name`: `tiny` (the built-in test model), `small`
+    (built into the cache dir), `smollm2` or any `builtin:<name>`, a Hugging Face checkpoint
+    dir, or a .gguf file. GGUF files (SmolLM2's included) resolve to the directory they are
+    converted into once, which both pdserve and transformers then read: the very same weights."""
     if name == "tiny":
         return default_tiny_model()
     if name == "small":
         return make_bench_model(cache_dir() / "bench-small-llama")
+    name = SHORT_NAMES.get(name, name)
+    if is_builtin(name):
+        return Path(resolve_model_path(str(builtin_path(name))))
     path = Path(name).expanduser()
+    if path.is_file():  # a GGUF file: its converted directory (any other file stays itself)
+        path = Path(resolve_model_path(str(path)))
     if not (path / "config.json").is_file():
         raise ValueError(
-            f"--model {name!r} is neither one of {BUILTIN_MODELS} nor a directory with a "
-            "config.json; pass tiny, small or a local Hugging Face checkpoint"
+            f"--model {name!r} is neither one of {(*BUILTIN_MODELS, *SHORT_NAMES)} nor a "
+            "directory with a config.json nor a .gguf file; pass tiny, small, smollm2, "
+            "builtin:<name>, a local Hugging Face checkpoint or a GGUF file"
         )
     return path
 
@@ -137,15 +150,15 @@ def id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def load_pdserve(path: Path) -> CausalLM:
-    """pdserve's model in float32 on the CPU, single rank."""
-    config = ModelConfig.from_pretrained(str(path), dtype="float32")
+def load_pdserve(path: Path, dtype: str = "float32") -> CausalLM:
+    """pdserve's model in `dtype` (one of DTYPES) on the CPU, single rank."""
+    config = ModelConfig.from_pretrained(str(path), dtype=dtype)
     return load_model(config, TPGroup.single())
 
 
-def load_hf(path: Path) -> PreTrainedModel:
-    """transformers' model of the same checkpoint in float32 on the CPU (the baseline)."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+def load_hf(path: Path, dtype: str = "float32") -> PreTrainedModel:
+    """transformers' model of the same checkpoint in `dtype` on the CPU (the baseline)."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
     return model.eval()
 
 

@@ -1,7 +1,11 @@
 """Engine benchmark: pdserve's decode and prefill against transformers, same model, same prompts,
-same process, same thread count. Prints a table and optionally writes the raw numbers as JSON.
+same process, same thread count, same dtype. Prints a table and optionally writes the raw
+numbers as JSON.
 
-    python -m pdserve.bench.micro.engine_bench --model small --out engine.json
+    python -m pdserve.bench.micro.engine_bench --model smollm2 --dtype bfloat16 --out engine.json
+
+Sampled decode (temperature 1.0, top-p 0.9, what users send) is compared with pdserve's own
+greedy decode at the same batch size, in the same interleaved rounds: the cost of sampling.
 
 What is timed, and how, is defined in pdserve.bench.micro.engine_timers. Runs of the engines being
 compared are interleaved (A, B, C, A, B, C, ...) so a change of load on a shared machine hits
@@ -23,11 +27,12 @@ from pdserve.bench.machine import machine_facts
 from pdserve.bench.micro import engine_timers as timers
 from pdserve.bench.micro.engine_report import Row, Series, format_table, to_json
 from pdserve.bench.micro.engine_timers import Timed
-from pdserve.bench.models import load_hf, load_pdserve, num_params, resolve_model
+from pdserve.bench.models import DTYPES, load_hf, load_pdserve, num_params, resolve_model
 from pdserve.engine.model import CausalLM
 
 DECODE_TARGET = (32, 1.5)  # (batch, ratio): decode at batch 32 >= 1.5x static-batch generate
 PREFILL_TARGET = 0.95  # prefill >= 0.95x a plain transformers forward, at every batch size
+SAMPLED_TARGET = ((1, 32), 0.95)  # (batches, ratio): sampled decode >= 0.95x greedy decode
 
 
 def measure(
@@ -54,7 +59,8 @@ def measure(
             bar.update()
     ours = outputs.get("pdserve", [])
     for name, s in series.items():
-        if name != "pdserve" and ours and outputs[name]:
+        # sampled engines draw from different generators: their tokens are not comparable
+        if name != "pdserve" and "sampled" not in name and ours and outputs[name]:
             same = sum(a == b for a, b in zip(ours, outputs[name], strict=True))
             s.same_outputs = f"{same}/{len(ours)}"
     return series
@@ -65,10 +71,10 @@ def run_benchmark(args: argparse.Namespace) -> tuple[list[Row], dict]:
     torch.set_num_threads(args.threads)
     timers.quiet_transformers()
     path = resolve_model(args.model)
-    model, hf = load_pdserve(path), load_hf(path)
+    model, hf = load_pdserve(path, args.dtype), load_hf(path, args.dtype)
     vocab = model.config.vocab_size
     per_batch = args.warmup + args.repeats
-    engines_per_batch = 2 + args.generate_batch + 2 + args.kv_send
+    engines_per_batch = 2 + args.generate_batch + 2 * args.sampled + 2 + args.kv_send
     kv = (
         timers.KVSendBench(model, max(args.batch_sizes), args.prompt_len, args.block_size)
         if args.kv_send
@@ -97,18 +103,28 @@ def _decode_rows(
     args: argparse.Namespace,
     bar: tqdm,
 ) -> list[Row]:
-    n = args.new_tokens
+    n, bs = args.new_tokens, args.block_size
     engines = {
-        "pdserve": lambda: timers.pdserve_decode(model, prompts, n, args.block_size),
+        "pdserve": lambda: timers.pdserve_decode(model, prompts, n, bs, sample=False),
         "generate": lambda: timers.hf_generate(hf, prompts, n),
     }
     if args.generate_batch:
         engines["generate_batch"] = lambda: timers.hf_generate_batch(hf, prompts, n)
+    if args.sampled:
+        engines["pdserve sampled"] = lambda: timers.pdserve_decode(
+            model, prompts, n, bs, sample=True
+        )
+        engines["generate sampled"] = lambda: timers.hf_generate(hf, prompts, n, sample=True)
     s = measure("decode", b, engines, args, bar)
     target = DECODE_TARGET[1] if b == DECODE_TARGET[0] else None
     rows = [Row("decode", b, s["pdserve"], s["generate"], target)]
     if "generate_batch" in s:
         rows.append(Row("decode", b, s["pdserve"], s["generate_batch"]))
+    if args.sampled:
+        ours = s["pdserve sampled"]
+        target = SAMPLED_TARGET[1] if b in SAMPLED_TARGET[0] else None
+        rows.append(Row("decode sampled", b, ours, s["pdserve"], target, "pdserve greedy"))
+        rows.append(Row("decode sampled", b, ours, s["generate sampled"]))
     return rows
 
 
@@ -150,9 +166,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--model",
-        default="small",
-        help="tiny (built-in test model), small (random 58M Llama, built into the "
-        "pdserve cache dir on first use) or a local Hugging Face checkpoint dir",
+        default="smollm2",
+        help="smollm2 (default: the real SmolLM2-135M-Instruct, builtin:smollm2-135m-instruct), "
+        "any builtin:<name>, tiny (built-in test model), small (random 58M Llama, built into "
+        "the pdserve cache dir on first use), a local Hugging Face checkpoint dir or a .gguf "
+        "file (converted once; both sides load the converted weights)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="dtype of both pdserve and transformers (default float32)",
     )
     p.add_argument(
         "--batch-sizes",
@@ -186,6 +210,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-kv-send", dest="kv_send", action="store_false", help="skip the prefill + KV send rows"
     )
+    p.add_argument(
+        "--no-sampled",
+        dest="sampled",
+        action="store_false",
+        help="skip sampled decode (temperature 1, top-p 0.9; pdserve and generate)",
+    )
     p.add_argument("--out", type=Path, help="write the raw numbers as JSON here")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
@@ -199,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     rows, facts = run_benchmark(args)
     print(
-        f"\nmodel {args.model} ({facts['params'] / 1e6:.1f}M params, float32)  "
+        f"\nmodel {args.model} ({facts['params'] / 1e6:.1f}M params, {args.dtype})  "
         f"prompt {args.prompt_len} tokens, {args.new_tokens} new  "
         f"median of {args.repeats} (+{args.warmup} warm-up)"
     )
