@@ -71,12 +71,17 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     dtype: torch.dtype
+    quantization: str = "none"  # weight-only scheme the loader applies: none, int8, int4
 
     @classmethod
     def of(cls, model: ModelSettings) -> ModelConfig:
         """The config of a deployment's model, as its settings load it."""
         return cls.from_pretrained(
-            model.path, dtype=model.dtype, device=model.device, max_model_len=model.max_model_len
+            model.path,
+            dtype=model.dtype,
+            device=model.device,
+            max_model_len=model.max_model_len,
+            quantization=model.quantization,
         )
 
     @classmethod
@@ -87,6 +92,7 @@ class ModelConfig:
         dtype: str = "auto",
         device: str = "cpu",
         max_model_len: int | None = None,
+        quantization: str = "none",
     ) -> ModelConfig:
         """Read `path`/config.json (and generation_config.json for extra EOS ids)."""
         from pdserve.engine.gguf_file import resolve_model_path  # not at the top: it imports us
@@ -126,6 +132,7 @@ class ModelConfig:
             eos_token_ids=_eos_ids(root, hf),
             bos_token_id=hf.bos_token_id if isinstance(hf.bos_token_id, int) else None,
             dtype=_resolve_dtype(dtype, device, hf),
+            quantization=quantization,
         )
 
     def __post_init__(self) -> None:

@@ -29,6 +29,7 @@ class ModelSettings:
     dtype: str = "auto"
     device: str = "cpu"  # "cpu" or "cuda"
     max_model_len: int | None = None  # None: the model's own
+    quantization: str = "none"  # weight-only: "int8" (per output channel) or "int4" (group-wise)
     num_threads: int = 1  # torch intra-op threads per actor on CPU
     # Address the workers' rendezvous stores (TP group, KV links) bind to; "auto" = the node's
     # IP as Ray knows it, which is what peers on other nodes can reach.
@@ -48,11 +49,13 @@ class PrefillSettings:
 
 @dataclass(frozen=True)
 class KVCacheSize:
-    """How big a decode replica's KV cache is: exactly one of the three is set."""
+    """A decode replica's KV cache: how big (exactly one of the three sizes is set) and in which
+    dtype its entries are stored and sent ("auto": the model's)."""
 
     blocks: int | None = None
     memory_bytes: int | None = None
     memory_fraction: float | None = None  # CUDA: share of the GPU, weights included
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | fp8_e4m3 | int8
 
     def __post_init__(self) -> None:
         given = [v for v in (self.blocks, self.memory_bytes, self.memory_fraction) if v is not None]

@@ -214,7 +214,12 @@ def _check_model(spec: DeploySpec, model_path: str, device: str, problems: list[
 
 
 def _kv_cache(kv: KVCache, device: str, problems: list[str]) -> KVCacheSize:
-    """The KV cache size rule: what was written, else 512 MiB on CPU and 90% of a GPU."""
+    """The KV cache: its dtype, and the size rule: what was written, else 512 MiB on CPU and
+    90% of a GPU."""
+    return dataclasses.replace(_kv_size(kv, device, problems), dtype=kv.dtype)
+
+
+def _kv_size(kv: KVCache, device: str, problems: list[str]) -> KVCacheSize:
     if kv.blocks is not None:
         return KVCacheSize(blocks=kv.blocks)
     if kv.memory is not None:

@@ -21,6 +21,8 @@ from pdserve.router.policies import DECODE_POLICIES, PREFILL_POLICIES
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 KV_BACKENDS = ("auto", "nccl", "gloo")
+QUANTIZATIONS = ("none", "int8", "int4")  # weight-only: int8 per output channel, int4 group-wise
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8")
 MODES = ("disaggregated", "colocated")
 # Ray asks for these per actor itself (one CPU or GPU slot each); a spec lists custom ones only.
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -143,6 +145,7 @@ class ModelSection(Section):
     dtype: Annotated[str, _one_of(*DTYPES)] = kw("auto", "dtype")
     device: Annotated[str, _one_of(*DEVICES)] = kw("auto", "device")
     max_model_len: AutoInt = kw("auto", "max_model_len")
+    quantization: Annotated[str, _one_of(*QUANTIZATIONS)] = kw("none", "quantization")
     served_name: NonEmpty = kw("auto", "served_model_name")
 
 
@@ -165,6 +168,8 @@ class KVCache(Section):
     blocks: Positive | None = kw(None, "num_kv_blocks")
     memory: Memory = kw(None, "kv_cache_memory")
     memory_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+    # auto: the model's dtype; fp8_e4m3 and int8 store (and send) KV compressed, scaled per token
+    dtype: Annotated[str, _one_of(*KV_CACHE_DTYPES)] = kw("auto", "kv_cache_dtype")
 
     @model_validator(mode="before")
     @classmethod
