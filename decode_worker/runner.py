@@ -25,7 +25,7 @@ class DecodeRunner:
         self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, device: torch.device
     ) -> None:
         self.model = model
-        self.kv_cache = kv_cache  # [layers, num_blocks, 2, block_size, kv_heads, head_dim]
+        self.kv_cache = kv_cache  # [layers, num_blocks, 2, block_size, kv_heads, row]: its format
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
@@ -85,11 +85,18 @@ class DecodeRunner:
 
 
 def build_engine(
-    model: CausalLM, limits: EngineLimits, device: torch.device, instance: int = 0
+    model: CausalLM,
+    limits: EngineLimits,
+    device: torch.device,
+    instance: int = 0,
+    kv_dtype: str = "auto",
 ) -> DecodeEngine:
     """A `DecodeEngine` over ``model`` with a fresh paged KV cache of ``limits.num_blocks``
-    blocks: what a decode replica, the engine benchmark and the profiler all run."""
-    cache = allocate_kv_cache(model.config, 1, limits.num_blocks, limits.block_size, device)
+    blocks in format ``kv_dtype`` (``decode.kv_cache.dtype``): what a decode replica, the
+    engine benchmark and the profiler all run."""
+    cache = allocate_kv_cache(
+        model.config, 1, limits.num_blocks, limits.block_size, device, kv_dtype
+    )
     return DecodeEngine(DecodeRunner(model, cache, limits.block_size, device), limits, instance)
 
 

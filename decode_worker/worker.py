@@ -241,7 +241,8 @@ def _build_engine(config: DeploymentConfig, instance: int, device: torch.device)
     cfg = ModelConfig.of(config.model)
     model = load_model(cfg, TPGroup.single(), device)  # first: the cache gets the rest
     memory = torch.cuda.mem_get_info(device) if device.type == "cuda" else None
-    num_blocks = d.kv_cache.num_blocks(bytes_per_block(cfg, 1, d.block_size), memory)
+    per_block = bytes_per_block(cfg, 1, d.block_size, d.kv_cache.dtype)  # scales included
+    num_blocks = d.kv_cache.num_blocks(per_block, memory)
     limits = model_limits(
         model,
         num_blocks,
@@ -250,4 +251,4 @@ def _build_engine(config: DeploymentConfig, instance: int, device: torch.device)
         max_num_batched_tokens=d.max_num_batched_tokens,
         chunked_prefill=d.chunked_prefill,
     )
-    return build_engine(model, limits, device, instance)
+    return build_engine(model, limits, device, instance, d.kv_cache.dtype)

@@ -5,6 +5,9 @@ Cache layout per layer: [num_blocks, 2 (K, V), block_size, kv_heads_local, head_
 engine/kv_cache.py); token t of a sequence lives in slot
 block_table[t // block_size] * block_size + t % block_size.
 A sliding window W lets the query at position p see keys at positions (p - W, p].
+The cache's dtype is its storage format: writes convert (or quantize) K/V into it, and the
+gathered blocks are converted (or dequantized) to the queries' dtype before attention; a cache
+in the model's dtype takes neither step (engine/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.kv_cache import half_block_ids, kv_rows
+from pdserve.engine.kv_quant import from_cache_rows, movable, to_cache_rows
 
 
 @dataclass
@@ -36,18 +40,19 @@ class DecodeMetadata:
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> None:
     """Scatter k, v: [T, kv_heads, head_dim] into a layer's cache [num_blocks, 2, block_size,
-    kv_heads, head_dim] at K rows ``rows`` (``kv_rows`` of the tokens' slots)."""
+    kv_heads, row] at K rows ``rows`` (``kv_rows`` of the tokens' slots), in its format."""
+    k, v = to_cache_rows(k, cache.dtype), to_cache_rows(v, cache.dtype)
     # view (not reshape) so a non-contiguous cache fails loudly instead of writing to a copy
-    flat = cache.view(-1, *k.shape[1:])
-    flat.index_copy_(0, rows, k)
-    flat.index_copy_(0, rows + cache.shape[2], v)
+    flat = movable(cache).view(-1, *k.shape[1:])
+    flat.index_copy_(0, rows, movable(k))
+    flat.index_copy_(0, rows + cache.shape[2], movable(v))
 
 
-def _gather(cache: torch.Tensor, half_ids: torch.Tensor) -> torch.Tensor:
-    """Whole blocks of K, then of V: [2 * n, block_size, kv_heads, D] for ``half_block_ids``.
-    index_select copies block-sized rows, several times faster on CPU than advanced indexing
-    (element by element)."""
-    return cache.view(-1, *cache.shape[2:]).index_select(0, half_ids)
+def _gather(cache: torch.Tensor, half_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whole blocks of K, then of V, as ``dtype`` values: [2 * n, block_size, kv_heads, D] for
+    ``half_block_ids``. index_select copies block-sized rows, several times faster on CPU than
+    advanced indexing (element by element); only the gathered blocks are dequantized."""
+    return from_cache_rows(cache.view(-1, *cache.shape[2:]).index_select(0, half_ids), dtype)
 
 
 def _window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
@@ -122,12 +127,12 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query per sequence against its cached blocks, one batched SDPA call.
 
-    q: [B, heads, head_dim]; cache: [num_blocks, 2, block_size, kv_heads, D] -> [B, heads, D]
+    q: [B, heads, D]; cache: [num_blocks, 2, block_size, kv_heads, row] -> [B, heads, D]
     """
-    batch, heads, _ = q.shape
-    kv_heads, head_dim = cache.shape[3:]
+    batch, heads, head_dim = q.shape
+    kv_heads = cache.shape[3]
     # whole blocks of K and V in one call: [2, B, n * block_size, kv_heads, D]
-    kv = _gather(cache, plan.half_ids).view(2, batch, -1, kv_heads, head_dim)
+    kv = _gather(cache, plan.half_ids, q.dtype).view(2, batch, -1, kv_heads, head_dim)
     k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, kv_heads, L, D], strided views
     # GQA as a query length: the heads sharing a KV head become its queries, so each K/V row
     # is read once per KV head (faster on CPU than enable_gqa). [B, kv_heads, group, D]
@@ -220,7 +225,7 @@ def mixed_attention(
     """Decode queries and chunk queries of one step over the paged cache.
 
     q: [B + C, heads, D]; k, v: [B + C, kv_heads, D]; cache: [num_blocks, 2, block_size,
-    kv_heads, D] -> [B + C, heads, D]
+    kv_heads, row] -> [B + C, heads, D]
     """
     write_kv(cache, k, v, plan.kv_rows)  # first: chunks read their own K/V
     out = torch.empty_like(q)
@@ -246,8 +251,8 @@ def _chunk_attention(
 ) -> torch.Tensor:
     # q: [n, heads, D] -> [n, heads, D], against the gathered blocks of its sequence
     assert chunk.half_ids is not None and chunk.visible is not None
-    kv_heads, head_dim = cache.shape[3:]
-    kv = _gather(cache, chunk.half_ids).view(2, -1, kv_heads, head_dim)  # [2, L, kvh, D]
+    kv_heads, head_dim = cache.shape[3], q.shape[-1]
+    kv = _gather(cache, chunk.half_ids, q.dtype).view(2, -1, kv_heads, head_dim)  # [2, L, kvh, D]
     k, v = kv[0].transpose(0, 1)[None], kv[1].transpose(0, 1)[None]  # [1, kv_heads, L, D]
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k, v, attn_mask=chunk.visible, scale=scale, enable_gqa=True

@@ -190,7 +190,8 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] (after the final norm).
 
-        kv_cache: [num_layers, num_blocks, 2, block_size, kv_heads_local, head_dim]. kv_hook(layer,
+        kv_cache: [num_layers, num_blocks, 2, block_size, kv_heads_local, row], in its storage
+        format (row: head_dim, or head_dim + 2 for int8/fp8 with scales). kv_hook(layer,
         k, v) sees each layer's K/V ([T, kv_heads_local, head_dim], after RoPE; strided views
         valid for the call, so copy what you keep) before that layer's attention runs, so a
         sender can overlap with the rest of the forward pass.

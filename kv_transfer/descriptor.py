@@ -3,8 +3,8 @@
 A prefill rank sends, per batch and per destination decode replica, one *header* naming every
 request in the batch bound there (the router-assigned transfer id is the only pairing key), then
 one tensor per layer holding all those requests' K and V for the rank's head slice in the cache's
-block layout (see layout.py), then (from the rank that sampled them) a *trailer* with the first
-generated tokens.
+block layout and storage format (see layout.py; a scaled format's rows carry their scales), then
+(from the rank that sampled them) a *trailer* with the first generated tokens.
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ from dataclasses import dataclass
 
 import msgpack
 
+from pdserve.engine.kv_format import KV_DTYPES, row_width
+
 # Bounded message size: a header for a batch of a few hundred requests is a few KiB.
 MAX_HEADER_BYTES = 1 << 20
-PROTOCOL_VERSION = 2  # 2: one block-layout tensor per layer (1: K and V apart, per token)
+# 3: "dtype" is the KV cache's storage format (int8 and fp8_e4m3 rows carry their scales);
+# 2: one block-layout tensor per layer; 1: K and V apart, per token
+PROTOCOL_VERSION = 3
 
 
 class TransferProtocolError(RuntimeError):
@@ -38,7 +42,7 @@ class TransferHeader:
 
     items: tuple[TransferItem, ...]
     num_layers: int
-    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
+    dtype: str  # the KV storage format (engine/kv_format.py): float32 ... fp8_e4m3, int8
     head_start: int  # KV heads [head_start, head_end) of the full model carried by this link
     head_end: int
     head_dim: int
@@ -58,9 +62,19 @@ class TransferHeader:
     def num_blocks(self) -> int:
         return sum(-(-item.num_tokens // self.block_size) for item in self.items)
 
+    @property
+    def itemsize(self) -> int:
+        return KV_DTYPES[self.dtype]
+
     def layer_shape(self) -> tuple[int, int, int, int, int]:
-        # per layer: [blocks of all items, 2 (K, V), block_size, heads of this slice, head_dim]
-        return (self.num_blocks, 2, self.block_size, self.num_heads, self.head_dim)
+        # per layer: [blocks of all items, 2 (K, V), block_size, heads of this slice, row]
+        # (row: head_dim values, + 2 scale bytes in a scaled format)
+        row = row_width(self.dtype, self.head_dim)
+        return (self.num_blocks, 2, self.block_size, self.num_heads, row)
+
+    def layer_bytes(self) -> int:
+        n, kv, bs, heads, row = self.layer_shape()
+        return n * kv * bs * heads * row * self.itemsize
 
     def encode(self) -> bytes:
         body = {
@@ -96,6 +110,8 @@ class TransferHeader:
                 for t, r, n, blocks in body["items"]
             )
             start, end, head_dim = (int(x) for x in body["heads"])
+            if body["dtype"] not in KV_DTYPES:
+                raise ValueError(f"unknown KV dtype {body['dtype']!r}")
             return cls(
                 items=items,
                 num_layers=int(body["layers"]),

@@ -3,12 +3,16 @@
 Prefill rank r of a TP group holds KV heads ``kv_head_range(H, r, tp)`` of the full model and
 sends exactly that slice; the decode replica (TP=1, all H heads) writes it at that head offset.
 
-On the wire, one layer of a transfer is one tensor in the cache's block layout,
-[blocks, 2 (K, V), block_size, heads, head_dim]: each item's tokens fill its blocks in order
+On the wire, one layer of a transfer is one tensor in the cache's block layout and storage
+format, [blocks, 2 (K, V), block_size, heads, row]: each item's tokens fill its blocks in order
 (the unused tail of an item's last block is sent as zeros), items back to back. When the
 destination blocks of all items form one ascending run and the link carries every head, that
 tensor is exactly the cache region ``cache[layer, first:first + blocks]``, and the receive lands
 there with no copy.
+
+In a scaled format (int8, fp8) a row is head_dim one-byte codes then its float16 scale,
+quantized on the prefill rank exactly as the decode cache's own writes do (``to_cache_rows``):
+the K/V shrink on the wire as in the cache, still one message per layer, still landing in place.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.kv_quant import movable
 from pdserve.kv_transfer.descriptor import TransferItem
 
 
@@ -77,8 +82,11 @@ def wire_plan(ranges: Sequence[tuple[int, int]], block_size: int) -> WirePlan:
 
 
 def pack_layer(k: torch.Tensor, v: torch.Tensor, plan: WirePlan) -> torch.Tensor:
-    """K and V of one layer ([T, heads, head_dim] each, any strides) as the wire tensor
-    [plan.num_blocks, 2, block_size, heads, head_dim]."""
+    """K and V rows of one layer ([T, heads, row] each in the cache's format, any strides:
+    ``to_cache_rows`` of the forward's K/V) as the wire tensor
+    [plan.num_blocks, 2, block_size, heads, row]."""
+    dtype = k.dtype
+    k, v = movable(k), movable(v)  # float8 as uint8: CPU has no float8 index_fill_
     heads, head_dim, bs = k.shape[1], k.shape[2], plan.block_size
     wire = k.new_empty(plan.num_blocks, 2, bs, heads, head_dim)
     if len(plan.items) <= _PER_ITEM_MAX:
@@ -97,7 +105,7 @@ def pack_layer(k: torch.Tensor, v: torch.Tensor, plan: WirePlan) -> torch.Tensor
             wire[:, kv] = x.index_select(0, index).view(-1, bs, heads, head_dim)
     if plan.pad_rows.numel():
         wire.view(-1, heads, head_dim).index_fill_(0, plan.pad_rows.to(k.device), 0)
-    return wire
+    return wire.view(dtype)
 
 
 def run_start(items: Sequence[TransferItem], block_size: int) -> int | None:
@@ -145,12 +153,14 @@ def write_layer(
 ) -> None:
     """Write one received layer into the paged cache at the link's head offset.
 
-    layer_cache: [num_blocks, 2, block_size, heads, head_dim]; data: [n, 2, block_size, h,
-    head_dim] (the wire tensor); blocks: [n] destination block of each; keep: optional [n]
-    bool mask of blocks to write (the others are dropped).
+    layer_cache: [num_blocks, 2, block_size, heads, row]; data: [n, 2, block_size, h, row]
+    (the wire tensor, in the cache's format); blocks: [n] destination block of each; keep:
+    optional [n] bool mask of blocks to write (the others are dropped).
     """
-    data = data.to(layer_cache.device, layer_cache.dtype)
+    if data.dtype != layer_cache.dtype:
+        raise ValueError(f"KV arrived as {data.dtype}, the cache stores {layer_cache.dtype}")
+    data = data.to(layer_cache.device)
     if keep is not None:
         data, blocks = data[keep], blocks[keep]
     target = layer_cache.narrow(3, head_start, data.shape[3])  # a view: writes land in the cache
-    target.index_copy_(0, blocks.to(layer_cache.device), data)
+    movable(target).index_copy_(0, blocks.to(layer_cache.device), movable(data))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pdserve.engine.kv_quant import movable
 from pdserve.engine.parallel import make_process_group
 from pdserve.kv_transfer.descriptor import MAX_HEADER_BYTES, TransferHeader, TransferProtocolError
 from pdserve.kv_transfer.errors import KVLinkError as KVLinkError  # re-exported: older imports
@@ -124,7 +125,8 @@ class KVLink:
         self.flush_wait_s += time.perf_counter() - start
 
     def _send(self, tensor: torch.Tensor) -> None:
-        work = self._pg.send([tensor], RECEIVER, 0)
+        # a scaled KV format (fp8 codes) travels as its bytes: not every NCCL knows float8
+        work = self._pg.send([movable(tensor)], RECEIVER, 0)
         self._pending.append((work, tensor))
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
@@ -148,7 +150,7 @@ class KVLink:
         return TransferHeader.decode(data)
 
     def recv_tensor(self, tensor: torch.Tensor) -> dist.Work:
-        return self._pg.recv([tensor], SENDER, 0)
+        return self._pg.recv([movable(tensor)], SENDER, 0)  # a view: lands in ``tensor``
 
     def close(self) -> None:
         """Tell the receiver nothing more follows (sender side), then drop the group."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.kv_quant import kv_dtype_name
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
 from pdserve.kv_transfer.layout import run_start, wire_blocks, write_layer
 from pdserve.kv_transfer.link import KVLink
@@ -37,6 +37,9 @@ class KVReceiver:
     are written into blocks. ``accept`` is asked once per item when its header arrives: an item
     refused (unknown or aborted transfer) is still drained to keep the stream in step, but not
     written. The owner must not reuse an accepted item's blocks before ``on_batch`` reports it.
+    A header the cache cannot take (another KV format, layer count or block size) fails the
+    link: its batch is drained (the sender's sends complete), then ``on_error`` gets the reason
+    after the items were accepted (so the owner fails them with it), and the group is torn down.
     """
 
     def __init__(
@@ -49,7 +52,8 @@ class KVReceiver:
         on_error: Callable[[str, BaseException], None],
     ) -> None:
         self.link = link
-        self._kv_cache = kv_cache  # [layers, num_blocks, 2, block_size, heads, head_dim]
+        self._kv_cache = kv_cache  # [layers, num_blocks, 2, block_size, heads, row]
+        self._kv_dtype = kv_dtype_name(kv_cache.dtype)  # the format every header must carry
         self._block_size = block_size
         self._accept = accept
         self._on_batch = on_batch
@@ -71,23 +75,45 @@ class KVReceiver:
         except Exception as e:  # the link is dead; the owner fails its transfers
             logger.error("kv link %s failed: %s", self.link.name, e)
             self._on_error(self.link.name, e)
+            self.link.abort()
 
-    def _receive(self, header: TransferHeader) -> ReceivedBatch:
-        start = time.perf_counter()
-        dtype = getattr(torch, header.dtype)
-        if header.num_layers != self._kv_cache.shape[0]:
-            raise ValueError(
-                f"header has {header.num_layers} layers, cache has {self._kv_cache.shape[0]}"
+    def _problem(self, header: TransferHeader) -> str | None:
+        """Why this cache cannot take the header's KV as it is sent, or None."""
+        if header.dtype != self._kv_dtype:
+            return (
+                f"the prefill rank sends KV as {header.dtype} but this decode replica's cache "
+                f"stores {self._kv_dtype}: give both pools the same decode.kv_cache.dtype "
+                "(LLM kv_cache_dtype=) and the same pdserve version"
             )
+        if header.num_layers != self._kv_cache.shape[0]:
+            return f"header has {header.num_layers} layers, cache has {self._kv_cache.shape[0]}"
         if header.block_size != self._block_size:
-            raise ValueError(
+            return (
                 f"header packs blocks of {header.block_size} tokens, the cache holds "
                 f"{self._block_size}: give prefill and decode the same block_size"
             )
+        return None
+
+    def _drain(self, header: TransferHeader) -> None:
+        """Receive and drop a batch as its header describes it."""
+        buf = self._staging(header.layer_bytes(), torch.uint8)
+        for _ in range(header.num_layers):
+            self.link.recv_tensor(buf).wait()
+        if header.has_trailer:
+            trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
+            self.link.recv_tensor(trailer).wait()
+
+    def _receive(self, header: TransferHeader) -> ReceivedBatch:
+        start = time.perf_counter()
         accepted = tuple(self._accept(item) for item in header.items)
+        problem = self._problem(header)
+        if problem is not None:  # the owner fails the accepted items with the reason
+            self._drain(header)
+            raise ValueError(problem)
+        dtype = self._kv_cache.dtype
         all_kept = all(accepted)
         first_block = run_start(header.items, self._block_size) if all_kept else None
-        in_place = first_block is not None and self._lands_in_place(header, dtype)
+        in_place = first_block is not None and self._lands_in_place(header)
         targets, bufs = self._targets(header, dtype, first_block if in_place else None)
         # Post every receive at once, making each target just before its receive: a layer's
         # bytes wait in gloo until its receive is posted, so the first goes up first.
@@ -108,7 +134,7 @@ class KVReceiver:
                     header.head_start,
                     None if all_kept else keep,
                 )
-        nbytes = header.num_layers * math.prod(header.layer_shape()) * dtype.itemsize
+        nbytes = header.num_layers * header.layer_bytes()  # compressed: codes and scales
         first = None
         if trailer_work is not None:
             trailer_work.wait()
@@ -117,14 +143,10 @@ class KVReceiver:
             self.link.name, header, accepted, first, nbytes, time.perf_counter() - start
         )
 
-    def _lands_in_place(self, header: TransferHeader, dtype: torch.dtype) -> bool:
-        """The link carries every head, in the cache's dtype, on the cache's device."""
+    def _lands_in_place(self, header: TransferHeader) -> bool:
+        """The link carries every head (in the cache's format: checked) to the cache's device."""
         cache = self._kv_cache
-        return (
-            cache.dtype == dtype
-            and cache.device == self.link.device
-            and header.num_heads == cache.shape[-2]
-        )
+        return cache.device == self.link.device and header.num_heads == cache.shape[-2]
 
     def _targets(
         self, header: TransferHeader, dtype: torch.dtype, start: int | None
@@ -134,7 +156,7 @@ class KVReceiver:
         ``start`` (the blocks form one ascending run and the link carries every head: no copy
         at all), else a staging arena written into the blocks afterwards. Returns the targets
         and the staging buffers (None when in place)."""
-        cache = self._kv_cache  # [layers, num_blocks, 2, block_size, heads, head_dim]
+        cache = self._kv_cache  # [layers, num_blocks, 2, block_size, heads, row]
         layers = range(header.num_layers)
         if start is not None:
             end = start + header.num_blocks
@@ -142,7 +164,7 @@ class KVReceiver:
         # a reused arena: fresh buffers per transfer would cost a page fault per 4 KiB written,
         # which on CPU halves the link's throughput
         shape = header.layer_shape()
-        staging = self._staging(header.num_layers * math.prod(shape), dtype)
+        staging = self._staging(header.num_layers * header.layer_bytes() // dtype.itemsize, dtype)
         bufs = list(staging.view(header.num_layers, *shape).unbind(0))
         return iter(bufs), bufs
 

@@ -9,6 +9,7 @@ from functools import partial
 import torch
 
 from pdserve.engine.attention import PrefillMetadata
+from pdserve.engine.kv_quant import kv_dtype_name, storage_dtype, to_cache_rows
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup, is_kv_sender, kv_head_range
 from pdserve.engine.request import PrefillItem
@@ -22,12 +23,21 @@ from pdserve.kv_transfer.link import KVLink
 class PrefillRunner:
     """Holds one rank's model shard; runs batches the leader hands to every rank alike."""
 
-    def __init__(self, model: CausalLM, tp: TPGroup, device: torch.device, block_size: int) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        tp: TPGroup,
+        device: torch.device,
+        block_size: int,
+        kv_dtype: str = "auto",
+    ) -> None:
         self.model = model
         self.tp = tp
         self.device = device
-        self.block_size = block_size  # the decode replicas' (the KV travels in their layout)
         cfg = model.config
+        # the decode replicas' block size and KV format: the KV travels as their cache holds it
+        self.block_size = block_size
+        self.kv_dtype = storage_dtype(kv_dtype, cfg.dtype)
         self.head_start, self.head_end = kv_head_range(cfg.num_kv_heads, tp.rank, tp.size)
         self.sends_kv = is_kv_sender(cfg.num_kv_heads, tp.rank, tp.size)
         self.sampler = Sampler()
@@ -48,7 +58,7 @@ class PrefillRunner:
         """
         seq_lens = [len(item.prompt_token_ids) for item in items]
         ranges = token_ranges(seq_lens)
-        sends = _BatchSends(items, links, ranges, self.block_size)
+        sends = _BatchSends(items, links, ranges, self.block_size, self.kv_dtype)
         if self.sends_kv:
             sends.headers(self._header)
         input_ids = torch.tensor(
@@ -79,7 +89,7 @@ class PrefillRunner:
                 for it in items
             ),
             num_layers=cfg.num_layers,
-            dtype=str(cfg.dtype).removeprefix("torch."),
+            dtype=kv_dtype_name(self.kv_dtype),
             head_start=self.head_start,
             head_end=self.head_end,
             head_dim=cfg.head_dim,
@@ -98,8 +108,10 @@ class _BatchSends:
         links: Mapping[int, KVLink],
         ranges: Sequence[tuple[int, int]],
         block_size: int,
+        kv_dtype: torch.dtype,
     ) -> None:
         self.items, self.links = items, links
+        self.kv_dtype = kv_dtype
         self.by_dest: dict[int, list[int]] = defaultdict(list)  # replica -> its items' indices
         for i, item in enumerate(items):
             self.by_dest[item.decode_instance].append(i)
@@ -115,7 +127,9 @@ class _BatchSends:
             self._on_link(dest, partial(KVLink.send_header, header=h))
 
     def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        # k, v: [T, kv_heads_local, head_dim] views for the whole packed batch
+        # k, v: [T, kv_heads_local, head_dim] views for the whole packed batch, converted (or
+        # quantized) once into the cache's format, as the decode side's own writes would
+        k, v = to_cache_rows(k, self.kv_dtype), to_cache_rows(v, self.kv_dtype)
         for dest, plan in self.plans.items():
             if dest not in self.broken:
                 self._on_link(dest, partial(KVLink.send_tensor, tensor=pack_layer(k, v, plan)))

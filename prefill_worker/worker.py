@@ -88,7 +88,10 @@ class PrefillWorker:
             )
             tp = TPGroup(self.rank, self.pool.tensor_parallel_size, pg)
         model = load_model(self.config, tp, self.device)
-        self._runner = PrefillRunner(model, tp, self.device, self.deployment.decode.block_size)
+        decode = self.deployment.decode  # the KV travels in the decode cache's layout and format
+        self._runner = PrefillRunner(
+            model, tp, self.device, decode.block_size, decode.kv_cache.dtype
+        )
         logger.info("prefill instance %d rank %d ready", self.instance, self.rank)
 
     async def connect_link(self, decode_instance: int, name: str, host: str, port: int) -> bool:

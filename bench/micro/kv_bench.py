@@ -18,7 +18,14 @@ Every mode moves the same bytes: each layer as prefill's ``pack_layer`` makes it
 the forward's, where ``.contiguous()`` copies of K and V used to be, and is not timed here). The
 receiver checks at the end that the KV landed in the cache exactly as sent.
 
+``--kv-dtype int8`` (or fp8_e4m3, bfloat16, ...) sends the KV in that cache format, as a
+deployment with ``decode.kv_cache.dtype`` does: int8/fp8 rows are codes plus a float16 scale,
+so fewer bytes cross the link. GB/s stays the wire's rate; the table adds each case's ms
+(pdserve mode) and the sender's quantization ms (all layers, timed apart: in a prefill it runs
+in the forward's layer hook).
+
     python -m pdserve.bench.micro.kv_bench --tokens 128 512 1024 2048 4096 --out kv.json
+    python -m pdserve.bench.micro.kv_bench --tokens 1024 4096 --kv-dtype int8
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pdserve.engine.kv_format import row_bytes, row_width
+from pdserve.engine.kv_quant import TORCH_DTYPES, movable, to_cache_rows
 from pdserve.engine.parallel import make_process_group
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
 from pdserve.kv_transfer.layout import pack_layer, wire_blocks, wire_plan
@@ -49,11 +58,20 @@ class Shape:
     kv_heads: int = 8
     head_dim: int = 64
     block_size: int = 16
-    dtype: str = "float32"
+    dtype: str = "float32"  # the model's: K/V as the forward makes them
     scattered: bool = False  # destination blocks not one ascending run (a churned cache)
+    kv_dtype: str = "auto"  # the cache's format, as sent ("auto": dtype)
+
+    @property
+    def kv_format(self) -> str:
+        return self.dtype if self.kv_dtype == "auto" else self.kv_dtype
+
+    @property
+    def row(self) -> int:
+        return row_width(self.kv_format, self.head_dim)
 
     def bytes_per_token(self) -> int:
-        return self.layers * 2 * self.kv_heads * self.head_dim * getattr(torch, self.dtype).itemsize
+        return self.layers * 2 * self.kv_heads * row_bytes(self.kv_format, self.head_dim)
 
 
 def _header(shape: Shape, tokens: int) -> TransferHeader:
@@ -63,7 +81,7 @@ def _header(shape: Shape, tokens: int) -> TransferHeader:
     return TransferHeader(
         (TransferItem(1, "bench", tokens, blocks),),
         shape.layers,
-        shape.dtype,
+        shape.kv_format,
         0,
         shape.kv_heads,
         shape.head_dim,
@@ -75,14 +93,19 @@ def _header(shape: Shape, tokens: int) -> TransferHeader:
 MODES = ("raw-1", "raw-L", "pdserve", "streamed")
 
 
-def _kv(shape: Shape, tokens: int) -> torch.Tensor:
-    """One request's KV on the wire, [layers, blocks, 2, block_size, heads, head_dim], packed
-    by ``pack_layer``; the same on both sides."""
+def _kv(shape: Shape, tokens: int) -> tuple[torch.Tensor, float]:
+    """One request's KV on the wire, [layers, blocks, 2, block_size, heads, row], quantized
+    (``to_cache_rows``) and packed (``pack_layer``) as a prefill rank does; the same on both
+    sides. Also the seconds the quantization took."""
     gen = torch.Generator().manual_seed(tokens)
-    dtype = getattr(torch, shape.dtype)
     kv = torch.randn(shape.layers, 2, tokens, shape.kv_heads, shape.head_dim, generator=gen)
+    kv = kv.to(TORCH_DTYPES[shape.dtype])
+    fmt = TORCH_DTYPES[shape.kv_format]
+    start = time.perf_counter()
+    rows = [(to_cache_rows(k, fmt), to_cache_rows(v, fmt)) for k, v in kv]
+    seconds = time.perf_counter() - start
     plan = wire_plan([(0, tokens)], shape.block_size)
-    return torch.stack([pack_layer(k, v, plan) for k, v in kv.to(dtype)])
+    return torch.stack([pack_layer(k, v, plan) for k, v in rows]), seconds
 
 
 def _raw_ops(pg: Any, whole: torch.Tensor, mode: str, op: str, peer: int) -> None:
@@ -105,7 +128,8 @@ def _sender(
     ack = torch.zeros(1, dtype=torch.int64)
     results = {}
     for tokens in tokens_list:
-        whole = _kv(shape, tokens)
+        whole = _kv(shape, tokens)[0]
+        quantize = [_kv(shape, tokens)[1] for _ in range(repeats)]
         times: dict[str, list[float]] = {m: [] for m in MODES}
         for rep in range(repeats + 1):  # the first round warms up
             for mode in MODES:
@@ -128,6 +152,8 @@ def _sender(
         nbytes = tokens * shape.bytes_per_token()
         results[tokens] = {m: nbytes / statistics.median(t) / 1e9 for m, t in times.items()}
         results[tokens]["bytes"] = nbytes
+        results[tokens]["ms"] = statistics.median(times["pdserve"]) * 1e3
+        results[tokens]["quantize_ms"] = statistics.median(quantize) * 1e3
     link.close()
     out.update(results)
 
@@ -138,10 +164,10 @@ def _receiver(store: dist.TCPStore, shape: Shape, tokens_list: list[int], repeat
         "bench/link", "gloo", RECEIVER, torch.device("cpu"), "127.0.0.1", store.port, store
     )
     raw = make_process_group("gloo", dist.PrefixStore("raw", store), RECEIVER, 2)
-    dtype = getattr(torch, shape.dtype)
+    dtype = TORCH_DTYPES[shape.kv_format]
     max_blocks = -(-max(tokens_list) // shape.block_size)
     cache = torch.zeros(
-        shape.layers, max_blocks, 2, shape.block_size, shape.kv_heads, shape.head_dim, dtype=dtype
+        shape.layers, max_blocks, 2, shape.block_size, shape.kv_heads, shape.row, dtype=dtype
     )
     landed = threading.Semaphore(0)
     failed: list[BaseException] = []
@@ -167,9 +193,10 @@ def _receiver(store: dist.TCPStore, shape: Shape, tokens_list: list[int], repeat
                     if failed:
                         raise RuntimeError(f"the KV link failed: {failed[0]}")
                 raw.send([ack], SENDER, 1).wait()
-        sent = _kv(shape, tokens)
+        sent = movable(_kv(shape, tokens)[0])
         blocks, _ = wire_blocks(_header(shape, tokens).items, shape.block_size)
-        if not torch.equal(whole, sent) or not torch.equal(cache[:, blocks], sent):
+        in_cache = movable(cache)[:, blocks]
+        if not (torch.equal(movable(whole), sent) and torch.equal(in_cache, sent)):
             raise RuntimeError(f"{tokens} tokens: the KV did not arrive as sent")
 
 
@@ -203,7 +230,13 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--kv-dtype",
+        default="auto",
+        choices=("auto", *TORCH_DTYPES),
+        help="the KV cache format on the wire (decode.kv_cache.dtype; auto: --dtype)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per case (median)")
     p.add_argument(
         "--scattered",
@@ -218,17 +251,20 @@ def main() -> None:
     )
     p.add_argument("--out", default=None, help="write the raw numbers as JSON here")
     args = p.parse_args()
-    shape = Shape(args.layers, args.kv_heads, args.head_dim, 16, args.dtype, args.scattered)
+    shape = Shape(
+        args.layers, args.kv_heads, args.head_dim, 16, args.dtype, args.scattered, args.kv_dtype
+    )
     results = run(shape, args.tokens, args.repeats, args.lead_ms)
     print(f"KV shape: {asdict(shape)}; {shape.bytes_per_token()} bytes/token; backend gloo (CPU)")
-    print("GB/s per mode, then each mode over raw-1 (the baseline):")
+    print("GB/s per mode, each mode over raw-1 (the baseline), then ms (pdserve; quantize):")
     print(f"{'tokens':>7} {'MiB':>7} " + " ".join(f"{m:>9}" for m in MODES) + " |"
-          + " ".join(f"{m:>9}" for m in MODES[1:]))  # fmt: skip
+          + " ".join(f"{m:>9}" for m in MODES[1:]) + f" | {'ms':>7} {'quant':>7}")  # fmt: skip
     for tokens in args.tokens:
         r = results[tokens]
         print(f"{tokens:>7} {r['bytes'] / 2**20:>7.1f} "
               + " ".join(f"{r[m]:>9.2f}" for m in MODES) + " |"
-              + " ".join(f"{r[m] / r['raw-1']:>9.2f}" for m in MODES[1:]))  # fmt: skip
+              + " ".join(f"{r[m] / r['raw-1']:>9.2f}" for m in MODES[1:])
+              + f" | {r['ms']:>7.2f} {r['quantize_ms']:>7.2f}")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"shape": asdict(shape), "results": results}, f, indent=2)
