@@ -51,6 +51,11 @@ COMMANDS = (
         "rank placements of N devices by simulated goodput; print the best deploy spec",
         "plan",
     ),
+    Command(
+        "eval-ppl",
+        "perplexity and greedy agreement of dtypes, weight and KV-cache quantization",
+        "eval_ppl",
+    ),
     Command("make-tiny-model", "build a small random-weight model with a tokenizer", "tiny_model"),
 )
 

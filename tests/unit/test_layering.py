@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = ("prefill_worker", "decode_worker", "router")
-BENCH_ROOMS = ("serve", "sweep", "plan", "profile", "micro")
+BENCH_ROOMS = ("serve", "sweep", "plan", "profile", "micro", "quality")
 # room -> rooms it may import (one way: serve <- sweep <- plan <- profile; micro alone)
 ROOM_DEPS = {
     "serve": set(),
@@ -18,6 +18,7 @@ ROOM_DEPS = {
     "plan": {"serve", "sweep"},
     "profile": {"serve", "sweep", "plan"},
     "micro": set(),
+    "quality": {"serve"},
 }
 
 
