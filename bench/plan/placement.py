@@ -118,4 +118,5 @@ def kv_blocks(config: DeploymentConfig, profile: Profile) -> int:
     kv = config.decode.kv_cache
     if kv.memory_fraction is not None:
         return max(profile.auto_kv_blocks, 1)
-    return max(kv.num_blocks(profile.model.kv_bytes_per_token() * config.decode.block_size), 1)
+    per_token = profile.model.kv_bytes_per_token(kv_dtype=kv.dtype)
+    return max(kv.num_blocks(per_token * config.decode.block_size), 1)

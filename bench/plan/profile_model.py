@@ -32,6 +32,7 @@ from pdserve.bench.plan.latency_model import (
     decode_knots,
     prefill_features,
 )
+from pdserve.engine.kv_format import row_bytes
 
 PROFILE_VERSION = 1
 # All-reduce start-up cost per call when a TP degree was not measured (gloo on a host / NCCL
@@ -58,10 +59,16 @@ class ModelShape:
     max_model_len: int
     params: int = 0
 
-    def kv_bytes_per_token(self, kv_heads: int | None = None) -> int:
-        """K and V of every layer for one token (all KV heads unless `kv_heads` is given)."""
+    def kv_bytes_per_token(self, kv_heads: int | None = None, kv_dtype: str = "auto") -> int:
+        """K and V of every layer for one token (all KV heads unless `kv_heads` is given), in
+        KV-cache format `kv_dtype` ("auto": the model's dtype), scales included."""
         heads = self.num_kv_heads if kv_heads is None else kv_heads
-        return self.num_layers * 2 * heads * self.head_dim * self.dtype_bytes
+        row = (
+            self.head_dim * self.dtype_bytes
+            if kv_dtype == "auto"
+            else row_bytes(kv_dtype, self.head_dim)
+        )
+        return self.num_layers * 2 * heads * row
 
     @property
     def qkv_fraction(self) -> float:

@@ -98,7 +98,7 @@ class PrefillSim:
             r.prefill_start_s = now
         self.busy = True
         ms, threads = (
-            batch_ms(self.host.profile, batch, self.tp),
+            batch_ms(self.host.profile, batch, self.tp, self.host.config.decode.kv_cache.dtype),
             self.tp * self.host.profile.threads,
         )
         self.host.busy_for(self, ms, threads, lambda: self._done(batch), "prefill")
@@ -118,7 +118,9 @@ class PrefillSim:
         self._next()
 
 
-def batch_ms(profile: Profile, batch: Sequence[SimRequest], tp: int) -> float:
+def batch_ms(
+    profile: Profile, batch: Sequence[SimRequest], tp: int, kv_dtype: str = "auto"
+) -> float:
     """How long a prefill instance is busy with `batch`: the forward (slowed by the measured
     CPU cost of sending, and by the deployment's measured prefill scale), or longer when the
     link cannot keep up with the layers.
@@ -132,7 +134,8 @@ def batch_ms(profile: Profile, batch: Sequence[SimRequest], tp: int) -> float:
     scale = profile.overheads.prefill_scale * (1.0 + profile.send_overhead)
     compute = profile.prefill_ms(lens, tp) * scale
     heads = max(m.num_kv_heads // tp, 1)  # per sending rank; every rank sends in parallel
-    layer_wire = profile.transfer.wire_ms(sum(lens) * m.kv_bytes_per_token(heads) / m.num_layers)
+    per_token = m.kv_bytes_per_token(heads, kv_dtype)
+    layer_wire = profile.transfer.wire_ms(sum(lens) * per_token / m.num_layers)
     sent = 0.0
     for layer in range(m.num_layers):
         ready = compute * (layer + m.qkv_fraction) / m.num_layers

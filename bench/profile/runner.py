@@ -198,7 +198,8 @@ def _shape(spec: Any, target: Target) -> ModelShape:
 
 def _kv_blocks(target: Target, kv: KVCacheSize) -> int:
     """Blocks a decode replica's cache of size `kv` gets here (the deployment's own rule)."""
-    per_block = bytes_per_block(target.config, 1, target.block_size)
+    kv_dtype = target.deployment.decode.kv_cache.dtype
+    per_block = bytes_per_block(target.config, 1, target.block_size, kv_dtype)
     memory = torch.cuda.mem_get_info(target.device) if target.device.type == "cuda" else None
     return kv.num_blocks(per_block, memory)
 

@@ -71,6 +71,12 @@ def test_settings_follow_the_spec() -> None:
     config = settle(colo, profile.device)  # auto on a GPU: a memory fraction, as profiled
     assert kv_blocks(config, profile) == 77 and config.decode.chunked_prefill
     assert config.decode.max_num_batched_tokens == 2048  # auto with chunked prefill (vLLM's)
+    int8 = settle(
+        load_spec({"name": "x", "decode": {"kv_cache": {"memory": "1MiB", "dtype": "int8"}}}), "cpu"
+    )
+    shape = profile.model  # float32, head_dim 16: a row of 16 int8 values and a 2-byte scale
+    per_block = shape.num_layers * 2 * shape.num_kv_heads * (16 + 2) * 16
+    assert kv_blocks(int8, profile) == (1 << 20) // per_block
 
 
 def test_ranking_is_by_goodput_per_device() -> None:
