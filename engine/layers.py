@@ -14,6 +14,8 @@ from torch import nn
 
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.parallel import TPGroup
+from pdserve.engine.quant_linear import QuantizedWeight, quantized_weight
+from pdserve.engine.quantization import QuantSpec
 
 
 def empty_param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -37,31 +39,82 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x W^T + b with W: [out_local, in_local]; column-parallel when out is a shard."""
+    """y = x W^T + b with W: [out_local, in_local]; column-parallel when out is a shard.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+    With a QuantSpec, W lives in `qweight` (engine/quant_linear.py) and `weight` is None; the
+    loader hands `load_quantized` this rank's float shard. The bias stays in the model's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        quant: QuantSpec | None = None,
+        name: str = "linear",
+    ) -> None:
         super().__init__()
-        self.weight = empty_param(out_features, in_features, dtype=dtype)
+        self.weight, self.qweight = _weight(out_features, in_features, dtype, quant, name)
         self.bias = empty_param(out_features, dtype=dtype) if bias else None
 
+    def load_quantized(self, w: torch.Tensor) -> None:
+        """Quantize this rank's float weight [out_local, in] into qweight."""
+        assert self.qweight is not None
+        self.qweight.load(w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            y = self.qweight(x)
+            return y if self.bias is None else y + self.bias
+        assert self.weight is not None
         return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """Input dimension sharded: partial products are summed across ranks, then the bias added once."""
+    """Input dimension sharded: partial products are summed across ranks, then the bias added once.
+
+    Quantized (see Linear), each rank quantizes only its own input columns: int4 groups never
+    cross the shard boundary (quantization.int4_group), and an int8 row's scale is its max over
+    every rank's columns, so each rank holds exactly its slice of the TP 1 codes.
+    """
 
     def __init__(
-        self, in_local: int, out_features: int, bias: bool, dtype: torch.dtype, tp: TPGroup
+        self,
+        in_local: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        tp: TPGroup,
+        quant: QuantSpec | None = None,
+        name: str = "linear",
     ) -> None:
         super().__init__()
-        self.weight = empty_param(out_features, in_local, dtype=dtype)
+        self.weight, self.qweight = _weight(out_features, in_local, dtype, quant, name)
         self.bias = empty_param(out_features, dtype=dtype) if bias else None
         self.tp = tp
 
+    def load_quantized(self, w: torch.Tensor) -> None:
+        """Quantize this rank's float weight [out, in_local]; a row's int8 scale spans all ranks."""
+        assert self.qweight is not None
+        self.qweight.load(w, self.tp)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        if self.qweight is not None:
+            partial = self.qweight(x)
+        else:
+            assert self.weight is not None
+            partial = F.linear(x, self.weight)
+        y = self.tp.all_reduce(partial)
         return y if self.bias is None else y + self.bias
+
+
+def _weight(
+    out_features: int, in_features: int, dtype: torch.dtype, quant: QuantSpec | None, name: str
+) -> tuple[nn.Parameter | None, QuantizedWeight | None]:
+    if quant is None:
+        return empty_param(out_features, in_features, dtype=dtype), None
+    return None, quantized_weight(quant, out_features, in_features, dtype, name)
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:

@@ -6,8 +6,10 @@ assembled from one or more checkpoint tensors (fused q/k/v and gate/up), each ma
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from pdserve.engine.config import ModelConfig, ModelLoadError
+from pdserve.engine.layers import Linear, RowParallelLinear
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup, kv_head_range
 
@@ -160,23 +163,49 @@ def _check_coverage(config: ModelConfig, files: dict[str, Path], wanted: set[str
         )
 
 
+def _weight_setters(model: CausalLM, device: torch.device) -> dict[str, Callable[[Any], Any]]:
+    """Our parameter name -> what stores a checkpoint tensor under it.
+
+    A parameter is copied into; a quantized linear's weight (which has no float parameter)
+    is quantized from its float shard on `device`, one layer at a time, so a float copy of
+    the whole model never exists.
+    """
+    setters: dict[str, Callable[[Any], Any]] = {
+        name: param.copy_ for name, param in model.named_parameters()
+    }
+    for name, module in model.named_modules():
+        if isinstance(module, Linear | RowParallelLinear) and module.qweight is not None:
+            setters[f"{name}.weight"] = functools.partial(_quantize_into, module, device)
+    return setters
+
+
+def _quantize_into(
+    module: Linear | RowParallelLinear, device: torch.device, w: torch.Tensor
+) -> None:
+    module.load_quantized(w.to(device))
+
+
 def load_model(
     config: ModelConfig,
     tp: TPGroup,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> CausalLM:
-    """Build CausalLM on `device` for this TP rank and fill it from the checkpoint's safetensors."""
+    """Build CausalLM on `device` for this TP rank and fill it from the checkpoint's safetensors.
+
+    With config.quantization int8/int4, each rank quantizes the linears' shards it reads.
+    """
     model_dir = Path(config.path)
     files = weight_map(model_dir)
     pieces = checkpoint_pieces(config, tp)
     _check_coverage(config, files, {p.name for ps in pieces.values() for p in ps})
     with torch.device(device):
         model = CausalLM(config, tp)
-    params = dict(model.named_parameters())
-    assert set(params) == set(pieces), set(params) ^ set(pieces)
+    setters = _weight_setters(model, torch.device(device))
+    assert set(setters) == set(pieces), set(setters) ^ set(pieces)
     with ExitStack() as stack:
         handles: dict[Path, Any] = {}
+        # Every rank walks the pieces in one order: int8 row-parallel loads all-reduce.
         for name in tqdm(pieces, desc="loading weights", disable=not progress):
             parts = []
             for piece in pieces[name]:
@@ -184,6 +213,9 @@ def load_model(
                 if file not in handles:
                     handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
                 parts.append(_read_piece(handles[file], piece))
-            params[name].copy_(torch.cat(parts) if len(parts) > 1 else parts[0])
-    logger.info("loaded %s (TP rank %d/%d) on %s", config.path, tp.rank, tp.size, device)
+            setters[name](torch.cat(parts) if len(parts) > 1 else parts[0])
+    logger.info(
+        "loaded %s (TP rank %d/%d) on %s, weights %s",
+        config.path, tp.rank, tp.size, device, config.quantization,
+    )  # fmt: skip
     return model.eval()

@@ -39,6 +39,7 @@ from pdserve.engine.layers import (
     empty_param,
 )
 from pdserve.engine.parallel import TPGroup, check_tp_size, kv_head_range
+from pdserve.engine.quantization import QuantSpec
 
 KVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 Metadata: TypeAlias = PrefillMetadata | DecodeMetadata | MixedMetadata
@@ -62,9 +63,12 @@ class Attention(nn.Module):
         self.scale = d**-0.5
         self.window = config.sliding_window
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * d
-        self.qkv_proj = Linear(config.hidden_size, qkv_out, config.qkv_bias, config.dtype)
+        quant = QuantSpec.parse(config.quantization)  # each rank quantizes its own shard
+        self.qkv_proj = Linear(
+            config.hidden_size, qkv_out, config.qkv_bias, config.dtype, quant, "qkv_proj"
+        )
         self.o_proj = RowParallelLinear(
-            self.num_heads * d, config.hidden_size, config.o_bias, config.dtype, tp
+            self.num_heads * d, config.hidden_size, config.o_bias, config.dtype, tp, quant, "o_proj"
         )
         self.q_norm = RMSNorm(d, config.rms_norm_eps, config.dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps, config.dtype) if config.qk_norm else None
@@ -124,9 +128,12 @@ class MLP(nn.Module):
                 f"{config.intermediate_size}"
             )
         inter = config.intermediate_size // tp.size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * inter, config.mlp_bias, config.dtype)
+        quant = QuantSpec.parse(config.quantization)
+        self.gate_up_proj = Linear(
+            config.hidden_size, 2 * inter, config.mlp_bias, config.dtype, quant, "gate_up_proj"
+        )
         self.down_proj = RowParallelLinear(
-            inter, config.hidden_size, config.mlp_bias, config.dtype, tp
+            inter, config.hidden_size, config.mlp_bias, config.dtype, tp, quant, "down_proj"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from pdserve.engine.kv_cache import (
     kv_cache_shape,
     num_blocks_for_bytes,
 )
+from pdserve.engine.layers import Linear, RowParallelLinear
 from pdserve.engine.loader import load_model
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
@@ -163,3 +164,49 @@ def test_kv_cache_sizes(tiny_models: dict[str, Path]) -> None:
     assert num_blocks_for_bytes(config, 1, 16, 10 * per_block + per_block - 1) == 10
     cache = allocate_kv_cache(config, 1, 3, 16, "cpu")
     assert cache.dtype == torch.float32 and cache.numel() * 4 == 3 * per_block
+
+
+def _linear_weight_bytes(model: CausalLM) -> int:
+    """Bytes the qkv/o/gate_up/down weights hold: float parameters or quantized buffers."""
+    held: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, Linear | RowParallelLinear) and m.qweight is not None:
+            held += list(m.qweight.buffers())
+        elif isinstance(m, Linear | RowParallelLinear) and m.weight is not None:
+            held.append(m.weight)
+    return sum(t.numel() * t.element_size() for t in held)
+
+
+def test_quantized_load_holds_quantized_linears_only(tiny_models: dict[str, Path]) -> None:
+    path = str(tiny_models["llama"])
+    loaded = {
+        q: load_model(ModelConfig.from_pretrained(path, quantization=q), TPGroup.single())
+        for q in ("none", "int8", "int4")
+    }
+    float_bytes = _linear_weight_bytes(loaded["none"]) / 4  # per weight: 4 bytes in float32
+    # int8: a byte a weight plus a 2-byte scale per row (rows of 64+ columns here); int4: half
+    # a byte plus a 2-byte scale and zero per group (groups of 22+ columns here)
+    assert _linear_weight_bytes(loaded["int8"]) <= float_bytes * (1 + 2 / 64)
+    assert _linear_weight_bytes(loaded["int4"]) <= float_bytes * (0.5 + 4 / 22)
+    for q in ("int8", "int4"):
+        model = loaded[q]
+        attn = model.layers[0].self_attn
+        assert attn.qkv_proj.weight is None and attn.o_proj.weight is None  # no float copy kept
+        # embeddings, norms and the head stay as the checkpoint gave them
+        assert model.embed_tokens.dtype == model.norm.weight.dtype == torch.float32
+
+
+def test_bfloat16_model_loads_quantized(tiny_models: dict[str, Path]) -> None:
+    path = str(tiny_models["qwen2"])  # with q/k/v biases, which stay in the model's dtype
+    greedy = _logits(load_model(ModelConfig.from_pretrained(path), TPGroup.single())).argmax(-1)
+    agree = {}
+    for q in ("int8", "int4"):
+        config = ModelConfig.from_pretrained(path, dtype="bfloat16", quantization=q)
+        model = load_model(config, TPGroup.single())
+        qkv = model.layers[0].self_attn.qkv_proj
+        assert qkv.bias is not None and qkv.bias.dtype == torch.bfloat16
+        logits = _logits(model)
+        assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+        agree[q] = float((logits.argmax(-1) == greedy).float().mean())
+    # bf16 + int8 keeps float32's greedy choices as well as bf16 alone must (the test above)
+    assert agree["int8"] > 0.8
