@@ -104,16 +104,15 @@ def _decode_rows(
     bar: tqdm,
 ) -> list[Row]:
     n, bs = args.new_tokens, args.block_size
-    engines = {
-        "pdserve": lambda: timers.pdserve_decode(model, prompts, n, bs, sample=False),
-        "generate": lambda: timers.hf_generate(hf, prompts, n),
-    }
-    if args.generate_batch:
-        engines["generate_batch"] = lambda: timers.hf_generate_batch(hf, prompts, n)
-    if args.sampled:
+    engines = {"pdserve": lambda: timers.pdserve_decode(model, prompts, n, bs, sample=False)}
+    if args.sampled:  # right after greedy: the two meet the same load on a shared machine
         engines["pdserve sampled"] = lambda: timers.pdserve_decode(
             model, prompts, n, bs, sample=True
         )
+    engines["generate"] = lambda: timers.hf_generate(hf, prompts, n)
+    if args.generate_batch:
+        engines["generate_batch"] = lambda: timers.hf_generate_batch(hf, prompts, n)
+    if args.sampled:
         engines["generate sampled"] = lambda: timers.hf_generate(hf, prompts, n, sample=True)
     s = measure("decode", b, engines, args, bar)
     target = DECODE_TARGET[1] if b == DECODE_TARGET[0] else None

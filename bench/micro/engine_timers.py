@@ -234,7 +234,9 @@ def hf_generate(
         do_sample=sample,
         **({"temperature": TEMPERATURE, "top_p": TOP_P, "top_k": 0} if sample else {}),
         max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
+        # as pdserve's ignore_eos: EOS is generated like any token, never stops a sequence
+        # (min_new_tokens would forbid it instead, and the outputs would differ after it)
+        eos_token_id=None,
         stopping_criteria=StoppingCriteriaList([clock]),
         pad_token_id=0,
     )
