@@ -133,6 +133,7 @@ class DeploymentConfig:
     prefill: PrefillSettings | None = field(default_factory=PrefillSettings)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     kv_backend: str = "auto"  # "auto", "gloo" or "nccl"
+    prefix_caching: bool = True  # reuse KV blocks across requests, in both pools
     router: RouterSettings = field(default_factory=RouterSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     ray_address: str | None = None

@@ -115,6 +115,7 @@ def settle(
             max_num_batched_tokens=step_token_budget(budget, d.max_num_seqs, d.chunked_prefill),
         ),
         kv_backend=spec.kv_transfer.backend,
+        prefix_caching=spec.prefix_caching,
         router=_same_named(spec.router, RouterSettings),
         server=_same_named(
             spec.server, ServerSettings, api_key=api_key,

@@ -238,6 +238,8 @@ class DeploySpec(Section):
         ),
     ]
     mode: Annotated[str, _one_of(*MODES)] = kw("disaggregated", "mode")
+    # KV reuse across requests in both pools (vLLM v1's default); false turns it off
+    prefix_caching: bool = kw(True, "enable_prefix_caching")
     model: ModelSection = Field(default_factory=ModelSection)
     prefill: PrefillSection | None = None  # None: defaults (disaggregated) or no pool (colocated)
     decode: DecodeSection = Field(default_factory=DecodeSection)
