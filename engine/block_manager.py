@@ -1,13 +1,14 @@
-"""Paged KV-cache block accounting: which block ids each owner holds. Pure Python, no tensors."""
+"""Paged KV-cache block accounting: which block ids each owner holds, which blocks several owners
+share, and which cached blocks a new prompt can reuse. Pure Python, no tensors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
 
-
-class BlockManagerError(RuntimeError):
-    """A block request that cannot be honoured (unknown/duplicate owner, no room) or a broken
-    invariant found by `check_integrity`."""
+from pdserve.engine.free_runs import BlockManagerError as BlockManagerError  # re-exported
+from pdserve.engine.free_runs import FreeRuns
 
 
 class BlockManager:
@@ -15,41 +16,66 @@ class BlockManager:
 
     Each owner holds an ordered block table: the block for token position `p` is
     `table[p // block_size]`. An owner's capacity (`num_tokens`) only grows, through `append`,
-    until `free` returns every block at once.
+    until `free` lets go of every block at once. Fresh blocks come from `FreeRuns`, which keeps
+    a new owner's blocks one ascending run when it can, so its KV transfer lands in place.
 
-    Free blocks are kept as runs of consecutive ids, merged with their neighbours on free, so a
-    new owner usually gets one ascending run: a KV transfer into such a table lands straight in
-    the cache with no staging copy (see `kv_transfer.receiver`). `allocate` takes the smallest
-    run that fits whole (best fit keeps the big runs for big prompts), else the largest runs
-    first; `append` (decode growth, a block at a time) extends the owner's last block in place
-    when the next id is free, else takes from the smallest run. A freed block may be handed out
-    again at once: the decode worker defers a free while a transfer is still writing into it.
+    Prefix caching (``caching``): a full block whose KV is known gets the chained hash of its
+    tokens (`engine.prefix_hash`) through `register`, and the index maps hash -> block. A block
+    is then in exactly one of three states::
+
+        referenced (refcount >= 1) ──free: last reference──▶ evictable (indexed, LRU order)
+              ▲                                                  │  │
+              └──── allocate: a prompt's leading hash hits ◀─────┘  │ a fresh block is needed
+                                                                    ▼ and no free one is left
+        free (no hash, in the runs) ◀──────────── evicted: its hash leaves the index
+
+    `allocate` with the prompt's block hashes takes a reference on each leading block found in
+    the index (shared, never written again) and fresh blocks for the rest. A block released
+    by its last owner keeps its hash and stays findable until its memory is needed; evictable
+    blocks go least recently released first (an owner's tail before its head, as vLLM). A hash
+    already in the index is not indexed twice: the second block stays anonymous. Without
+    caching no block is shared or indexed. A freed block may be handed out again at once: the
+    decode worker defers a free while a transfer is still writing into it.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, caching: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks} is invalid: need at least 1 KV block")
         if block_size < 1:
             raise ValueError(f"block_size={block_size} is invalid: need at least 1 token a block")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._runs: dict[int, int] = {0: num_blocks}  # free runs: start -> length
-        self._run_ends: dict[int, int] = {num_blocks: 0}  # free runs: end (exclusive) -> start
-        self._num_free = num_blocks
+        self.caching = caching
+        self._free = FreeRuns(num_blocks)
         self._tables: dict[int, list[int]] = {}
         self._tokens: dict[int, int] = {}
+        self._refs = [0] * num_blocks  # owners whose table holds the block
+        self._hash_of: dict[int, int] = {}  # indexed block -> its hash
+        self._block_of: dict[int, int] = {}  # the index: hash -> block
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently released first
+        self._offered: dict[int, int] = {}  # owner -> leading blocks already offered to the index
 
     @property
     def num_free_blocks(self) -> int:
-        return self._num_free
+        """Blocks a new owner can get: free ones and evictable cached ones."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - self._num_free
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks findable by hash, referenced or evictable."""
+        return len(self._block_of)
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        return len(self._evictable)
 
     @property
     def usage(self) -> float:
-        """Share of blocks in use, in [0, 1]."""
+        """Share of blocks referenced by some owner, in [0, 1]."""
         return self.num_used_blocks / self.num_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
@@ -57,26 +83,39 @@ class BlockManager:
         _check_tokens(num_tokens)
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) <= self._num_free
+    def cached_prefix(self, hashes: Sequence[int]) -> int:
+        """How many leading blocks of a prompt with these block hashes are cached here."""
+        return len(self._hits(hashes))
 
-    def allocate(self, owner: int, num_tokens: int) -> list[int]:
-        """Give a new owner blocks for `num_tokens` tokens; returns its block table."""
+    def can_allocate(self, num_tokens: int, hashes: Sequence[int] = ()) -> bool:
+        hits = self._hits(hashes)
+        return self.blocks_for(num_tokens) - len(hits) <= self._available(hits)
+
+    def allocate(self, owner: int, num_tokens: int, hashes: Sequence[int] = ()) -> list[int]:
+        """Give a new owner blocks for `num_tokens` tokens; returns its block table. `hashes`:
+        the block hashes of its leading full blocks; those cached are shared, not allocated."""
         if owner in self._tables:
             raise BlockManagerError(f"owner {owner} already holds blocks; free it first")
-        needed = self.blocks_for(num_tokens)
-        if needed > self._num_free:
+        if len(hashes) > self.blocks_for(num_tokens):
+            raise ValueError(f"{len(hashes)} block hashes for only {num_tokens} tokens")
+        hits = self._hits(hashes)
+        needed = self.blocks_for(num_tokens) - len(hits)
+        if needed > self._available(hits):
             raise BlockManagerError(
                 f"owner {owner} needs {needed} blocks for {num_tokens} tokens but only "
-                f"{self._num_free} are free; check can_allocate first"
+                f"{self._available(hits)} are free; check can_allocate first"
             )
-        self._tables[owner] = self._take(needed)
+        for block in hits:
+            self._evictable.pop(block, None)
+            self._refs[block] += 1
+        self._tables[owner] = hits + self._fresh(needed)
         self._tokens[owner] = num_tokens
+        self._offered[owner] = len(hits)
         return list(self._tables[owner])
 
     def can_append(self, owner: int, num_tokens: int) -> bool:
         """Can `owner`'s table grow to hold `num_tokens` tokens in total?"""
-        return self._extra_blocks(owner, num_tokens) <= self._num_free
+        return self._extra_blocks(owner, num_tokens) <= self.num_free_blocks
 
     def append(self, owner: int, num_tokens: int) -> list[int]:
         """Grow `owner`'s table to hold `num_tokens` tokens in total; returns only the new blocks.
@@ -84,26 +123,55 @@ class BlockManager:
         Asking for less than the current capacity is a no-op (capacity never shrinks).
         """
         extra = self._extra_blocks(owner, num_tokens)
-        if extra > self._num_free:
+        if extra > self.num_free_blocks:
             raise BlockManagerError(
                 f"owner {owner} needs {extra} more blocks to hold {num_tokens} tokens but only "
-                f"{self._num_free} are free; check can_append first"
+                f"{self.num_free_blocks} are free; check can_append first"
             )
         table = self._tables[owner]
-        new_blocks = self._take(extra, after=table[-1] if table else None)
+        new_blocks = self._fresh(extra, after=table[-1] if table else None)
         table.extend(new_blocks)
         self._tokens[owner] = max(self._tokens[owner], num_tokens)
         return new_blocks
 
     def free(self, owner: int) -> int:
-        """Return all of `owner`'s blocks; idempotent (an unknown owner frees 0)."""
+        """Drop `owner`'s reference on each of its blocks; idempotent (an unknown owner frees
+        0). A block nobody holds any more stays cached if it is indexed, else is free."""
         table = self._tables.pop(owner, None)
         if table is None:
             return 0
-        del self._tokens[owner]
-        for start, length in _runs_of(sorted(table)):
-            self._add_run(start, length)
+        del self._tokens[owner], self._offered[owner]
+        released: list[int] = []
+        for block in reversed(table):  # the tail becomes the least recently used
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    released.append(block)
+        self._free.put(released)
         return len(table)
+
+    def register(self, owner: int, hashes: Sequence[int]) -> int:
+        """`owner`'s first ``len(hashes)`` blocks are full of known KV with these hashes: index
+        them (a hash already indexed keeps its block; this one stays anonymous). Blocks offered
+        before are skipped. Returns how many blocks joined the index."""
+        table = self._table(owner)
+        if len(hashes) > len(table):
+            raise BlockManagerError(f"owner {owner}: {len(hashes)} hashes for {len(table)} blocks")
+        if not self.caching:
+            return 0
+        added = 0
+        for i in range(self._offered[owner], len(hashes)):
+            block, h = table[i], hashes[i]
+            known = self._hash_of.get(block)
+            if known is not None and known != h:
+                raise BlockManagerError(f"owner {owner}: block {block} is cached as another hash")
+            if known is None and h not in self._block_of:
+                self._hash_of[block], self._block_of[h] = h, block
+                added += 1
+        self._offered[owner] = max(self._offered[owner], len(hashes))
+        return added
 
     def block_table(self, owner: int) -> list[int]:
         return list(self._table(owner))
@@ -113,6 +181,9 @@ class BlockManager:
         self._table(owner)
         return self._tokens[owner]
 
+    def ref_count(self, block: int) -> int:
+        return self._refs[block]
+
     def owners(self) -> list[int]:
         return list(self._tables)
 
@@ -120,42 +191,56 @@ class BlockManager:
         return owner in self._tables
 
     def check_integrity(self) -> None:
-        """Raise BlockManagerError if any block is lost, shared, duplicated or out of range, or if
-        a table's length does not match its owner's capacity."""
-        seen: dict[int, str] = {}
-        if len(self._runs) != len(self._run_ends) or any(
-            self._run_ends.get(start + length) != start for start, length in self._runs.items()
-        ):
-            raise BlockManagerError("the free-run index is inconsistent")
-        for start, length in self._runs.items():
-            if length < 1 or start + length in self._runs:
-                raise BlockManagerError(f"free run at block {start} is empty or not merged")
-            for block in range(start, start + length):
-                self._claim(seen, block, "the free list")
-        if sum(self._runs.values()) != self._num_free:
-            raise BlockManagerError("the free-block count disagrees with the free runs")
-        for owner, table in self._tables.items():
-            for block in table:
-                self._claim(seen, block, f"owner {owner}")
-        if len(seen) != self.num_blocks:
-            lost = sorted(set(range(self.num_blocks)) - set(seen))
-            raise BlockManagerError(f"blocks {lost[:10]} are neither free nor owned")
-        if self._tables.keys() != self._tokens.keys():
-            raise BlockManagerError("owner tables and token counts disagree on the set of owners")
-        for owner, table in self._tables.items():
-            want = self.blocks_for(self._tokens[owner])
-            if len(table) != want:
+        """Raise BlockManagerError if any block is lost, in two states, out of range or wrongly
+        counted, if the hash index is not a bijection onto cached blocks, or if a table's length
+        does not match its owner's capacity."""
+        self._free.check_integrity()
+        holders = self._holders()
+        free, evictable = set(self._free.blocks()), set(self._evictable)
+        for block in range(self.num_blocks):
+            if self._refs[block] != holders[block]:
                 raise BlockManagerError(
-                    f"owner {owner} holds {len(table)} blocks for {self._tokens[owner]} tokens; "
-                    f"expected {want}"
+                    f"block {block} has refcount {self._refs[block]} but {holders[block]} holders"
                 )
+        states = [("free", free), ("evictable", evictable), ("referenced", set(holders))]
+        for (a, one), (b, other) in itertools.combinations(states, 2):
+            if one & other:
+                raise BlockManagerError(f"blocks {sorted(one & other)[:10]} are {a} and {b}")
+        if len(free) + len(evictable) + len(holders) != self.num_blocks:
+            lost = sorted(set(range(self.num_blocks)) - free - evictable - set(holders))
+            raise BlockManagerError(f"blocks {lost[:10]} are neither free, cached nor owned")
+        self._check_index(free, evictable)
+        self._check_owners()
 
-    def _claim(self, seen: dict[int, str], block: int, holder: str) -> None:
-        if not 0 <= block < self.num_blocks:
-            raise BlockManagerError(f"block {block} held by {holder} is out of range")
-        if block in seen:
-            raise BlockManagerError(f"block {block} is held by both {seen[block]} and {holder}")
-        seen[block] = holder
+    # -- internals --------------------------------------------------------------------------
+
+    def _hits(self, hashes: Sequence[int]) -> list[int]:
+        """The cached blocks of the leading `hashes` found in the index, in order."""
+        if not self.caching:
+            return []
+        hits: list[int] = []
+        for h in hashes:
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def _available(self, hits: Sequence[int]) -> int:
+        """Blocks fresh allocation may use once `hits` are referenced (no longer evictable)."""
+        return self.num_free_blocks - sum(1 for b in hits if b in self._evictable)
+
+    def _fresh(self, n: int, after: int | None = None) -> list[int]:
+        """`n` blocks nobody holds, each with one reference; cached ones are evicted (least
+        recently released first) only when the free runs fall short."""
+        for _ in range(n - len(self._free)):
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._hash_of.pop(block)]
+            self._free.put([block])
+        blocks = self._free.take(n, after)
+        for block in blocks:
+            self._refs[block] = 1
+        return blocks
 
     def _table(self, owner: int) -> list[int]:
         table = self._tables.get(owner)
@@ -166,60 +251,42 @@ class BlockManager:
     def _extra_blocks(self, owner: int, num_tokens: int) -> int:
         return max(0, self.blocks_for(num_tokens) - len(self._table(owner)))
 
-    def _take(self, n: int, after: int | None = None) -> list[int]:
-        """`n` free blocks, as few runs as possible; first the ones right `after` a block."""
-        taken: list[int] = []
-        if after is not None and after + 1 in self._runs:
-            taken += self._cut(after + 1, n)
-        while len(taken) < n:
-            want = n - len(taken)
-            fits = [(length, start) for start, length in self._runs.items() if length >= want]
-            if fits:  # best fit: the smallest run that holds the rest
-                start = min(fits)[1]
-            else:  # nothing holds it whole: the largest run, then the next
-                start = max(self._runs.items(), key=lambda run: (run[1], -run[0]))[0]
-            taken += self._cut(start, want)
-        return taken
+    def _holders(self) -> Counter[int]:
+        """How many owners' tables hold each block (checked: in range, once per table)."""
+        holders: Counter[int] = Counter()
+        for owner, table in self._tables.items():
+            if len(set(table)) != len(table):
+                raise BlockManagerError(f"owner {owner} holds a block twice")
+            for block in table:
+                if not 0 <= block < self.num_blocks:
+                    raise BlockManagerError(f"block {block} held by owner {owner} is out of range")
+                holders[block] += 1
+        return holders
 
-    def _cut(self, start: int, n: int) -> list[int]:
-        """Take up to `n` blocks from the front of the free run at `start`."""
-        length = self._runs.pop(start)
-        del self._run_ends[start + length]
-        k = min(n, length)
-        if k < length:
-            self._runs[start + k] = length - k
-            self._run_ends[start + length] = start + k
-        self._num_free -= k
-        return list(range(start, start + k))
+    def _check_index(self, free: set[int], evictable: set[int]) -> None:
+        if len(self._block_of) != len(self._hash_of) or any(
+            self._hash_of.get(block) != h for h, block in self._block_of.items()
+        ):
+            raise BlockManagerError("the hash index and the blocks' hashes disagree")
+        if not evictable <= self._hash_of.keys() or free & self._hash_of.keys():
+            raise BlockManagerError("an evictable block is not indexed, or a free block is")
+        if not self.caching and (self._hash_of or max(self._refs) > 1):
+            raise BlockManagerError("prefix caching is off but blocks are indexed or shared")
 
-    def _add_run(self, start: int, length: int) -> None:
-        """Return the free run [start, start + length), merged with free neighbours."""
-        self._num_free += length
-        end = start + length
-        left = self._run_ends.pop(start, None)
-        if left is not None:  # a free run ends where this one starts
-            del self._runs[left]
-            start = left
-        right_len = self._runs.pop(end, None)
-        if right_len is not None:  # a free run starts where this one ends
-            del self._run_ends[end + right_len]
-            end += right_len
-        self._runs[start] = end - start
-        self._run_ends[end] = start
+    def _check_owners(self) -> None:
+        if not self._tables.keys() == self._tokens.keys() == self._offered.keys():
+            raise BlockManagerError("owner tables and token counts disagree on the set of owners")
+        for owner, table in self._tables.items():
+            want = self.blocks_for(self._tokens[owner])
+            if len(table) != want:
+                raise BlockManagerError(
+                    f"owner {owner} holds {len(table)} blocks for {self._tokens[owner]} tokens; "
+                    f"expected {want}"
+                )
+            if self._offered[owner] > len(table):
+                raise BlockManagerError(f"owner {owner} offered more blocks than it holds")
 
 
 def _check_tokens(num_tokens: int) -> None:
     if num_tokens < 0:
         raise ValueError(f"num_tokens={num_tokens} is invalid: must be >= 0")
-
-
-def _runs_of(blocks: list[int]) -> Iterator[tuple[int, int]]:
-    """(start, length) of each run of consecutive ids in sorted `blocks`."""
-    start = prev = blocks[0] if blocks else 0
-    for block in blocks[1:]:
-        if block != prev + 1:
-            yield start, prev + 1 - start
-            start = block
-        prev = block
-    if blocks:
-        yield start, prev + 1 - start

@@ -165,13 +165,14 @@ def test_bad_arguments_are_value_errors() -> None:
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
-        (lambda bm: bm._add_run(bm._tables[1][0], 1), "held by both"),
-        (lambda bm: bm._cut(3, 1), "neither free nor owned"),
-        (lambda bm: bm._run_ends.clear(), "free-run index"),
-        (lambda bm: bm._runs.__setitem__(3, 4), "free-run index"),
+        (lambda bm: bm._free._add_run(bm._tables[1][0], 1), "free and referenced"),
+        (lambda bm: bm._free._cut(3, 1), "neither free, cached nor owned"),
+        (lambda bm: bm._free._run_ends.clear(), "free-run index"),
+        (lambda bm: bm._free._runs.__setitem__(3, 4), "free-run index"),
         (lambda bm: bm._tables[1].append(99), "out of range"),
         (lambda bm: bm._tokens.__setitem__(1, 1), "expected 1"),
-        (lambda bm: bm._tables[2].append(bm._tables[1][0]), "held by both"),
+        (lambda bm: bm._tables[2].append(bm._tables[1][0]), "refcount 1 but 2 holders"),
+        (lambda bm: bm._tables[1].append(bm._tables[1][0]), "holds a block twice"),
     ],
 )
 def test_check_integrity_catches_corruption(
