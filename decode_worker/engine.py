@@ -11,6 +11,10 @@ Colocated mode: the KV comes from this engine's own steps instead (`LocalPrefill
 prompts with priority over decode, or chunk by chunk beside it); the first token is sampled when
 a prompt's last chunk has run.
 
+Prefix caching (`PrefixCache`): a reservation shares the prompt's leading blocks already cached
+here (``Reservation.cached_blocks``): no KV is sent for them, and colocated they are not
+computed. Blocks join the cache as their KV becomes known (landed, prefilled, decoded).
+
 A step is `plan()` (scheduler decisions) -> `prepare()` (the runner's inputs) -> the runner's
 forward -> `commit()` (tokens appended, stops checked, blocks freed). `step()` does all four;
 the actor runs the forward on a thread so reservations and aborts come in meanwhile, and an
@@ -23,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from pdserve.decode_worker.prefill_queue import LocalPrefillQueue
+from pdserve.decode_worker.prefix_cache import PrefixCache
 from pdserve.decode_worker.scheduler import DecodeScheduler
 from pdserve.decode_worker.seq import DecodeSeq, ScheduleOutput
 from pdserve.decode_worker.step import (
@@ -36,7 +41,7 @@ from pdserve.decode_worker.step import (
 )
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.load import DecodeLoad
-from pdserve.engine.request import DecodeRequest, StepDelta
+from pdserve.engine.request import DecodeRequest, Reservation, StepDelta
 from pdserve.engine.sampling_types import SamplerOutput, SamplingRow
 from pdserve.engine.stop import check_token_stop
 
@@ -49,7 +54,8 @@ class DecodeEngine:
         self.runner = runner  # None: the caller runs steps itself (the simulator)
         self.limits = limits
         self.instance = instance
-        self.blocks = BlockManager(limits.num_blocks, limits.block_size)
+        self.blocks = BlockManager(limits.num_blocks, limits.block_size, limits.prefix_caching)
+        self.prefix = PrefixCache(self.blocks, limits.prefix_salt)
         self.scheduler = DecodeScheduler(self.blocks, limits.max_num_seqs, limits.max_model_len)
         self.prefills = LocalPrefillQueue(
             limits.max_num_batched_tokens, limits.max_num_seqs, limits.chunked_prefill
@@ -61,27 +67,37 @@ class DecodeEngine:
 
     # -- admission --------------------------------------------------------------------------
 
-    def reserve(self, req: DecodeRequest, num_computed: int = 0) -> list[int] | None:
+    def reserve(self, req: DecodeRequest, num_computed: int = 0) -> Reservation | None:
         """Blocks for the prompt's KV before its prefill runs; None when they do not fit now.
-        A colocated request (``local_prefill``) joins the local prefill queue, its first
-        ``num_computed`` positions counted as cached already."""
-        blocks = self.scheduler.reserve(req.transfer_id, len(req.prompt_token_ids))
-        if blocks is not None:
-            self._held[req.transfer_id] = HeldRequest(req)
-            if req.local_prefill:
-                self.prefills.add(req.transfer_id, len(req.prompt_token_ids), num_computed)
-        return blocks
+        Leading blocks found in the prefix cache are shared (``cached_blocks``): no KV comes
+        for them. A colocated request (``local_prefill``) joins the local prefill queue, its
+        cached blocks (or, if more, its first ``num_computed`` positions) counted as computed."""
+        prompt = req.prompt_token_ids
+        hashes = self.prefix.prompt_hashes(prompt)
+        lookup = self.prefix.lookup(hashes, len(prompt), req.local_prefill)
+        res = self.scheduler.reserve(req.transfer_id, len(prompt), lookup)
+        if res is None:
+            return None
+        self.prefix.count(len(prompt), res.cached_blocks)
+        self._held[req.transfer_id] = HeldRequest(
+            req, cached_blocks=res.cached_blocks, hashes=hashes
+        )
+        if req.local_prefill:
+            cached = res.cached_blocks * self.limits.block_size
+            self.prefills.add(req.transfer_id, len(prompt), max(num_computed, cached))
+        return res
 
     def knows(self, tid: int) -> bool:
         return tid in self._held
 
-    def expects_kv(self, tid: int, block_ids: Sequence[int]) -> bool:
-        """Whether KV for ``tid`` into ``block_ids`` may be written now (reserved, not running,
-        the same blocks). Only reads: safe from a receiver thread."""
+    def expects_kv(self, tid: int, block_ids: Sequence[int], first_block: int = 0) -> bool:
+        """Whether KV for ``tid`` into ``block_ids`` (its table from ``first_block`` on) may be
+        written now: reserved, not running, the blocks past its cached prefix exactly. Only
+        reads: safe from a receiver thread."""
         held = self._held.get(tid)
-        if held is None or held.running:
+        if held is None or held.running or first_block != held.cached_blocks:
             return False
-        return tuple(self.blocks.block_table(tid)) == tuple(block_ids)
+        return tuple(self.blocks.block_table(tid)[first_block:]) == tuple(block_ids)
 
     def kv_landed(
         self, tid: int, heads: int, nbytes: int, seconds: float, first_token: int | None
@@ -143,8 +159,11 @@ class DecodeEngine:
         for the prompts whose last chunk runs."""
         table = self.blocks.block_table
         # recompute: rebuild the cache of all but the last token, which the next step decodes
+        # (from its first block that is not a prefix-cache hit)
+        starts = [step.out.recompute_start(s) for s in step.out.recompute]
         chunks = [
-            ChunkInput(s.token_ids[:-1], 0, table(s.seq_id), False) for s in step.out.recompute
+            ChunkInput(s.token_ids[start:-1], start, table(s.seq_id), False)
+            for s, start in zip(step.out.recompute, starts)
         ]
         rows = [
             SamplingRow(
@@ -167,6 +186,7 @@ class DecodeEngine:
         """The step ran: append each sampled token, stop what must stop, land finished prompts."""
         decode = step.out.decode
         self.scheduler.on_step_done(decode)
+        self.prefix.on_step(decode, step.out.recompute)  # before a finished seq's blocks go
         sampled = result or SamplerOutput([], [])
         outputs: list[Output] = []
         for seq, token, logprobs in zip(decode, sampled.token_ids, sampled.logprobs):
@@ -257,6 +277,7 @@ class DecodeEngine:
     def _land(self, held: HeldRequest) -> list[Output]:
         """All KV slices and the first token are here: start decoding (or finish at once)."""
         req = held.req
+        self.blocks.register(req.transfer_id, held.hashes)  # the prompt's KV is all here
         if held.aborted:
             return self._drop(held, StepDelta(finish_reason="abort"))
         assert held.first_token is not None
@@ -264,7 +285,10 @@ class DecodeEngine:
         seq = DecodeSeq(
             req.transfer_id, len(prompt), req.sampling.max_tokens, [*prompt, held.first_token]
         )
-        first = StepDelta(kv_bytes=held.kv_bytes, transfer_s=held.transfer_s)
+        seq.block_hashes = list(held.hashes)
+        reused = held.cached_blocks * self.limits.block_bytes
+        first = StepDelta(kv_bytes=held.kv_bytes, kv_reused_bytes=reused)
+        first.transfer_s = held.transfer_s
         if req.local_prefill:  # nobody else has streamed the first token
             first.token_ids, first.logprobs = [held.first_token], [held.first_logprobs]
         first.finish_reason = self._stop_reason(req, seq, held.first_token)

@@ -43,6 +43,7 @@ class PrefillChunk:
 class _Prompt:
     prompt_len: int
     computed: int = 0  # prompt positions whose K/V are in the cache
+    cached: int = 0  # of those, the ones cached before its prefill began (prefix cache hits)
 
 
 class LocalPrefillQueue:
@@ -79,7 +80,7 @@ class LocalPrefillQueue:
     @property
     def num_partial(self) -> int:
         """Prompts whose chunked prefill has started but not finished."""
-        return sum(1 for p in self._prompts.values() if p.computed > 0)
+        return sum(1 for p in self._prompts.values() if p.computed > p.cached)
 
     @property
     def num_waiting(self) -> int:
@@ -96,7 +97,7 @@ class LocalPrefillQueue:
                 f"prompt_len={prompt_len}, computed={computed} are invalid: need "
                 "0 <= computed < prompt_len (the last position is always computed)"
             )
-        self._prompts[seq_id] = _Prompt(prompt_len, computed)
+        self._prompts[seq_id] = _Prompt(prompt_len, computed, computed)
 
     def remove(self, seq_id: int) -> bool:
         """Forget `seq_id` (its blocks are the decode scheduler's to free); False if unknown."""
@@ -129,7 +130,9 @@ class LocalPrefillQueue:
                 del self._prompts[chunk.seq_id]
 
     def _whole_prompts(self) -> list[PrefillChunk]:
-        lens = [p.prompt_len for p in self._prompts.values()]
+        """The rest of each prompt at the head of the queue that fits (a cached prefix is not
+        computed again)."""
+        lens = [p.prompt_len - p.computed for p in self._prompts.values()]
         n = take_batch(lens, self.max_num_batched_tokens, self.max_num_seqs)
         heads = list(self._prompts.items())[:n]
-        return [PrefillChunk(seq_id, 0, p.prompt_len, p.prompt_len) for seq_id, p in heads]
+        return [PrefillChunk(s, p.computed, p.prompt_len, p.prompt_len) for s, p in heads]

@@ -14,6 +14,7 @@ from pdserve.decode_worker.seq import (
     SeqStatus,
 )
 from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.request import Reservation
 
 __all__ = ["DecodeScheduler", "DecodeSeq", "PromptTooLongError", "ScheduleOutput", "SchedulerError"]
 
@@ -34,7 +35,8 @@ class DecodeScheduler:
         abort(id) forgets a seq in any state and frees its blocks.
 
     Step protocol: `schedule()`; the worker runs a prefill over `token_ids[:-1]` for each seq in
-    `recompute` (their cache counts as rebuilt from now on) and one decode step for each seq in
+    `recompute`, from `recompute_start(seq)` on (the blocks before are prefix-cache hits on
+    `seq.block_hashes`; their cache counts as rebuilt from now on) and one decode step for each seq in
     `decode`, appends each sampled token to `seq.token_ids`, calls `on_step_done(decode)`, and
     `finish()`es every seq that hit a stop condition or `reached_length_limit`.
 
@@ -86,8 +88,12 @@ class DecodeScheduler:
 
     # ---- admission -----------------------------------------------------------------------
 
-    def reserve(self, seq_id: int, num_prompt_tokens: int) -> list[int] | None:
-        """Blocks for the prompt's K/V (they arrive by transfer), or None if there is no room."""
+    def reserve(
+        self, seq_id: int, num_prompt_tokens: int, hashes: Sequence[int] = ()
+    ) -> Reservation | None:
+        """Blocks for the prompt's K/V (they arrive by transfer), or None if there is no room.
+        ``hashes``: the block hashes of the prompt's leading full blocks to look up; the cached
+        ones are shared (`Reservation.cached_blocks`) and need no K/V."""
         if seq_id in self._reserved or seq_id in self._seqs:
             raise SchedulerError(f"seq {seq_id} is already known on this replica")
         if num_prompt_tokens < 1:
@@ -98,10 +104,12 @@ class DecodeScheduler:
                 f"must be shorter than max_model_len={self.max_model_len}"
             )
         # reserve before prefill so a finished prefill never waits for decode space
-        if not self.blocks.can_allocate(num_prompt_tokens):
+        if not self.blocks.can_allocate(num_prompt_tokens, hashes):
             return None
         self._reserved[seq_id] = num_prompt_tokens
-        return self.blocks.allocate(seq_id, num_prompt_tokens)
+        hits = self.blocks.cached_prefix(hashes)
+        table = self.blocks.allocate(seq_id, num_prompt_tokens, hashes)
+        return Reservation(tuple(table), hits)
 
     def activate(self, seq: DecodeSeq) -> None:
         """The prompt's K/V arrived in the reserved blocks; `seq` joins the ready queue."""
@@ -223,14 +231,19 @@ class DecodeScheduler:
             return  # a seq re-admitted now would be the next victim
         while self._preempted and len(self._running) < self.max_num_seqs:
             seq = self._preempted[0]
+            n = len(seq.token_ids) - 1  # positions to rebuild; at least one is computed
+            hashes = seq.block_hashes[: (n - 1) // self.blocks.block_size]
             # room for its next decode step too, so it is not evicted right after the recompute
-            if not self.blocks.can_allocate(len(seq.token_ids)):
+            if not self.blocks.can_allocate(n + 1, hashes):
                 return
-            self.blocks.allocate(seq.seq_id, len(seq.token_ids) - 1)
+            hits = self.blocks.cached_prefix(hashes)
+            self.blocks.allocate(seq.seq_id, n, hashes)
             self._preempted.pop(0)
             self._running.append(seq)
-            seq.status, seq.num_cached = SeqStatus.RUNNING, len(seq.token_ids) - 1
+            seq.status, seq.num_cached = SeqStatus.RUNNING, n
             out.recompute.append(seq)
+            if hits:
+                out.recompute_from[seq.seq_id] = hits * self.blocks.block_size
 
     def _queue_of(self, seq: DecodeSeq) -> list[DecodeSeq]:
         queues = {

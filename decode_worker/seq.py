@@ -36,6 +36,9 @@ class DecodeSeq:
     num_cached: int = 0
     status: SeqStatus = SeqStatus.NEW
     arrival: int = -1  # activation order on this replica; FCFS key of the recompute queue
+    # prefix caching: the chained hashes of its leading full blocks of cached tokens, kept by
+    # the engine (tokens are only appended, so the chain outlives a preemption)
+    block_hashes: list[int] = field(default_factory=list)
 
     @property
     def num_output(self) -> int:
@@ -49,8 +52,16 @@ class ScheduleOutput:
     decode: list[DecodeSeq] = field(default_factory=list)
     recompute: list[DecodeSeq] = field(default_factory=list)
     preempted: list[DecodeSeq] = field(default_factory=list)
+    # seq id -> leading positions of a recompute found in the prefix cache (absent: none)
+    recompute_from: dict[int, int] = field(default_factory=dict)
+
+    def recompute_start(self, seq: DecodeSeq) -> int:
+        """The first position a recompute computes (the ones before are cached blocks)."""
+        return self.recompute_from.get(seq.seq_id, 0)
 
     @property
     def num_tokens(self) -> int:
-        """Tokens this step computes: one per decode seq, all but the last for a recompute."""
-        return len(self.decode) + sum(len(s.token_ids) - 1 for s in self.recompute)
+        """Tokens this step computes: one per decode seq, all but the last for a recompute
+        (less its cached prefix)."""
+        recompute = sum(len(s.token_ids) - 1 - self.recompute_start(s) for s in self.recompute)
+        return len(self.decode) + recompute

@@ -4,7 +4,7 @@ the limits an engine is built with, and what it holds per request. Plain data, n
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pdserve.decode_worker.prefill_queue import PrefillChunk
@@ -69,6 +69,11 @@ class EngineLimits:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192  # colocated: tokens of one step (see LocalPrefillQueue)
     chunked_prefill: bool = False
+    # share cached full blocks between requests (config.prefix_caching); their hashes chain
+    # from prefix_salt (engine.prefix_hash.hash_salt of the model, KV format and block size)
+    prefix_caching: bool = False
+    prefix_salt: int = 0
+    block_bytes: int = 0  # one block's KV over every layer and head (the reused-bytes metric)
 
 
 @dataclass
@@ -83,3 +88,5 @@ class HeldRequest:
     transfer_s: float = 0.0
     aborted: bool = False  # abort asked while KV is in flight: drop once it has landed
     running: bool = False  # activated in the scheduler
+    cached_blocks: int = 0  # leading prompt blocks found in the prefix cache (no KV comes)
+    hashes: list[int] = field(default_factory=list)  # the prompt's full blocks' chained hashes

@@ -34,3 +34,6 @@ class DecodeStats:
     preemptions: int  # total since start
     links: tuple[str, ...]  # KV links currently receiving
     partial_prefills: int = 0  # colocated: prompts part-way through their chunked prefill
+    cached_blocks: int = 0  # blocks findable in the prefix cache (held or evictable)
+    prefix_cache_queries: int = 0  # prompt tokens looked up, total since start (vLLM's name)
+    prefix_cache_hits: int = 0  # of those, tokens found cached

@@ -19,6 +19,18 @@ class PrefillItem:
     sampling: SamplingParams
     decode_instance: int
     block_ids: tuple[int, ...]  # reserved on the decode replica before dispatch
+    # leading blocks of block_ids whose KV the decode replica already holds (its prefix cache):
+    # only the prompt's tokens from decode_cached_blocks * block_size on are sent
+    decode_cached_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Decode replica -> router: the blocks held for a prompt's KV, the first
+    ``cached_blocks`` of them already holding it (prefix cache hits, shared with others)."""
+
+    block_ids: tuple[int, ...]
+    cached_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ class StepDelta:
     finish_reason: str | None = None
     error: str | None = None
     kv_bytes: int = 0  # set once, when the request's KV has landed
+    kv_reused_bytes: int = 0  # set then too: the prompt's KV found in the prefix cache
     transfer_s: float = 0.0
     load: DecodeLoad | None = None
 
@@ -65,6 +78,7 @@ class StepDelta:
         self.finish_reason = self.finish_reason or other.finish_reason
         self.error = self.error or other.error
         self.kv_bytes += other.kv_bytes
+        self.kv_reused_bytes += other.kv_reused_bytes
         self.transfer_s += other.transfer_s
         self.load = other.load or self.load
 
@@ -78,7 +92,8 @@ class RequestMetrics:
     prefill_s: float = 0.0
     ttft: float = 0.0
     e2e: float = 0.0
-    kv_bytes: int = 0
+    kv_bytes: int = 0  # KV sent to decode
+    kv_reused_bytes: int = 0  # KV decode already held (prefix cache): not sent, not computed
     transfer_s: float = 0.0
     kv_wait_s: float = 0.0  # of prefill_s: waiting for the KV sends to leave after the forward
     num_output_tokens: int = 0

@@ -47,6 +47,7 @@ class ColocatedEngine:
         max_num_seqs: int = 4,
         max_model_len: int = 0,
         runner: StepRunner | None = None,
+        prefix_caching: bool = False,
     ) -> None:
         limits = EngineLimits(
             num_blocks=num_blocks,
@@ -56,6 +57,7 @@ class ColocatedEngine:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=budget,
             chunked_prefill=chunked,
+            prefix_caching=prefix_caching,
         )
         self.engine = DecodeEngine(runner or SevensRunner(), limits)
         e = self.engine

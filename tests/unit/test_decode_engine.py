@@ -70,8 +70,10 @@ def assert_idle(engine: DecodeEngine) -> None:
 
 def test_request_lands_when_every_head_and_the_first_token_are_here() -> None:
     engine = make_engine()
-    blocks = engine.reserve(request(1))
-    assert blocks is not None and engine.expects_kv(1, blocks)
+    res = engine.reserve(request(1))
+    assert res is not None and res.cached_blocks == 0
+    blocks = res.block_ids
+    assert engine.expects_kv(1, blocks)
     assert not engine.expects_kv(1, [b + 1 for b in blocks])  # someone else's blocks
     assert engine.kv_landed(1, 1, 100, 0.01, None) == []  # one head slice of two
     [(tid, first)] = engine.kv_landed(1, 1, 100, 0.02, 5)

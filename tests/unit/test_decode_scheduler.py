@@ -18,8 +18,9 @@ from pdserve.engine.block_manager import BlockManager
 
 def test_reserve_then_decode_grows_blocks_one_token_at_a_time() -> None:
     sched = create_scheduler(block_size=4)
-    blocks = sched.reserve(1, 4)
-    assert blocks is not None and len(blocks) == 1
+    res = sched.reserve(1, 4)
+    assert res is not None and len(res.block_ids) == 1 and res.cached_blocks == 0
+    blocks = res.block_ids
     assert (sched.num_reserved, sched.num_running, sched.num_waiting) == (1, 0, 0)
     seq = create_seq(1, 4)
     sched.activate(seq)
