@@ -108,7 +108,8 @@ def model_limits(
     **knobs: Any,
 ) -> EngineLimits:
     """`EngineLimits` for ``model`` (its KV heads, EOS ids and, unless given, its context) and
-    the given knobs (max_num_seqs, max_num_batched_tokens, chunked_prefill)."""
+    the given knobs (max_num_seqs, max_num_batched_tokens, chunked_prefill, prefix_caching,
+    prefix_salt, block_bytes)."""
     c = model.config
     return EngineLimits(
         num_blocks=num_blocks,

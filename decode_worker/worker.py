@@ -24,7 +24,8 @@ from pdserve.engine.kv_cache import bytes_per_block
 from pdserve.engine.load import DecodeLoad, DecodeStats
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup
-from pdserve.engine.request import DecodeRequest, StepDelta
+from pdserve.engine.prefix_hash import hash_salt
+from pdserve.engine.request import DecodeRequest, Reservation, StepDelta
 from pdserve.kv_transfer.descriptor import TransferItem
 from pdserve.kv_transfer.layout import blocks_for
 from pdserve.kv_transfer.link import RECEIVER, KVLink, resolve_backend
@@ -91,7 +92,7 @@ class DecodeWorker:
 
     def _accept(self, link: str, item: TransferItem) -> bool:
         # runs on a receiver thread: only reads the engine and adds to a set
-        if not self.engine.expects_kv(item.transfer_id, item.block_ids):
+        if not self.engine.expects_kv(item.transfer_id, item.block_ids, item.first_block):
             if self.engine.knows(item.transfer_id):
                 logger.error("transfer %d names blocks it does not hold", item.transfer_id)
             return False
@@ -120,8 +121,9 @@ class DecodeWorker:
 
     # -- requests ---------------------------------------------------------------------------
 
-    async def reserve(self, req: DecodeRequest) -> tuple[list[int] | None, DecodeLoad]:
-        """Reserve blocks for the prompt's KV before its prefill runs; None when full."""
+    async def reserve(self, req: DecodeRequest) -> tuple[Reservation | None, DecodeLoad]:
+        """Reserve blocks for the prompt's KV before its prefill runs (its cached prefix
+        shared); None when full."""
         self._ensure_loop()
         blocks = self.engine.reserve(req)
         if blocks is not None:
@@ -195,6 +197,9 @@ class DecodeWorker:
             e.num_preemptions,
             tuple(sorted(self._receivers)),
             e.prefills.num_partial,
+            e.blocks.num_cached_blocks,
+            e.prefix.queries,
+            e.prefix.hits,
         )
 
     async def check_integrity(self) -> int:
@@ -250,5 +255,8 @@ def _build_engine(config: DeploymentConfig, instance: int, device: torch.device)
         max_num_seqs=d.max_num_seqs,
         max_num_batched_tokens=d.max_num_batched_tokens,
         chunked_prefill=d.chunked_prefill,
+        prefix_caching=config.prefix_caching,
+        prefix_salt=hash_salt(config.model.path, d.kv_cache.dtype, d.block_size),
+        block_bytes=per_block,
     )
     return build_engine(model, limits, device, instance, d.kv_cache.dtype)

@@ -17,9 +17,10 @@ from pdserve.engine.kv_format import KV_DTYPES, row_width
 
 # Bounded message size: a header for a batch of a few hundred requests is a few KiB.
 MAX_HEADER_BYTES = 1 << 20
+# 4: an item carries its first block: a prompt prefix the decode replica holds is not sent;
 # 3: "dtype" is the KV cache's storage format (int8 and fp8_e4m3 rows carry their scales);
 # 2: one block-layout tensor per layer; 1: K and V apart, per token
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class TransferProtocolError(RuntimeError):
@@ -28,12 +29,14 @@ class TransferProtocolError(RuntimeError):
 
 @dataclass(frozen=True)
 class TransferItem:
-    """One request's part of a batched transfer."""
+    """One request's part of a batched transfer: the prompt's tokens from position
+    ``first_block * block_size`` on (the blocks before are cached on the decode replica)."""
 
     transfer_id: int
     request_id: str
-    num_tokens: int  # prompt tokens whose K/V are in this transfer
-    block_ids: tuple[int, ...]  # destination blocks, reserved by the router on the decode side
+    num_tokens: int  # prompt tokens whose K/V are in this transfer (the uncached part)
+    block_ids: tuple[int, ...]  # destination blocks: the reservation's table from first_block on
+    first_block: int = 0  # leading blocks of the prompt the decode replica already holds
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,12 @@ class TransferHeader:
     @property
     def num_tokens(self) -> int:
         return sum(item.num_tokens for item in self.items)
+
+    @property
+    def wire_layers(self) -> int:
+        """Layer tensors that travel: none when no item sends a block (every prompt is cached
+        on the decode replica; only the trailer follows)."""
+        return self.num_layers if self.num_blocks else 0
 
     @property
     def num_heads(self) -> int:
@@ -80,7 +89,8 @@ class TransferHeader:
         body = {
             "v": PROTOCOL_VERSION,
             "items": [
-                [i.transfer_id, i.request_id, i.num_tokens, list(i.block_ids)] for i in self.items
+                [i.transfer_id, i.request_id, i.num_tokens, list(i.block_ids), i.first_block]
+                for i in self.items
             ],
             "layers": self.num_layers,
             "dtype": self.dtype,
@@ -106,8 +116,8 @@ class TransferHeader:
             if body["v"] != PROTOCOL_VERSION:
                 raise TransferProtocolError(f"protocol version {body['v']} != {PROTOCOL_VERSION}")
             items = tuple(
-                TransferItem(int(t), str(r), int(n), tuple(int(b) for b in blocks))
-                for t, r, n, blocks in body["items"]
+                TransferItem(int(t), str(r), int(n), tuple(int(b) for b in blocks), int(first))
+                for t, r, n, blocks, first in body["items"]
             )
             start, end, head_dim = (int(x) for x in body["heads"])
             if body["dtype"] not in KV_DTYPES:

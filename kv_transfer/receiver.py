@@ -97,7 +97,7 @@ class KVReceiver:
     def _drain(self, header: TransferHeader) -> None:
         """Receive and drop a batch as its header describes it."""
         buf = self._staging(header.layer_bytes(), torch.uint8)
-        for _ in range(header.num_layers):
+        for _ in range(header.wire_layers):
             self.link.recv_tensor(buf).wait()
         if header.has_trailer:
             trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
@@ -157,6 +157,8 @@ class KVReceiver:
         at all), else a staging arena written into the blocks afterwards. Returns the targets
         and the staging buffers (None when in place)."""
         cache = self._kv_cache  # [layers, num_blocks, 2, block_size, heads, row]
+        if not header.wire_layers:  # every prompt is cached here: only the trailer comes
+            return iter(()), []
         layers = range(header.num_layers)
         if start is not None:
             end = start + header.num_blocks

@@ -58,7 +58,10 @@ class PrefillRunner:
         """
         seq_lens = [len(item.prompt_token_ids) for item in items]
         ranges = token_ranges(seq_lens)
-        sends = _BatchSends(items, links, ranges, self.block_size, self.kv_dtype)
+        # each item's KV from its first block the decode replica does not hold
+        bs = self.block_size
+        sent = [(s + it.decode_cached_blocks * bs, e) for it, (s, e) in zip(items, ranges)]
+        sends = _BatchSends(items, links, sent, bs, self.kv_dtype)
         if self.sends_kv:
             sends.headers(self._header)
         input_ids = torch.tensor(
@@ -84,10 +87,7 @@ class PrefillRunner:
     def _header(self, items: Sequence[PrefillItem]) -> TransferHeader:
         cfg = self.model.config
         return TransferHeader(
-            items=tuple(
-                TransferItem(it.transfer_id, it.request_id, len(it.prompt_token_ids), it.block_ids)
-                for it in items
-            ),
+            items=tuple(_transfer_item(it, self.block_size) for it in items),
             num_layers=cfg.num_layers,
             dtype=kv_dtype_name(self.kv_dtype),
             head_start=self.head_start,
@@ -96,6 +96,13 @@ class PrefillRunner:
             block_size=self.block_size,
             has_trailer=self.tp.rank == 0,
         )
+
+
+def _transfer_item(item: PrefillItem, block_size: int) -> TransferItem:
+    """The part of ``item``'s KV that travels: its blocks past the decode replica's cache."""
+    cached = item.decode_cached_blocks
+    n = len(item.prompt_token_ids) - cached * block_size
+    return TransferItem(item.transfer_id, item.request_id, n, item.block_ids[cached:], cached)
 
 
 class _BatchSends:
@@ -131,7 +138,7 @@ class _BatchSends:
         # quantized) once into the cache's format, as the decode side's own writes would
         k, v = to_cache_rows(k, self.kv_dtype), to_cache_rows(v, self.kv_dtype)
         for dest, plan in self.plans.items():
-            if dest not in self.broken:
+            if dest not in self.broken and plan.num_blocks:  # whole prompts cached: no layers
                 self._on_link(dest, partial(KVLink.send_tensor, tensor=pack_layer(k, v, plan)))
 
     def trailers(self, first_tokens: Sequence[int]) -> None:

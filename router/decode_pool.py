@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from pdserve.engine.load import DecodeLoad
-from pdserve.engine.request import DecodeRequest
+from pdserve.engine.request import DecodeRequest, Reservation
 from pdserve.router.errors import NoCapacityError, WorkerDied
 from pdserve.router.policies import pick_decode
 from pdserve.router.ports import DecodePort
@@ -67,7 +67,7 @@ class DecodePool:
         async with self._capacity:
             self._capacity.notify_all()
 
-    async def reserve(self, req: DecodeRequest) -> tuple[int, list[int]]:
+    async def reserve(self, req: DecodeRequest) -> tuple[int, Reservation]:
         """Blocks on some replica; waits while all are full (never when impossible)."""
         needed = -(-len(req.prompt_token_ids) // self.block_size)
         if all(needed > load.total_blocks for load in self.loads):
@@ -87,7 +87,7 @@ class DecodePool:
                     await asyncio.wait_for(self._capacity.wait(), timeout=CAPACITY_WAIT_S)
             await self._refresh()
 
-    async def _try_each(self, req: DecodeRequest, needed: int) -> tuple[int, list[int]] | None:
+    async def _try_each(self, req: DecodeRequest, needed: int) -> tuple[int, Reservation] | None:
         """Reserve on the replicas the policy picks, in turn, until one has room."""
         tried: set[int] = set(self.dead)
         while len(tried) < len(self.ports):
@@ -118,7 +118,9 @@ class DecodePool:
             else:
                 self.loads[i] = load
 
-    async def _reserve_on(self, d: int, req: DecodeRequest) -> tuple[list[int] | None, DecodeLoad]:
+    async def _reserve_on(
+        self, d: int, req: DecodeRequest
+    ) -> tuple[Reservation | None, DecodeLoad]:
         """One reserve call that cannot leak: if the caller goes away while it is in flight,
         whatever it reserved is released as soon as it answers."""
         call = asyncio.ensure_future(self.ports[d].reserve(req))
@@ -133,7 +135,7 @@ class DecodePool:
             raise
 
     async def _release_late(
-        self, call: asyncio.Future[tuple[list[int] | None, DecodeLoad]], d: int, tid: int
+        self, call: asyncio.Future[tuple[Reservation | None, DecodeLoad]], d: int, tid: int
     ) -> None:
         try:
             blocks, _ = await call

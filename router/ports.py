@@ -11,16 +11,22 @@ from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from pdserve.engine.load import DecodeLoad
-from pdserve.engine.request import DecodeRequest, PrefillItem, PrefillResult, StepDelta
+from pdserve.engine.request import (
+    DecodeRequest,
+    PrefillItem,
+    PrefillResult,
+    Reservation,
+    StepDelta,
+)
 from pdserve.router.errors import WorkerDied as WorkerDied  # part of the contract
 
 
 class DecodePort(Protocol):
     """One decode replica. Every method may raise ``WorkerDied``."""
 
-    async def reserve(self, req: DecodeRequest) -> tuple[list[int] | None, DecodeLoad]:
-        """Hold blocks for the prompt's KV before its prefill runs: the block ids (None when
-        full) and the replica's load after the call."""
+    async def reserve(self, req: DecodeRequest) -> tuple[Reservation | None, DecodeLoad]:
+        """Hold blocks for the prompt's KV before its prefill runs: the block ids and how many
+        leading ones already hold it (None when full), and the replica's load after the call."""
         ...
 
     async def abort(self, transfer_id: int, transfer_pending: bool) -> bool:

@@ -21,7 +21,13 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from pdserve.engine.deploy_config import DeploymentConfig
-from pdserve.engine.request import DecodeRequest, PrefillItem, PrefillResult, StepDelta
+from pdserve.engine.request import (
+    DecodeRequest,
+    PrefillItem,
+    PrefillResult,
+    Reservation,
+    StepDelta,
+)
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.errors import KVLinkError
 from pdserve.router.decode_pool import DecodePool
@@ -55,6 +61,7 @@ class RequestTrace:
     prefill_s: float = 0.0
     kv_wait_s: float = 0.0  # of prefill_s: waiting for the KV sends after the forward
     kv_bytes: int = 0
+    kv_reused_bytes: int = 0  # the prompt's KV the decode replica held already (not sent)
     transfer_s: float = 0.0
     decode_instance: int = -1
     prefill_instance: int = -1
@@ -66,7 +73,7 @@ class _Flight:
 
     req: DecodeRequest
     decode: int
-    blocks: tuple[int, ...]
+    reservation: Reservation
     prefill: PrefillInstance | None
     phase: Phase
 
@@ -177,7 +184,7 @@ class Router:
         )
         if not colocated:
             self._prefill_pool.check_alive()
-        d, blocks = await self._reserve(req)
+        d, reservation = await self._reserve(req)
         try:
             p = None if colocated else self._prefill_pool.pick()
         except NoCapacityError:  # the last one died while we waited for blocks
@@ -186,11 +193,12 @@ class Router:
         trace.decode_instance = d
         if p is not None:
             trace.prefill_instance = p.index
-        flight = _Flight(req, d, tuple(blocks), p, Phase.DECODE if colocated else Phase.RESERVED)
+        phase = Phase.DECODE if colocated else Phase.RESERVED
+        flight = _Flight(req, d, reservation, p, phase)
         self._phases[request_id] = flight.phase
         return flight
 
-    async def _reserve(self, req: DecodeRequest) -> tuple[int, list[int]]:
+    async def _reserve(self, req: DecodeRequest) -> tuple[int, Reservation]:
         return await self._decode_pool.reserve(req)
 
     async def _ensure_links(self, flight: _Flight) -> asyncio.Task[None] | None:
@@ -220,7 +228,8 @@ class Router:
             req.prompt_token_ids,
             req.sampling,
             flight.decode,
-            flight.blocks,
+            flight.reservation.block_ids,
+            flight.reservation.cached_blocks,  # its prefill sends only the blocks after these
         )
         flight.phase = self._phases[req.request_id] = Phase.PREFILL
         try:
@@ -256,6 +265,7 @@ class Router:
         if delta.load is not None:
             self._decode_pool.observe(flight.decode, delta.load)
         trace.kv_bytes += delta.kv_bytes
+        trace.kv_reused_bytes += delta.kv_reused_bytes
         trace.transfer_s += delta.transfer_s
         if delta.finish_reason or delta.error:
             flight.phase = Phase.DONE  # decode has let go of it

@@ -139,6 +139,7 @@ class Controller:
                     "state": "dead" if i in dead["decode"] else "up",
                     "kv_used_blocks": s.load.total_blocks - s.load.free_blocks,
                     "kv_total_blocks": s.load.total_blocks,
+                    "kv_cached_blocks": s.cached_blocks,
                     "running": s.load.running,
                     "waiting": s.load.waiting,
                     "reserved": s.reserved,

@@ -18,7 +18,13 @@ from typing import Any
 from ray.exceptions import RayActorError, RayTaskError
 
 from pdserve.engine.load import DecodeLoad
-from pdserve.engine.request import DecodeRequest, PrefillItem, PrefillResult, StepDelta
+from pdserve.engine.request import (
+    DecodeRequest,
+    PrefillItem,
+    PrefillResult,
+    Reservation,
+    StepDelta,
+)
 from pdserve.kv_transfer.errors import KVLinkError
 from pdserve.router.errors import Role, WorkerDied
 
@@ -39,9 +45,9 @@ class RayDecodePort:
         self.handle = handle
         self.instance = instance
 
-    async def reserve(self, req: DecodeRequest) -> tuple[list[int] | None, DecodeLoad]:
+    async def reserve(self, req: DecodeRequest) -> tuple[Reservation | None, DecodeLoad]:
         with _deaths("decode", self.instance):
-            result: tuple[list[int] | None, DecodeLoad] = await self.handle.reserve.remote(req)
+            result: tuple[Reservation | None, DecodeLoad] = await self.handle.reserve.remote(req)
         return result
 
     async def abort(self, transfer_id: int, transfer_pending: bool) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from cluster_helpers import NEW_TOKENS, hf_greedy, parity_prompts
 
 from pdserve.cluster import LLM, SamplingParams
@@ -120,3 +121,62 @@ def test_compressed_kv_cache_disaggregated_equals_colocated(
     # the first token comes from the prefill's own (unquantized) K/V: transformers' exactly;
     # later ones attend over the compressed cache, where a random tiny model may drift
     assert [o.token_ids[0] for o in outs] == [r[0] for r in hf_greedy(model, prompts, 1)]
+
+
+def _shared_prefix_prompts(vocab: int) -> tuple[list[int], list[list[int]]]:
+    """A first prompt, then two that share its 64-token (4-block) prefix: one with another
+    tail, one that is the prefix alone (block-aligned: cached whole)."""
+    g = torch.Generator().manual_seed(1)
+    prefix, tail_a, tail_b = (
+        torch.randint(3, vocab, (n,), generator=g).tolist() for n in (64, 10, 13)
+    )
+    return [*prefix, *tail_a], [[*prefix, *tail_b], prefix]
+
+
+@pytest.mark.parametrize(("tp", "caching"), [(1, True), (1, False), (2, True)])
+def test_a_shared_prefix_is_reused_not_sent(
+    ray_session: None, tiny_dirs: dict[str, Path], tp: int, caching: bool
+) -> None:
+    """The second request's prefix KV is already on the decode replica: only the blocks after it
+    cross the link (none for a prompt cached whole, whose first token still comes from the
+    prefill), and greedy output is transformers' with prefix caching on and off."""
+    model = tiny_dirs["llama"]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    with LLM(
+        str(model), prefill_tensor_parallel_size=tp, enable_prefix_caching=caching, dtype="float32"
+    ) as llm:
+        first, later = _shared_prefix_prompts(len(llm.tokenizer))
+        outs = llm.generate([first], params) + llm.generate(later, params)  # first lands first
+        stats = ray.get(llm.deployment.decode[0].stats.remote())
+        assert llm.check_integrity() == 0
+        per_block = 16 * llm.model_config.kv_bytes_per_token()
+    blocks = [-(-len(p) // 16) for p in (first, *later)]  # 5, 6, 4
+    reused = [0, 4, 4] if caching else [0, 0, 0]
+    assert [o.metrics.kv_bytes for o in outs] == [
+        (n - r) * per_block for n, r in zip(blocks, reused)
+    ]
+    assert [o.metrics.kv_reused_bytes for o in outs] == [r * per_block for r in reused]
+    assert (stats.prefix_cache_hits, stats.cached_blocks > 0) == (
+        (128, True) if caching else (0, False)
+    )
+    expected = hf_greedy(model, [first, *later], NEW_TOKENS)
+    assert [o.token_ids for o in outs] == expected
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_a_shared_prefix_is_not_recomputed_colocated(
+    ray_session: None, tiny_dirs: dict[str, Path], caching: bool
+) -> None:
+    """Colocated, a prefix hit skips its compute (a prompt cached whole still computes its last
+    block, whose logits give the first token); the output is transformers' either way."""
+    model = tiny_dirs["llama"]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    with LLM(str(model), mode="colocated", enable_prefix_caching=caching, dtype="float32") as llm:
+        first, later = _shared_prefix_prompts(len(llm.tokenizer))
+        outs = llm.generate([first], params) + llm.generate(later, params)
+        assert llm.check_integrity() == 0
+        per_block = 16 * llm.model_config.kv_bytes_per_token()
+    reused = [0, 4, 3] if caching else [0, 0, 0]
+    assert [o.metrics.kv_reused_bytes for o in outs] == [r * per_block for r in reused]
+    assert all(o.metrics.kv_bytes == 0 for o in outs)
+    assert [o.token_ids for o in outs] == hf_greedy(model, [first, *later], NEW_TOKENS)

@@ -206,7 +206,7 @@ def test_replica_dying_after_its_reservation_is_retried_elsewhere(
         reserve = router._reserve
         fault = {"hits": 0}
 
-        async def reserve_then_kill(req: Any) -> tuple[int, list[int]]:
+        async def reserve_then_kill(req: Any) -> tuple[int, Any]:
             d, blocks = await reserve(req)
             if d == 0 and not fault["hits"]:  # fault injection: kill it under its reservation
                 fault["hits"] += 1

@@ -25,9 +25,11 @@ class FakeCluster:
     prefills: list[FakePrefill]  # one single-rank instance each
 
 
-async def fake_cluster(prefill: int = 1, decode: int = 1, num_blocks: int = 16) -> FakeCluster:
+async def fake_cluster(
+    prefill: int = 1, decode: int = 1, num_blocks: int = 16, prefix_caching: bool = False
+) -> FakeCluster:
     """``prefill=0``: colocated."""
-    decodes = [FakeDecode(j, num_blocks, BLOCK) for j in range(decode)]
+    decodes = [FakeDecode(j, num_blocks, BLOCK, prefix_caching) for j in range(decode)]
     prefills = [FakePrefill(i, decodes) for i in range(prefill)]
     instances = [PrefillInstance(i, [p], [0]) for i, p in enumerate(prefills)]
     config = DeploymentConfig("t", ModelSettings("fake"), decode=DecodeSettings(block_size=BLOCK))

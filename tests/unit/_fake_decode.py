@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from _fake_worker import FakeWorker, gate
@@ -11,7 +11,8 @@ from _fake_worker import FakeWorker, gate
 from pdserve.decode_worker.scheduler import DecodeScheduler, DecodeSeq
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.load import DecodeLoad
-from pdserve.engine.request import DecodeRequest, StepDelta
+from pdserve.engine.prefix_hash import block_hashes
+from pdserve.engine.request import DecodeRequest, Reservation, StepDelta
 
 FIRST_TOKEN = 1000  # what every fake prefill (and colocated fake decode) samples
 
@@ -20,6 +21,7 @@ FIRST_TOKEN = 1000  # what every fake prefill (and colocated fake decode) sample
 class _Held:
     req: DecodeRequest
     queue: asyncio.Queue[StepDelta] = field(default_factory=asyncio.Queue)
+    cached_blocks: int = 0  # prompt blocks found in the prefix cache (no KV comes for them)
     seq: DecodeSeq | None = None  # set when its KV landed
     aborted: bool = False  # abort asked while its KV was on its way: free when it lands
     attached: bool = False  # a stream reads its queue
@@ -27,11 +29,14 @@ class _Held:
 
 class FakeDecode(FakeWorker):
     """A `DecodePort`. Gates: `reserving` (reserve calls), `listening` (link hosting),
-    `stepping` (decode steps; each appends one made-up token to every running seq)."""
+    `stepping` (decode steps; each appends one made-up token to every running seq). With
+    ``caching``, a prompt's full blocks join the prefix cache when its KV lands."""
 
-    def __init__(self, instance: int, num_blocks: int = 16, block_size: int = 4) -> None:
+    def __init__(
+        self, instance: int, num_blocks: int = 16, block_size: int = 4, caching: bool = False
+    ) -> None:
         super().__init__("decode", instance)
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, caching)
         self.scheduler = DecodeScheduler(self.blocks, 8, num_blocks * block_size)
         self.reserving, self.listening, self.stepping = gate(), gate(), gate()
         self.links: list[str] = []
@@ -44,7 +49,7 @@ class FakeDecode(FakeWorker):
 
     # -- the port ---------------------------------------------------------------------------
 
-    async def reserve(self, req: DecodeRequest) -> tuple[list[int] | None, DecodeLoad]:
+    async def reserve(self, req: DecodeRequest) -> tuple[Reservation | None, DecodeLoad]:
         self.calls.append(("reserve", req.transfer_id))
         return await self._call(self._reserve(req))
 
@@ -101,8 +106,10 @@ class FakeDecode(FakeWorker):
             return
         req = held.req
         prompt = list(req.prompt_token_ids)
+        self.blocks.register(tid, self._hashes(prompt))
         seq = DecodeSeq(tid, len(prompt), req.sampling.max_tokens, [*prompt, first_token])
-        stats = StepDelta(kv_bytes=len(prompt))
+        reused = held.cached_blocks * self.blocks.block_size  # a byte a token, as kv_bytes
+        stats = StepDelta(kv_bytes=len(prompt) - reused, kv_reused_bytes=reused)
         if req.local_prefill:
             stats.token_ids, stats.logprobs = [first_token], [None]
         if self.scheduler.reached_length_limit(seq):
@@ -123,11 +130,12 @@ class FakeDecode(FakeWorker):
 
     # -- internals --------------------------------------------------------------------------
 
-    async def _reserve(self, req: DecodeRequest) -> tuple[list[int] | None, DecodeLoad]:
+    async def _reserve(self, req: DecodeRequest) -> tuple[Reservation | None, DecodeLoad]:
         await self._until(self.reserving.wait())
-        blocks = self.scheduler.reserve(req.transfer_id, len(req.prompt_token_ids))
+        prompt = req.prompt_token_ids
+        blocks = self.scheduler.reserve(req.transfer_id, len(prompt), self._hashes(prompt))
         if blocks is not None:
-            self._held[req.transfer_id] = _Held(req)
+            self._held[req.transfer_id] = _Held(req, cached_blocks=blocks.cached_blocks)
             if req.local_prefill:  # colocated: prefill it here, at the next step
                 self._spawn(self._local_prefill(req.transfer_id))
         if self._loop is None:
@@ -166,6 +174,10 @@ class FakeDecode(FakeWorker):
             yield delta
             if delta.finish_reason or delta.error:
                 return
+
+    def _hashes(self, prompt: Sequence[int]) -> list[int]:
+        caching = self.blocks.caching
+        return block_hashes(prompt, self.blocks.block_size, 0) if caching else []
 
     def _drop(self, held: _Held, last: StepDelta) -> None:
         tid = held.req.transfer_id

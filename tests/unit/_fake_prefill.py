@@ -34,6 +34,7 @@ class FakePrefill(FakeWorker):
         self.links: dict[int, str] = {}  # decode instance -> link name
         self.queue: list[_Queued] = []
         self.transferring: set[int] = set()
+        self.items: list[PrefillItem] = []  # every item dispatched here
 
     async def connect_link(self, decode_instance: int, name: str, host: str, port: int) -> bool:
         self.calls.append(("connect_link", decode_instance, name))
@@ -41,6 +42,7 @@ class FakePrefill(FakeWorker):
 
     async def prefill(self, item: PrefillItem) -> PrefillResult:
         self.calls.append(("prefill", item.transfer_id))
+        self.items.append(item)
         return await self._call(self._prefill(item))
 
     async def abort(self, transfer_id: int) -> bool:

@@ -37,6 +37,24 @@ def test_disaggregated_request_end_to_end() -> None:
     run(scenario)
 
 
+def test_the_reservations_cached_blocks_reach_the_prefill_and_the_trace() -> None:
+    """A prompt whose leading blocks the replica holds: the prefill item says how many, so
+    only the rest is sent; the trace counts the sent and the reused KV apart."""
+
+    async def scenario() -> None:
+        c = await fake_cluster(prefix_caching=True)
+        await consume(c.router, "a", 10, 3)  # its 2 full blocks are cached once it landed
+        trace = RequestTrace()
+        await consume(c.router, "b", 11, 3, trace=trace)  # the same first 10 tokens
+        assert [it.decode_cached_blocks for it in c.prefills[0].items] == [0, 2]
+        second = c.prefills[0].items[1]
+        assert second.block_ids[:2] == c.prefills[0].items[0].block_ids[:2]  # shared
+        assert (trace.kv_bytes, trace.kv_reused_bytes) == (11 - 2 * BLOCK, 2 * BLOCK)
+        assert_all_free(c.decodes[0])
+
+    run(scenario)
+
+
 def test_colocated_request_prefills_on_decode() -> None:
     async def scenario() -> None:
         c = await fake_cluster(prefill=0)
