@@ -173,6 +173,24 @@ def test_every_exit_releases_the_shared_blocks_exactly_once(
     assert engine.blocks.cached_prefix(engine.prefix.prompt_hashes(PREFIX)) == 2  # kept
 
 
+def test_preemption_releases_the_shared_blocks_once_and_the_recompute_hits_them() -> None:
+    engine, runner = make_engine(num_blocks=5)
+    reserve(engine, 1, (*PREFIX, 1), max_tokens=30)
+    land(engine, 1, 3)
+    res = reserve(engine, 2, (*PREFIX, 2), max_tokens=30)
+    land(engine, 2, 1)
+    shared = res.block_ids[:2]
+    while not engine.num_preemptions:  # at 12 tokens each, seq 2 has no block to grow into
+        engine.step()
+    assert engine.knows(2) and 2 not in engine.blocks  # preempted: waits without blocks
+    assert [engine.blocks.ref_count(b) for b in shared] == [1, 1]
+    assert engine.check_integrity() == 2
+    out = drain(engine)  # seq 1 finishes at max_model_len; seq 2 comes back on the prefix
+    assert [(c.start, len(c.token_ids)) for b in runner.batches for c in b.chunks] == [(8, 4)]
+    assert out[2][-1].finish_reason == "length"
+    assert_idle(engine)
+
+
 def test_blocks_filled_by_decode_are_hits_for_the_next_turn() -> None:
     engine, _ = make_engine()
     reserve(engine, 1, PREFIX[:6], max_tokens=8)
