@@ -1,5 +1,6 @@
 """The decode pool as the router sees it: ports, their last load snapshots, the dead replicas,
-and reservations that wait (boundedly) for space and never leak."""
+reservations that wait (boundedly) for space and never leak, and (policy `cache_aware`) the
+router's index of what each replica's prefix cache holds."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pdserve.engine.request import DecodeRequest, Reservation
 from pdserve.router.errors import NoCapacityError, WorkerDied
 from pdserve.router.policies import pick_decode
 from pdserve.router.ports import DecodePort
+from pdserve.router.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +33,12 @@ class DecodePool:
         policy: str,
         block_size: int,
         on_dead: Callable[[int], None],
+        index: PrefixIndex | None = None,
     ) -> None:
         self.ports = list(ports)
         self.policy = policy
         self.block_size = block_size
+        self.index = index  # policy cache_aware: what each replica's prefix cache likely holds
         self.dead: set[int] = set()  # replicas whose worker died
         self.loads: list[DecodeLoad] = []
         self._on_dead = on_dead
@@ -44,21 +48,27 @@ class DecodePool:
 
     async def start(self) -> None:
         self.loads = list(await asyncio.gather(*(port.load() for port in self.ports)))
+        for d, load in enumerate(self.loads):
+            self.observe(d, load)
 
     def observe(self, d: int, load: DecodeLoad) -> None:
         self.loads[d] = load
+        if self.index is not None:
+            self.index.resize(d, load.total_blocks)
 
     def mark_dead(self, d: int) -> None:
         """A dead replica takes its links with it; the rest of the pool serves on."""
         if d not in self.dead:
             logger.error("decode replica %d is dead; routing around it", d)
             self.dead.add(d)
+            if self.index is not None:
+                self.index.forget(d)
             self._on_dead(d)
 
     async def probe(self, d: int) -> None:
         """Mark ``d`` dead unless it still answers."""
         try:
-            self.loads[d] = await self.ports[d].load()
+            self.observe(d, await self.ports[d].load())
         except WorkerDied:
             self.mark_dead(d)
 
@@ -67,8 +77,11 @@ class DecodePool:
         async with self._capacity:
             self._capacity.notify_all()
 
-    async def reserve(self, req: DecodeRequest) -> tuple[int, Reservation]:
-        """Blocks on some replica; waits while all are full (never when impossible)."""
+    async def reserve(
+        self, req: DecodeRequest, hashes: Sequence[int] = ()
+    ) -> tuple[int, Reservation]:
+        """Blocks on some replica; waits while all are full (never when impossible). `hashes`:
+        the prompt's full blocks' (`cache_aware` looks them up in the index)."""
         needed = -(-len(req.prompt_token_ids) // self.block_size)
         if all(needed > load.total_blocks for load in self.loads):
             raise NoCapacityError(
@@ -77,7 +90,7 @@ class DecodePool:
                 "give decode a larger KV cache or send a shorter prompt"
             )
         while True:
-            placed = await self._try_each(req, needed)
+            placed = await self._try_each(req, needed, hashes)
             if placed is not None:
                 return placed
             if len(self.dead) == len(self.ports):
@@ -87,12 +100,18 @@ class DecodePool:
                     await asyncio.wait_for(self._capacity.wait(), timeout=CAPACITY_WAIT_S)
             await self._refresh()
 
-    async def _try_each(self, req: DecodeRequest, needed: int) -> tuple[int, Reservation] | None:
+    async def _try_each(
+        self, req: DecodeRequest, needed: int, hashes: Sequence[int]
+    ) -> tuple[int, Reservation] | None:
         """Reserve on the replicas the policy picks, in turn, until one has room."""
         tried: set[int] = set(self.dead)
+        lookup = _lookup(req, hashes, self.block_size)
         while len(tried) < len(self.ports):
             loads = [x for x in self.loads if x.instance not in tried]
-            d = pick_decode(self.policy, loads, needed, next(self._turn))
+            hits = None
+            if self.index is not None:
+                hits = self.index.matches((x.instance for x in loads), lookup)
+            d = pick_decode(self.policy, loads, needed, next(self._turn), hits)
             if d is None:
                 return None
             try:
@@ -101,8 +120,11 @@ class DecodePool:
                 self.mark_dead(d)
                 tried.add(d)
                 continue
-            self.loads[d] = load
+            self.observe(d, load)
             if blocks is not None:
+                if self.index is not None:
+                    self.index.correct(d, lookup, blocks.cached_blocks)
+                    self.index.insert(d, hashes)  # cached there once its KV has landed
                 return d, blocks
             tried.add(d)
         return None
@@ -116,7 +138,7 @@ class DecodePool:
             elif isinstance(load, BaseException):
                 raise load
             else:
-                self.loads[i] = load
+                self.observe(i, load)
 
     async def _reserve_on(
         self, d: int, req: DecodeRequest
@@ -143,3 +165,11 @@ class DecodePool:
                 await self.ports[d].abort(tid, False)
         except WorkerDied:  # a dead replica holds nothing
             logger.warning("decode replica %d died while transfer %d was reserved", d, tid)
+
+
+def _lookup(req: DecodeRequest, hashes: Sequence[int], block_size: int) -> Sequence[int]:
+    """The hashes a replica looks up: a colocated prompt's stop a token short, since its own
+    prefill must compute the last position (`decode_worker.prefix_cache`)."""
+    if req.local_prefill:
+        return hashes[: (len(req.prompt_token_ids) - 1) // block_size]
+    return hashes

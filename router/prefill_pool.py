@@ -1,4 +1,5 @@
-"""The prefill pool as the router sees it: TP groups, their queue counters, the dead ones."""
+"""The prefill pool as the router sees it: TP groups, their queue counters, the dead ones, and
+(policy `cache_aware`, once prefill instances cache prefixes) what each one's cache holds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pdserve.engine.load import PrefillLoad
 from pdserve.router.errors import NoCapacityError
 from pdserve.router.policies import pick_prefill
 from pdserve.router.ports import PrefillPort
+from pdserve.router.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,10 @@ class PrefillInstance:
     senders: list[int]
     queued_tokens: int = 0
     queued_requests: int = 0
+    # KV blocks its prefix cache can hold; 0: it keeps none. Prefill instances do not cache yet:
+    # when they do, the deployment sets this from the leader's KV pool and `cache_aware` counts
+    # the prompt's blocks expected cached there.
+    cache_blocks: int = 0
 
     @property
     def leader(self) -> PrefillPort:
@@ -36,10 +42,17 @@ class PrefillPool:
     """Picks an instance by policy over its queue counters; a dead one leaves the rotation."""
 
     def __init__(
-        self, instances: Sequence[PrefillInstance], policy: str, on_dead: Callable[[int], None]
+        self,
+        instances: Sequence[PrefillInstance],
+        policy: str,
+        on_dead: Callable[[int], None],
+        index: PrefixIndex | None = None,
+        block_size: int = 16,
     ) -> None:
         self.instances = list(instances)
         self.policy = policy
+        self.index = index  # policy cache_aware: what each instance's prefix cache likely holds
+        self.block_size = block_size
         self.dead: set[int] = set()  # instances with a dead rank
         self._on_dead = on_dead
         self._turn = itertools.count()  # its own round-robin position (not the decode pool's)
@@ -49,12 +62,21 @@ class PrefillPool:
         if len(self.dead) == len(self.instances):
             raise NoCapacityError(DEAD_POOL)
 
-    def pick(self) -> PrefillInstance:
-        alive = [p for p in self.instances if p.index not in self.dead]
+    def pick(self, hashes: Sequence[int] = ()) -> PrefillInstance:
+        """The instance for a prompt whose full blocks hash to `hashes`."""
+        alive = {p.index: p for p in self.instances if p.index not in self.dead}
         if not alive:
             raise NoCapacityError(DEAD_POOL)
-        loads = [PrefillLoad(i, p.queued_tokens, p.queued_requests) for i, p in enumerate(alive)]
-        return alive[pick_prefill(self.policy, loads, next(self._turn))]
+        loads = [PrefillLoad(i, p.queued_tokens, p.queued_requests) for i, p in alive.items()]
+        caching = [p for p in alive.values() if p.cache_blocks > 0]
+        cached = None
+        if self.index is not None and caching:
+            cached = {p.index: self.index.match(p.index, hashes) * self.block_size for p in caching}
+        chosen = alive[pick_prefill(self.policy, loads, next(self._turn), cached)]
+        if self.index is not None and chosen.cache_blocks > 0:
+            self.index.resize(chosen.index, chosen.cache_blocks)
+            self.index.insert(chosen.index, hashes)  # cached there once it has prefilled it
+        return chosen
 
     def mark_dead(self, p: PrefillInstance) -> None:
         """A dead rank takes its instance out of rotation (its TP group cannot run a batch);
@@ -62,4 +84,6 @@ class PrefillPool:
         if p.index not in self.dead:
             logger.error("prefill instance %d has a dead rank; routing around it", p.index)
             self.dead.add(p.index)
+            if self.index is not None:
+                self.index.forget(p.index)
             self._on_dead(p.index)

@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.engine.deploy_config import DeploymentConfig
 from pdserve.engine.request import (
@@ -36,6 +36,7 @@ from pdserve.router.links import KVLinks
 from pdserve.router.phase import Phase
 from pdserve.router.ports import DecodePort
 from pdserve.router.prefill_pool import PrefillInstance, PrefillPool
+from pdserve.router.prefix_index import CacheView
 
 __all__ = ["NoCapacityError", "Phase", "PrefillInstance", "RequestTrace", "Router", "WorkerDied"]
 
@@ -62,6 +63,8 @@ class RequestTrace:
     kv_wait_s: float = 0.0  # of prefill_s: waiting for the KV sends after the forward
     kv_bytes: int = 0
     kv_reused_bytes: int = 0  # the prompt's KV the decode replica held already (not sent)
+    decode_cached_tokens: int = 0  # the prompt's tokens found in the decode replica's cache
+    prefill_cached_tokens: int = 0  # of the prompt's tokens, those its prefill did not compute
     transfer_s: float = 0.0
     decode_instance: int = -1
     prefill_instance: int = -1
@@ -76,6 +79,7 @@ class _Flight:
     reservation: Reservation
     prefill: PrefillInstance | None
     phase: Phase
+    output: list[int] = field(default_factory=list)  # tokens streamed so far
 
 
 class Router:
@@ -92,14 +96,20 @@ class Router:
         self.config = config
         self._ids = itertools.count(1)
         self._links = KVLinks(self.decode, config.link_prefix)  # names unique per deployment
+        self._cache = CacheView(config)  # cache_aware policies: what each instance holds
         self._prefill_pool = PrefillPool(
-            self.prefill, config.router.prefill_policy, self._links.drop_prefill
+            self.prefill,
+            config.router.prefill_policy,
+            self._links.drop_prefill,
+            self._cache.prefill,
+            config.decode.block_size,
         )
         self._decode_pool = DecodePool(
             self.decode,
             config.router.decode_policy,
             config.decode.block_size,
             self._links.drop_decode,
+            self._cache.decode,
         )
         self._phases: dict[str, Phase] = {}  # request id -> RESERVED | PREFILL | DECODE
 
@@ -114,6 +124,11 @@ class Router:
             "prefill": sorted(self._prefill_pool.dead),
             "decode": sorted(self._decode_pool.dead),
         }
+
+    @property
+    def estimated_cached_blocks(self) -> dict[str, dict[int, int]]:
+        """Blocks the router believes each instance caches (pools with a cache_aware policy)."""
+        return self._cache.estimates(len(self.prefill), len(self.decode))
 
     async def start(self) -> None:
         await self._decode_pool.start()
@@ -162,7 +177,9 @@ class Router:
             stream = self.decode[flight.decode].stream(flight.req.transfer_id)
             async with contextlib.aclosing(stream):
                 if flight.prefill is not None:
-                    yield await self._run_prefill(flight, links, trace)
+                    first = await self._run_prefill(flight, links, trace)
+                    flight.output += first.token_ids
+                    yield first
                 async for delta in stream:
                     self._observe(flight, delta, trace)
                     yield delta
@@ -172,6 +189,8 @@ class Router:
             self._phases.pop(request_id, None)
             if flight.phase is not Phase.DONE:
                 await asyncio.shield(self._abort(flight))
+            else:
+                self._cache.answered(flight.decode, flight.req.prompt_token_ids, flight.output)
             await self._decode_pool.released()
 
     async def _place(
@@ -184,22 +203,24 @@ class Router:
         )
         if not colocated:
             self._prefill_pool.check_alive()
-        d, reservation = await self._reserve(req)
+        hashes = self._cache.hashes(req.prompt_token_ids)
+        d, reservation = await self._decode_pool.reserve(req, hashes)
         try:
-            p = None if colocated else self._prefill_pool.pick()
+            p = None if colocated else self._prefill_pool.pick(hashes)
         except NoCapacityError:  # the last one died while we waited for blocks
             await asyncio.shield(self.decode[d].abort(req.transfer_id, False))
             raise
         trace.decode_instance = d
+        trace.decode_cached_tokens = reservation.cached_blocks * self.config.decode.block_size
+        # colocated, the replica prefills only past its cached blocks; a prefill instance
+        # computes the whole prompt (it keeps no prefix cache yet)
+        trace.prefill_cached_tokens = trace.decode_cached_tokens if colocated else 0
         if p is not None:
             trace.prefill_instance = p.index
         phase = Phase.DECODE if colocated else Phase.RESERVED
         flight = _Flight(req, d, reservation, p, phase)
         self._phases[request_id] = flight.phase
         return flight
-
-    async def _reserve(self, req: DecodeRequest) -> tuple[int, Reservation]:
-        return await self._decode_pool.reserve(req)
 
     async def _ensure_links(self, flight: _Flight) -> asyncio.Task[None] | None:
         """The links from the flight's prefill instance to its replica (None when colocated)."""
@@ -264,6 +285,7 @@ class Router:
     def _observe(self, flight: _Flight, delta: StepDelta, trace: RequestTrace) -> None:
         if delta.load is not None:
             self._decode_pool.observe(flight.decode, delta.load)
+        flight.output += delta.token_ids
         trace.kv_bytes += delta.kv_bytes
         trace.kv_reused_bytes += delta.kv_reused_bytes
         trace.transfer_s += delta.transfer_s

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from _fake_decode import FakeDecode
 from _fake_prefill import FakePrefill
 
-from pdserve.engine.deploy_config import DecodeSettings, DeploymentConfig, ModelSettings
+from pdserve.engine.deploy_config import (
+    DecodeSettings,
+    DeploymentConfig,
+    ModelSettings,
+    PrefillSettings,
+    RouterSettings,
+)
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.router.prefill_pool import PrefillInstance
 from pdserve.router.router import RequestTrace, Router
@@ -26,13 +32,24 @@ class FakeCluster:
 
 
 async def fake_cluster(
-    prefill: int = 1, decode: int = 1, num_blocks: int = 16, prefix_caching: bool = False
+    prefill: int = 1,
+    decode: int = 1,
+    num_blocks: int = 16,
+    prefix_caching: bool = False,
+    router: RouterSettings | None = None,
 ) -> FakeCluster:
-    """``prefill=0``: colocated."""
+    """``prefill=0``: colocated. ``router``: its policies (default: the deploy defaults)."""
     decodes = [FakeDecode(j, num_blocks, BLOCK, prefix_caching) for j in range(decode)]
     prefills = [FakePrefill(i, decodes) for i in range(prefill)]
     instances = [PrefillInstance(i, [p], [0]) for i, p in enumerate(prefills)]
-    config = DeploymentConfig("t", ModelSettings("fake"), decode=DecodeSettings(block_size=BLOCK))
+    config = DeploymentConfig(
+        "t",
+        ModelSettings("fake"),
+        prefill=PrefillSettings(instances=prefill) if prefill else None,
+        decode=DecodeSettings(block_size=BLOCK),
+        prefix_caching=prefix_caching,
+        router=router or RouterSettings(),
+    )
     router = Router(instances, decodes, config)
     await router.start()
     return FakeCluster(router, decodes, prefills)
@@ -57,12 +74,15 @@ async def consume(
     max_tokens: int,
     tokens: list[int] | None = None,
     trace: RequestTrace | None = None,
+    prompt: Sequence[int] | None = None,
 ) -> list[int]:
-    """Every token of one request (into ``tokens`` as they come); asserts a clean finish."""
+    """Every token of one request (into ``tokens`` as they come); asserts a clean finish.
+    The prompt is 0, 1, ... prompt_len - 1 unless given."""
     out = [] if tokens is None else tokens
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     last = None
-    async for delta in router.generate(request_id, list(range(prompt_len)), params, trace):
+    ids = list(range(prompt_len)) if prompt is None else list(prompt)
+    async for delta in router.generate(request_id, ids, params, trace):
         assert delta.error is None, delta.error
         out.extend(delta.token_ids)
         last = delta
