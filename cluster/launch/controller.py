@@ -62,7 +62,9 @@ class Controller:
         )
         self._frontend = frontend
         self._jobs = JobManager(frontend, r.server.jobs_dir) if r.server.jobs_dir else None
-        self.metrics = ServingMetrics(r.server.served_model_name)
+        self.metrics = ServingMetrics(
+            r.server.served_model_name, prefill_pool=r.prefill is not None
+        )
         app = create_app(
             frontend,
             r.server,
@@ -91,7 +93,12 @@ class Controller:
             with contextlib.suppress(Exception):  # a status blip must not stop serving
                 dep = self._deployment
                 assert dep is not None
-                loads = await asyncio.gather(*(d.get_load.remote() for d in dep.decode))
+                stats = await asyncio.gather(*(d.stats.remote() for d in dep.decode))
+                for s in stats:
+                    self.metrics.observe_decode_cache(
+                        s.load.instance, s.prefix_cache_queries, s.prefix_cache_hits
+                    )
+                loads = [s.load for s in stats]
                 total = sum(x.total_blocks for x in loads)
                 used = total - sum(x.free_blocks for x in loads)
                 queued = sum(p.queued_requests for p in dep.router.prefill)
@@ -112,6 +119,7 @@ class Controller:
             *(d.stats.remote() for d in dep.decode), return_exceptions=True
         )
         dead = dep.router.dead_instances
+        estimates = dep.router.estimated_cached_blocks  # pools routed cache_aware
         return {
             "name": r.name,
             "namespace": r.namespace,
@@ -128,6 +136,7 @@ class Controller:
                     "tp": len(p.ranks),
                     "queued_requests": p.queued_requests,
                     "queued_tokens": p.queued_tokens,
+                    **_estimate(estimates, "prefill", p.index),
                 }
                 for p in dep.router.prefill  # the router's view holds the queue counters
             ],
@@ -140,6 +149,8 @@ class Controller:
                     "kv_used_blocks": s.load.total_blocks - s.load.free_blocks,
                     "kv_total_blocks": s.load.total_blocks,
                     "kv_cached_blocks": s.cached_blocks,
+                    **_estimate(estimates, "decode", i),
+                    "prefix_hit_rate": _rate(s.prefix_cache_hits, s.prefix_cache_queries),
                     "running": s.load.running,
                     "waiting": s.load.waiting,
                     "reserved": s.reserved,
@@ -182,6 +193,18 @@ class Controller:
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+
+def _estimate(estimates: dict[str, dict[int, int]], pool: str, i: int) -> dict[str, int]:
+    """The router's estimate of the instance's cached blocks, when it keeps one."""
+    if pool not in estimates:
+        return {}
+    return {"router_cached_blocks": estimates[pool].get(i, 0)}
+
+
+def _rate(hits: int, queries: int) -> float | None:
+    """Prompt tokens found in the prefix cache per token looked up (None before any)."""
+    return round(hits / queries, 3) if queries else None
 
 
 ControllerActor: Any = ray.remote(Controller)

@@ -1,8 +1,16 @@
 """Prometheus metrics of one serving app, named as vLLM names them (prefix ``pdserve:``).
 
 Each ServingMetrics owns its CollectorRegistry, so two apps in one process never collide. Request
-histograms are observed once per finished request from its RequestMetrics; the load gauges are set
-by whoever polls the workers (the controller, every second or so).
+histograms are observed once per finished request from its RequestMetrics; the load gauges and the
+decode pool's prefix-cache counters are set by whoever polls the workers (the controller, every
+second or so), from each replica's totals.
+
+Prefix caching, in tokens as vLLM counts it: ``prefix_cache_queries`` / ``prefix_cache_hits``
+labelled ``pool`` (decode: every reservation's lookup on the replicas; prefill: the prompts the
+prefill pool ran, hits being the tokens it did not compute, none until it caches),
+``prompt_tokens_by_source`` (``local_compute`` or ``local_cache_hit``: where each prompt's prefill
+took its KV from) and ``prompt_tokens_cached``; ``kv_reused_bytes`` beside ``kv_transfer_bytes``:
+prompt KV a decode replica held already and so was not sent.
 """
 
 from __future__ import annotations
@@ -34,9 +42,10 @@ class ServingMetrics:
     ((E2E - TTFT) / (output tokens - 1)), for requests of two or more output tokens.
     """
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, prefill_pool: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
+        self.prefill_pool = prefill_pool  # disaggregated: a prefill pool prefills the prompts
         self._ttft = self._histogram("time_to_first_token_seconds", "First token.", TTFT_BUCKETS)
         self._itl = self._histogram(
             "inter_token_latency_seconds",
@@ -68,6 +77,22 @@ class ServingMetrics:
         self._running = self._gauge("num_requests_running", "Sequences decoding.")
         self._waiting = self._gauge("num_requests_waiting", "Sequences waiting on decode.")
         self._prefill_queued = self._gauge("num_prefill_queued", "Requests queued for prefill.")
+        self._kv_reused = self._counter(
+            "kv_reused_bytes", "Prompt KV bytes decode held already in its prefix cache (not sent)."
+        )
+        self._prompt_cached = self._counter(
+            "prompt_tokens_cached", "Prompt tokens whose prefill KV came from a prefix cache."
+        )
+        self._by_source = self._labelled(
+            "prompt_tokens_by_source", "Prompt tokens by where their KV came from.", "source"
+        )
+        self._queries = self._labelled(
+            "prefix_cache_queries", "Prompt tokens looked up in a prefix cache.", "pool"
+        )
+        self._hits = self._labelled(
+            "prefix_cache_hits", "Of those, tokens found in the cache.", "pool"
+        )
+        self._decode_totals: dict[int, tuple[int, int]] = {}  # replica -> (queries, hits) seen
 
     def observe_request(
         self, m: RequestMetrics, finish_reason: str | None, prompt_tokens: int
@@ -84,6 +109,7 @@ class ServingMetrics:
             self._kv_bytes.inc(m.kv_bytes)
         self._prompt_tokens.inc(prompt_tokens)
         self._generation_tokens.inc(m.num_output_tokens)
+        self._observe_reuse(m, prompt_tokens)
         reason = finish_reason or "abort"
         self._success.labels(model_name=self.model_name, finished_reason=reason).inc()
 
@@ -94,9 +120,30 @@ class ServingMetrics:
         self._waiting.set(waiting)
         self._prefill_queued.set(queued_prefill)
 
+    def observe_decode_cache(self, instance: int, queries: int, hits: int) -> None:
+        """A decode replica's prefix-cache totals since it started (`DecodeStats`): the counters
+        grow by what is new since the last poll (all of it after a restart)."""
+        seen_q, seen_h = self._decode_totals.get(instance, (0, 0))
+        if queries < seen_q or hits < seen_h:  # a fresh replica counts from zero again
+            seen_q = seen_h = 0
+        self._queries.labels(model_name=self.model_name, pool="decode").inc(queries - seen_q)
+        self._hits.labels(model_name=self.model_name, pool="decode").inc(hits - seen_h)
+        self._decode_totals[instance] = (queries, hits)
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric (Content-Type: ``CONTENT_TYPE``)."""
         return generate_latest(self.registry)
+
+    def _observe_reuse(self, m: RequestMetrics, prompt_tokens: int) -> None:
+        cached = min(m.cached_tokens, prompt_tokens)
+        name = self.model_name
+        self._by_source.labels(model_name=name, source="local_compute").inc(prompt_tokens - cached)
+        self._by_source.labels(model_name=name, source="local_cache_hit").inc(cached)
+        self._prompt_cached.inc(cached)
+        self._kv_reused.inc(m.kv_reused_bytes)
+        if self.prefill_pool:
+            self._queries.labels(model_name=name, pool="prefill").inc(prompt_tokens)
+            self._hits.labels(model_name=name, pool="prefill").inc(cached)
 
     # -- construction: each metric has one child, bound to this app's model_name -----------------
 
@@ -108,6 +155,9 @@ class ServingMetrics:
         # prometheus_client appends "_total" to counter names.
         c = Counter(PREFIX + name, doc, ["model_name"], registry=self.registry)
         return c.labels(model_name=self.model_name)
+
+    def _labelled(self, name: str, doc: str, label: str) -> Counter:
+        return Counter(PREFIX + name, doc, ["model_name", label], registry=self.registry)
 
     def _gauge(self, name: str, doc: str) -> Gauge:
         g = Gauge(PREFIX + name, doc, ["model_name"], registry=self.registry)

@@ -74,3 +74,36 @@ def test_two_apps_in_one_process_keep_separate_registries() -> None:
     a.observe_request(request(2), "stop", prompt_tokens=4)
     assert scrape(a)[("pdserve:prompt_tokens_total", M)] == 4
     assert scrape(b)[("pdserve:prompt_tokens_total", M)] == 0
+
+
+def test_prompt_tokens_by_source_and_reused_kv() -> None:
+    """Colocated: a prompt's cached tokens were not prefilled; the replica held their KV."""
+    metrics = ServingMetrics("m")
+    m = request(3, kv_bytes=0)
+    m.cached_tokens, m.kv_reused_bytes = 32, 4096
+    metrics.observe_request(m, "length", prompt_tokens=40)
+    s = scrape(metrics)
+    assert s[("pdserve:prompt_tokens_by_source_total", (*M, ("source", "local_compute")))] == 8
+    assert s[("pdserve:prompt_tokens_by_source_total", (*M, ("source", "local_cache_hit")))] == 32
+    assert s[("pdserve:prompt_tokens_cached_total", M)] == 32
+    assert s[("pdserve:kv_reused_bytes_total", M)] == 4096
+    assert ("pdserve:prefix_cache_queries_total", (*M, ("pool", "prefill"))) not in s
+
+
+def test_the_prefill_pool_counts_its_prompts_as_queries() -> None:
+    metrics = ServingMetrics("m", prefill_pool=True)
+    metrics.observe_request(request(3), "length", prompt_tokens=40)  # nothing cached there
+    s = scrape(metrics)
+    assert s[("pdserve:prefix_cache_queries_total", (*M, ("pool", "prefill")))] == 40
+    assert s[("pdserve:prefix_cache_hits_total", (*M, ("pool", "prefill")))] == 0
+
+
+def test_decode_cache_counters_grow_by_each_replicas_new_totals() -> None:
+    metrics = ServingMetrics("m")
+    metrics.observe_decode_cache(0, queries=100, hits=40)
+    metrics.observe_decode_cache(1, queries=50, hits=0)
+    metrics.observe_decode_cache(0, queries=130, hits=60)  # +30 queries, +20 hits
+    metrics.observe_decode_cache(1, queries=20, hits=16)  # restarted: counts from zero again
+    s = scrape(metrics)
+    assert s[("pdserve:prefix_cache_queries_total", (*M, ("pool", "decode")))] == 130 + 50 + 20
+    assert s[("pdserve:prefix_cache_hits_total", (*M, ("pool", "decode")))] == 60 + 16
