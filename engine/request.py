@@ -95,6 +95,7 @@ class RequestMetrics:
     kv_bytes: int = 0  # KV sent to decode
     kv_reused_bytes: int = 0  # KV decode already held (prefix cache): not sent, not computed
     cached_tokens: int = 0  # prompt tokens its prefill did not compute: found in a prefix cache
+    decode_cached_tokens: int = 0  # prompt tokens decode found in its prefix cache (KV not sent)
     transfer_s: float = 0.0
     kv_wait_s: float = 0.0  # of prefill_s: waiting for the KV sends to leave after the forward
     num_output_tokens: int = 0

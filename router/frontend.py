@@ -149,6 +149,7 @@ class Frontend:
                     metrics.kv_bytes, metrics.transfer_s = trace.kv_bytes, trace.transfer_s
                     metrics.kv_reused_bytes = trace.kv_reused_bytes
                     metrics.cached_tokens = trace.prefill_cached_tokens
+                    metrics.decode_cached_tokens = trace.decode_cached_tokens
                     metrics.kv_wait_s = trace.kv_wait_s
                     out.metrics = metrics
                     if self.on_finish is not None:

@@ -93,12 +93,7 @@ class Controller:
             with contextlib.suppress(Exception):  # a status blip must not stop serving
                 dep = self._deployment
                 assert dep is not None
-                stats = await asyncio.gather(*(d.stats.remote() for d in dep.decode))
-                for s in stats:
-                    self.metrics.observe_decode_cache(
-                        s.load.instance, s.prefix_cache_queries, s.prefix_cache_hits
-                    )
-                loads = [s.load for s in stats]
+                loads = await asyncio.gather(*(d.get_load.remote() for d in dep.decode))
                 total = sum(x.total_blocks for x in loads)
                 used = total - sum(x.free_blocks for x in loads)
                 queued = sum(p.queued_requests for p in dep.router.prefill)

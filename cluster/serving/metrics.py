@@ -1,13 +1,13 @@
 """Prometheus metrics of one serving app, named as vLLM names them (prefix ``pdserve:``).
 
 Each ServingMetrics owns its CollectorRegistry, so two apps in one process never collide. Request
-histograms are observed once per finished request from its RequestMetrics; the load gauges and the
-decode pool's prefix-cache counters are set by whoever polls the workers (the controller, every
-second or so), from each replica's totals.
+histograms and counters are observed once per finished request from its RequestMetrics; the load
+gauges are set by whoever polls the workers (the controller, every second or so).
 
-Prefix caching, in tokens as vLLM counts it: ``prefix_cache_queries`` / ``prefix_cache_hits``
-labelled ``pool`` (decode: every reservation's lookup on the replicas; prefill: the prompts the
-prefill pool ran, hits being the tokens it did not compute, none until it caches),
+Prefix caching, in tokens as vLLM counts it, over finished requests: ``prefix_cache_queries`` /
+``prefix_cache_hits`` labelled ``pool`` (decode: the prompt's tokens looked up at reservation and
+those found; prefill: the prompts the prefill pool ran and the tokens it did not compute, none
+until it caches),
 ``prompt_tokens_by_source`` (``local_compute`` or ``local_cache_hit``: where each prompt's prefill
 took its KV from) and ``prompt_tokens_cached``; ``kv_reused_bytes`` beside ``kv_transfer_bytes``:
 prompt KV a decode replica held already and so was not sent.
@@ -92,7 +92,6 @@ class ServingMetrics:
         self._hits = self._labelled(
             "prefix_cache_hits", "Of those, tokens found in the cache.", "pool"
         )
-        self._decode_totals: dict[int, tuple[int, int]] = {}  # replica -> (queries, hits) seen
 
     def observe_request(
         self, m: RequestMetrics, finish_reason: str | None, prompt_tokens: int
@@ -120,16 +119,6 @@ class ServingMetrics:
         self._waiting.set(waiting)
         self._prefill_queued.set(queued_prefill)
 
-    def observe_decode_cache(self, instance: int, queries: int, hits: int) -> None:
-        """A decode replica's prefix-cache totals since it started (`DecodeStats`): the counters
-        grow by what is new since the last poll (all of it after a restart)."""
-        seen_q, seen_h = self._decode_totals.get(instance, (0, 0))
-        if queries < seen_q or hits < seen_h:  # a fresh replica counts from zero again
-            seen_q = seen_h = 0
-        self._queries.labels(model_name=self.model_name, pool="decode").inc(queries - seen_q)
-        self._hits.labels(model_name=self.model_name, pool="decode").inc(hits - seen_h)
-        self._decode_totals[instance] = (queries, hits)
-
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric (Content-Type: ``CONTENT_TYPE``)."""
         return generate_latest(self.registry)
@@ -141,6 +130,10 @@ class ServingMetrics:
         self._by_source.labels(model_name=name, source="local_cache_hit").inc(cached)
         self._prompt_cached.inc(cached)
         self._kv_reused.inc(m.kv_reused_bytes)
+        self._queries.labels(model_name=name, pool="decode").inc(prompt_tokens)
+        self._hits.labels(model_name=name, pool="decode").inc(
+            min(m.decode_cached_tokens, prompt_tokens)
+        )
         if self.prefill_pool:
             self._queries.labels(model_name=name, pool="prefill").inc(prompt_tokens)
             self._hits.labels(model_name=name, pool="prefill").inc(cached)

@@ -80,9 +80,12 @@ def test_prompt_tokens_by_source_and_reused_kv() -> None:
     """Colocated: a prompt's cached tokens were not prefilled; the replica held their KV."""
     metrics = ServingMetrics("m")
     m = request(3, kv_bytes=0)
-    m.cached_tokens, m.kv_reused_bytes = 32, 4096
+    m.cached_tokens = m.decode_cached_tokens = 32
+    m.kv_reused_bytes = 4096
     metrics.observe_request(m, "length", prompt_tokens=40)
     s = scrape(metrics)
+    assert s[("pdserve:prefix_cache_queries_total", (*M, ("pool", "decode")))] == 40
+    assert s[("pdserve:prefix_cache_hits_total", (*M, ("pool", "decode")))] == 32
     assert s[("pdserve:prompt_tokens_by_source_total", (*M, ("source", "local_compute")))] == 8
     assert s[("pdserve:prompt_tokens_by_source_total", (*M, ("source", "local_cache_hit")))] == 32
     assert s[("pdserve:prompt_tokens_cached_total", M)] == 32
@@ -90,20 +93,14 @@ def test_prompt_tokens_by_source_and_reused_kv() -> None:
     assert ("pdserve:prefix_cache_queries_total", (*M, ("pool", "prefill"))) not in s
 
 
-def test_the_prefill_pool_counts_its_prompts_as_queries() -> None:
+def test_disaggregated_each_pool_counts_its_own_hits() -> None:
+    """Decode held 16 of the prompt's tokens (not sent); the prefill pool computed them all."""
     metrics = ServingMetrics("m", prefill_pool=True)
-    metrics.observe_request(request(3), "length", prompt_tokens=40)  # nothing cached there
+    m = request(3)
+    m.decode_cached_tokens = 16
+    metrics.observe_request(m, "length", prompt_tokens=40)
     s = scrape(metrics)
     assert s[("pdserve:prefix_cache_queries_total", (*M, ("pool", "prefill")))] == 40
     assert s[("pdserve:prefix_cache_hits_total", (*M, ("pool", "prefill")))] == 0
-
-
-def test_decode_cache_counters_grow_by_each_replicas_new_totals() -> None:
-    metrics = ServingMetrics("m")
-    metrics.observe_decode_cache(0, queries=100, hits=40)
-    metrics.observe_decode_cache(1, queries=50, hits=0)
-    metrics.observe_decode_cache(0, queries=130, hits=60)  # +30 queries, +20 hits
-    metrics.observe_decode_cache(1, queries=20, hits=16)  # restarted: counts from zero again
-    s = scrape(metrics)
-    assert s[("pdserve:prefix_cache_queries_total", (*M, ("pool", "decode")))] == 130 + 50 + 20
-    assert s[("pdserve:prefix_cache_hits_total", (*M, ("pool", "decode")))] == 60 + 16
+    assert s[("pdserve:prefix_cache_hits_total", (*M, ("pool", "decode")))] == 16
+    assert s[("pdserve:prompt_tokens_by_source_total", (*M, ("source", "local_compute")))] == 40
