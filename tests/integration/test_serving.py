@@ -203,11 +203,12 @@ def test_replica_dying_after_its_reservation_is_retried_elsewhere(
         llm.generate(["x", "y"], GREEDY)  # links to both replicas exist now
         router, victim = llm.deployment.router, llm.deployment.decode[0]
         pid = ray.get(victim.__ray_call__.remote(lambda _: os.getpid()))
-        reserve = router._reserve
+        pool = router._decode_pool
+        reserve = pool.reserve
         fault = {"hits": 0}
 
-        async def reserve_then_kill(req: Any) -> tuple[int, Any]:
-            d, blocks = await reserve(req)
+        async def reserve_then_kill(req: Any, hashes: Any = ()) -> tuple[int, Any]:
+            d, blocks = await reserve(req, hashes)
             if d == 0 and not fault["hits"]:  # fault injection: kill it under its reservation
                 fault["hits"] += 1
                 os.kill(pid, signal.SIGKILL)  # the process itself, so its sockets close now
@@ -215,7 +216,7 @@ def test_replica_dying_after_its_reservation_is_retried_elsewhere(
                     await asyncio.sleep(0.02)
             return d, blocks
 
-        monkeypatch.setattr(router, "_reserve", reserve_then_kill)
+        monkeypatch.setattr(pool, "reserve", reserve_then_kill)
         outs = llm.generate(["warm up", "a", "b", "c"], GREEDY)
         assert fault["hits"] == 1
         assert [o.finish_reason for o in outs] == ["length"] * 4

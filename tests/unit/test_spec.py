@@ -131,7 +131,7 @@ def test_ray_launcher_yamls_pass_rays_schema_and_fit_the_gpu_spec() -> None:
             "decode.enable_chunked_prefill",
             "'chunked_prefill'",
         ),
-        (S(zzz=1), "zzz", "valid keys here: name, mode, model"),
+        (S(zzz=1), "zzz", "valid keys here: name, mode, prefix_caching, model"),
     ],
 )
 def test_unknown_keys_are_rejected_with_a_suggestion(
