@@ -150,9 +150,10 @@ def id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def load_pdserve(path: Path, dtype: str = "float32") -> CausalLM:
-    """pdserve's model in `dtype` (one of DTYPES) on the CPU, single rank."""
-    config = ModelConfig.from_pretrained(str(path), dtype=dtype)
+def load_pdserve(path: Path, dtype: str = "float32", quantization: str = "none") -> CausalLM:
+    """pdserve's model in `dtype` (one of DTYPES) on the CPU, single rank, its weights
+    quantized by `quantization` (model.quantization: none, int8, int4)."""
+    config = ModelConfig.from_pretrained(str(path), dtype=dtype, quantization=quantization)
     return load_model(config, TPGroup.single())
 
 
@@ -160,6 +161,13 @@ def load_hf(path: Path, dtype: str = "float32") -> PreTrainedModel:
     """transformers' model of the same checkpoint in `dtype` on the CPU (the baseline)."""
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
     return model.eval()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model holds: parameters and buffers (quantized weights and their scales)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    unique = {t.data_ptr(): t for t in tensors}  # a tied head shares the embedding's storage
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def num_params(model: torch.nn.Module) -> int:

@@ -97,10 +97,16 @@ def pdserve_prefill(model: CausalLM, prompts: list[list[int]]) -> Timed:
 
 
 def pdserve_decode(
-    model: CausalLM, prompts: list[list[int]], new_tokens: int, block_size: int, sample: bool
+    model: CausalLM,
+    prompts: list[list[int]],
+    new_tokens: int,
+    block_size: int,
+    sample: bool,
+    kv_dtype: str = "auto",
 ) -> Timed:
     """Prefill into a paged cache (untimed), then time `DecodeEngine.step` (the step a decode
-    replica runs) until every sequence has new_tokens tokens; greedy, or sampled if `sample`."""
+    replica runs) until every sequence has new_tokens tokens; greedy, or sampled if `sample`.
+    The cache holds KV in `kv_dtype` (decode.kv_cache.dtype)."""
     max_len = max(len(p) for p in prompts) + new_tokens
     num_blocks = len(prompts) * math.ceil(max_len / block_size)
     engine = build_engine(
@@ -110,6 +116,7 @@ def pdserve_decode(
             max_num_seqs=len(prompts), max_num_batched_tokens=sum(map(len, prompts)),
         ),
         CPU,
+        kv_dtype=kv_dtype,
     )  # fmt: skip
     outputs: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):

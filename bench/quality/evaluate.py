@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pdserve.bench.models import weight_bytes
 from pdserve.bench.quality.agreement import Agreement, agreement, chat_prompt_ids, greedy_answers
 from pdserve.bench.quality.ppl import BLOCK_SIZE, Perplexity, perplexity
 from pdserve.bench.quality.settings import Setting
@@ -86,7 +87,7 @@ def evaluate(model: str, settings: Sequence[Setting], args: argparse.Namespace) 
             agree = agreement(reference, answers)
         ref_ppl = rows[0].perplexity.ppl if rows else ppl.ppl
         per_token = bytes_per_block(lm.config, 1, BLOCK_SIZE, setting.kv) / BLOCK_SIZE
-        rows.append(Row(setting, ppl, ref_ppl, agree, _weight_bytes(lm), per_token))
+        rows.append(Row(setting, ppl, ref_ppl, agree, weight_bytes(lm), per_token))
     return rows
 
 
@@ -109,13 +110,6 @@ def _engine(model: CausalLM, kv: str, prompts: Sequence[list[int]]) -> DecodeEng
         max_num_seqs=len(prompts), max_num_batched_tokens=sum(map(len, prompts)),
     )  # fmt: skip
     return build_engine(model, limits, CPU, kv_dtype=kv)
-
-
-def _weight_bytes(model: CausalLM) -> int:
-    """Bytes the model holds: parameters and buffers (quantized weights and their scales)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    unique = {t.data_ptr(): t for t in tensors}  # a tied head shares the embedding's storage
-    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def format_table(rows: Sequence[Row]) -> str:
