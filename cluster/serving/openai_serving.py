@@ -28,6 +28,7 @@ from pdserve.cluster.serving.openai_protocol import (
 )
 from pdserve.cluster.serving.streaming import ClosingStream, unless_disconnected
 from pdserve.engine.deploy_config import ServerSettings
+from pdserve.engine.request import RequestMetrics
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.tokenizer import apply_chat_template, encode_prompt
 from pdserve.router.frontend import FinishHook, OutputDelta, RequestFailedError, collect
@@ -113,7 +114,7 @@ class OpenAIServing:
             out = await collect(deltas)
         finally:
             await close(deltas)
-        usage = UsageInfo.of(num_prompt, len(out.token_ids))
+        usage = UsageInfo.of(num_prompt, len(out.token_ids), cached_tokens(out.metrics))
         reply = fmt.reply(out.text, out.logprobs, out.finish_reason, usage)
         return Response(reply.model_dump_json(), media_type="application/json")
 
@@ -124,23 +125,31 @@ class OpenAIServing:
         num_prompt: int,
         include_usage: bool,
     ) -> AsyncGenerator[str, None]:
-        num_output = 0
+        num_output, metrics = 0, None
         try:
             for chunk in fmt.opening():
                 yield sse(chunk)
             async for d in deltas:
                 num_output += len(d.token_ids)
+                metrics = d.metrics or metrics
                 # As vLLM: every delta that carries tokens goes out, even when its text is
                 # empty (bytes of a character still incomplete), so clients can time each token.
                 if d.text or d.token_ids or d.finish_reason is not None or any(d.logprobs):
                     yield sse(fmt.chunk(d.text, d.logprobs, d.finish_reason))
             if include_usage:
-                yield sse(fmt.usage_chunk(UsageInfo.of(num_prompt, num_output)))
+                usage = UsageInfo.of(num_prompt, num_output, cached_tokens(metrics))
+                yield sse(fmt.usage_chunk(usage))
         except Exception as e:  # the response has started: report in-band, as OpenAI does
             yield sse(stream_error(e, fmt.request_id))
         finally:
             await close(deltas)
         yield DONE
+
+
+def cached_tokens(metrics: RequestMetrics | None) -> int | None:
+    """The prompt tokens its prefill did not compute (found in a prefix cache), as OpenAI's
+    usage.prompt_tokens_details.cached_tokens; None when the request has no metrics."""
+    return None if metrics is None else metrics.cached_tokens
 
 
 async def close(deltas: AsyncIterator[OutputDelta]) -> None:

@@ -41,6 +41,7 @@ class ScriptedFrontend:
     aborted: list[str] = field(default_factory=list)  # request ids closed before their finish
     hanging: asyncio.Event | None = None  # set once a stream reaches hang_at
     on_finish: FinishHook | None = None  # as Frontend: called once per finished request
+    cached_tokens: int = 0  # the prompt tokens each request's prefill found cached
 
     def stream(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
@@ -66,7 +67,7 @@ class ScriptedFrontend:
                         self.hanging.set()
                     await asyncio.Event().wait()
                 last = i == len(self.pieces) - 1
-                metrics = _metrics(len(self.pieces)) if last else None
+                metrics = _metrics(len(self.pieces), self.cached_tokens) if last else None
                 if metrics is not None and self.on_finish is not None:
                     self.on_finish(metrics, self.finish_reason, num_prompt)
                 yield OutputDelta(
@@ -89,7 +90,7 @@ def _logprobs(token: int, top: int | None) -> list[TokenLogprobs | None]:
     return [TokenLogprobs(token, -0.5, [(token, -0.5), (7, -1.5)][:top])]
 
 
-def _metrics(num_output: int) -> RequestMetrics:
+def _metrics(num_output: int, cached_tokens: int = 0) -> RequestMetrics:
     return RequestMetrics(
         arrival_time=0.0,
         queue_s=0.002,
@@ -99,6 +100,7 @@ def _metrics(num_output: int) -> RequestMetrics:
         kv_bytes=4096,
         transfer_s=0.003,
         num_output_tokens=num_output,
+        cached_tokens=cached_tokens,
     )
 
 

@@ -42,7 +42,10 @@ def test_completion_reply_and_sampling_fields(
     call = frontend.calls[0]
     assert call.request_id == reply["id"]
     n = len(call.prompt_ids)
-    assert reply["usage"] == {"prompt_tokens": n, "completion_tokens": 3, "total_tokens": n + 3}
+    assert reply["usage"] == {
+        "prompt_tokens": n, "completion_tokens": 3, "total_tokens": n + 3,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }  # fmt: skip
     p = call.params
     assert (p.max_tokens, p.temperature, p.top_k, p.seed, p.min_p) == (16, 0.0, 5, 3, 0.1)
     assert p.stop == ("!",) and p.stop_token_ids == (1,)
@@ -68,6 +71,20 @@ def test_completion_stream_deltas_finish_usage_done(client: TestClient) -> None:
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "stop"]
     assert {c["id"] for c in chunks} == {usage["id"]} and usage["choices"] == []
     assert usage["usage"]["completion_tokens"] == 3
+
+
+def test_usage_reports_the_prompt_tokens_found_in_a_prefix_cache(
+    client: TestClient, frontend: ScriptedFrontend
+) -> None:
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: RequestMetrics.cached_tokens, the
+    prompt tokens the prefill did not compute, streamed or not."""
+    frontend.cached_tokens = 2
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    streamed = sse_events(client.post("/v1/chat/completions", json=body).text)[-2]["usage"]
+    whole = client.post("/v1/completions", json=COMPLETION).json()["usage"]
+    assert (
+        streamed["prompt_tokens_details"] == whole["prompt_tokens_details"] == {"cached_tokens": 2}
+    )
 
 
 def test_stream_sends_a_chunk_for_every_token_even_with_no_text_yet(
