@@ -4,6 +4,9 @@ Inter-arrival gaps are gamma distributed with shape = burstiness and mean 1 / ra
 model): burstiness 1 is a Poisson process (exponential gaps), below 1 burstier (coefficient of
 variation 1/sqrt(burstiness) > 1), above 1 more regular, and infinity a fixed interval.
 An infinite rate sends everything at t = 0. Seeded: the same seed gives the same schedule.
+
+In a closed-loop workload (multi-turn) only the requests that open a conversation follow the
+process; a later turn is sent when the answer before it is back (`request_arrivals`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,22 @@ def arrival_times(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -
         # gamma(k, theta): mean k * theta = 1 / rate, variance k * theta^2 = 1 / (k * rate^2)
         gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n)
     return [float(t) for t in np.cumsum(gaps)]
+
+
+def request_arrivals(
+    follows: Sequence[int | None], rate: float, burstiness: float = 1.0, seed: int = 0
+) -> list[float]:
+    """Send times of requests of which those with a `follows` index wait for that answer
+    instead (0 here; the sender times them). The others arrive at rate x openers / requests,
+    so the offered request rate is `rate` when answers come back quickly."""
+    openers = [i for i, f in enumerate(follows) if f is None]
+    if len(openers) == len(follows):
+        return arrival_times(len(follows), rate, burstiness, seed)
+    share = len(openers) / len(follows)
+    out = [0.0] * len(follows)
+    for i, t in zip(openers, arrival_times(len(openers), rate * share, burstiness, seed)):
+        out[i] = t
+    return out
 
 
 def replay_times(timestamps_s: Sequence[float], speedup: float = 1.0) -> list[float]:

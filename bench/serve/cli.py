@@ -27,6 +27,7 @@ from pdserve.bench.serve.runner import (
     BenchResult,
     run_benchmark,
 )
+from pdserve.bench.serve.server_cache import format_reuse
 from pdserve.bench.serve.workloads import (
     WORKLOAD_HELP,
     TraceWorkload,
@@ -59,8 +60,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         "--endpoint",
         default=BenchConfig.endpoint,
         choices=(COMPLETIONS, CHAT),
-        help=f"{COMPLETIONS} (prompt: token ids, or text for chat workloads) or {CHAT} "
-        "(one user message of text); default %(default)s",
+        help=f"{COMPLETIONS} (prompt: token ids, or text for chat, shared-prefix and multi-turn: "
+        f"a transcript of system prompt and turns) or {CHAT} (messages: system prompt, earlier "
+        "turns with the model's answers, the user message); default %(default)s",
     )
     parser.add_argument("--model", default=None, help="model name (default: ask /v1/models)")
     parser.add_argument(
@@ -79,7 +81,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         "--request-rate",
         type=float,
         default=math.inf,
-        help="requests/s; inf sends all at t=0 (default inf)",
+        help="requests/s; inf sends all at t=0 (default inf). multi-turn: conversations open at "
+        "rate x conversations / requests, each later turn goes when the answer before it is back",
     )
     parser.add_argument(
         "--burstiness",
@@ -205,6 +208,9 @@ def run_bench(args: argparse.Namespace) -> int:
             result.summary, config.request_rate, config.max_concurrency, config.percentile_metrics
         )
     )
+    reuse = format_reuse(result.result)
+    if reuse:
+        print(reuse)
     first_error = next((r.error for r in result.records if not r.success), None)
     if first_error:
         print(f"first failed request: {first_error}", file=sys.stderr)

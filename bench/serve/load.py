@@ -4,9 +4,11 @@ them.
 Each request is sent at its planned arrival (seconds from the start), waits for a
 --max-concurrency slot if one is set, streams the answer over SSE, and fills a RequestRecord:
 send time, TTFT, the gaps between token-carrying chunks (ITL), end-to-end latency and the
-generated token count from the usage chunk. /v1/completions gets `prompt` (token ids or text)
-and reads `choices[0].text`; /v1/chat/completions gets `messages` (one user turn holding the
-text) and reads `choices[0].delta.content`, as `vllm bench serve` does. Errors (HTTP status,
+generated token count (and, when the server reports them, the prompt's cached tokens) from the
+usage chunk. /v1/completions gets `prompt` (token ids or text) and reads `choices[0].text`;
+/v1/chat/completions gets `messages` (one user turn holding the text) and reads
+`choices[0].delta.content`, as `vllm bench serve` does. A later turn of a conversation
+(`follows`) is sent when the answer before it is back, with that history (`conversation`). Errors (HTTP status,
 error events, broken streams, timeouts) fail that request and the run goes on. A run bounded
 by `max_duration_s` cancels what is still in flight at the deadline and never sends the rest:
 both count as failed. The run's duration starts when its first request is sent.
@@ -26,6 +28,13 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from pdserve.bench.serve.conversation import (
+    EARLIER_TURN_FAILED,
+    Conversations,
+    Turns,
+    chat_messages,
+    completion_prompt,
+)
 from pdserve.bench.serve.metrics import RequestRecord
 
 logger = logging.getLogger(__name__)
@@ -43,6 +52,8 @@ class PlannedRequest:
     prompt: list[int] | str  # token ids [input_len], or text
     output_len: int  # max_tokens, with EOS ignored
     text_tokens: int = 0  # a text prompt's tokens as the server will count them (planned)
+    system: str = ""  # a shared prefix sent before the prompt (a system prompt)
+    follows: int | None = None  # a later turn: sent after request `follows`, with its history
 
     @property
     def input_len(self) -> int:
@@ -70,16 +81,18 @@ class LoadSettings:
             raise ValueError(f"--max-duration must be > 0 s, got {self.max_duration_s}")
 
 
-def request_payload(settings: LoadSettings, req: PlannedRequest) -> dict[str, Any]:
+def request_payload(
+    settings: LoadSettings, req: PlannedRequest, history: Turns | None = None
+) -> dict[str, Any]:
     """The request body: the prompt, the exact output length (EOS ignored), the sampling
-    fields, streamed with usage. Chat: one user message and max_completion_tokens."""
+    fields, streamed with usage. Chat: one user message (after the system prompt and earlier
+    turns, if any) and max_completion_tokens."""
     body: dict[str, Any] = {"model": settings.model}
     if settings.chat:
-        assert isinstance(req.prompt, str), "chat prompts are planned as text"
-        body["messages"] = [{"role": "user", "content": req.prompt}]
+        body["messages"] = chat_messages(req, history or [])
         body["max_completion_tokens"] = req.output_len
     else:
-        body["prompt"] = req.prompt
+        body["prompt"] = completion_prompt(req, history or [])
         body["max_tokens"] = req.output_len
     return {
         **body,
@@ -111,12 +124,23 @@ async def run_load(
     ) as client:
         with tqdm(total=len(requests), disable=not settings.show_progress, unit="req") as bar:
             t0 = time.perf_counter()
+            turns = Conversations(requests)
 
             async def one(req: PlannedRequest, record: RequestRecord) -> None:
                 await asyncio.sleep(max(0.0, req.arrival_s - (time.perf_counter() - t0)))
-                async with slots:
-                    await send_request(client, settings, req, record, t0)
-                bar.update(1)
+                answer = None
+                try:
+                    if not await turns.wait(req):
+                        record.error = EARLIER_TURN_FAILED
+                        return
+                    if req.follows is not None:  # it arrives when the answer before it did
+                        record.arrival_s = time.perf_counter() - t0
+                    async with slots:
+                        history = turns.history(req)
+                        answer = await send_request(client, settings, req, record, t0, history)
+                finally:
+                    turns.finished(req, answer if record.success else None)
+                    bar.update(1)
 
             tasks = [asyncio.create_task(one(r, rec)) for r, rec in zip(requests, records)]
             await _wait_bounded(tasks, settings.max_duration_s)
@@ -127,7 +151,8 @@ async def run_load(
 def first_send_s(records: Sequence[RequestRecord]) -> float:
     """When the first request was sent (s from the start; 0 if none was): the run's duration
     counts from there, as vLLM's from the start of sending, not from the first arrival gap."""
-    return min((r.start_s for r in records if r.error != NOT_SENT), default=0.0)
+    unsent = (NOT_SENT, EARLIER_TURN_FAILED)
+    return min((r.start_s for r in records if r.error not in unsent), default=0.0)
 
 
 async def _wait_bounded(tasks: Sequence[asyncio.Task[None]], limit_s: float | None) -> None:
@@ -148,29 +173,33 @@ async def send_request(
     req: PlannedRequest,
     record: RequestRecord,
     t0: float,
-) -> None:
-    """Stream one completion into `record` (times relative to t0); failures go to record.error."""
+    history: Turns | None = None,
+) -> str:
+    """Stream one completion into `record` (times relative to t0); failures go to record.error.
+    Returns the answer's text ("" when it failed)."""
     start = time.perf_counter()
     record.start_s, record.error = start - t0, ""
     try:
-        payload = request_payload(settings, req)
+        payload = request_payload(settings, req, history)
         async with client.stream("POST", settings.url, json=payload) as resp:
             if resp.status_code != 200:
                 body = (await resp.aread()).decode(errors="replace")
                 record.error = f"HTTP {resp.status_code}: {body[:500]}"
-                return
-            await _read_stream(resp, record, start)
+                return ""
+            return await _read_stream(resp, record, start)
     except asyncio.CancelledError:
         record.error = CANCELLED
         raise
     except (httpx.HTTPError, ValueError) as exc:  # transport errors, bad JSON
         record.error = f"{type(exc).__name__}: {exc}"
+    return ""
 
 
-async def _read_stream(resp: httpx.Response, record: RequestRecord, start: float) -> None:
+async def _read_stream(resp: httpx.Response, record: RequestRecord, start: float) -> str:
     last: float | None = None
     streamed = 0
     usage: dict[str, Any] | None = None
+    text: list[str] = []
     async for line in resp.aiter_lines():
         if not line.startswith("data:"):
             continue  # blank separators, SSE comments
@@ -180,7 +209,8 @@ async def _read_stream(resp: httpx.Response, record: RequestRecord, start: float
         chunk = json.loads(data)
         if "error" in chunk:
             record.error = f"error event: {json.dumps(chunk['error'])[:500]}"
-            return
+            return ""
+        text.append(chunk_text(chunk))
         now = time.perf_counter()
         tokens = chunk_tokens(chunk)
         if tokens:
@@ -192,8 +222,9 @@ async def _read_stream(resp: httpx.Response, record: RequestRecord, start: float
         usage = chunk.get("usage") or usage
     else:
         record.error = "the stream ended before `data: [DONE]`"
-        return
+        return ""
     _finish(record, start, streamed, usage)
+    return "".join(text)
 
 
 def _finish(
@@ -206,9 +237,19 @@ def _finish(
     if usage is not None:
         record.output_tokens = int(usage.get("completion_tokens", streamed))
         record.input_len = int(usage.get("prompt_tokens", record.input_len))
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        record.cached_tokens = None if cached is None else int(cached)
     else:
         record.output_tokens = streamed  # one per chunk: a lower bound without usage
     record.success = True
+
+
+def chunk_text(chunk: dict[str, Any]) -> str:
+    """The text one streamed chunk carried (completions: `text`, chat: `delta.content`)."""
+    choice = (chunk.get("choices") or [{}])[0]
+    delta = choice.get("delta")
+    piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+    return piece if isinstance(piece, str) else ""
 
 
 def chunk_tokens(chunk: dict[str, Any]) -> int:

@@ -51,6 +51,7 @@ class RequestRecord:
     e2el_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0  # tokens generated (usage.completion_tokens)
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, if reported
     error: str = ""
 
     @property
@@ -77,6 +78,7 @@ class RequestRecord:
             "input_len": self.input_len,
             "output_len": self.output_len,
             "output_tokens": self.output_tokens,
+            "cached_tokens": self.cached_tokens,
             "arrival_s": self.arrival_s,
             "start_s": self.start_s,
             "ttft_ms": self.ttft_s * 1e3,

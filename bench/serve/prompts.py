@@ -40,6 +40,9 @@ class TextPrompt:
     text: str
     tokens: int
 
+    def with_overhead(self, tokens: int) -> TextPrompt:
+        return TextPrompt(self.text, self.tokens + tokens)
+
 
 def prompt_token_ids(
     lengths: Sequence[int], seed: int, id_range: tuple[int, int]
@@ -72,18 +75,32 @@ class TextPrompts:
             raise ValueError("the passage holds no words")
         self.starts = [0] + [i + 1 for i, p in enumerate(self.pieces[:-1]) if _ends_sentence(p)]
 
-    def make(self, lengths: Sequence[int], seed: int) -> list[TextPrompt]:
+    def make(self, lengths: Sequence[int], seed: int, whole: bool = True) -> list[TextPrompt]:
         """One prompt per length: about that many tokens as the server counts them, never more
-        (unless the template alone is longer). Deterministic in the seed."""
+        (unless the template alone is longer). Deterministic in the seed. Not `whole`: pieces
+        of longer prompts (a conversation's messages), counted alone, without what the server
+        adds around a prompt."""
         rng = np.random.default_rng(seed)
+        overhead = self.tokens.overhead if whole else 0
         return [
-            self._one(n, int(rng.integers(len(INSTRUCTIONS))), int(rng.integers(len(self.starts))))
+            self._one(
+                n - overhead,
+                int(rng.integers(len(INSTRUCTIONS))),
+                int(rng.integers(len(self.starts))),
+            ).with_overhead(overhead)
             for n in lengths
         ]
 
-    def _one(self, length: int, instruction: int, start: int) -> TextPrompt:
-        budget = max(1, length - self.tokens.overhead)  # tokens of the text itself
-        head = INSTRUCTIONS[instruction] + "\n\n"
+    def passages(self, lengths: Sequence[int], seed: int) -> list[str]:
+        """Plain prose of about each length in tokens, no request around it (shared prefixes:
+        system prompts). Deterministic in the seed."""
+        rng = np.random.default_rng(seed)
+        return [self._one(n, None, int(rng.integers(len(self.starts)))).text for n in lengths]
+
+    def _one(self, length: int, instruction: int | None, start: int) -> TextPrompt:
+        """Text of at most `length` tokens (at least 1), opened by an instruction if one fits."""
+        budget = max(1, length)  # tokens of the text itself
+        head = "" if instruction is None else INSTRUCTIONS[instruction] + "\n\n"
         room = budget - self.tokens.count(head)
         if room < MIN_PASSAGE_TOKENS:
             head, room = "", budget
@@ -94,7 +111,7 @@ class TextPrompts:
             room = max(1, room - (count - budget))
             text = head + self.tokens.cut(window, room)
             count = self.tokens.count(text)
-        return TextPrompt(text, count + self.tokens.overhead)
+        return TextPrompt(text, count)
 
     def _window(self, start: int, tokens: int) -> str:
         """Words from `start` on, wrapping around: enough to hold `tokens` tokens (a word is

@@ -16,10 +16,12 @@ from typing import Any
 import httpx
 import numpy as np
 
-from pdserve.bench.serve.arrivals import arrival_times
+from pdserve.bench.serve.arrivals import request_arrivals
+from pdserve.bench.serve.conversation import reuse_texts
 from pdserve.bench.serve.load import LoadSettings, PlannedRequest, run_load
 from pdserve.bench.serve.metrics import LATENCY_METRICS, BenchSummary, RequestRecord, summarize
 from pdserve.bench.serve.prompts import TextPrompts, prompt_token_ids
+from pdserve.bench.serve.server_cache import CacheCounters, scrape_cache
 from pdserve.bench.serve.tokens import TextTokens, TokenizerNotFound, find_tokens
 from pdserve.bench.serve.workloads import (
     TraceWorkload,
@@ -160,13 +162,33 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
     if config.num_warmups > 0:
         warm = [replace(planned[0], index=-1 - i, arrival_s=0.0) for i in range(config.num_warmups)]
         await run_load(warm, replace(settings, show_progress=False, max_duration_s=None))
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    before = await scrape_cache(config.root_url, headers)
     records, duration = await run_load(planned, settings)
+    after = await scrape_cache(config.root_url, headers)
     summary = summarize(records, duration, config.goodput_ms, config.percentiles)
     result = {
         **_metadata(config, workload, tokens),
         **summary.to_json(config.percentile_metrics),
+        **_prefix_reuse(records, before, after),
     }
     return BenchResult(summary, records, result)
+
+
+def _prefix_reuse(
+    records: list[RequestRecord], before: CacheCounters | None, after: CacheCounters | None
+) -> dict[str, Any]:
+    """What the server reports of prefix reuse: cached prompt tokens of the successful requests
+    (OpenAI's usage.prompt_tokens_details.cached_tokens) summed, and its counters over the run
+    (`server_cache`: prefix-cache queries and hits by pool, prefill tokens computed and cached,
+    KV bytes sent and reused); each only when the server reports it."""
+    out: dict[str, Any] = {}
+    cached = [r.cached_tokens for r in records if r.success and r.cached_tokens is not None]
+    if cached:
+        out["total_cached_prompt_tokens"] = sum(cached)
+    if before is not None and after is not None:
+        out.update(after.minus(before).to_json())
+    return out
 
 
 def _text_tokens(config: BenchConfig, workload: Workload) -> TextTokens | None:
@@ -208,7 +230,8 @@ def plan_requests(
     """Lengths, arrival times and prompts of every request; deterministic in config.seed.
 
     Prompts are token ids unless the workload asks for text or the endpoint is chat; text is
-    sized with `tokens` (default: the words estimate)."""
+    sized with `tokens` (default: the words estimate). Shapes that share prefixes become a
+    system prompt per group and a message per request (`bench.serve.conversation`)."""
     n = config.num_prompts
     length_seed, arrival_seed, prompt_seed = (
         int(s) for s in np.random.SeedSequence(config.seed).generate_state(3)
@@ -217,7 +240,14 @@ def plan_requests(
     if isinstance(workload, TraceWorkload) and workload.replays_timestamps:
         arrivals = workload.arrival_times(n)
     else:
-        arrivals = arrival_times(n, config.request_rate, config.burstiness, arrival_seed)
+        follows = [s.follows for s in shapes]
+        arrivals = request_arrivals(follows, config.request_rate, config.burstiness, arrival_seed)
+    if any(s.reuses for s in shapes):  # text sharing prefixes, as the shapes say
+        reuse = reuse_texts(shapes, TextPrompts(tokens or TextTokens()), prompt_seed)
+        return [
+            PlannedRequest(i, t, message, s.output_len, planned, system, s.follows)
+            for i, (s, t, (system, message, planned)) in enumerate(zip(shapes, arrivals, reuse))
+        ]
     lengths = [s.input_len for s in shapes]
     if workload.text or config.chat:
         texts = TextPrompts(tokens or TextTokens()).make(lengths, prompt_seed)

@@ -14,7 +14,6 @@ F = 0.1, and at F = 0.01 every one under 150: over half of the Azure conversatio
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,32 @@ from pathlib import Path
 import numpy as np
 
 from pdserve.bench.serve.arrivals import replay_times
+from pdserve.bench.serve.reuse_workloads import (
+    REUSE_HELP,
+    MultiTurnWorkload,
+    SharedPrefixWorkload,
+    context_problem,
+    parse_multi_turn,
+    parse_shared_prefix,
+)
 from pdserve.bench.serve.traces import TraceRow, load_trace
+from pdserve.bench.serve.workload_spec import (
+    WORKLOAD_EXAMPLES,
+    Fixed,
+    LengthDist,
+    LogNormal,
+    RequestShape,
+    Uniform,
+    WorkloadError,
+    count,
+    expect,
+    key_values,
+    length_range,
+    positive,
+)
 
-WORKLOAD_HELP = """\
+WORKLOAD_HELP = (
+    """\
 what to send (lengths in tokens):
   fixed:in=256,out=64                    every request the same
   uniform:in=64-512,out=16-128           uniform in the inclusive ranges
@@ -42,58 +64,30 @@ what to send (lengths in tokens):
   chat:in=64-512,out=16-128              prompts of real English text (public-domain prose
                                          shipped with pdserve) phrased as requests, lengths
                                          log-normal (the default) or as in fixed/uniform
-Token ids on /v1/completions; text on /v1/chat/completions (every workload) and for chat.
-Lengths are clipped to the model's context (from /v1/models or --max-model-len)."""
-WORKLOAD_EXAMPLES = (
-    "fixed:in=256,out=64 | uniform:in=64-512,out=16-128 | "
-    "lognormal:in_mean=512,out_mean=128 | trace:PATH[,speedup=F] | trace:PATH,timestamps=false"
-    " | trace:PATH,scale=F | chat | chat:in_mean=256,out_mean=128 | chat:in=64-512,out=16-128"
+"""
+    + REUSE_HELP
+    + """
+Token ids on /v1/completions; text on /v1/chat/completions (every workload) and for chat,
+shared-prefix and multi-turn. Lengths are clipped to the model's context (from /v1/models or
+--max-model-len); a shared-prefix or multi-turn request that does not fit is an error."""
 )
+__all__ = [
+    "WORKLOAD_EXAMPLES",
+    "WORKLOAD_HELP",
+    "Fixed",
+    "LogNormal",
+    "RequestShape",
+    "SyntheticWorkload",
+    "TraceWorkload",
+    "Uniform",
+    "Workload",
+    "WorkloadError",
+    "clip_to_context",
+    "parse_workload",
+    "scaled_length",
+]
 SCALE_FLOOR = 16  # tokens: a trace's scale= never takes a length below min(length, this)
 CHAT_MEANS = (256.0, 128.0)  # `chat` without lengths: log-normal input and output means
-
-
-class WorkloadError(ValueError):
-    """A --workload spec that cannot be used; the message says what to write instead."""
-
-
-@dataclass(frozen=True)
-class RequestShape:
-    """Lengths of one request: prompt tokens sent, tokens asked for (EOS ignored)."""
-
-    input_len: int
-    output_len: int
-
-
-@dataclass(frozen=True)
-class Fixed:
-    n: int
-
-    def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        return np.full(size, self.n, dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class Uniform:
-    lo: int
-    hi: int  # inclusive
-
-    def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        return rng.integers(self.lo, self.hi + 1, size=size)
-
-
-@dataclass(frozen=True)
-class LogNormal:
-    mean: float  # arithmetic mean of the lengths
-    sigma: float  # std of the underlying normal
-
-    def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        # E[exp(N(mu, s^2))] = exp(mu + s^2 / 2), so mu = ln(mean) - s^2 / 2
-        mu = math.log(self.mean) - self.sigma**2 / 2
-        return np.rint(rng.lognormal(mu, self.sigma, size=size)).astype(np.int64)
-
-
-LengthDist = Fixed | Uniform | LogNormal
 
 
 @dataclass(frozen=True)
@@ -158,7 +152,7 @@ class TraceWorkload:
         return self.rows[:n]
 
 
-Workload = SyntheticWorkload | TraceWorkload
+Workload = SyntheticWorkload | TraceWorkload | SharedPrefixWorkload | MultiTurnWorkload
 
 
 def scaled_length(n: int, scale: float) -> int:
@@ -177,32 +171,38 @@ def parse_workload(spec: str) -> Workload:
         return _parse_trace(spec, rest)
     if kind == "chat":
         return _parse_chat(spec, rest)
+    if kind == "shared-prefix":
+        return parse_shared_prefix(spec, rest)
+    if kind == "multi-turn":
+        return parse_multi_turn(spec, rest)
     if not sep or kind not in ("fixed", "uniform", "lognormal"):
         raise WorkloadError(
             f"--workload {spec!r}: unknown kind {kind!r}; write {WORKLOAD_EXAMPLES}"
         )
-    keys = _key_values(spec, rest)
+    keys = key_values(spec, rest)
     if kind == "fixed":
-        _expect(spec, keys, required=("in", "out"))
+        expect(spec, keys, required=("in", "out"))
         return SyntheticWorkload(
-            spec, Fixed(_count(spec, keys, "in")), Fixed(_count(spec, keys, "out"))
+            spec, Fixed(count(spec, keys, "in")), Fixed(count(spec, keys, "out"))
         )
     if kind == "uniform":
-        _expect(spec, keys, required=("in", "out"))
-        return SyntheticWorkload(spec, _range(spec, keys, "in"), _range(spec, keys, "out"))
-    _expect(spec, keys, required=("in_mean", "out_mean"), optional=("in_sigma", "out_sigma"))
+        expect(spec, keys, required=("in", "out"))
+        return SyntheticWorkload(
+            spec, length_range(spec, keys, "in"), length_range(spec, keys, "out")
+        )
+    expect(spec, keys, required=("in_mean", "out_mean"), optional=("in_sigma", "out_sigma"))
     return SyntheticWorkload(spec, _lognormal(spec, keys, "in"), _lognormal(spec, keys, "out"))
 
 
 def _parse_chat(spec: str, rest: str) -> SyntheticWorkload:
     """chat[:KEYS]: text prompts; lengths as fixed/uniform (in=, out=) or log-normal (default)."""
-    keys = _key_values(spec, rest) if rest.strip() else {}
+    keys = key_values(spec, rest) if rest.strip() else {}
     if "in" in keys or "out" in keys:
-        _expect(spec, keys, required=("in", "out"))
+        expect(spec, keys, required=("in", "out"))
         return SyntheticWorkload(
-            spec, _range(spec, keys, "in"), _range(spec, keys, "out"), text=True
+            spec, length_range(spec, keys, "in"), length_range(spec, keys, "out"), text=True
         )
-    _expect(spec, keys, required=(), optional=("in_mean", "out_mean", "in_sigma", "out_sigma"))
+    expect(spec, keys, required=(), optional=("in_mean", "out_mean", "in_sigma", "out_sigma"))
     in_mean, out_mean = CHAT_MEANS
     return SyntheticWorkload(
         spec,
@@ -215,7 +215,7 @@ def _parse_chat(spec: str, rest: str) -> SyntheticWorkload:
 def _lognormal(spec: str, keys: dict[str, str], side: str, mean: float | None = None) -> LogNormal:
     """`side`_mean (required unless `mean` is given) and `side`_sigma (default 0.5)."""
     return LogNormal(
-        _positive(spec, keys, f"{side}_mean", mean), _positive(spec, keys, f"{side}_sigma", 0.5)
+        positive(spec, keys, f"{side}_mean", mean), positive(spec, keys, f"{side}_sigma", 0.5)
     )
 
 
@@ -223,8 +223,8 @@ def _parse_trace(spec: str, rest: str) -> TraceWorkload:
     path_text, _, options = rest.partition(",")
     if not path_text.strip():
         raise WorkloadError(f"--workload {spec!r}: give the trace's path, e.g. trace:trace.csv")
-    keys = _key_values(spec, options) if options else {}
-    _expect(spec, keys, required=(), optional=("speedup", "timestamps", "scale"))
+    keys = key_values(spec, options) if options else {}
+    expect(spec, keys, required=(), optional=("speedup", "timestamps", "scale"))
     replay = keys.get("timestamps", "true").lower()
     if replay not in ("true", "false"):
         raise WorkloadError(f"--workload {spec!r}: timestamps must be true or false")
@@ -233,72 +233,25 @@ def _parse_trace(spec: str, rest: str) -> TraceWorkload:
             f"--workload {spec!r}: speedup only applies when replaying timestamps; "
             "drop speedup= or timestamps=false"
         )
-    speedup = _positive(spec, keys, "speedup", 1.0) if replay == "true" else None
-    scale = _positive(spec, keys, "scale", 1.0)
+    speedup = positive(spec, keys, "speedup", 1.0) if replay == "true" else None
+    scale = positive(spec, keys, "scale", 1.0)
     path = Path(path_text.strip()).expanduser()
     return TraceWorkload(spec, path, load_trace(path), speedup, scale)
-
-
-def _key_values(spec: str, text: str) -> dict[str, str]:
-    keys: dict[str, str] = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise WorkloadError(
-                f"--workload {spec!r}: {item!r} is not KEY=VALUE; write e.g. {WORKLOAD_EXAMPLES}"
-            )
-        keys[key.strip().lower()] = value.strip()
-    return keys
-
-
-def _expect(
-    spec: str, keys: dict[str, str], required: Sequence[str], optional: Sequence[str] = ()
-) -> None:
-    allowed = (*required, *optional)
-    for key in keys:
-        if key not in allowed:
-            raise WorkloadError(
-                f"--workload {spec!r}: unknown key {key!r}; this kind takes {', '.join(allowed)}"
-            )
-    missing = [k for k in required if k not in keys]
-    if missing:
-        raise WorkloadError(f"--workload {spec!r}: missing {', '.join(missing)}; see --help")
-
-
-def _count(spec: str, keys: dict[str, str], key: str) -> int:
-    value = keys[key]
-    if not value.isdigit() or int(value) < 1:
-        raise WorkloadError(f"--workload {spec!r}: {key}={value} must be a whole number >= 1")
-    return int(value)
-
-
-def _range(spec: str, keys: dict[str, str], key: str) -> Uniform:
-    lo_text, _, hi_text = keys[key].partition("-")
-    lo = _count(spec, {key: lo_text}, key)
-    hi = _count(spec, {key: hi_text or lo_text}, key)
-    if hi < lo:
-        raise WorkloadError(f"--workload {spec!r}: {key}={keys[key]} must be LOW-HIGH, LOW <= HIGH")
-    return Uniform(lo, hi)
-
-
-def _positive(spec: str, keys: dict[str, str], key: str, default: float | None = None) -> float:
-    if key not in keys and default is not None:
-        return default
-    try:
-        value = float(keys[key])
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise WorkloadError(f"--workload {spec!r}: {key}={keys[key]} must be a number > 0")
-    return value
 
 
 def clip_to_context(
     shapes: Sequence[RequestShape], max_model_len: int | None
 ) -> list[RequestShape]:
-    """Lengths >= 1; with a context, cut the prompt to leave one token, then the output."""
+    """Lengths >= 1; with a context, cut the prompt to leave one token, then the output. Shapes
+    that share prefixes are kept whole (a cut would change what they share): WorkloadError
+    when one does not fit."""
     if max_model_len is not None and max_model_len < 2:
         raise WorkloadError(f"model context {max_model_len} is too short to benchmark (need >= 2)")
+    if any(s.reuses for s in shapes):
+        problem = None if max_model_len is None else context_problem(list(shapes), max_model_len)
+        if problem is not None:
+            raise WorkloadError(problem)
+        return list(shapes)
     out = []
     for s in shapes:
         inp, gen = max(1, s.input_len), max(1, s.output_len)

@@ -54,17 +54,21 @@ class Server:
 
 def probe_deadline(planned: Sequence[PlannedRequest], slos_ms: Mapping[str, float]) -> float | None:
     """Seconds from the start after which each unfinished request has missed an SLO: one that
-    met TTFT and TPOT finished within TTFT + TPOT x (output - 1) of being sent. None when the
-    SLOs bound no request's end (TTFT alone)."""
+    met TTFT and TPOT finished within TTFT + TPOT x (output - 1) of being sent. A later turn of
+    a conversation is sent when the turn it follows ends, so its bound adds to that turn's.
+    None when the SLOs bound no request's end (TTFT alone)."""
     ttft, tpot, e2el = (slos_ms.get(k) for k in ("ttft", "tpot", "e2el"))
     if e2el is None and (ttft is None or tpot is None):
         return None
+    ends: dict[int, float] = {}
     latest = 0.0
-    for req in planned:
+    for req in planned:  # a turn comes after the one it follows
         bound_ms = math.inf if e2el is None else e2el
         if ttft is not None and tpot is not None:
             bound_ms = min(bound_ms, ttft + tpot * max(0, req.output_len - 1))
-        latest = max(latest, req.arrival_s + bound_ms / 1e3)
+        start = req.arrival_s if req.follows is None else ends[req.follows]
+        ends[req.index] = start + bound_ms / 1e3
+        latest = max(latest, ends[req.index])
     return latest + DEADLINE_SLACK_S
 
 

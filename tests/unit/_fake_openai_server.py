@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import uvicorn
 from fastapi import Body, FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 TTFT = 0.10
 ITL = 0.04
@@ -40,10 +40,28 @@ class FakeState:
     bodies: list[dict[str, Any]] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
+    seen: list[list[str]] = field(default_factory=list)  # earlier prompts' words (a prefix cache)
+    queries: int = 0
+    hits: int = 0
 
     def reset(self) -> None:
         self.bodies.clear()
-        self.in_flight = self.max_in_flight = 0
+        self.seen.clear()
+        self.in_flight = self.max_in_flight = self.queries = self.hits = 0
+
+    def cached(self, words: list[str]) -> int:
+        """Leading words some earlier prompt had too (the fake's prefix cache), counted."""
+        hit = max((_common(words, old) for old in self.seen), default=0)
+        self.seen.append(words)
+        self.queries, self.hits = self.queries + len(words), self.hits + hit
+        return hit
+
+
+def _common(a: list[str], b: list[str]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def sse(obj: Any) -> str:
@@ -59,11 +77,18 @@ def delta_chunk(text: str, finish: str | None = None) -> dict[str, Any]:
     return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
 
-def prompt_tokens(body: dict[str, Any]) -> int:
+def prompt_words(body: dict[str, Any]) -> list[str]:
+    """The prompt as the fake counts it: words (token ids as they are), chat messages joined
+    with CHAT_TEMPLATE_TOKENS words of template."""
     if "messages" in body:
-        return len(body["messages"][0]["content"].split()) + CHAT_TEMPLATE_TOKENS
+        words = [w for m in body["messages"] for w in m["content"].split()]
+        return words + ["<template>"] * CHAT_TEMPLATE_TOKENS
     prompt = body["prompt"]
-    return len(prompt.split()) if isinstance(prompt, str) else len(prompt)
+    return prompt.split() if isinstance(prompt, str) else [str(t) for t in prompt]
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    return len(prompt_words(body))
 
 
 async def stream_tokens(state: FakeState, body: dict[str, Any], chat: bool) -> AsyncIterator[str]:
@@ -81,7 +106,12 @@ async def stream_tokens(state: FakeState, body: dict[str, Any], chat: bool) -> A
                 return
             yield sse(make("" if i == 1 else f"t{i}"))
         yield sse(make("", finish="length"))  # no text, no token: must not count
-        usage = {"prompt_tokens": prompt_tokens(body), "completion_tokens": n}
+        words = prompt_words(body)
+        usage = {
+            "prompt_tokens": len(words),
+            "completion_tokens": n,
+            "prompt_tokens_details": {"cached_tokens": state.cached(words)},
+        }
         yield sse({"choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
     finally:
@@ -103,6 +133,16 @@ def make_app(state: FakeState) -> FastAPI:
         state.in_flight += 1
         state.max_in_flight = max(state.max_in_flight, state.in_flight)
         return StreamingResponse(stream_tokens(state, body, chat), media_type="text/event-stream")
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        lines = [
+            "# TYPE pdserve:prefix_cache_queries counter",
+            f'pdserve:prefix_cache_queries_total{{pool="decode"}} {state.queries}',
+            "# TYPE pdserve:prefix_cache_hits counter",
+            f'pdserve:prefix_cache_hits_total{{pool="decode"}} {state.hits}',
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n")
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: dict[str, Any] = Body(...)) -> JSONResponse | StreamingResponse:

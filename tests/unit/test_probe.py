@@ -24,6 +24,16 @@ def test_deadline_is_the_last_request_that_could_still_meet_its_slos() -> None:
     assert probe_deadline(reqs, {"e2el": 4000}) == pytest.approx(10.0 + DEADLINE_SLACK_S)
 
 
+def test_a_later_turn_adds_its_bound_to_the_turn_it_follows() -> None:
+    """A conversation's second turn is sent only when its first ends, up to 3.0 s in: it can
+    still meet its SLOs until 3.0 + 1.2 s, after every request that arrived on its own."""
+    first = PlannedRequest(0, 0.0, "hi", 101)
+    second = PlannedRequest(1, 0.0, "and?", 11, follows=0)
+    alone = PlannedRequest(2, 3.0, [1, 2], 1)  # 4.0 s at most
+    deadline = probe_deadline([first, second, alone], {"ttft": 1000, "tpot": 20})
+    assert deadline == pytest.approx(4.2 + DEADLINE_SLACK_S)
+
+
 def test_no_deadline_when_the_slos_bound_no_request() -> None:
     assert probe_deadline([planned(0.0, 10)], {"ttft": 1000}) is None
     assert probe_deadline([planned(0.0, 10)], {"tpot": 50}) is None
