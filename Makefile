@@ -52,7 +52,7 @@ integration: $(STAMP)
 
 # pytest exits 5 when it collected nothing: that is a failure here, like any non-zero code.
 test: lint typecheck
-	$(PY) -m pytest tests -q -p no:cacheprovider --timeout=900
+	$(PY) -m pytest tests -q -p no:cacheprovider --timeout=900 --durations=15
 
 bench: $(STAMP)
 	$(PY) -m pdserve.bench.micro.engine_bench

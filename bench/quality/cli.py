@@ -37,15 +37,28 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=48, help="greedy answer length cap")
     p.add_argument("--no-agreement", action="store_true", help="perplexity only")
     p.add_argument("--threads", type=int, default=1, help="torch threads (a CPU worker runs 1)")
+    p.add_argument(
+        "--show-answers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print each setting's greedy answers to the first N chat prompts (they start with "
+        "'What is the capital of France?')",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    from pdserve.bench.quality.agreement import CHAT_PROMPTS
     from pdserve.bench.quality.evaluate import evaluate, format_table  # torch from here on
 
     settings: list[Setting] = args.settings or list(DEFAULT_SETTINGS)
     rows = evaluate(args.model, settings, args)
     print(format_table(rows))
+    for row in rows if args.show_answers > 0 else ():
+        print(f"\n{row.setting.label}:")
+        for question, answer in zip(CHAT_PROMPTS, row.answers[: args.show_answers]):
+            print(f"  {question}  ->  {answer!r}")
     if args.out is not None:
         args.out.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
         print(f"results: {args.out}")

@@ -41,6 +41,7 @@ class Row:
     agreement: Agreement | None
     weight_bytes: int
     kv_bytes_per_token: float
+    answers: tuple[str, ...] = ()  # the greedy answers, decoded, in CHAT_PROMPTS order
 
     @property
     def change(self) -> float:
@@ -65,6 +66,7 @@ class Row:
             "agreement": None if self.agreement is None else dataclasses.asdict(self.agreement),
             "weight_bytes": self.weight_bytes,
             "kv_bytes_per_token": self.kv_bytes_per_token,
+            "answers": list(self.answers),
         }
 
 
@@ -80,14 +82,15 @@ def evaluate(model: str, settings: Sequence[Setting], args: argparse.Namespace) 
         lm = _load(path, setting)
         cache = _cache(lm, args.window, setting.kv)
         ppl = perplexity(lm, cache, ids, args.window, args.stride)
-        agree = None
+        agree, texts = None, ()
         if not args.no_agreement:
             answers = greedy_answers(_engine(lm, setting.kv, prompts), prompts, args.max_tokens)
             reference = reference or answers
             agree = agreement(reference, answers)
+            texts = tuple(tokenizer.decode(a, skip_special_tokens=True) for a in answers)
         ref_ppl = rows[0].perplexity.ppl if rows else ppl.ppl
         per_token = bytes_per_block(lm.config, 1, BLOCK_SIZE, setting.kv) / BLOCK_SIZE
-        rows.append(Row(setting, ppl, ref_ppl, agree, weight_bytes(lm), per_token))
+        rows.append(Row(setting, ppl, ref_ppl, agree, weight_bytes(lm), per_token, texts))
     return rows
 
 

@@ -4,6 +4,7 @@ the paged cache equals a plain forward's, agreement counts token prefixes."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -66,3 +67,26 @@ def test_agreement_counts_common_prefixes() -> None:
     a = agreement([[1, 2, 3], [4, 5], [6]], [[1, 2, 9], [4, 5], [7, 8]])
     assert (a.prompts, a.identical, a.agreed_tokens, a.reference_tokens) == (3, 1, 4, 6)
     assert a.token_share == pytest.approx(4 / 6)
+
+
+def test_eval_ppl_prints_each_settings_answers(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The whole command on the tiny model: a table row per setting, the reference agrees with
+    itself, and --show-answers prints the first answers under each setting."""
+    from pdserve.bench.quality.cli import add_args, run
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    out = tmp_path / "eval.json"
+    args = p.parse_args([
+        "--model", str(tiny_models["llama"]), "--setting", "float32", "--setting",
+        "float32,kv=int8", "--window", "64", "--stride", "32", "--max-tokens", "4",
+        "--show-answers", "2", "--out", str(out),
+    ])  # fmt: skip
+    assert run(args) == 0
+    text = capsys.readouterr().out
+    assert "What is the capital of France?  ->" in text and "Name three primary colors." in text
+    assert text.count("What is the capital of France?  ->") == 2  # once per setting
+    rows = json.loads(out.read_text())
+    assert rows[0]["agreement"]["identical"] == 20 and len(rows[1]["answers"]) == 20
