@@ -49,6 +49,16 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
         "--background-cores", type=float, default=0.0,
         help="CPU profiles: cores kept busy by other load on the host (default 0)",
     )  # fmt: skip
+    p.add_argument(
+        "--prefix-caching", choices=("on", "off"), default=None,
+        help="simulate prefix caching on or off in both pools (default: the profile spec's "
+        "prefix_caching, on unless it says false); shared-prefix and multi-turn reuse prompts",
+    )  # fmt: skip
+    p.add_argument(
+        "--prefill-cache-blocks", type=int, default=None, metavar="N",
+        help="KV blocks of each prefill instance's prefix cache, an LRU (default: as many as a "
+        "decode replica holds; 0: the prefill pool caches nothing)",
+    )  # fmt: skip
     p.add_argument("--top", type=int, default=10, help="placements to list (10)")
     p.add_argument("-o", "--out", type=Path, help="write the best placement's deploy spec here")
     p.add_argument(
@@ -85,9 +95,13 @@ def _settings(args: argparse.Namespace, host: HostCpu) -> SearchSettings:
         raise PlanError(f"--rate-range {args.rate_range}: give LO HI with 0 < LO < HI")
     if args.num_prompts < 1 or not 0 < args.target <= 1:
         raise PlanError("--num-prompts must be >= 1 and --target in (0, 1]")
+    if args.prefill_cache_blocks is not None and args.prefill_cache_blocks < 0:
+        raise PlanError(f"--prefill-cache-blocks {args.prefill_cache_blocks}: give 0 or more")
+    caching = None if args.prefix_caching is None else args.prefix_caching == "on"
     return SearchSettings(
         workload, parse_goodput(args.goodput), args.target, args.num_prompts, args.seed,
         args.burstiness, tuple(args.rate_range) if args.rate_range else None, host=host,
+        prefix_caching=caching, prefill_cache_blocks=args.prefill_cache_blocks,
     )  # fmt: skip
 
 

@@ -121,3 +121,28 @@ class CpuShare:
         del self._ops[owner]
         self._reschedule()
         op.done()
+
+
+class StreamCpu:
+    """The controller's and the client's CPU per streamed token (measured by the profile), as
+    one more thread wanting a core; only on a CPU host, where it competes with the workers."""
+
+    def __init__(self, cpu: CpuShare, ms_per_token: float) -> None:
+        self.cpu, self.ms_per_token = cpu, ms_per_token
+        self._pending_ms, self._running = 0.0, False
+
+    def add(self, tokens: int) -> None:
+        if self.cpu.cores is None or self.ms_per_token <= 0:
+            return
+        self._pending_ms += tokens * self.ms_per_token
+        if not self._running:
+            self._start()
+
+    def _start(self) -> None:
+        ms, self._pending_ms, self._running = self._pending_ms, 0.0, True
+        self.cpu.run(self, ms, 1, self._done, kind=None)  # light on memory: no co-run term
+
+    def _done(self) -> None:
+        self._running = False
+        if self._pending_ms > 0:
+            self._start()

@@ -15,7 +15,7 @@ from typing import Any
 from pdserve.bench.plan.placement import Placement, profile_config
 from pdserve.bench.plan.profile_model import Profile
 from pdserve.bench.plan.simulator import HostCpu, plan_shapes, simulate
-from pdserve.bench.serve.workloads import Workload
+from pdserve.bench.serve.workloads import RequestShape, Workload
 from pdserve.bench.sweep.bisection import BisectionResult, bisect_rate
 from pdserve.cluster.config.resolve import settle
 from pdserve.engine.deploy_config import PrefillSettings
@@ -48,18 +48,28 @@ class SearchSettings:
     rel_tol: float = 0.05
     max_probes: int = 12
     host: HostCpu | None = None  # None: the profiled host (CPU) or a device each (GPU)
+    prefix_caching: bool | None = None  # None: as the profile's spec says (on by default)
+    prefill_cache_blocks: int | None = None  # each prefill instance's; None: a decode replica's
 
 
 def rate_range_for(profile: Profile, workload: Workload, devices: int) -> tuple[float, float]:
     """A range sure to hold the answer: above it, even `devices` prefill instances batching
     full token budgets could not prefill the prompts fast enough."""
     shapes = workload.sample(256, seed=0)
-    mean_in = max(1, round(sum(s.input_len for s in shapes) / len(shapes)))
+    fresh = [fresh_tokens(s, shapes) for s in shapes]  # all a prefill may have to compute
+    mean_in = max(1, round(sum(fresh) / len(fresh)))
     pool = profile_config(profile).prefill or PrefillSettings()
     per_batch = max(1, min(pool.max_batch_tokens // mean_in, pool.max_batch_size))
     batch_s = profile.prefill_ms([mean_in] * per_batch) / 1e3
     hi = 1.5 * devices * per_batch / max(batch_s, 1e-6)
     return hi / 1000, hi
+
+
+def fresh_tokens(shape: RequestShape, shapes: Sequence[RequestShape]) -> int:
+    """The prompt tokens no cache can hold: past the group's prefix, or past the turn before."""
+    if shape.follows is not None:
+        return max(1, shape.input_len - shapes[shape.follows].input_len)
+    return max(1, shape.input_len - shape.shared_len)
 
 
 def rank(
@@ -81,6 +91,8 @@ def search_placement(
     """Bisect one placement's goodput with the simulator, running the settings its spec gives."""
     from pdserve.cluster.config.spec import SpecError, load_spec
 
+    if s.prefix_caching is not None:
+        spec = {**spec, "prefix_caching": s.prefix_caching}
     try:
         config = settle(load_spec(spec), profile.device)
     except SpecError as e:
@@ -90,7 +102,10 @@ def search_placement(
 
     def attainment(rate: float) -> float:
         planned = plan_shapes(s.workload, s.num_prompts, rate, s.burstiness, s.seed, max_len)
-        return simulate(profile, placement, planned, s.slos_ms, config, s.host).attainment
+        sim = simulate(
+            profile, placement, planned, s.slos_ms, config, s.host, s.prefill_cache_blocks
+        )
+        return sim.attainment
 
     try:
         found = bisect_rate(

@@ -3,18 +3,22 @@
 They mirror prefill_worker/worker.py and decode_worker/worker.py step for step, with the time
 of each forward pass taken from the profile instead of running it. The decode side drives the
 real `DecodeEngine` (pure Python without its runner), so continuous batching, max_num_seqs,
-block growth, recompute preemption, prefill priority, chunked prefill and the stop rules are
-the production code, not a copy of it.
+block growth, recompute preemption, prefill priority, chunked prefill, prefix caching and the
+stop rules are the production code, not a copy of it. With `prefix_caching` on, a prompt's
+blocks the decode replica holds are not sent, and a prefill computes only what its cache (the
+engine's colocated, `sim_reuse.PrefixLRU` in a prefill pool) does not hold.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from pdserve.bench.plan.profile_model import Profile
+from pdserve.bench.plan.sim_reuse import SALT, PrefixLRU
 from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.step import EngineLimits, EngineStep, Output
 from pdserve.engine.batching import take_batch
@@ -43,6 +47,25 @@ class SimRequest:
     first_token_s: float | None = None  # the client has the first token
     done_s: float | None = None  # the client has the last token
     error: str = ""
+    prompt: tuple[int, ...] = ()  # token ids (sim_reuse.prompt_ids); () -> input_len zeros
+    follows: int | None = None  # a later turn: arrives when that request's answer is back
+    computed: int | None = None  # prompt tokens its prefill computed (None: not yet, or all)
+    decode_cached: int = 0  # prompt tokens the decode replica held already (KV not sent)
+    hashes: list[int] | None = None  # its full blocks' hashes in the prefill cache
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.prompt or (0,) * self.input_len
+
+    @property
+    def prefill_len(self) -> int:
+        """Prompt tokens the prefill computes."""
+        return self.input_len if self.computed is None else self.computed
+
+    @property
+    def sent_len(self) -> int:
+        """Prompt tokens whose KV crosses the link."""
+        return self.input_len - self.decode_cached
 
 
 class Host(Protocol):
@@ -52,6 +75,7 @@ class Host(Protocol):
     profile: Profile
     config: DeploymentConfig  # the engine settings (batching, decode capacity, routing)
     num_blocks: int  # KV blocks of each decode replica
+    prefill_cache_blocks: int  # blocks each prefill instance's prefix cache holds
 
     def at(self, t: float, fn: Callable[[], None]) -> None: ...
     def busy_for(
@@ -74,6 +98,8 @@ class PrefillSim:
         self.busy = False
         self.queued_tokens = 0  # dispatched and not yet answered, the running batch included
         self.queued_requests = 0
+        blocks = host.prefill_cache_blocks if host.config.prefix_caching else 0
+        self.cache = PrefixLRU(blocks, host.config.decode.block_size)
 
     def load(self) -> PrefillLoad:
         return PrefillLoad(self.index, self.queued_tokens, self.queued_requests)
@@ -86,12 +112,21 @@ class PrefillSim:
         if not self.busy:
             self._next()
 
+    def cached_tokens(self, req: SimRequest) -> int:
+        """The prompt's leading tokens this instance's cache holds now (cache_aware routing)."""
+        if req.hashes is None:
+            req.hashes = self.cache.hashes(req.prompt_ids)
+        return self.cache.cached_tokens(req.hashes, req.input_len)
+
     def _next(self) -> None:
         if not self.queue:
             self.busy = False
             return
         k = self.host.config.prefill or PrefillSettings()  # a colocated spec: the defaults
-        n = take_batch([r.input_len for r in self.queue], k.max_batch_tokens, k.max_batch_size)
+        heads = list(itertools.islice(self.queue, k.max_batch_size))
+        for r in heads:  # what each would compute now, its cached prefix aside
+            r.computed = r.input_len - self.cached_tokens(r)
+        n = take_batch([r.prefill_len for r in heads], k.max_batch_tokens, k.max_batch_size)
         batch = [self.queue.popleft() for _ in range(n)]
         now = self.host.now
         for r in batch:
@@ -111,6 +146,7 @@ class PrefillSim:
             self.queued_tokens -= r.input_len
             self.queued_requests -= 1
             r.prefill_end_s = now
+            self.cache.add(r.hashes or [])
             self.host.first_token(r)  # TTFT does not wait for the KV tail
             by_decode.setdefault(r.decode, []).append(r)
         for d, reqs in by_decode.items():  # one header per destination: its items land together
@@ -127,15 +163,16 @@ def batch_ms(
 
     Each KV-sending rank sends every layer's K and V for its heads as soon as the layer's
     qkv projection has run; one rank's sends go out one after another. The batch is done when
-    the forward is done and the last layer has left (`flush`).
+    the forward is done and the last layer has left (`flush`). Only the tokens past each
+    prompt's cached prefix are computed, and only those decode does not hold are sent.
     """
     m = profile.model
-    lens = [r.input_len for r in batch]
     scale = profile.overheads.prefill_scale * (1.0 + profile.send_overhead)
-    compute = profile.prefill_ms(lens, tp) * scale
+    compute = profile.prefill_ms([r.prefill_len for r in batch], tp) * scale
     heads = max(m.num_kv_heads // tp, 1)  # per sending rank; every rank sends in parallel
     per_token = m.kv_bytes_per_token(heads, kv_dtype)
-    layer_wire = profile.transfer.wire_ms(sum(lens) * per_token / m.num_layers)
+    sent_tokens = sum(r.sent_len for r in batch)
+    layer_wire = profile.transfer.wire_ms(sent_tokens * per_token / m.num_layers)
     sent = 0.0
     for layer in range(m.num_layers):
         ready = compute * (layer + m.qkv_fraction) / m.num_layers
@@ -155,7 +192,8 @@ class DecodeSim:
             num_blocks=host.num_blocks, block_size=k.block_size,
             max_model_len=host.profile.model.max_model_len, num_kv_heads=1,
             max_num_seqs=k.max_num_seqs, max_num_batched_tokens=k.max_num_batched_tokens,
-            chunked_prefill=k.chunked_prefill,
+            chunked_prefill=k.chunked_prefill, prefix_caching=host.config.prefix_caching,
+            prefix_salt=SALT,
         )  # fmt: skip
         self.engine = DecodeEngine(None, limits, index)  # the simulation runs the steps
         self.blocks = self.engine.blocks
@@ -165,16 +203,24 @@ class DecodeSim:
     def load(self) -> DecodeLoad:
         return self.engine.load()
 
+    def cached_blocks(self, req: SimRequest) -> int:
+        """The prompt's leading blocks this replica's cache holds now (cache_aware routing: the
+        router's index estimates them, the simulation knows)."""
+        return self.blocks.cached_prefix(self.engine.prefix.prompt_hashes(req.prompt_ids))
+
     def reserve(self, req: SimRequest, local_prefill: bool) -> bool:
         """Blocks for the prompt's KV, as the router asks before dispatching its prefill;
         colocated (``local_prefill``), the prompt is queued for this instance's own prefill."""
         params = SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=True)
-        prompt = (0,) * req.input_len
-        if self.engine.reserve(DecodeRequest(req.index, "", prompt, params, local_prefill)) is None:
+        request = DecodeRequest(req.index, "", req.prompt_ids, params, local_prefill)
+        res = self.engine.reserve(request)
+        if res is None:
             return False
         self.requests[req.index] = req
         req.decode = self.index
-        if local_prefill:
+        req.decode_cached = res.cached_blocks * self.host.config.decode.block_size
+        if local_prefill:  # the engine computes the prompt past its cached blocks
+            req.computed = req.input_len - req.decode_cached
             req.queued_s = self.host.now
             self._kick()
         return True

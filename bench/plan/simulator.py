@@ -13,6 +13,13 @@ docs/architecture.md describes::
 
 Per-request records go through `bench.serve.metrics.summarize`, so TTFT, TPOT (E2E - TTFT over
 out - 1, 0 for one token) and attainment have the bench's definitions.
+
+Workloads with reuse (`shared-prefix`, `multi-turn`) run as the bench sends them: prompts share
+token ids where their texts share a prefix (`sim_reuse.prompt_ids`), and a later turn of a
+conversation arrives when the client has the answer before it (closed loop; it fails unsent if
+that turn failed). With the deployment's `prefix_caching` on, cache hits on decode (the real
+engine's prefix cache) and in each prefill instance (`sim_reuse.PrefixLRU` of
+`prefill_cache_blocks`) cut the KV sent and the tokens prefilled; `SimResult.reuse` sums them.
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdserve.bench.plan.cpu_share import CpuShare
+from pdserve.bench.plan.cpu_share import CpuShare, StreamCpu
 from pdserve.bench.plan.placement import Placement, kv_blocks, profile_config
 from pdserve.bench.plan.profile_model import Profile
 from pdserve.bench.plan.sim_instances import MS, DecodeSim, PrefillSim, SimRequest
-from pdserve.bench.serve.arrivals import arrival_times
+from pdserve.bench.plan.sim_records import breakdown, sim_record
+from pdserve.bench.plan.sim_reuse import ReuseTotals, prompt_ids
+from pdserve.bench.serve.arrivals import request_arrivals
+from pdserve.bench.serve.conversation import EARLIER_TURN_FAILED
 from pdserve.bench.serve.metrics import BenchSummary, RequestRecord, summarize
 from pdserve.bench.serve.workloads import RequestShape, TraceWorkload, Workload, clip_to_context
 from pdserve.engine.deploy_config import DeploymentConfig
@@ -53,13 +63,15 @@ def plan_shapes(
     seed: int,
     max_model_len: int | None,
 ) -> list[PlannedShape]:
-    """Lengths and arrival times exactly as `bench.serve.runner.plan_requests` draws them."""
+    """Lengths and arrival times exactly as `bench.serve.runner.plan_requests` draws them (a
+    later turn's arrival: 0 here, the answer before it in the simulation)."""
     length_seed, arrival_seed, _ = (int(s) for s in np.random.SeedSequence(seed).generate_state(3))
     shapes = clip_to_context(workload.sample(num_prompts, length_seed), max_model_len)
     if isinstance(workload, TraceWorkload) and workload.replays_timestamps:
         arrivals = workload.arrival_times(num_prompts)
     else:
-        arrivals = arrival_times(num_prompts, rate, burstiness, arrival_seed)
+        follows = [s.follows for s in shapes]
+        arrivals = request_arrivals(follows, rate, burstiness, arrival_seed)
     return [PlannedShape(t, s) for t, s in zip(arrivals, shapes)]
 
 
@@ -88,6 +100,7 @@ class SimResult:
     records: list[RequestRecord]
     summary: BenchSummary
     breakdown_ms: Mapping[str, float]  # mean queue / prefill / transfer / decode of successes
+    reuse: ReuseTotals  # prompt tokens computed and KV moved, over the successes
 
     @property
     def attainment(self) -> float:
@@ -107,10 +120,15 @@ class Simulation:
         placement: Placement,
         config: DeploymentConfig | None = None,
         host: HostCpu | None = None,
+        prefill_cache_blocks: int | None = None,
     ) -> None:
         self.profile = profile
         self.config = config or profile_config(profile)
         self.num_blocks = kv_blocks(self.config, profile)
+        # None: as many blocks as a decode replica's cache (spec prefix_caching off: none used)
+        self.prefill_cache_blocks = (
+            self.num_blocks if prefill_cache_blocks is None else prefill_cache_blocks
+        )
         self.placement = placement
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
@@ -127,6 +145,7 @@ class Simulation:
         self._inflight = 0
         self._waiting: deque[SimRequest] = deque()  # reserved nowhere yet: all replicas full
         self._turns = (itertools.count(), itertools.count())  # round robin: prefill, decode
+        self._next_turns: dict[int, list[SimRequest]] = {}  # request -> the turns that follow it
 
     def at(self, t: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._events, (t, next(self._order), fn))
@@ -137,26 +156,57 @@ class Simulation:
         self.cpu.run(owner, ms, threads, done, kind)
 
     def run(self, planned: Sequence[PlannedShape], slos_ms: Mapping[str, float]) -> SimResult:
-        for i, p in enumerate(planned):
-            req = SimRequest(i, p.arrival_s, p.shape.input_len, p.shape.output_len)
+        prompts = prompt_ids([p.shape for p in planned])
+        for i, (p, ids) in enumerate(zip(planned, prompts)):
+            s = p.shape
+            req = SimRequest(
+                i, p.arrival_s, s.input_len, s.output_len, prompt=ids, follows=s.follows
+            )
             self.requests.append(req)
-            self.at(p.arrival_s, lambda r=req: self._arrive(r))  # type: ignore[misc]
+            if s.follows is None:
+                self.at(p.arrival_s, lambda r=req: self._arrive(r))  # type: ignore[misc]
+            else:  # arrives when the answer before it is back
+                self._next_turns.setdefault(s.follows, []).append(req)
         while self._events:
             self.now, _, fn = heapq.heappop(self._events)
             fn()
         for req in self.requests:  # nothing left to happen: whoever did not finish failed
             if req.done_s is None and not req.error:
                 req.error = "never finished (simulation drained with the request in flight)"
-        records = [_record(r) for r in self.requests]
+                self._fail_next_turns(req)
+        records = [sim_record(r) for r in self.requests]
         end = max((r.done_s or r.arrival_s for r in self.requests), default=0.0)
         summary = summarize(records, max(end, 1e-9), slos_ms)
-        return SimResult(records, summary, _breakdown(self.requests))
+        return SimResult(records, summary, breakdown(self.requests), self._reuse())
+
+    def _reuse(self) -> ReuseTotals:
+        ok = [r for r in self.requests if r.done_s is not None]
+        per_token = self.profile.model.kv_bytes_per_token(
+            kv_dtype=self.config.decode.kv_cache.dtype
+        )
+        cached = sum(r.decode_cached for r in ok)
+        return ReuseTotals(
+            prompt_tokens=sum(r.input_len for r in ok),
+            prefill_computed=sum(r.prefill_len for r in ok),
+            decode_cached=cached,
+            kv_sent_bytes=0 if not self.prefills else sum(r.sent_len for r in ok) * per_token,
+            kv_reused_bytes=cached * per_token,
+        )
+
+    def _fail(self, req: SimRequest, error: str) -> None:
+        req.error = error
+        self._fail_next_turns(req)
+
+    def _fail_next_turns(self, req: SimRequest) -> None:
+        """A failed turn ends its conversation: the turns after it are never sent."""
+        for nxt in self._next_turns.pop(req.index, []):
+            self._fail(nxt, EARLIER_TURN_FAILED)
 
     # -- the router ---------------------------------------------------------------------------
 
     def _arrive(self, req: SimRequest) -> None:
         if self._inflight >= self.config.router.max_queued_requests:
-            req.error = QUEUE_FULL
+            self._fail(req, QUEUE_FULL)
             return
         self._inflight += 1
         dispatch = self.profile.overheads.dispatch_ms * MS
@@ -165,7 +215,7 @@ class Simulation:
     def _dispatch(self, req: SimRequest) -> None:
         needed = -(-req.input_len // self.config.decode.block_size)
         if all(needed > d.blocks.num_blocks for d in self.decodes):
-            req.error = NO_CAPACITY
+            self._fail(req, NO_CAPACITY)
             self._inflight -= 1
             return
         if not self._reserve(req):
@@ -173,14 +223,16 @@ class Simulation:
 
     def _reserve(self, req: SimRequest) -> bool:
         needed = -(-req.input_len // self.config.decode.block_size)
-        loads = [d.load() for d in self.decodes]
-        d = pick_decode(self.config.router.decode_policy, loads, needed, next(self._turns[1]))
+        loads, policy = [d.load() for d in self.decodes], self.config.router.decode_policy
+        hits = {d.index: d.cached_blocks(req) for d in self.decodes if policy == "cache_aware"}
+        d = pick_decode(policy, loads, needed, next(self._turns[1]), hits)
         if d is None or not self.decodes[d].reserve(req, local_prefill=not self.prefills):
             return False
         if not self.prefills:
             return True
-        loads_p = [p.load() for p in self.prefills]
-        p = pick_prefill(self.config.router.prefill_policy, loads_p, next(self._turns[0]))
+        loads_p, policy = [p.load() for p in self.prefills], self.config.router.prefill_policy
+        cached = {p.index: p.cached_tokens(req) for p in self.prefills if policy == "cache_aware"}
+        p = pick_prefill(policy, loads_p, next(self._turns[0]), cached)
         self.prefills[p].submit(req)
         return True
 
@@ -194,36 +246,14 @@ class Simulation:
     def finished(self, req: SimRequest) -> None:
         req.done_s = self.now + self.profile.overheads.return_ms * MS
         self._inflight -= 1
+        for nxt in self._next_turns.pop(req.index, []):  # the client sends the next turn
+            nxt.arrival_s = req.done_s
+            self.at(nxt.arrival_s, lambda r=nxt: self._arrive(r))  # type: ignore[misc]
         # every waiter wakes and tries again, oldest first (the router's notify_all)
         waiting, self._waiting = self._waiting, deque()
         for r in waiting:
             if not self._reserve(r):
                 self._waiting.append(r)
-
-
-class StreamCpu:
-    """The controller's and the client's CPU per streamed token (measured by the profile), as
-    one more thread wanting a core; only on a CPU host, where it competes with the workers."""
-
-    def __init__(self, cpu: CpuShare, ms_per_token: float) -> None:
-        self.cpu, self.ms_per_token = cpu, ms_per_token
-        self._pending_ms, self._running = 0.0, False
-
-    def add(self, tokens: int) -> None:
-        if self.cpu.cores is None or self.ms_per_token <= 0:
-            return
-        self._pending_ms += tokens * self.ms_per_token
-        if not self._running:
-            self._start()
-
-    def _start(self) -> None:
-        ms, self._pending_ms, self._running = self._pending_ms, 0.0, True
-        self.cpu.run(self, ms, 1, self._done, kind=None)  # light on memory: no co-run term
-
-    def _done(self) -> None:
-        self._running = False
-        if self._pending_ms > 0:
-            self._start()
 
 
 def simulate(
@@ -233,36 +263,10 @@ def simulate(
     slos_ms: Mapping[str, float],
     config: DeploymentConfig | None = None,
     host: HostCpu | None = None,
+    prefill_cache_blocks: int | None = None,
 ) -> SimResult:
-    """Run ``placement`` with ``config``'s engine settings (default: the profile's spec)."""
-    return Simulation(profile, placement, config, host).run(planned, slos_ms)
-
-
-def _record(r: SimRequest) -> RequestRecord:
-    rec = RequestRecord(r.index, r.input_len, r.output_len, r.arrival_s, r.arrival_s)
-    if r.error or r.first_token_s is None or r.done_s is None:
-        rec.error = r.error or "no first token"
-        return rec
-    rec.success = True
-    rec.ttft_s = r.first_token_s - r.arrival_s
-    rec.e2el_s = r.done_s - r.arrival_s
-    rec.output_tokens = r.output_len
-    return rec
-
-
-def _breakdown(requests: Sequence[SimRequest]) -> dict[str, float]:
-    """Mean ms per phase, as the sweep reports it: queue (arrival -> prefill start), prefill,
-    transfer (prefill end -> KV landed), decode (landed -> last token)."""
-    ok = [r for r in requests if r.done_s is not None and r.landed_s is not None]
-    if not ok:
-        return {"queue": 0.0, "prefill": 0.0, "transfer": 0.0, "decode": 0.0}
-
-    def mean(f: Callable[[SimRequest], float]) -> float:
-        return float(np.mean([f(r) for r in ok])) * 1e3
-
-    return {
-        "queue": mean(lambda r: (r.prefill_start_s or 0.0) - r.arrival_s),
-        "prefill": mean(lambda r: (r.prefill_end_s or 0.0) - (r.prefill_start_s or 0.0)),
-        "transfer": mean(lambda r: (r.landed_s or 0.0) - (r.prefill_end_s or 0.0)),
-        "decode": mean(lambda r: (r.done_s or 0.0) - (r.landed_s or 0.0)),
-    }
+    """Run ``placement`` with ``config``'s engine settings (default: the profile's spec);
+    ``prefill_cache_blocks``: each prefill instance's prefix cache (None: a decode replica's
+    KV blocks; used only with the spec's prefix_caching on)."""
+    sim = Simulation(profile, placement, config, host, prefill_cache_blocks)
+    return sim.run(planned, slos_ms)
