@@ -53,8 +53,14 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from a JSONL file: each line ``{"prompt": ...}`` or a bare JSON string (or list of
     token ids); blank lines are skipped. Raises ValueError naming the line to fix."""
     prompts: list[Prompt] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}:{n}: not UTF-8 text (byte {e.start}): save the file as UTF-8"
+                ) from None
             if line.strip():
                 prompts.append(_parse_line(line, f"{path}:{n}"))
     if not prompts:
@@ -75,10 +81,12 @@ def _parse_line(line: str, where: str) -> Prompt:
             )
         item = item["prompt"]
     if isinstance(item, str) or (
-        isinstance(item, list) and item and all(isinstance(t, int) for t in item)
+        isinstance(item, list)
+        and item
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item)
     ):
         return item
-    raise ValueError(f"{where}: a prompt is a string or a list of token ids")
+    raise ValueError(f"{where}: a prompt is a string or a non-empty list of token ids (ints >= 0)")
 
 
 def _error_message(resp: httpx.Response) -> str:
@@ -146,7 +154,7 @@ class Client:
         return self._stream(_request(None, messages, request_id, sampling))
 
     def _stream(self, request: dict[str, Any]) -> Iterator[dict]:
-        body = msgpack.packb(request)
+        body = _pack(request)
         with self._errors(), self._http.stream("POST", "/stream", content=body) as resp:
             if not resp.is_success:
                 resp.read()
@@ -170,7 +178,9 @@ class Client:
         if isinstance(prompts, (str, Path)):
             prompts = read_prompts(prompts)
         info = self._call(
-            "POST", "/jobs", {"prompts": list(prompts), "sampling": sampling, "name": name}
+            "POST",
+            "/jobs",
+            {"prompts": list(prompts), "sampling": _sampling(sampling), "name": name},
         )
         return Job(self, info["id"])
 
@@ -202,7 +212,7 @@ class Client:
     def _call(
         self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None
     ) -> Any:
-        content = None if body is None else msgpack.packb(body)
+        content = None if body is None else _pack(body)
         with self._errors():
             resp = self._http.request(method, path, content=content, params=params)
         _check(resp)
@@ -220,13 +230,41 @@ class Client:
             ) from e
 
 
+def _pack(body: Any) -> bytes:
+    """The body as msgpack; a value msgpack cannot carry is a ValueError naming the fix."""
+    try:
+        return bytes(msgpack.packb(body))
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"a string in the request is not valid Unicode ({e.reason}, e.g. a lone surrogate "
+            "such as '\\ud800'): send text that encodes as UTF-8"
+        ) from None
+    except (TypeError, OverflowError, ValueError) as e:
+        raise ValueError(
+            f"the request holds a value msgpack cannot send ({e}): use str, int, float, bool, "
+            "None, lists and dicts with str keys"
+        ) from None
+
+
+def _sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    """Sampling keywords for the wire: logit_bias's token-id keys as strings (msgpack maps from
+    clients have str keys)."""
+    bias = sampling.get("logit_bias")
+    if isinstance(bias, Mapping):
+        sampling = {**sampling, "logit_bias": {str(k): v for k, v in bias.items()}}
+    return sampling
+
+
 def _request(
     prompt: Prompt | None,
     messages: Sequence[Message] | None,
     request_id: str | None,
     sampling: dict[str, Any],
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"sampling": sampling, "request_id": request_id or uuid.uuid4().hex}
+    body: dict[str, Any] = {
+        "sampling": _sampling(sampling),
+        "request_id": request_id or uuid.uuid4().hex,
+    }
     if messages is not None:
         body["messages"] = [dict(m) for m in messages]
     else:

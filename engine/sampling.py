@@ -1,6 +1,7 @@
 """Turn a batch of logits into next tokens: penalties, temperature, top-k/top-p/min-p, draws.
 
-Order per row: penalties -> greedy argmax if temperature == 0 -> temperature -> top-k -> top-p
+Order per row: logit_bias and the min_tokens mask (as vLLM v1's logits processors) -> penalties
+-> greedy argmax if temperature == 0 -> temperature -> top-k -> top-p
 -> min-p -> sample. Penalties are batched tensor ops driven by per-row parameter tensors; the
 filters and the draw are in `sampling_draw`, which samples exactly from the processed
 distribution without sorting the vocabulary.
@@ -51,7 +52,7 @@ class Sampler:
         wants_logprobs = any(r.params.logprobs is not None for r in rows)
         # vLLM v1's default: logprobs of the model's distribution, before any processing.
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-        logits = apply_penalties(logits, rows)
+        logits = apply_penalties(apply_logits_processors(logits, rows), rows)
 
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(sampled) == len(rows):  # an argmax of [B, V] costs about one draw: skip it
@@ -82,7 +83,48 @@ class Sampler:
 
 
 def _is_plain_greedy(params: SamplingParams) -> bool:
-    return params.greedy and params.logprobs is None and not _has_penalties(params)
+    return (
+        params.greedy
+        and params.logprobs is None
+        and not _has_penalties(params)
+        and not params.logit_bias
+        and not params.min_tokens
+    )
+
+
+def apply_logits_processors(logits: Tensor, rows: Sequence[SamplingRow]) -> Tensor:
+    """logit_bias added; while a row has fewer than min_tokens outputs, its EOS and stop token
+    ids set to -inf. Ids outside the logits are skipped (the server checks them against the
+    vocabulary first). Returns a new tensor when any row asks, else logits itself."""
+    # logits: [B, V]
+    vocab = logits.shape[1]
+    bias_rows: list[int] = []
+    bias_ids: list[int] = []
+    bias_values: list[float] = []
+    mask_rows: list[int] = []
+    mask_ids: list[int] = []
+    for b, row in enumerate(rows):
+        p = row.params
+        for token, value in p.logit_bias:
+            if token < vocab:
+                bias_rows.append(b)
+                bias_ids.append(token)
+                bias_values.append(value)
+        if len(row.output_token_ids) < p.min_tokens:
+            held = {*p.stop_token_ids, *([] if p.ignore_eos else p.eos_token_ids)}
+            mask_ids += [t for t in held if t < vocab]
+            mask_rows += [b] * (len(mask_ids) - len(mask_rows))
+    if not bias_rows and not mask_rows:
+        return logits
+    logits = logits.clone()
+    device = logits.device
+    if bias_rows:
+        index = (torch.tensor(bias_rows, device=device), torch.tensor(bias_ids, device=device))
+        logits.index_put_(index, torch.tensor(bias_values, device=device), accumulate=True)
+    if mask_rows:
+        index = (torch.tensor(mask_rows, device=device), torch.tensor(mask_ids, device=device))
+        logits[index] = float("-inf")
+    return logits
 
 
 def _has_penalties(params: SamplingParams) -> bool:

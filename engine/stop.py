@@ -19,9 +19,12 @@ def check_token_stop(
 
     num_output_tokens and seq_len (prompt + output) both count token_id. "stop" for an eos token
     (unless params.ignore_eos) or one of params.stop_token_ids; "length" when max_tokens are out
-    or the sequence filled the model's context. A stop token wins when both hold.
+    or the sequence filled the model's context. A stop token wins when both hold. Before
+    params.min_tokens outputs no token stops it (the sampler holds those tokens back).
     """
-    if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in eos_token_ids):
+    stoppable = num_output_tokens > params.min_tokens
+    eos = not params.ignore_eos and token_id in eos_token_ids
+    if stoppable and (token_id in params.stop_token_ids or eos):
         return "stop"
     if num_output_tokens >= params.max_tokens or seq_len >= max_model_len:
         return "length"

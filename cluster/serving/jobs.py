@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from transformers import PreTrainedTokenizerBase
+
 from pdserve.cluster.serving.job_store import (
     JOB_FILE,
     RESULTS_FILE,
@@ -33,6 +35,7 @@ from pdserve.cluster.serving.job_store import (
 )
 from pdserve.engine.request import RequestMetrics, RequestOutput
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+from pdserve.engine.tokenizer import encode_prompt
 from pdserve.router.frontend import QueueFullError, RequestFailedError
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,15 @@ def check_prompt(prompt: object, where: str = "prompt") -> Prompt:
         f"{where} must be a string or a non-empty list of token ids (ints >= 0), "
         f"not {type(prompt).__name__}"
     )
+
+
+def empty_as_ids(prompt: Prompt, tokenizer: PreTrainedTokenizerBase | None) -> Prompt:
+    """An empty text prompt as its token ids (BOS alone, where the tokenizer adds one), as
+    /v1/completions tokenizes it: vLLM's rule, under which only a prompt of no tokens is refused
+    (encode_prompt raises InvalidRequestError then). Other prompts pass as they are."""
+    if prompt == "" and tokenizer is not None:
+        return encode_prompt(tokenizer, prompt)
+    return prompt
 
 
 def metrics_dict(m: RequestMetrics) -> dict[str, Any]:
@@ -233,9 +245,12 @@ class JobManager:
     async def _one(
         self, request_id: str, index: int, prompt: Prompt, params: SamplingParams
     ) -> dict[str, Any]:
+        tokenizer = getattr(self.frontend, "tokenizer", None)
         while True:
             try:
-                out = await self.frontend.generate(prompt, params, request_id)
+                out = await self.frontend.generate(
+                    empty_as_ids(prompt, tokenizer), params, request_id
+                )
                 return _result(index, prompt, out, None)
             except QueueFullError as e:  # the cluster is busy: back off rather than fail
                 await asyncio.sleep(e.retry_after)

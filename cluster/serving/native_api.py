@@ -43,8 +43,16 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
-from pdserve.cluster.serving.jobs import Generator, JobInfo, JobManager, check_prompt, metrics_dict
+from pdserve.cluster.serving.jobs import (
+    Generator,
+    JobInfo,
+    JobManager,
+    check_prompt,
+    empty_as_ids,
+    metrics_dict,
+)
 from pdserve.cluster.serving.openai_protocol import OpenAIError
+from pdserve.cluster.serving.openai_serving import for_tokenizer
 from pdserve.cluster.serving.streaming import ClosingStream, unless_disconnected
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 from pdserve.engine.sampling_types import TokenLogprobs
@@ -181,7 +189,7 @@ class NativeApi:
     async def submit_job(self, request: Request) -> Response:
         jobs = self._jobs()
         body = await self._read(request, {"prompts", "sampling", "name"})
-        params = parse_sampling(body.get("sampling"))
+        params = self._sampling(body.get("sampling"))
         info = await jobs.submit(body.get("prompts"), params, body.get("name"))
         return _pack(info.to_dict())
 
@@ -208,7 +216,7 @@ class NativeApi:
         """Parse a generate/stream body and admit it (InvalidRequestError, QueueFullError)."""
         body = await self._read(request, {"prompt", "messages", "sampling", "request_id"})
         prompt = self._prompt(body)
-        params = parse_sampling(body.get("sampling"))
+        params = self._sampling(body.get("sampling"))
         request_id = body.get("request_id") or uuid.uuid4().hex
         if not isinstance(request_id, str) or len(request_id) > 200:
             raise InvalidRequestError("request_id must be a string of at most 200 characters")
@@ -224,11 +232,16 @@ class NativeApi:
         if ("prompt" in body) == ("messages" in body):
             raise InvalidRequestError("send either prompt (text or token ids) or messages (a chat)")
         if "prompt" in body:
-            return check_prompt(body["prompt"])
+            return empty_as_ids(check_prompt(body["prompt"]), self.frontend.tokenizer)
         messages = body["messages"]
         if not isinstance(messages, list):
             raise InvalidRequestError("messages must be a list of {role, content} maps")
         return apply_chat_template(self.frontend.tokenizer, messages)
+
+    def _sampling(self, d: object) -> SamplingParams:
+        params = parse_sampling(d)
+        tokenizer = self.frontend.tokenizer
+        return params if tokenizer is None else for_tokenizer(params, tokenizer)
 
     def _forget(self, run: _Run) -> None:
         if self.runs.get(run.request_id) is run:

@@ -1,8 +1,11 @@
 """OpenAI wire format: request models (validated at the HTTP edge) and response models.
 
-Requests are strict about types (``"temperature": "hot"`` is a 400 naming the field) and ignore
-unknown fields, as OpenAI does. Values are checked once more by SamplingParams, whose messages
-name the field and the fix. Extras beyond OpenAI follow vLLM (top_k, min_p, stop_token_ids...).
+Requests are strict about types (``"temperature": "hot"`` is a 400 naming the field). Fields
+the models do not declare are kept (``model_extra``) and judged by ``openai_fields.check_extra``:
+bookkeeping ones are ignored, ones that would change the output unimplemented (``tools``,
+``response_format``...) and unknown ones are a 400 naming them. Values are checked once more by
+SamplingParams, whose messages name the field and the fix. Extras beyond OpenAI follow vLLM
+(top_k, min_p, min_tokens, stop_token_ids...).
 
 Limits, each answered with a 400 that says so: one choice per request (``n`` = 1), one prompt per
 request (a list of one prompt is accepted), no ``echo``, text-only chat content.
@@ -54,17 +57,23 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+class _Checked(_Request):
+    """A model whose undeclared fields are kept, for ``openai_fields`` to judge."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Request):
+class _SamplingRequest(_Checked):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None  # None: the served model
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int | None = 1
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -78,7 +87,8 @@ class _SamplingRequest(_Request):
     repetition_penalty: float | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
-    user: str | None = None  # accepted and ignored
+    min_tokens: int | None = None
+    logit_bias: dict[str, float] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -86,7 +96,7 @@ class _SamplingRequest(_Request):
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """SamplingParams for this request; InvalidRequestError names a bad field."""
-        if self.n != 1:
+        if self.n not in (1, None):
             raise InvalidRequestError(
                 f"n={self.n} is invalid: this server returns one choice per request; send n=1 "
                 "and make several requests for several choices"
@@ -110,6 +120,8 @@ _SAMPLING_FIELDS = (
     "repetition_penalty",
     "include_stop_str_in_output",
     "skip_special_tokens",
+    "min_tokens",
+    "logit_bias",
 )
 
 
@@ -129,7 +141,8 @@ class CompletionRequest(_SamplingRequest):
         if len(p) != 1:
             raise InvalidRequestError(
                 f"prompt holds {len(p)} prompts: send one prompt per request (as a string or a "
-                "list of token ids) and make several requests, concurrently if you like"
+                "list of token ids) and make several requests, concurrently if you like",
+                "prompt",
             )
         return cast("str | list[int]", p[0])
 
@@ -139,21 +152,24 @@ class ContentPart(_Request):
     text: str | None = None
 
 
-class ChatMessage(_Request):
+class ChatMessage(_Checked):
     role: str
     content: str | list[ContentPart] | None = None
 
     def text(self, index: int) -> str:
         """The message's text; text parts are joined, other parts are refused."""
         if self.content is None:
-            raise InvalidRequestError(f"messages[{index}].content is missing: send its text")
+            raise InvalidRequestError(
+                f"messages[{index}].content is missing: send its text", "messages"
+            )
         if isinstance(self.content, str):
             return self.content
         for j, part in enumerate(self.content):
             if part.type != "text" or part.text is None:
                 raise InvalidRequestError(
                     f"messages[{index}].content[{j}] has type {part.type!r}: only text parts "
-                    '({"type": "text", "text": ...}) are supported'
+                    '({"type": "text", "text": ...}) are supported',
+                    "messages",
                 )
         return "".join(part.text or "" for part in self.content)
 
@@ -174,7 +190,9 @@ class ChatCompletionRequest(_SamplingRequest):
         """SamplingParams.logprobs: None unless logprobs=true; then top_logprobs (default 0)."""
         if not self.logprobs:
             if self.top_logprobs:
-                raise InvalidRequestError("top_logprobs needs logprobs=true: send both")
+                raise InvalidRequestError(
+                    "top_logprobs needs logprobs=true: send both", "top_logprobs"
+                )
             return None
         return self.top_logprobs or 0
 

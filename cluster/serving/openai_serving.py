@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from transformers import PreTrainedTokenizerBase
 
+from pdserve.cluster.serving.openai_fields import check_extra, check_message_extra
 from pdserve.cluster.serving.openai_format import ChatFormat, CompletionFormat, ReplyFormat, sse
 from pdserve.cluster.serving.openai_protocol import (
     ChatCompletionRequest,
@@ -58,13 +59,19 @@ class OpenAIServing:
         self.settings = settings
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
+        check_request(req, "completions")
         self._check_model(req.model)
         if req.echo:
-            raise InvalidRequestError("echo=true is not supported: send echo=false (the default)")
+            raise InvalidRequestError(
+                "echo=true is not supported: send echo=false (the default)", "echo"
+            )
         ids = encode_prompt(self.frontend.tokenizer, req.single_prompt())
         max_tokens = req.max_tokens
-        params = req.sampling_params(
-            self.settings.max_tokens_default if max_tokens is None else max_tokens, req.logprobs
+        params = self._for_model(
+            req.sampling_params(
+                self.settings.max_tokens_default if max_tokens is None else max_tokens,
+                req.logprobs,
+            )
         )
         fmt = CompletionFormat(
             self.frontend.tokenizer, self.settings.served_model_name, f"cmpl-{uuid.uuid4().hex}"
@@ -72,14 +79,20 @@ class OpenAIServing:
         return await self._run(fmt, ids, params, req.stream, req.include_usage, request)
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        check_request(req, "chat")
+        for i, message in enumerate(req.messages):
+            check_message_extra(message.model_extra, i)
         self._check_model(req.model)
         ids = apply_chat_template(self.frontend.tokenizer, req.message_dicts())
         max_tokens = req.max_new_tokens(len(ids), self.frontend.max_model_len)
-        params = req.sampling_params(max_tokens, req.logprobs_count())
+        params = self._for_model(req.sampling_params(max_tokens, req.logprobs_count()))
         fmt = ChatFormat(
             self.frontend.tokenizer, self.settings.served_model_name, f"chatcmpl-{uuid.uuid4().hex}"
         )
         return await self._run(fmt, ids, params, req.stream, req.include_usage, request)
+
+    def _for_model(self, params: SamplingParams) -> SamplingParams:
+        return for_tokenizer(params, self.frontend.tokenizer)
 
     def _check_model(self, model: str | None) -> None:
         served = self.settings.served_model_name
@@ -144,6 +157,54 @@ class OpenAIServing:
         finally:
             await close(deltas)
         yield DONE
+
+
+def check_request(req: CompletionRequest | ChatCompletionRequest, endpoint: str) -> None:
+    """400 for a lone surrogate in any string (no tokenizer or UTF-8 encoder takes one) and for
+    fields pdserve refuses (``openai_fields``)."""
+    where = find_surrogate(req.model_dump())
+    if where is not None:
+        raise OpenAIError(
+            400,
+            f"{where} holds a lone UTF-16 surrogate (such as \\ud800), which is not text: send "
+            "valid Unicode (surrogates only in pairs)",
+            param=where.split("[", 1)[0].split(".", 1)[0],
+        )
+    check_extra(req.model_extra, endpoint, type(req).model_fields)
+
+
+def find_surrogate(value: object, path: str = "") -> str | None:
+    """The path (``messages[0].content``) of the first string holding a lone surrogate."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items: list[tuple[str, object]] = [
+            (f"{path}.{k}" if path else str(k), v) for k, v in value.items()
+        ]
+        items += [(f"{path}[key]", k) for k in value]
+    elif isinstance(value, list | tuple):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return None
+    for where, item in items:
+        found = find_surrogate(item, where)
+        if found is not None:
+            return found
+    return None
+
+
+def for_tokenizer(params: SamplingParams, tokenizer: PreTrainedTokenizerBase) -> SamplingParams:
+    """``params`` checked against the tokenizer's vocabulary (logit_bias, stop_token_ids) and
+    given its EOS ids (what min_tokens holds back)."""
+    params.check_vocab(len(tokenizer))
+    eos = tokenizer.eos_token_id
+    return params.with_eos(() if eos is None else (int(eos),))
 
 
 def cached_tokens(metrics: RequestMetrics | None) -> int | None:

@@ -11,6 +11,7 @@ limit, which counts streamed bytes too, so a chunked upload cannot bypass Conten
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import math
 import re
@@ -20,7 +21,8 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdserve.cluster.serving.metrics import CONTENT_TYPE, ServingMetrics
@@ -106,7 +108,7 @@ def _ops_routes(
             raise OpenAIError(404, f"model {model!r} does not exist", code="model_not_found")
         return card
 
-    @router.get("/health")
+    @router.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -134,21 +136,43 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
-) -> JSONResponse:
+) -> Response:
     """An OpenAI error object with ``status``."""
-    e = OpenAIError(status, message, type=type, param=param, code=code, headers=headers)
-    return JSONResponse(e.body.model_dump(), status_code=status, headers=headers)
+    return _render(OpenAIError(status, message, type=type, param=param, code=code, headers=headers))
+
+
+def _render(e: OpenAIError) -> Response:
+    # ASCII JSON: a message quoting a lone surrogate still encodes (UTF-8 would raise mid-reply)
+    body = json.dumps(e.body.model_dump(), ensure_ascii=True)
+    return Response(body, status_code=e.status, headers=e.headers, media_type="application/json")
+
+
+_HTTP_TYPES: dict[int, ErrorType] = {401: "authentication_error", 404: "not_found_error"}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def openai_error(_: Request, e: Exception) -> Response:
         assert isinstance(e, OpenAIError)
-        return JSONResponse(e.body.model_dump(), status_code=e.status, headers=e.headers)
+        return _render(e)
+
+    async def http_error(request: Request, e: Exception) -> Response:
+        # Starlette's own answers (no such route 404, wrong method 405...), which FastAPI would
+        # send as {"detail": ...}
+        assert isinstance(e, HTTPException)
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        if e.status_code == 404:
+            message += " (see /docs for the routes)"
+        kind = _HTTP_TYPES.get(e.status_code, "invalid_request_error")
+        if e.status_code >= 500:
+            kind = "server_error"
+        headers = dict(e.headers) if e.headers else None
+        return error_response(e.status_code, message, type=kind, headers=headers)
 
     async def invalid(_: Request, e: Exception) -> Response:
         # SamplingParams names the field first ("temperature=-1 is invalid: ..."): it is the param.
+        assert isinstance(e, InvalidRequestError)
         named = re.match(r"(\w+)=", str(e))
-        return error_response(400, str(e), param=named.group(1) if named else None)
+        return error_response(400, str(e), param=e.param or (named.group(1) if named else None))
 
     async def validation(_: Request, e: Exception) -> Response:
         assert isinstance(e, RequestValidationError)
@@ -176,6 +200,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
     app.add_exception_handler(OpenAIError, openai_error)
+    app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(InvalidRequestError, invalid)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(QueueFullError, queue_full)

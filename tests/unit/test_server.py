@@ -31,7 +31,7 @@ from pdserve.engine.tokenizer import apply_chat_template
 def test_completion_reply_and_sampling_fields(
     client: TestClient, frontend: ScriptedFrontend
 ) -> None:
-    body = {**COMPLETION, "temperature": 0, "top_k": 5, "seed": 3, "stop": "!", "unknown": 1}
+    body = {**COMPLETION, "temperature": 0, "top_k": 5, "seed": 3, "stop": "!", "user": "u-1"}
     r = client.post("/v1/completions", json={**body, "stop_token_ids": [1], "min_p": 0.1})
     assert r.status_code == 200, r.text
     reply = r.json()
