@@ -37,19 +37,8 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
-class PrefillSettings:
-    """Prefill instances, each a tensor-parallel group of ranks."""
-
-    instances: int = 1
-    tensor_parallel_size: int = 1
-    max_batch_tokens: int = 8192  # a batch's prompt tokens (a longer prompt runs alone)
-    max_batch_size: int = 64
-    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, per rank
-
-
-@dataclass(frozen=True)
 class KVCacheSize:
-    """A decode replica's KV cache: how big (exactly one of the three sizes is set) and in which
+    """A decode replica's (or prefill rank's) KV cache: how big (exactly one of the three sizes is set) and in which
     dtype its entries are stored and sent ("auto": the model's)."""
 
     blocks: int | None = None
@@ -62,7 +51,12 @@ class KVCacheSize:
         if len(given) != 1:
             raise ValueError(f"{self}: set exactly one of blocks, memory_bytes, memory_fraction")
 
-    def num_blocks(self, bytes_per_block: int, device_memory: tuple[int, int] | None = None) -> int:
+    def num_blocks(
+        self,
+        bytes_per_block: int,
+        device_memory: tuple[int, int] | None = None,
+        key: str = "decode.kv_cache",
+    ) -> int:
         """Blocks of ``bytes_per_block`` that fit. ``device_memory`` (free, total bytes, read
         after the weights were loaded) sizes a ``memory_fraction`` cache: the fraction of the
         total less what is used already, less ``KV_ACTIVATION_RESERVE`` of that for activations."""
@@ -77,11 +71,29 @@ class KVCacheSize:
         budget = int(total * self.memory_fraction) - (total - free)
         if budget <= 0:
             raise ValueError(
-                f"decode.kv_cache.memory_fraction={self.memory_fraction} leaves no room for the "
+                f"{key}.memory_fraction={self.memory_fraction} leaves no room for the "
                 f"KV cache after the weights ({(total - free) / 2**30:.1f} GiB used of "
                 f"{total / 2**30:.1f} GiB): raise the fraction or use a smaller model"
             )
         return int(budget * (1 - KV_ACTIVATION_RESERVE)) // bytes_per_block
+
+
+@dataclass(frozen=True)
+class PrefillSettings:
+    """Prefill instances, each a tensor-parallel group of ranks with its own paged KV cache
+    (``kv_cache``: each rank its head slice; the prefix cache when ``prefix_caching`` is on,
+    and where a chunked prompt's earlier chunks wait for its later ones)."""
+
+    instances: int = 1
+    tensor_parallel_size: int = 1
+    # prompt tokens one prefill step computes: whole prompts (a longer one runs alone), or,
+    # with chunked_prefill, whole short prompts and chunks of long ones within it
+    max_batch_tokens: int = 8192
+    max_batch_size: int = 64
+    # its size only: entries are stored in decode.kv_cache.dtype (the KV travels as decode holds it)
+    kv_cache: KVCacheSize = field(default_factory=lambda: KVCacheSize(memory_bytes=512 << 20))
+    chunked_prefill: bool = False
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, per rank
 
 
 @dataclass(frozen=True)

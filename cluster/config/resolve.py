@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from pdserve.cluster.config.schema import DeploySpec, KVCache
+from pdserve.cluster.config.schema import DeploySpec, KVCache, PrefillKVCache
 from pdserve.cluster.config.spec import SpecError
 from pdserve.engine import envs
 from pdserve.engine.builtin_models import (
@@ -45,6 +45,7 @@ T = TypeVar("T")
 
 CPU_KV_CACHE_BYTES = 512 << 20  # decode KV cache on CPU when kv_cache is auto
 CUDA_KV_MEMORY_FRACTION = 0.9  # share of a decode GPU a replica fills when kv_cache is auto
+CUDA_PREFILL_KV_MEMORY_FRACTION = 0.7  # share of a prefill GPU its rank's KV cache fills (auto)
 
 
 def resolve(
@@ -97,19 +98,21 @@ def settle(
     """
     problems: list[str] = []
     kv = _kv_cache(spec.decode.kv_cache, device, problems)
-    if problems:
-        raise SpecError(problems, f"deploy spec {spec.name!r}")
     m, d = spec.model, spec.decode
     path = model_path or m.path
     budget = None if d.max_num_batched_tokens == "auto" else d.max_num_batched_tokens
-    return DeploymentConfig(
+    config = DeploymentConfig(
         name=spec.name,
         model=_same_named(
             m, ModelSettings, path=path, device=device,
             max_model_len=None if m.max_model_len == "auto" else m.max_model_len,
             num_threads=spec.ray.num_threads_per_cpu_worker,
         ),
-        prefill=None if spec.mode == "colocated" else _same_named(spec.prefill_pool, PrefillSettings),
+        prefill=None if spec.mode == "colocated" else _same_named(
+            spec.prefill_pool, PrefillSettings,
+            kv_cache=_kv_size(spec.prefill_pool.kv_cache, device, problems, "prefill.kv_cache"),
+            chunked_prefill=spec.prefill_pool.chunked_prefill or d.chunked_prefill,
+        ),
         decode=_same_named(
             d, DecodeSettings, kv_cache=kv,
             max_num_batched_tokens=step_token_budget(budget, d.max_num_seqs, d.chunked_prefill),
@@ -124,6 +127,9 @@ def settle(
         ),
         ray_address=spec.ray.address,
     )  # fmt: skip
+    if problems:
+        raise SpecError(problems, f"deploy spec {spec.name!r}")
+    return config
 
 
 def _same_named(section: BaseModel, settings: type[T], **settled: Any) -> T:
@@ -220,7 +226,9 @@ def _kv_cache(kv: KVCache, device: str, problems: list[str]) -> KVCacheSize:
     return dataclasses.replace(_kv_size(kv, device, problems), dtype=kv.dtype)
 
 
-def _kv_size(kv: KVCache, device: str, problems: list[str]) -> KVCacheSize:
+def _kv_size(
+    kv: KVCache | PrefillKVCache, device: str, problems: list[str], key: str = "decode.kv_cache"
+) -> KVCacheSize:
     if kv.blocks is not None:
         return KVCacheSize(blocks=kv.blocks)
     if kv.memory is not None:
@@ -228,10 +236,12 @@ def _kv_size(kv: KVCache, device: str, problems: list[str]) -> KVCacheSize:
     if kv.memory_fraction is not None:
         if device != "cuda":
             problems.append(
-                "decode.kv_cache.memory_fraction: only applies on GPUs and the model runs on "
+                f"{key}.memory_fraction: only applies on GPUs and the model runs on "
                 'cpu; write {memory: "512MiB"} or {blocks: N}'
             )
         return KVCacheSize(memory_fraction=kv.memory_fraction)
+    if key.startswith("prefill"):
+        return auto_prefill_kv_cache(device)
     return auto_kv_cache(device)
 
 
@@ -239,4 +249,12 @@ def auto_kv_cache(device: str) -> KVCacheSize:
     """What ``kv_cache: auto`` means on ``device``: 512 MiB on CPU, 90% of a GPU."""
     if device == "cuda":
         return KVCacheSize(memory_fraction=CUDA_KV_MEMORY_FRACTION)
+    return KVCacheSize(memory_bytes=CPU_KV_CACHE_BYTES)
+
+
+def auto_prefill_kv_cache(device: str) -> KVCacheSize:
+    """What ``prefill.kv_cache: auto`` means: 512 MiB on CPU, 70% of a GPU (a prefill step's
+    activations grow with its tokens: more is left to them than on decode)."""
+    if device == "cuda":
+        return KVCacheSize(memory_fraction=CUDA_PREFILL_KV_MEMORY_FRACTION)
     return KVCacheSize(memory_bytes=CPU_KV_CACHE_BYTES)

@@ -149,27 +149,10 @@ class ModelSection(Section):
     served_name: NonEmpty = kw("auto", "served_model_name")
 
 
-class PrefillSection(Section):
-    """Prefill instances, each a tensor-parallel group of actors (one device each)."""
-
-    instances: Positive = kw(1, "prefill_instances")
-    # any size dividing the model's heads: resolve checks it against the model
-    tensor_parallel_size: Positive = kw(1, "prefill_tensor_parallel_size")
-    max_batch_tokens: Positive = kw(8192, "max_batch_tokens")
-    max_batch_size: Positive = kw(64, "max_batch_size")
-    resources: Resources = Field(default_factory=dict)
-
-
-class KVCache(Section):
-    """Each decode replica's KV cache: at most one of the three sizes; none given = auto."""
+class _CacheSize(Section):
+    """A KV cache's size: at most one of the three sizes; none given = auto."""
 
     accepts_auto: ClassVar[bool] = True  # the whole section may be written `auto` (errors say so)
-
-    blocks: Positive | None = kw(None, "num_kv_blocks")
-    memory: Memory = kw(None, "kv_cache_memory")
-    memory_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
-    # auto: the model's dtype; fp8_e4m3 and int8 store (and send) KV compressed, scaled per token
-    dtype: Annotated[str, _one_of(*KV_CACHE_DTYPES)] = kw("auto", "kv_cache_dtype")
 
     @model_validator(mode="before")
     @classmethod
@@ -181,11 +164,46 @@ class KVCache(Section):
         return data
 
     @model_validator(mode="after")
-    def _at_most_one(self) -> KVCache:
-        given = [k for k in ("blocks", "memory", "memory_fraction") if getattr(self, k) is not None]
+    def _at_most_one(self) -> _CacheSize:
+        sizes = ("blocks", "memory", "memory_fraction")
+        given = [k for k in sizes if getattr(self, k, None) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of blocks, memory or memory_fraction, not {given}")
         return self
+
+
+class PrefillKVCache(_CacheSize):
+    """Each prefill rank's KV cache (its head slice; entries in decode.kv_cache.dtype): the
+    prefix cache, and room for the prompts being prefilled."""
+
+    blocks: Positive | None = kw(None, "prefill_num_kv_blocks")
+    memory: Memory = kw(None, "prefill_kv_cache_memory")
+    memory_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+
+
+class KVCache(_CacheSize):
+    """Each decode replica's KV cache: at most one of the three sizes; none given = auto."""
+
+    blocks: Positive | None = kw(None, "num_kv_blocks")
+    memory: Memory = kw(None, "kv_cache_memory")
+    memory_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+    # auto: the model's dtype; fp8_e4m3 and int8 store (and send) KV compressed, scaled per token
+    dtype: Annotated[str, _one_of(*KV_CACHE_DTYPES)] = kw("auto", "kv_cache_dtype")
+
+
+class PrefillSection(Section):
+    """Prefill instances, each a tensor-parallel group of actors (one device each)."""
+
+    instances: Positive = kw(1, "prefill_instances")
+    # any size dividing the model's heads: resolve checks it against the model
+    tensor_parallel_size: Positive = kw(1, "prefill_tensor_parallel_size")
+    # tokens one prefill step computes (with chunked_prefill: short prompts and chunks)
+    max_batch_tokens: Positive = kw(8192, "max_batch_tokens")
+    max_batch_size: Positive = kw(64, "max_batch_size")
+    kv_cache: PrefillKVCache = Field(default_factory=PrefillKVCache)
+    # prompts over max_batch_tokens run in chunks, short prompts interleaved with them
+    chunked_prefill: bool = kw(False, "prefill_chunked_prefill")
+    resources: Resources = Field(default_factory=dict)
 
 
 class DecodeSection(Section):
@@ -196,8 +214,10 @@ class DecodeSection(Section):
     block_size: Annotated[int, Field(ge=1, le=1024)] = kw(16, "block_size")
     kv_cache: KVCache = Field(default_factory=KVCache)
     resources: Resources = Field(default_factory=dict)
-    # colocated mode only (spec._cross_check rejects them otherwise)
+    # colocated: the instances prefill in chunks; disaggregated: the prefill pool does (as
+    # prefill.chunked_prefill, within prefill.max_batch_tokens)
     chunked_prefill: bool = kw(False, "enable_chunked_prefill")
+    # colocated mode only (spec._cross_check rejects it otherwise)
     max_num_batched_tokens: AutoInt = kw("auto", "max_num_batched_tokens")
 
 

@@ -147,16 +147,20 @@ def _cross_check(spec: DeploySpec) -> list[str]:
         )
     decode = spec.decode
     if spec.mode == "disaggregated":
-        for key, written in (
-            ("chunked_prefill", decode.chunked_prefill),
-            ("max_num_batched_tokens", decode.max_num_batched_tokens != "auto"),
-        ):
-            if written:
-                problems.append(
-                    f"decode.{key}: only applies in colocated mode (prefill instances run whole "
-                    "prompts; use prefill.max_batch_tokens there); remove it or write "
-                    "mode: colocated"
-                )
+        if decode.max_num_batched_tokens != "auto":
+            problems.append(
+                "decode.max_num_batched_tokens: only applies in colocated mode (the prefill "
+                "pool's step budget is prefill.max_batch_tokens); remove it or write "
+                "mode: colocated"
+            )
+        pool = spec.prefill_pool
+        chunked = pool.chunked_prefill or decode.chunked_prefill
+        if chunked and pool.max_batch_tokens < decode.block_size:
+            problems.append(
+                f"prefill.max_batch_tokens: must be at least decode.block_size "
+                f"({decode.block_size}) with chunked prefill (chunks are whole blocks), got "
+                f"{pool.max_batch_tokens}"
+            )
     elif decode.max_num_batched_tokens != "auto":
         problem = step_budget_problem(
             decode.max_num_batched_tokens, decode.max_num_seqs, decode.chunked_prefill

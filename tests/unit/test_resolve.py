@@ -103,7 +103,8 @@ def test_every_written_knob_reaches_the_resolved_tree() -> None:
     spec = load_spec(
         S(
             prefill={"instances": 3, "tensor_parallel_size": 2, "max_batch_tokens": 100,
-                     "max_batch_size": 5, "resources": {"p": 1}},
+                     "max_batch_size": 5, "resources": {"p": 1}, "kv_cache": {"blocks": 40},
+                     "chunked_prefill": True},
             decode={"instances": 2, "max_num_seqs": 7, "block_size": 8, "resources": {"d": 1}},
             router={"prefill_policy": "round_robin", "decode_policy": "fewest_running",
                     "max_queued_requests": 9},
@@ -113,7 +114,9 @@ def test_every_written_knob_reaches_the_resolved_tree() -> None:
         )
     )  # fmt: skip
     c = settle(spec, "cpu")
-    assert c.prefill == PrefillSettings(3, 2, 100, 5, {"p": 1.0})
+    assert c.prefill == PrefillSettings(
+        3, 2, 100, 5, KVCacheSize(blocks=40), chunked_prefill=True, resources={"p": 1.0}
+    )
     assert (c.decode.instances, c.decode.max_num_seqs, c.decode.block_size) == (2, 7, 8)
     assert c.decode.resources == {"d": 1.0}
     assert c.router == RouterSettings("round_robin", "fewest_running", 9)
