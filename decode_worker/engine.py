@@ -90,26 +90,40 @@ class DecodeEngine:
     def knows(self, tid: int) -> bool:
         return tid in self._held
 
-    def expects_kv(self, tid: int, block_ids: Sequence[int], first_block: int = 0) -> bool:
+    def expects_kv(
+        self, tid: int, block_ids: Sequence[int], first_block: int = 0, last: bool = True
+    ) -> bool:
         """Whether KV for ``tid`` into ``block_ids`` (its table from ``first_block`` on) may be
-        written now: reserved, not running, the blocks past its cached prefix exactly. Only
-        reads: safe from a receiver thread."""
+        written now: reserved, not running, blocks of its table past its cached prefix; a
+        ``last`` part (or a whole prompt) reaches the table's end. Only reads: safe from a
+        receiver thread."""
         held = self._held.get(tid)
-        if held is None or held.running or first_block != held.cached_blocks:
+        if held is None or held.running or first_block < held.cached_blocks:
             return False
-        return tuple(self.blocks.block_table(tid)[first_block:]) == tuple(block_ids)
+        table = self.blocks.block_table(tid)
+        end = len(table) if last else first_block + len(block_ids)
+        return end <= len(table) and tuple(table[first_block:end]) == tuple(block_ids)
 
     def kv_landed(
-        self, tid: int, heads: int, nbytes: int, seconds: float, first_token: int | None
+        self,
+        tid: int,
+        heads: int,
+        nbytes: int,
+        seconds: float,
+        first_token: int | None,
+        last: bool = True,
     ) -> list[Output]:
         """A slice of ``heads`` KV heads (and, from prefill rank 0, the first token) landed;
-        once every head and the first token are here the request starts decoding."""
+        once every head's ``last`` part and the first token are here the request starts
+        decoding. An earlier part (a chunk of a chunked prefill) only adds its bytes."""
         held = self._held.get(tid)
         if held is None:
             return []
-        held.heads += heads
         held.kv_bytes += nbytes
         held.transfer_s = max(held.transfer_s, seconds)
+        if not last:
+            return []
+        held.heads += heads
         if first_token is not None:
             held.first_token = first_token
         if held.heads == self.limits.num_kv_heads and held.first_token is not None:

@@ -51,6 +51,9 @@ class DecodeWorker:
         self._unclaimed: dict[int, asyncio.Queue[StepDelta]] = {}
         self._inflight: dict[str, set[int]] = defaultdict(set)  # link -> transfers mid-receive
         self._receivers: dict[str, KVReceiver] = {}
+        # aborted with nothing more to come from the prefill side, but a link still writes
+        # their blocks (a chunk's part need not be the prompt's last): freed once none does
+        self._draining: set[int] = set()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._step_task: asyncio.Task[None] | None = None
@@ -92,11 +95,12 @@ class DecodeWorker:
 
     def _accept(self, link: str, item: TransferItem) -> bool:
         # runs on a receiver thread: only reads the engine and adds to a set
-        if not self.engine.expects_kv(item.transfer_id, item.block_ids, item.first_block):
-            if self.engine.knows(item.transfer_id):
-                logger.error("transfer %d names blocks it does not hold", item.transfer_id)
+        tid = item.transfer_id
+        if not self.engine.expects_kv(tid, item.block_ids, item.first_block, item.last):
+            if self.engine.knows(tid):
+                logger.error("transfer %d names blocks it does not hold", tid)
             return False
-        self._inflight[link].add(item.transfer_id)
+        self._inflight[link].add(tid)
         return True
 
     def _on_batch(self, batch: ReceivedBatch) -> None:
@@ -108,16 +112,24 @@ class DecodeWorker:
                 continue
             first = batch.first_tokens[i] if batch.first_tokens is not None else None
             nbytes = per_block * blocks_for(item.num_tokens, batch.header.block_size)
+            first = first if item.last else None
             outputs += self.engine.kv_landed(
-                item.transfer_id, batch.header.num_heads, nbytes, batch.seconds, first
+                item.transfer_id, batch.header.num_heads, nbytes, batch.seconds, first, item.last
             )
-        self._emit(outputs)
+        self._emit(outputs + self._settle_drained())
 
     def _on_link_error(self, name: str, error: BaseException) -> None:
         self._receivers.pop(name, None)
         message = f"KV transfer failed on link {name}: {error}"
         tids = self._inflight.pop(name, set())
-        self._emit([o for tid in tids for o in self.engine.kv_failed(tid, message)])
+        outputs = [o for tid in tids for o in self.engine.kv_failed(tid, message)]
+        self._emit(outputs + self._settle_drained())
+
+    def _settle_drained(self) -> list[Output]:
+        """Requests aborted with no more KV coming, once no link is still writing them."""
+        done = {tid for tid in self._draining if not self._receiving(tid)}
+        self._draining -= done
+        return [o for tid in done for o in self.engine.abort(tid, False)]
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -136,8 +148,10 @@ class DecodeWorker:
         """Forget a request and free its blocks; with KV still in flight, once it has landed."""
         if not self.engine.knows(transfer_id):
             return False
-        pending = transfer_pending or self._receiving(transfer_id)
-        self._emit(self.engine.abort(transfer_id, pending))
+        receiving = self._receiving(transfer_id)
+        if receiving and not transfer_pending:  # the part in flight is the last: free after it
+            self._draining.add(transfer_id)
+        self._emit(self.engine.abort(transfer_id, transfer_pending or receiving))
         return True
 
     def _receiving(self, transfer_id: int) -> bool:

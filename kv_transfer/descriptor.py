@@ -5,6 +5,10 @@ request in the batch bound there (the router-assigned transfer id is the only pa
 one tensor per layer holding all those requests' K and V for the rank's head slice in the cache's
 block layout and storage format (see layout.py; a scaled format's rows carry their scales), then
 (from the rank that sampled them) a *trailer* with the first generated tokens.
+
+A prompt's KV may come in several *parts* (chunked prefill: one per chunk that completes
+blocks), each in the header of its own step, in prompt order on each link; only its ``last``
+part carries its first token, and only then is the prompt's KV complete.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from pdserve.engine.kv_format import KV_DTYPES, row_width
 
 # Bounded message size: a header for a batch of a few hundred requests is a few KiB.
 MAX_HEADER_BYTES = 1 << 20
+# 5: a prompt's KV may come in parts: an item says whether it is the prompt's last;
 # 4: an item carries its first block: a prompt prefix the decode replica holds is not sent;
 # 3: "dtype" is the KV cache's storage format (int8 and fp8_e4m3 rows carry their scales);
 # 2: one block-layout tensor per layer; 1: K and V apart, per token
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 class TransferProtocolError(RuntimeError):
@@ -29,14 +34,17 @@ class TransferProtocolError(RuntimeError):
 
 @dataclass(frozen=True)
 class TransferItem:
-    """One request's part of a batched transfer: the prompt's tokens from position
-    ``first_block * block_size`` on (the blocks before are cached on the decode replica)."""
+    """One request's part of a batched transfer: ``num_tokens`` of the prompt's tokens from
+    position ``first_block * block_size`` on (the blocks before are cached on the decode replica,
+    or came in earlier parts). ``last``: this part ends the prompt (the trailer has its first
+    token); an earlier part of a chunked prefill covers whole blocks."""
 
     transfer_id: int
     request_id: str
     num_tokens: int  # prompt tokens whose K/V are in this transfer (the uncached part)
     block_ids: tuple[int, ...]  # destination blocks: the reservation's table from first_block on
-    first_block: int = 0  # leading blocks of the prompt the decode replica already holds
+    first_block: int = 0  # the prompt's block this part starts at
+    last: bool = True  # the prompt's KV is complete with this part
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class TransferHeader:
     head_end: int
     head_dim: int
     block_size: int  # the wire tensor's block size: the decode replica's
-    has_trailer: bool  # this rank also sends the first sampled token of every item
+    has_trailer: bool  # this rank also sends a token per item: the first of each last part
     close: bool = False  # the sender is closing the link; nothing follows
 
     @property
@@ -89,7 +97,14 @@ class TransferHeader:
         body = {
             "v": PROTOCOL_VERSION,
             "items": [
-                [i.transfer_id, i.request_id, i.num_tokens, list(i.block_ids), i.first_block]
+                [
+                    i.transfer_id,
+                    i.request_id,
+                    i.num_tokens,
+                    list(i.block_ids),
+                    i.first_block,
+                    i.last,
+                ]
                 for i in self.items
             ],
             "layers": self.num_layers,
@@ -114,10 +129,16 @@ class TransferHeader:
         try:
             body = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0)
             if body["v"] != PROTOCOL_VERSION:
-                raise TransferProtocolError(f"protocol version {body['v']} != {PROTOCOL_VERSION}")
+                raise TransferProtocolError(
+                    f"KV transfer protocol version {body['v']} from the prefill rank, this "
+                    f"decode replica speaks {PROTOCOL_VERSION}: run one pdserve version in "
+                    "both pools"
+                )
             items = tuple(
-                TransferItem(int(t), str(r), int(n), tuple(int(b) for b in blocks), int(first))
-                for t, r, n, blocks, first in body["items"]
+                TransferItem(
+                    int(t), str(r), int(n), tuple(int(b) for b in blocks), int(first), bool(last)
+                )
+                for t, r, n, blocks, first, last in body["items"]
             )
             start, end, head_dim = (int(x) for x in body["heads"])
             if body["dtype"] not in KV_DTYPES:

@@ -180,6 +180,6 @@ def test_the_header_carries_the_kv_format() -> None:
     back = TransferHeader.decode(header.encode())
     assert back == header and back.layer_shape() == (1, 2, 16, 3, 66)
     assert back.layer_bytes() == 2 * 16 * 3 * 66
-    assert PROTOCOL_VERSION == 4
+    assert PROTOCOL_VERSION == 5
     with pytest.raises(TransferProtocolError, match="unknown KV dtype"):
         TransferHeader.decode(header.encode().replace(b"int8", b"int9"))
