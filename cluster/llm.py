@@ -148,12 +148,12 @@ class LLM:
             future.cancel()
 
     def check_integrity(self) -> int:
-        """Raise unless every decode replica's blocks are all accounted for; returns how many
-        requests the decode pool still holds (0 when idle)."""
+        """Raise unless every decode replica's and prefill instance's blocks are all accounted
+        for; returns how many requests both pools still hold (0 when idle)."""
 
         async def check() -> list[int]:
-            decode = self.deployment.decode
-            return list(await asyncio.gather(*(d.check_integrity.remote() for d in decode)))
+            workers = [*self.deployment.decode, *(p.leader for p in self.deployment.prefill)]
+            return list(await asyncio.gather(*(w.check_integrity.remote() for w in workers)))
 
         return sum(self._loop.run(check()))
 

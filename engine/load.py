@@ -15,6 +15,19 @@ class PrefillLoad:
 
 
 @dataclass(frozen=True)
+class PrefillStats:
+    """A prefill instance's queue and prefix cache, for status displays and tests."""
+
+    queued_tokens: int  # prompt tokens not computed yet
+    prompts: int  # prompts held: queued or part-way
+    partial_prefills: int  # prompts part-way through their chunked prefill
+    cache_blocks: int  # blocks its prefix cache can hold (0: prefix caching off)
+    cached_blocks: int  # blocks findable in the prefix cache (held or evictable)
+    prefix_cache_queries: int  # prompt tokens looked up, total since start (vLLM's name)
+    prefix_cache_hits: int  # of those, tokens found cached: not computed
+
+
+@dataclass(frozen=True)
 class DecodeLoad:
     """What the router knows about one decode replica's KV cache and batch."""
 

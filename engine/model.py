@@ -93,9 +93,12 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(qk[:, :nh]), self.k_norm(qk[:, nh:])), dim=1)
         qk = apply_rope(qk, cos, sin)  # one call rotates q and k together
         q, k = qk[:, :nh], qk[:, nh:]
-        if kv_hook is not None:
+        mixed = isinstance(meta, MixedPlan)
+        if kv_hook is not None and not mixed:
             kv_hook(self.layer, k, v)  # [T, kv_heads_local, D] views: a sender packs them
         out = self._attend(q, k, v, meta, cache)
+        if kv_hook is not None and mixed:
+            kv_hook(self.layer, k, v)  # the layer's K/V are in the cache: a sender reads blocks
         return self.o_proj(out.reshape(t, nh * d))
 
     def _attend(
@@ -200,8 +203,9 @@ class CausalLM(nn.Module):
         kv_cache: [num_layers, num_blocks, 2, block_size, kv_heads_local, row], in its storage
         format (row: head_dim, or head_dim + 2 for int8/fp8 with scales). kv_hook(layer,
         k, v) sees each layer's K/V ([T, kv_heads_local, head_dim], after RoPE; strided views
-        valid for the call, so copy what you keep) before that layer's attention runs, so a
-        sender can overlap with the rest of the forward pass.
+        valid for the call, so copy what you keep) before that layer's attention runs (in a
+        mixed step: right after its attention wrote them into ``kv_cache``, so a sender may
+        read whole blocks there), so a sender can overlap with the rest of the forward pass.
         """
         step = self._plan(meta, kv_cache)
         h = F.embedding(input_ids, self.embed_tokens)

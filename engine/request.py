@@ -41,11 +41,12 @@ class PrefillResult:
     first_token: int
     logprobs: TokenLogprobs | None
     queue_s: float  # waiting in the prefill queue
-    compute_s: float  # the batch's forward pass incl. sending the KV
+    compute_s: float  # its first step's start to its last's end (forward passes, KV sends)
     error: str | None = None
     # of compute_s, the time a KV-sending rank waited after its forward pass for its KV sends to
     # leave: the part of the transfer that compute did not hide (the slowest rank's)
     kv_wait_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens found in the prefill instance's prefix cache
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,15 @@
 """The prefill actor: one per TP rank; rank 0 (the leader) queues, batches and drives the rest.
 
-router --prefill(item)--> leader queue --take_batch--> execute(batch) on every rank at once
-                                                        |  forward + all-reduces (TP group)
-                                                        |  KV slices -> decode, layer by layer
-router <--PrefillResult-- leader <----- first tokens ---+
+router --prefill(item)--> leader: PrefillScheduler --schedule--> execute(works) on every rank
+                          (queue, cache blocks,                   |  forward over the rank's
+                           chunks, prefix cache)                  |  paged cache (TP group)
+                                                                  |  KV blocks -> decode
+router <--PrefillResult-- leader <------ first tokens (last chunk) +
+
+Each rank holds a paged KV cache of its head slice (``prefill.kv_cache``); the leader's
+`PrefillScheduler` decides every block table and broadcasts them with the step, so the ranks'
+caches stay alike. A prompt computes only past its cached prefix; a long one (chunked prefill)
+runs over several steps, its KV sent to decode part by part.
 """
 
 from __future__ import annotations
@@ -11,23 +17,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pdserve.engine.batching import take_batch
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.deploy_config import DeploymentConfig, resolve_host
+from pdserve.engine.kv_cache import bytes_per_block
+from pdserve.engine.load import PrefillStats
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup, make_process_group
+from pdserve.engine.prefix_hash import hash_salt
 from pdserve.engine.request import PrefillItem, PrefillResult
 from pdserve.kv_transfer.link import SENDER, KVLink, KVLinkError, resolve_backend
 from pdserve.prefill_worker.runner import PrefillRunner
+from pdserve.prefill_worker.scheduler import PrefillScheduler, PrefillWork
 
 logger = logging.getLogger(__name__)
+
+ABORT_WAIT_S = 600.0  # the longest an abort waits for the step running its prompt
 
 
 @dataclass
@@ -35,6 +45,9 @@ class _Queued:
     item: PrefillItem
     future: asyncio.Future[PrefillResult]
     enqueued: float
+    started: float = 0.0  # its first step began
+    kv_wait_s: float = 0.0  # summed over its steps
+    dropped: asyncio.Future[bool] | None = None  # aborted during a step: the abort's answer
 
 
 class PrefillWorker:
@@ -54,7 +67,10 @@ class PrefillWorker:
         self._runner: PrefillRunner | None = None
         self._links: dict[int, KVLink] = {}
         self._peers: list[Any] = []  # follower actor handles (leader only)
-        self._queue: deque[_Queued] = deque()
+        self._sched: PrefillScheduler | None = None  # leader only
+        self._waiting: dict[int, _Queued] = {}  # leader: prompts held, by transfer id
+        self._in_step: set[int] = set()  # leader: the running step's prompts
+        self._step: list[PrefillWork] = []  # leader: the running step
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._executing = False  # a batch is running on this rank
@@ -89,10 +105,43 @@ class PrefillWorker:
             tp = TPGroup(self.rank, self.pool.tensor_parallel_size, pg)
         model = load_model(self.config, tp, self.device)
         decode = self.deployment.decode  # the KV travels in the decode cache's layout and format
+        num_blocks = self._num_blocks(tp)
         self._runner = PrefillRunner(
-            model, tp, self.device, decode.block_size, decode.kv_cache.dtype
+            model, tp, self.device, decode.block_size, decode.kv_cache.dtype, num_blocks
         )
-        logger.info("prefill instance %d rank %d ready", self.instance, self.rank)
+        if tp.rank == 0:
+            self._sched = PrefillScheduler(
+                num_blocks,
+                decode.block_size,
+                self.pool.max_batch_tokens,
+                self.pool.max_batch_size,
+                chunked=self.pool.chunked_prefill,
+                caching=self.deployment.prefix_caching,
+                salt=hash_salt(
+                    self.deployment.model.path, decode.kv_cache.dtype, decode.block_size
+                ),
+            )
+        logger.info(
+            "prefill instance %d rank %d ready: %d KV blocks", self.instance, self.rank, num_blocks
+        )
+
+    def _num_blocks(self, tp: TPGroup) -> int:
+        """This rank's cache blocks: ``prefill.kv_cache`` of its head slice, the smallest
+        count over the TP group (every rank holds the same block ids)."""
+        d = self.deployment.decode
+        per_block = bytes_per_block(self.config, tp.size, d.block_size, d.kv_cache.dtype)
+        memory = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else None
+        n = self.pool.kv_cache.num_blocks(per_block, memory, "prefill.kv_cache")
+        if tp.size > 1:
+            assert tp.pg is not None
+            count = torch.tensor([n], dtype=torch.int64, device=self.device)
+            opts = torch.distributed.AllreduceOptions()
+            opts.reduceOp = torch.distributed.ReduceOp.MIN  # type: ignore[assignment]
+            tp.pg.allreduce([count], opts).wait()
+            n = int(count.item())
+        if n < 1:
+            raise ValueError(f"prefill.kv_cache holds no block of {per_block} bytes: raise it")
+        return n
 
     async def connect_link(self, decode_instance: int, name: str, host: str, port: int) -> bool:
         """Join the link a decode replica is hosting; False when this rank sends no KV."""
@@ -115,91 +164,148 @@ class PrefillWorker:
     # -- serving (leader) -------------------------------------------------------------------
 
     async def prefill(self, item: PrefillItem) -> PrefillResult:
-        """Queue one prompt; resolves once its batch ran and its KV has left."""
+        """Queue one prompt; resolves once its last step ran and all its KV has left."""
+        assert self._sched is not None, "prefill goes to the leader, after start()"
+        self._sched.add(item)  # ValueError: it could never fit this instance's cache
         future: asyncio.Future[PrefillResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(item, future, time.perf_counter()))
+        self._waiting[item.transfer_id] = _Queued(item, future, time.perf_counter())
         self._wake.set()
         return await future
 
     async def abort(self, transfer_id: int) -> bool:
-        """Drop a still-queued prompt. False when it is already running (its KV will be sent)."""
-        for queued in self._queue:
-            if queued.item.transfer_id == transfer_id:
-                self._queue.remove(queued)
-                queued.future.cancel()
-                return True
-        return False
+        """Drop a prompt; True when nothing more of its KV will be sent (its earlier chunks'
+        parts have left), False when the step that ends it is running (its KV will be sent)
+        or it is unknown. A prompt in the running step is dropped right after it."""
+        q = self._waiting.get(transfer_id)
+        if q is None:
+            return False
+        if transfer_id not in self._in_step:
+            self._forget(transfer_id, None)
+            return True
+        if q.dropped is None:
+            q.dropped = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(asyncio.shield(q.dropped), ABORT_WAIT_S)
+        except TimeoutError:
+            return False
 
     async def queued_tokens(self) -> int:
-        return sum(len(q.item.prompt_token_ids) for q in self._queue)
+        """Prompt tokens waiting to be computed (the running step's are not waiting)."""
+        if self._sched is None:
+            return 0
+        return self._sched.queued_tokens - sum(w.num_tokens for w in self._step)
+
+    async def stats(self) -> PrefillStats:
+        s = self._sched
+        assert s is not None, "stats come from the leader, after start()"
+        return PrefillStats(
+            s.queued_tokens, len(s), s.num_partial, await self.cache_blocks(),
+            s.blocks.num_cached_blocks, s.queries, s.hits,
+        )  # fmt: skip
+
+    async def cache_blocks(self) -> int:
+        """Blocks this instance's prefix cache can hold (0: prefix caching off)."""
+        s = self._sched
+        return s.blocks.num_blocks if s is not None and s.blocks.caching else 0
+
+    async def check_integrity(self) -> int:
+        """Raise if a cache block is lost or held by no prompt; returns the prompts held."""
+        return self._sched.check_integrity() if self._sched is not None else 0
 
     async def _batch_loop(self) -> None:
+        assert self._sched is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                n = take_batch(
-                    [len(q.item.prompt_token_ids) for q in self._queue],
-                    self.pool.max_batch_tokens,
-                    self.pool.max_batch_size,
-                )
-                batch = [self._queue.popleft() for _ in range(n)]
-                await self._run_batch(batch)
+            while works := self._sched.schedule():
+                await self._run_step(works)
 
-    async def _run_batch(self, batch: list[_Queued]) -> None:
-        items = [q.item for q in batch]
+    async def _run_step(self, works: list[PrefillWork]) -> None:
+        assert self._sched is not None
         start = time.perf_counter()
+        for w in works:
+            q = self._waiting[w.item.transfer_id]
+            q.started = q.started or start
+        self._in_step, self._step = {w.item.transfer_id for w in works}, works
         try:
-            calls = [peer.execute.remote(items) for peer in self._peers]
-            (out, broken, kv_wait_s), *rest = await asyncio.gather(self.execute(items), *calls)
-        except Exception as e:  # a failed batch fails its requests, not the instance
-            logger.exception("prefill batch of %d failed", len(items))
-            for q in batch:
-                if not q.future.done():
-                    q.future.set_exception(e)
+            calls = [peer.execute.remote(works) for peer in self._peers]
+            (firsts, broken, kv_wait_s), *rest = await asyncio.gather(self.execute(works), *calls)
+        except Exception as e:  # a failed step fails its prompts, not the instance
+            logger.exception("prefill step of %d prompts failed", len(works))
+            dests = {w.item.decode_instance for w in works}  # their links were dropped
+            failed = set(self._in_step) | set(self._sched.tids(dests))
+            for tid in failed:
+                self._forget(tid, e)
             return
-        compute_s = time.perf_counter() - start
-        assert out is not None
+        finally:
+            self._in_step, self._step = set(), []
         for _, more, rank_wait_s in rest:  # a link may fail on any KV-sending rank
             for dest, why in more.items():
                 broken.setdefault(dest, why)
             kv_wait_s = max(kv_wait_s, rank_wait_s)
-        for why in broken.values():
+        for dest, why in broken.items():
             logger.error("prefill instance %d: %s", self.instance, why)
-        for i, q in enumerate(batch):
-            if q.future.done():
-                continue
-            dest = q.item.decode_instance
-            if dest in broken:
-                q.future.set_exception(KVLinkError(dest, broken[dest]))
-                continue
-            q.future.set_result(
-                PrefillResult(
-                    q.item.transfer_id,
-                    out.token_ids[i],
-                    out.logprobs[i],
-                    start - q.enqueued,
-                    compute_s,
-                    kv_wait_s=kv_wait_s,
-                )
-            )
+            for tid in self._sched.tids([dest]):  # nothing more reaches it on this link
+                self._forget(tid, KVLinkError(dest, why))
+        for w in works:
+            if (held := self._waiting.get(w.item.transfer_id)) is not None:
+                held.kv_wait_s += kv_wait_s
+        done = self._sched.on_step_done(works)
+        for tid, cached in done.items():
+            self._finish(tid, firsts[tid], cached)
+        for w in works:  # aborted during the step: dropped now, before the next one forms
+            aborted = self._waiting.get(w.item.transfer_id)
+            if aborted is not None and aborted.dropped is not None:
+                self._forget(w.item.transfer_id, None)
+
+    def _finish(self, tid: int, first: tuple[int, Any], cached: int) -> None:
+        q = self._waiting.pop(tid)
+        if q.dropped is not None and not q.dropped.done():
+            q.dropped.set_result(False)  # its KV is all sent: decode frees once it lands
+        if q.future.done():
+            return
+        end, begun = time.perf_counter(), q.started or q.enqueued
+        token, logprobs = first
+        result = PrefillResult(
+            tid, token, logprobs, begun - q.enqueued, end - begun,
+            kv_wait_s=q.kv_wait_s, cached_tokens=cached,
+        )  # fmt: skip
+        q.future.set_result(result)
+
+    def _forget(self, tid: int, error: BaseException | None) -> None:
+        """Drop a prompt here, releasing its cache blocks once: its caller hears ``error``
+        (None: it was aborted)."""
+        assert self._sched is not None
+        self._sched.remove(tid)
+        q = self._waiting.pop(tid, None)
+        if q is None:
+            return
+        if q.dropped is not None and not q.dropped.done():
+            q.dropped.set_result(True)
+        if not q.future.done():
+            if error is None:
+                q.future.cancel()
+            else:
+                q.future.set_exception(error)
 
     # -- every rank -------------------------------------------------------------------------
 
-    async def execute(self, items: list[PrefillItem]) -> tuple[Any, dict[int, str], float]:
-        """Run one batch on this rank (the leader calls it on all ranks at once); returns the
-        first tokens (leader), the destinations whose link failed, and the seconds this rank
-        waited, after its forward pass, for its KV sends to leave."""
+    async def execute(
+        self, works: list[PrefillWork]
+    ) -> tuple[dict[int, tuple[int, Any]], dict[int, str], float]:
+        """Run one step on this rank (the leader calls it on all ranks at once); returns the
+        first tokens of the prompts it completed (leader), the destinations whose link failed,
+        and the seconds this rank waited, after its forward pass, for its KV sends to leave."""
         assert self._runner is not None, "start() first"
-        links = dict(self._links)  # this batch's links, whatever connect_link does meanwhile
+        links = dict(self._links)  # this step's links, whatever connect_link does meanwhile
         waited_before = sum(link.flush_wait_s for link in links.values())
         self._executing = True
         try:
-            out, broken = await asyncio.to_thread(self._runner.run, items, links)
+            firsts, broken = await asyncio.to_thread(self._runner.run_step, works, links)
         except Exception:
-            # A batch that died half-sent leaves its links out of step: drop them so the router
+            # A step that died half-sent leaves its links out of step: drop them so the router
             # rebuilds them, and the decode side fails only the transfers that were in flight.
-            self._drop_links(links, {it.decode_instance for it in items})
+            self._drop_links(links, {w.item.decode_instance for w in works})
             raise
         finally:
             self._executing = False
@@ -207,7 +313,20 @@ class PrefillWorker:
             for link in retired:
                 link.abort()
         self._drop_links(links, broken)
-        return out, broken, sum(link.flush_wait_s for link in links.values()) - waited_before
+        return firsts, broken, sum(link.flush_wait_s for link in links.values()) - waited_before
+
+    async def drop_link(self, decode_instance: int) -> bool:
+        """Abort this rank's KV link to a decode replica (after the running step): the
+        prompts bound there fail and the router makes a new link for the next request (a stuck
+        link's remedy; the tests' way to break a link mid-prompt). False when there is none."""
+        link = self._links.pop(decode_instance, None)
+        if link is None:
+            return False
+        if self._executing:
+            self._retired.append(link)
+        else:
+            link.abort()
+        return True
 
     def _drop_links(self, used: Mapping[int, KVLink], dests: Iterable[int]) -> None:
         """Abort the links a batch used to ``dests`` (not ones made since to replace them)."""

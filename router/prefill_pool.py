@@ -1,5 +1,5 @@
 """The prefill pool as the router sees it: TP groups, their queue counters, the dead ones, and
-(policy `cache_aware`, once prefill instances cache prefixes) what each one's cache holds."""
+(policy `cache_aware`) what each one's prefix cache likely holds."""
 
 from __future__ import annotations
 
@@ -28,9 +28,8 @@ class PrefillInstance:
     senders: list[int]
     queued_tokens: int = 0
     queued_requests: int = 0
-    # KV blocks its prefix cache can hold; 0: it keeps none. Prefill instances do not cache yet:
-    # when they do, the deployment sets this from the leader's KV pool and `cache_aware` counts
-    # the prompt's blocks expected cached there.
+    # KV blocks its prefix cache can hold (the deployment reads it off the leader); 0: it keeps
+    # none (prefix caching off). `cache_aware` counts the prompt's blocks expected cached there.
     cache_blocks: int = 0
 
     @property

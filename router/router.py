@@ -212,8 +212,8 @@ class Router:
             raise
         trace.decode_instance = d
         trace.decode_cached_tokens = reservation.cached_blocks * self.config.decode.block_size
-        # colocated, the replica prefills only past its cached blocks; a prefill instance
-        # computes the whole prompt (it keeps no prefix cache yet)
+        # colocated, the replica prefills only past its cached blocks; a prefill instance says
+        # what its own prefix cache held in its result
         trace.prefill_cached_tokens = trace.decode_cached_tokens if colocated else 0
         if p is not None:
             trace.prefill_instance = p.index
@@ -270,6 +270,7 @@ class Router:
         flight.phase = self._phases[req.request_id] = Phase.DECODE
         trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s
         trace.kv_wait_s = result.kv_wait_s
+        trace.prefill_cached_tokens = result.cached_tokens
         return StepDelta([result.first_token], [result.logprobs])
 
     async def _prefill(self, p: PrefillInstance, item: PrefillItem) -> PrefillResult:

@@ -163,10 +163,12 @@ class Controller:
         return {"prefill": ranks, "decode": list(self._deployment.decode)}
 
     async def check_integrity(self) -> int:
-        """Every decode replica's block check; returns requests still held (0 when idle)."""
+        """Every decode replica's and prefill leader's block check; returns requests still held
+        (0 when idle)."""
         assert self._deployment is not None
+        leaders = [p.leader for p in self._deployment.prefill]
         counts = await asyncio.gather(
-            *(d.check_integrity.remote() for d in self._deployment.decode)
+            *(w.check_integrity.remote() for w in [*self._deployment.decode, *leaders])
         )
         return sum(counts)
 

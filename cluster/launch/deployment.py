@@ -5,6 +5,7 @@ an actor handle; status, debugging and tests reach the raw handles here)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ class PrefillGroup:
     index: int
     ranks: list[Any]
     senders: list[int]
+    cache_blocks: int = 0  # its prefix cache's blocks, read off the leader once started
 
     @property
     def leader(self) -> Any:
@@ -49,7 +51,7 @@ class PrefillGroup:
         ports: list[PrefillPort] = [
             RayPrefillPort(h, self.index, r) for r, h in enumerate(self.ranks)
         ]
-        return PrefillInstance(self.index, ports, self.senders)
+        return PrefillInstance(self.index, ports, self.senders, cache_blocks=self.cache_blocks)
 
 
 @dataclass
@@ -88,6 +90,8 @@ class Deployment:
             await asyncio.gather(
                 *(_start_prefill(p) for p in prefill), *(d.get_load.remote() for d in decode)
             )
+            sizes = await asyncio.gather(*(p.leader.cache_blocks.remote() for p in prefill))
+            prefill = [dataclasses.replace(p, cache_blocks=n) for p, n in zip(prefill, sizes)]
             ports: list[DecodePort] = [RayDecodePort(h, j) for j, h in enumerate(decode)]
             router = Router([g.router_instance() for g in prefill], ports, config)
             await router.start()
