@@ -56,8 +56,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--prefill-cache-blocks", type=int, default=None, metavar="N",
-        help="KV blocks of each prefill instance's prefix cache, an LRU (default: as many as a "
-        "decode replica holds; 0: the prefill pool caches nothing)",
+        help="KV blocks of each prefill instance's prefix cache, an LRU (default: the spec's "
+        "prefill.kv_cache; 0: the prefill pool caches nothing)",
     )  # fmt: skip
     p.add_argument("--top", type=int, default=10, help="placements to list (10)")
     p.add_argument("-o", "--out", type=Path, help="write the best placement's deploy spec here")

@@ -120,3 +120,17 @@ def kv_blocks(config: DeploymentConfig, profile: Profile) -> int:
         return max(profile.auto_kv_blocks, 1)
     per_token = profile.model.kv_bytes_per_token(kv_dtype=kv.dtype)
     return max(kv.num_blocks(per_token * config.decode.block_size), 1)
+
+
+def prefill_cache_blocks(config: DeploymentConfig, profile: Profile, tp: int) -> int:
+    """KV blocks of each prefill instance's cache (`prefill.kv_cache`: every rank holds its
+    head slice, in decode's KV dtype); a colocated spec has none, a memory_fraction cache holds
+    what a decode replica's auto cache does."""
+    if config.prefill is None:
+        return 0
+    kv = config.prefill.kv_cache
+    if kv.memory_fraction is not None:
+        return max(profile.auto_kv_blocks, 1)
+    heads = max(profile.model.num_kv_heads // tp, 1)
+    per_token = profile.model.kv_bytes_per_token(heads, config.decode.kv_cache.dtype)
+    return max(kv.num_blocks(per_token * config.decode.block_size, key="prefill.kv_cache"), 1)

@@ -49,7 +49,7 @@ class SearchSettings:
     max_probes: int = 12
     host: HostCpu | None = None  # None: the profiled host (CPU) or a device each (GPU)
     prefix_caching: bool | None = None  # None: as the profile's spec says (on by default)
-    prefill_cache_blocks: int | None = None  # each prefill instance's; None: a decode replica's
+    prefill_cache_blocks: int | None = None  # each prefill instance's; None: prefill.kv_cache
 
 
 def rate_range_for(profile: Profile, workload: Workload, devices: int) -> tuple[float, float]:

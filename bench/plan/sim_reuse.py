@@ -10,8 +10,7 @@ computed for it. Hits then come from the production hash chain (`engine.prefix_h
 decode engine and the prefill cache alike.
 
 The prefill pool's cache is modelled, not run: each instance keeps an LRU of block hashes of the
-prompts it prefilled, `capacity` blocks (in pdserve the real one is the prefill instance's KV
-cache); a prompt computes only the tokens past its longest cached run of leading blocks (at
+prompts it prefilled, `capacity` blocks (by default the spec's `prefill.kv_cache`); a prompt computes only the tokens past its longest cached run of leading blocks (at
 least its last token, whose logits give the first token). Prompts in one batch do not see each
 other's blocks.
 """

@@ -34,6 +34,7 @@ import numpy as np
 
 from pdserve.bench.plan.cpu_share import CpuShare, StreamCpu
 from pdserve.bench.plan.placement import Placement, kv_blocks, profile_config
+from pdserve.bench.plan.placement import prefill_cache_blocks as plan_cache_blocks
 from pdserve.bench.plan.profile_model import Profile
 from pdserve.bench.plan.sim_instances import MS, DecodeSim, PrefillSim, SimRequest
 from pdserve.bench.plan.sim_records import breakdown, sim_record
@@ -125,9 +126,11 @@ class Simulation:
         self.profile = profile
         self.config = config or profile_config(profile)
         self.num_blocks = kv_blocks(self.config, profile)
-        # None: as many blocks as a decode replica's cache (spec prefix_caching off: none used)
+        # None: the spec's prefill.kv_cache (spec prefix_caching off: none used)
         self.prefill_cache_blocks = (
-            self.num_blocks if prefill_cache_blocks is None else prefill_cache_blocks
+            plan_cache_blocks(self.config, profile, placement.prefill_tp)
+            if prefill_cache_blocks is None
+            else prefill_cache_blocks
         )
         self.placement = placement
         self.now = 0.0
@@ -266,7 +269,7 @@ def simulate(
     prefill_cache_blocks: int | None = None,
 ) -> SimResult:
     """Run ``placement`` with ``config``'s engine settings (default: the profile's spec);
-    ``prefill_cache_blocks``: each prefill instance's prefix cache (None: a decode replica's
-    KV blocks; used only with the spec's prefix_caching on)."""
+    ``prefill_cache_blocks``: each prefill instance's prefix cache (None: the spec's
+    prefill.kv_cache; used only with the spec's prefix_caching on)."""
     sim = Simulation(profile, placement, config, host, prefill_cache_blocks)
     return sim.run(planned, slos_ms)

@@ -132,3 +132,11 @@ def test_cache_aware_routing_keeps_a_conversation_where_its_blocks_are() -> None
     colo, disagg = Placement.colocated(2), Placement("disaggregated", 2, 1, 2)
     assert reuse(colo, "cache_aware").prefill_computed < reuse(colo, "round_robin").prefill_computed
     assert reuse(disagg, "cache_aware").kv_sent_bytes < reuse(disagg, "round_robin").kv_sent_bytes
+
+
+def test_the_prefill_cache_is_as_big_as_the_specs_prefill_kv_cache() -> None:
+    planned = plan_shapes(parse_workload(TURNS), 24, 2.0, 1.0, 0, 4096)
+    tiny = make_profile(spec=toy_spec(prefill={"kv_cache": {"blocks": 1}}))
+    small = simulate(tiny, P1D1, planned, LOOSE).reuse
+    big = simulate(make_profile(), P1D1, planned, LOOSE).reuse
+    assert small.prefill_cached < big.prefill_cached / 10
