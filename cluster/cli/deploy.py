@@ -86,7 +86,11 @@ def up(args: argparse.Namespace) -> int:
         f"deploying [bold]{c.name}[/]: {what} on {c.model.device}, model {c.model.path}"
     ):
         start = time.perf_counter()
-        actor, url = launch(resolved, detached=args.detach)
+        try:
+            actor, url = launch(resolved, detached=args.detach)
+        except Exception as e:  # the cause, not a Ray traceback: a port, a host, a spec
+            console.print(f"[red]deploying {c.name!r} failed[/]: {_cause(e)}", highlight=False)
+            return 1
     console.print(f"ray cluster: {ray.get_runtime_context().gcs_address}", highlight=False)
     console.print(
         f"[green]serving[/] {resolved.name} at {url} "
@@ -116,7 +120,7 @@ def _resolve(args: argparse.Namespace, console: Console) -> DeploymentConfig | N
         load_spec,
         with_ray_address,
     )
-    from pdserve.cluster.launch.ray_env import init_ray
+    from pdserve.cluster.launch.ray_env import RayAddressError, init_ray
 
     try:
         spec = load_spec(args.file or default_spec_path())
@@ -130,11 +134,14 @@ def _resolve(args: argparse.Namespace, console: Console) -> DeploymentConfig | N
             )
             return None
         if address:
-            init_ray(address, namespace="pdserve")
+            init_ray(address, namespace="pdserve")  # RayAddressError when none answers
         gpus = ray.cluster_resources().get("GPU", 0) > 0 if address else torch.cuda.is_available()
         resolved = resolve(spec, gpus_available=gpus)
     except SpecError as e:
         console.print(f"[red]invalid deploy spec[/]:\n{e}")
+        return None
+    except RayAddressError as e:
+        console.print(f"[red]cannot reach Ray[/]: {e}", highlight=False)
         return None
     if not address:
         cpus = max(resolved.num_actors, os.cpu_count() or 1)
@@ -171,11 +178,24 @@ def _connect(args: argparse.Namespace) -> Any:
     return find_controller(namespace_for(args.name))
 
 
+def _cause(e: BaseException) -> str:
+    """The error a Ray task raised (its ``cause``), as one line."""
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
+
+
 def status(args: argparse.Namespace) -> int:
     import ray
 
+    from pdserve.cluster.launch.ray_env import RayAddressError
+
     console = Console()
-    controller = _connect(args)
+    try:
+        controller = _connect(args)
+    except RayAddressError as e:
+        console.print(f"cannot reach Ray: {e}", highlight=False)
+        return 1
     if controller is None:
         console.print(f"no deployment named {args.name!r} on this Ray cluster")
         return 1
@@ -208,8 +228,14 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
 def down(args: argparse.Namespace) -> int:
     import ray
 
+    from pdserve.cluster.launch.ray_env import RayAddressError
+
     console = Console(stderr=True)
-    controller = _connect(args)
+    try:
+        controller = _connect(args)
+    except RayAddressError as e:
+        console.print(f"cannot reach Ray: {e}", highlight=False)
+        return 1
     if controller is None:
         console.print(f"no deployment named {args.name!r} on this Ray cluster")
         return 1

@@ -7,6 +7,7 @@ section of the file whose error it describes.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Sequence
 from typing import Any, get_args, get_origin
 
@@ -44,7 +45,7 @@ def describe_error(err: ErrorDetails, root: type[BaseModel]) -> str:
     if kind in ("model_type", "model_attributes_type"):
         keys = ", ".join(_keys_at(root, loc))
         auto = "auto or " if getattr(_section_at(root, loc), "accepts_auto", False) else ""
-        return f"{path}: must be {auto}a section with keys {keys}, got {err['input']!r}"
+        return f"{path}: must be {auto}a section with keys {keys}, got {short_repr(err['input'])}"
     return describe_value_error(path, err)
 
 
@@ -58,7 +59,15 @@ def describe_value_error(path: str, err: ErrorDetails) -> str:
     unquote = " (write it without quotes)" if isinstance(value, str) and _is_number(value) else ""
     for words, symbol in _COMPARISONS:
         msg = msg.replace(words, symbol)
-    return f"{path}: {msg.replace('Input should', 'must', 1)}, got {value!r}{unquote}"
+    return f"{path}: {msg.replace('Input should', 'must', 1)}, got {short_repr(value)}{unquote}"
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to ``limit`` characters: an error never echoes a large input back."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring = 3, 6, 6, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_number(text: str) -> bool:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from pdserve.cluster.config.errors import describe_error
 from pdserve.cluster.config.schema import DeploySpec
+from pdserve.cluster.config.yaml_io import YamlInputError, load_bounded, read_text
 from pdserve.engine import envs
 from pdserve.engine.deploy_config import step_budget_problem
 
@@ -103,38 +104,27 @@ def write_embedded_spec(path: Path) -> Path:
     return path
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key written twice (plain YAML silently keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice (again on line {line}); keep one"
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
 def read_yaml(path: Path) -> Any:
-    """A YAML file as plain data; a missing file, bad YAML or a key written twice -> SpecError."""
+    """A YAML file as plain data; a missing or unreadable file, text that is not UTF-8, bad YAML,
+    a key written twice or aliases that expand too far -> SpecError (never quoting the file)."""
     try:
-        text = path.read_text()
+        text = read_text(path)
     except OSError as e:
         reason = "no such file" if isinstance(e, FileNotFoundError) else str(e)
         raise SpecError(
             [f"cannot read it ({reason}); pass a spec such as deploy/local.yaml"], str(path)
         ) from None
+    except YamlInputError as e:
+        raise SpecError([str(e)], str(path)) from None
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        return load_bounded(text)
+    except YamlInputError as e:
+        raise SpecError([str(e)], str(path)) from None
     except yaml.MarkedYAMLError as e:
         where = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
         raise SpecError([f"not valid YAML: {where}{e.problem}"], str(path)) from None
     except yaml.YAMLError as e:
-        raise SpecError([f"not valid YAML: {e}"], str(path)) from None
+        raise SpecError([f"not valid YAML: {str(e)[:200]}"], str(path)) from None
 
 
 def _cross_check(spec: DeploySpec) -> list[str]:

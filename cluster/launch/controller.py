@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from typing import Any
 
@@ -18,6 +19,8 @@ import uvicorn
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pdserve.cluster.launch.deployment import Deployment
+from pdserve.cluster.serving.admission import AdmissionGate
+from pdserve.cluster.serving.http_server import bind_socket, make_server, serve, wait_started
 from pdserve.cluster.serving.jobs import JobManager
 from pdserve.cluster.serving.metrics import ServingMetrics
 from pdserve.cluster.serving.native_api import make_native_router
@@ -43,14 +46,18 @@ class Controller:
         self.started = time.time()
         self._deployment: Deployment | None = None
         self._frontend: Frontend | None = None
+        self._gate: AdmissionGate | None = None
         self._jobs: JobManager | None = None
         self._server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._closed = asyncio.Event()
 
     async def start(self) -> str:
         """Start the workers, then serve HTTP; returns the base URL once it answers."""
         r = self.config
+        # bound first: a taken port or a foreign host fails now, before any worker starts
+        self._socket = bind_socket(r.server.host, r.server.port)
         model = await asyncio.to_thread(ModelConfig.of, r.model)
         tokenizer = await asyncio.to_thread(load_tokenizer, r.model.path)
         self._deployment = await Deployment.start(r, model, detached=self.detached)
@@ -61,30 +68,27 @@ class Controller:
             max_inflight=r.router.max_queued_requests,
         )
         self._frontend = frontend
-        self._jobs = JobManager(frontend, r.server.jobs_dir) if r.server.jobs_dir else None
+        # one exact bound on the requests in flight, whichever API sends them
+        gate: Any = AdmissionGate(frontend, r.router.max_queued_requests)
+        self._gate = gate
+        self._jobs = JobManager(gate, r.server.jobs_dir) if r.server.jobs_dir else None
         self.metrics = ServingMetrics(
             r.server.served_model_name, prefill_pool=r.prefill is not None
         )
         app = create_app(
-            frontend,
+            gate,
             r.server,
-            extra_routers=[make_native_router(frontend, self._jobs)],
+            extra_routers=[make_native_router(gate, self._jobs)],
             status=self.status,
             metrics=self.metrics,
         )
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app, host=r.server.host, port=r.server.port, log_level="warning", access_log=False
-            )
-        )
+        server = make_server(app, r.server.host, r.server.port)
         self._server = server
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(server.serve()), loop.create_task(self._refresh_load())]
-        while not server.started:
-            if self._tasks[0].done():  # e.g. the port is taken
-                self._tasks[0].result()
-                raise RuntimeError(f"HTTP server on {r.server.host}:{r.server.port} did not start")
-            await asyncio.sleep(0.05)
+        assert self._socket is not None
+        serving = loop.create_task(serve(server, self._socket))
+        self._tasks = [serving, loop.create_task(self._refresh_load())]
+        await wait_started(server, serving)
         return f"http://{r.server.host}:{r.server.port}"
 
     async def _refresh_load(self) -> None:
@@ -93,7 +97,11 @@ class Controller:
             with contextlib.suppress(Exception):  # a status blip must not stop serving
                 dep = self._deployment
                 assert dep is not None
-                loads = await asyncio.gather(*(d.get_load.remote() for d in dep.decode))
+                # one dead replica's error must not blind the gauges: the live ones still count
+                replies = await asyncio.gather(
+                    *(_bounded(d.get_load.remote()) for d in dep.decode), return_exceptions=True
+                )
+                loads = [x for x in replies if not isinstance(x, BaseException)]
                 total = sum(x.total_blocks for x in loads)
                 used = total - sum(x.free_blocks for x in loads)
                 queued = sum(p.queued_requests for p in dep.router.prefill)
@@ -123,7 +131,7 @@ class Controller:
             "model": r.model.path,
             "url": f"http://{r.server.host}:{r.server.port}",
             "uptime_s": round(time.time() - self.started, 1),
-            "inflight": self._frontend.inflight if self._frontend else 0,
+            "inflight": self._gate.inflight if self._gate else 0,
             "prefill": [
                 {
                     "instance": p.index,
@@ -186,10 +194,17 @@ class Controller:
         if self._deployment is not None:
             self._deployment.shutdown()
             self._deployment = None
+        if self._socket is not None:
+            self._socket.close()
         self._closed.set()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+
+async def _bounded(ref: Any, timeout: float = LOAD_REFRESH_S * 5) -> Any:
+    """A worker's reply, or TimeoutError: a hung worker must not stall the refresh."""
+    return await asyncio.wait_for(ref, timeout)
 
 
 def _estimate(estimates: dict[str, dict[int, int]], pool: str, i: int) -> dict[str, int]:

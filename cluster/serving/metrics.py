@@ -35,6 +35,9 @@ PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
                  5.0, 10.0, 30.0, 60.0, 120.0)  # fmt: skip
 
 
+FAILURE_REASONS = ("failed", "unavailable", "internal", "queue_full")
+
+
 class ServingMetrics:
     """Request latencies, token and byte counters and load gauges, labelled with model_name.
 
@@ -73,6 +76,15 @@ class ServingMetrics:
             ["model_name", "finished_reason"],
             registry=self.registry,
         )
+        self._failure = Counter(
+            PREFIX + "request_failure",
+            "Requests that ended in an error (failed, unavailable, internal) or were refused for "
+            "a full queue (queue_full).",
+            ["model_name", "reason"],
+            registry=self.registry,
+        )
+        for reason in FAILURE_REASONS:  # present (at 0) before the first failure
+            self._failure.labels(model_name=model_name, reason=reason)
         self._kv_usage = self._gauge("kv_cache_usage_perc", "Decode KV blocks in use, 0 to 1.")
         self._running = self._gauge("num_requests_running", "Sequences decoding.")
         self._waiting = self._gauge("num_requests_waiting", "Sequences waiting on decode.")
@@ -111,6 +123,10 @@ class ServingMetrics:
         self._observe_reuse(m, prompt_tokens)
         reason = finish_reason or "abort"
         self._success.labels(model_name=self.model_name, finished_reason=reason).inc()
+
+    def observe_failure(self, reason: str) -> None:
+        """Count one request that failed (``reason`` one of FAILURE_REASONS)."""
+        self._failure.labels(model_name=self.model_name, reason=reason).inc()
 
     def set_load(self, kv_usage: float, running: int, waiting: int, queued_prefill: int) -> None:
         """The cluster's current load, summed over replicas (kv_usage in [0, 1])."""

@@ -215,8 +215,9 @@ def cached_tokens(metrics: RequestMetrics | None) -> int | None:
 
 async def close(deltas: AsyncIterator[OutputDelta]) -> None:
     """Close a frontend stream (aborting its request unless it finished)."""
-    if isinstance(deltas, AsyncGenerator):
-        await deltas.aclose()
+    aclose = getattr(deltas, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def stream_error(e: Exception, request_id: str) -> ErrorResponse:

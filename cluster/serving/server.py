@@ -10,8 +10,6 @@ limit, which counts streamed bytes too, so a chunked upload cannot bypass Conten
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 import math
 import re
@@ -23,9 +21,15 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pdserve.cluster.serving.http_server import BODY_TIMEOUT_S
 from pdserve.cluster.serving.metrics import CONTENT_TYPE, ServingMetrics
+from pdserve.cluster.serving.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    error_response,
+    render_error,
+)
 from pdserve.cluster.serving.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -42,9 +46,6 @@ from pdserve.router.router import NoCapacityError
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health"})  # answered without the API key (load balancer probes)
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
 
 def create_app(
     frontend: ServingFrontend,
@@ -53,11 +54,14 @@ def create_app(
     extra_routers: Sequence[APIRouter] = (),
     status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     metrics: ServingMetrics | None = None,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The app serving ``frontend``; ``app.state.metrics`` is its ServingMetrics, fed by the
     frontend's finish hook, so requests of every API (OpenAI, native, batch jobs) are counted."""
     metrics = metrics or ServingMetrics(settings.served_model_name)
     frontend.on_finish = metrics.observe_request
+    if hasattr(frontend, "on_failure"):  # an AdmissionGate counts failed requests
+        frontend.on_failure = metrics.observe_failure
     app = FastAPI(title="pdserve", summary="Disaggregated prefill/decode LLM serving")
     app.state.metrics = metrics
     app.include_router(_openai_routes(OpenAIServing(frontend, settings)))
@@ -66,7 +70,9 @@ def create_app(
         app.include_router(router)
     _install_error_handlers(app)
     # The last added runs first: the key is checked before the body is read.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, limit=settings.max_request_bytes, timeout_s=body_timeout_s
+    )
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     return app
@@ -128,32 +134,13 @@ def _ops_routes(
 # -- errors -------------------------------------------------------------------------------------
 
 
-def error_response(
-    status: int,
-    message: str,
-    *,
-    type: ErrorType = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    """An OpenAI error object with ``status``."""
-    return _render(OpenAIError(status, message, type=type, param=param, code=code, headers=headers))
-
-
-def _render(e: OpenAIError) -> Response:
-    # ASCII JSON: a message quoting a lone surrogate still encodes (UTF-8 would raise mid-reply)
-    body = json.dumps(e.body.model_dump(), ensure_ascii=True)
-    return Response(body, status_code=e.status, headers=e.headers, media_type="application/json")
-
-
 _HTTP_TYPES: dict[int, ErrorType] = {401: "authentication_error", 404: "not_found_error"}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def openai_error(_: Request, e: Exception) -> Response:
         assert isinstance(e, OpenAIError)
-        return _render(e)
+        return render_error(e)
 
     async def http_error(request: Request, e: Exception) -> Response:
         # Starlette's own answers (no such route 404, wrong method 405...), which FastAPI would
@@ -221,92 +208,3 @@ def _describe_validation(errors: Sequence[Any]) -> tuple[str, str | None]:
     # Union members show up as extra loc parts ("prompt.str"); the top-level field is the param.
     param = loc[0]
     return f"invalid value for {'.'.join(loc)!r}: {first.get('msg', 'invalid')}", param
-
-
-# -- middleware ---------------------------------------------------------------------------------
-
-
-class ApiKeyMiddleware:
-    """Requires ``Authorization: Bearer KEY`` on every route but /health (routers included)."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self._expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorized(scope):
-            await self.app(scope, receive, send)
-            return
-        response = error_response(
-            401,
-            "missing or incorrect API key: send the header 'Authorization: Bearer <key>' with "
-            "the key this server was started with",
-            type="authentication_error",
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-        await response(scope, receive, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        given = _header(scope, b"authorization") or b""
-        return hmac.compare_digest(given, self._expected)
-
-
-class BodyLimitMiddleware:
-    """Answers 413 for bodies over ``limit`` bytes, declared (Content-Length) or streamed.
-
-    The body is read here, bounded, and replayed to the app; later messages (the disconnect)
-    pass through, so streaming responses still see the client go away.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
-            await self.app(scope, receive, send)
-            return
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._too_large(scope, receive, send)
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.limit:
-                await self._too_large(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        await self.app(scope, _replay(bytes(body), receive), send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = (
-            f"the request body is over this server's limit of {self.limit} bytes: send a "
-            "smaller request (or raise server.max_request_bytes in the deploy spec)"
-        )
-        await error_response(413, message)(scope, receive, send)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
