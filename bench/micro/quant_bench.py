@@ -28,8 +28,8 @@ from pdserve.bench.micro import engine_timers as timers
 from pdserve.bench.micro.engine_bench import measure
 from pdserve.bench.micro.engine_report import Series
 from pdserve.bench.micro.engine_timers import Timed
+from pdserve.bench.model_settings import Setting, parse_setting
 from pdserve.bench.models import DTYPES, load_hf, load_pdserve, resolve_model, weight_bytes
-from pdserve.bench.quality.settings import Setting, parse_setting
 from pdserve.engine.kv_cache import bytes_per_block
 from pdserve.engine.model import CausalLM
 

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pdserve.bench.quality.settings import DEFAULT_SETTINGS, Setting, parse_setting
+from pdserve.bench.model_settings import DEFAULT_SETTINGS, Setting, parse_setting
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 

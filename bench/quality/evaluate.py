@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pdserve.bench.model_settings import Setting
 from pdserve.bench.models import weight_bytes
 from pdserve.bench.quality.agreement import Agreement, agreement, chat_prompt_ids, greedy_answers
 from pdserve.bench.quality.ppl import BLOCK_SIZE, Perplexity, perplexity
-from pdserve.bench.quality.settings import Setting
 from pdserve.bench.serve.prompts import load_passage
 from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.runner import build_engine, model_limits
@@ -82,12 +82,12 @@ def evaluate(model: str, settings: Sequence[Setting], args: argparse.Namespace) 
         lm = _load(path, setting)
         cache = _cache(lm, args.window, setting.kv)
         ppl = perplexity(lm, cache, ids, args.window, args.stride)
-        agree, texts = None, ()
+        agree, texts = None, tuple[str, ...]()
         if not args.no_agreement:
             answers = greedy_answers(_engine(lm, setting.kv, prompts), prompts, args.max_tokens)
             reference = reference or answers
             agree = agreement(reference, answers)
-            texts = tuple(tokenizer.decode(a, skip_special_tokens=True) for a in answers)
+            texts = tuple(str(tokenizer.decode(a, skip_special_tokens=True)) for a in answers)
         ref_ppl = rows[0].perplexity.ppl if rows else ppl.ppl
         per_token = bytes_per_block(lm.config, 1, BLOCK_SIZE, setting.kv) / BLOCK_SIZE
         rows.append(Row(setting, ppl, ref_ppl, agree, weight_bytes(lm), per_token, texts))

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pdserve.bench.model_settings import Setting, parse_setting
 from pdserve.bench.quality.agreement import agreement
 from pdserve.bench.quality.ppl import BLOCK_SIZE, perplexity
-from pdserve.bench.quality.settings import Setting, parse_setting
 from pdserve.engine.attention import PrefillMetadata
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.kv_cache import allocate_kv_cache
