@@ -148,11 +148,13 @@ class LLM:
             future.cancel()
 
     def check_integrity(self) -> int:
-        """Raise unless every decode replica's and prefill instance's blocks are all accounted
-        for; returns how many requests both pools still hold (0 when idle)."""
+        """Raise unless every decode replica's and live prefill instance's blocks are all
+        accounted for; returns how many requests both pools still hold (0 when idle)."""
 
         async def check() -> list[int]:
-            workers = [*self.deployment.decode, *(p.leader for p in self.deployment.prefill)]
+            dead = set(self.deployment.router.dead_instances["prefill"])
+            leaders = [p.leader for p in self.deployment.prefill if p.index not in dead]
+            workers = [*self.deployment.decode, *leaders]
             return list(await asyncio.gather(*(w.check_integrity.remote() for w in workers)))
 
         return sum(self._loop.run(check()))

@@ -171,10 +171,11 @@ class Controller:
         return {"prefill": ranks, "decode": list(self._deployment.decode)}
 
     async def check_integrity(self) -> int:
-        """Every decode replica's and prefill leader's block check; returns requests still held
-        (0 when idle)."""
+        """Every decode replica's and live prefill leader's block check; returns requests still
+        held (0 when idle)."""
         assert self._deployment is not None
-        leaders = [p.leader for p in self._deployment.prefill]
+        dead = set(self._deployment.router.dead_instances["prefill"])
+        leaders = [p.leader for p in self._deployment.prefill if p.index not in dead]
         counts = await asyncio.gather(
             *(w.check_integrity.remote() for w in [*self._deployment.decode, *leaders])
         )
