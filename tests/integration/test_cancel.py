@@ -171,3 +171,61 @@ def test_cancel_mid_chunked_prefill_frees_its_blocks(ray_session: None, slow_mod
         _run(llm, scenario)
         assert llm.generate([3] * 40, SamplingParams(max_tokens=4))[0].finish_reason == "length"
         assert llm.check_integrity() == 0
+
+
+@pytest.fixture(scope="module")
+def chunked_llm(ray_session: None, slow_model: Path) -> Iterator[LLM]:
+    """The prefill pool runs 256 tokens a step: the long prompt takes 10 steps."""
+    with LLM(str(slow_model), prefill_chunked_prefill=True, max_batch_tokens=256) as llm:
+        yield llm
+
+
+async def _partial(leader: Any) -> bool:
+    return bool((await leader.stats.remote()).partial_prefills == 1)
+
+
+async def _first_token(llm: LLM, prompt: list[int], order: list[str]) -> None:
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    name = f"r{len(prompt)}"
+    async for _ in llm.frontend.stream(prompt, params, request_id=name):
+        if name not in order:  # the first delta carries the prefill's first token
+            order.append(name)
+
+
+def test_a_short_prompt_is_not_queued_behind_a_long_chunked_one(chunked_llm: LLM) -> None:
+    leader = chunked_llm.deployment.prefill[0].leader
+
+    async def scenario() -> None:
+        order: list[str] = []
+        long_task = asyncio.ensure_future(_first_token(chunked_llm, [5] * LONG, order))
+        await _until(lambda: _partial(leader))  # some of its chunks ran, more to come
+        await _first_token(chunked_llm, [9] * 40, order)
+        await long_task
+        assert order == ["r40", f"r{LONG}"]  # the short one's prefill finished first
+
+    _run(chunked_llm, scenario)
+    assert ray.get(leader.check_integrity.remote()) == 0
+
+
+def test_a_link_failing_mid_chunks_frees_both_sides(chunked_llm: LLM) -> None:
+    """The prefill rank's link to decode breaks between two chunks of a long prompt: the prompt
+    fails on prefill (its cache blocks released) and on decode (its reservation freed); the
+    router retries it over a new link, and it generates what an undisturbed run does."""
+    leader = chunked_llm.deployment.prefill[0].leader
+    prompt = [11] * LONG
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(_consume(chunked_llm, prompt, seen))
+        await _until(lambda: _partial(leader))
+        assert await leader.drop_link.remote(0)
+        await task
+
+    hits = ray.get(leader.stats.remote()).prefix_cache_hits
+    _run(chunked_llm, scenario)
+    assert ray.get(leader.check_integrity.remote()) == 0
+    # the retry found the chunks the failed attempt had computed in the prefill cache
+    assert ray.get(leader.stats.remote()).prefix_cache_hits > hits
+    clean = chunked_llm.generate([prompt], params)[0].token_ids
+    assert seen[:4] == clean and len(seen) == 500

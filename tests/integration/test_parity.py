@@ -180,3 +180,76 @@ def test_a_shared_prefix_is_not_recomputed_colocated(
     assert [o.metrics.kv_reused_bytes for o in outs] == [r * per_block for r in reused]
     assert all(o.metrics.kv_bytes == 0 for o in outs)
     assert [o.token_ids for o in outs] == hf_greedy(model, [first, *later], NEW_TOKENS)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_the_prefill_pools_prefix_cache_keeps_greedy_parity(
+    ray_session: None, tiny_dirs: dict[str, Path], arch: str, tp: int, caching: bool
+) -> None:
+    """One prefill instance, two decode replicas taken in turn: the second prompt's 4-block
+    prefix is cached on prefill but not on its replica (read from the prefill cache and sent),
+    the third (the prefix alone) is cached on both (its last block computed again for its first
+    token, nothing sent). Greedy output is transformers' with the cache on and off."""
+    model = tiny_dirs[arch]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    with LLM(
+        str(model), prefill_tensor_parallel_size=tp, decode_instances=2,
+        decode_policy="round_robin", enable_prefix_caching=caching, dtype="float32",
+    ) as llm:  # fmt: skip
+        first, later = _shared_prefix_prompts(len(llm.tokenizer))
+        outs = [llm.generate([p], params)[0] for p in (first, *later)]  # decode 0, 1, 0
+        stats = ray.get(llm.deployment.prefill[0].leader.stats.remote())
+        assert llm.check_integrity() == 0
+        per_block = 16 * llm.model_config.kv_bytes_per_token()
+    cached = [0, 64, 48] if caching else [0, 0, 0]
+    assert [o.metrics.cached_tokens for o in outs] == cached
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (74 + 77 + 64, sum(cached))
+    assert stats.cache_blocks > 0 if caching else stats.cache_blocks == 0
+    sent = [5, 5, 0] if caching else [5, 5, 4]
+    assert [o.metrics.kv_bytes for o in outs] == [n * per_block for n in sent]
+    assert [o.token_ids for o in outs] == hf_greedy(model, [first, *later], NEW_TOKENS)
+
+
+@pytest.mark.parametrize(
+    ("arch", "tp", "keyword"),
+    [("llama", 1, "prefill_chunked_prefill"), ("mistral", 2, "enable_chunked_prefill")],
+)
+def test_greedy_parity_chunked_prefill_pool(
+    ray_session: None, tiny_dirs: dict[str, Path], arch: str, tp: int, keyword: str
+) -> None:
+    """64 tokens a prefill step: the 100- and 300-token prompts run in 2 and 5 chunks (on
+    mistral through its 128-token sliding window), the short ones beside them; each chunk's
+    blocks reach decode as a part of their own, and greedy output is the unchunked one's."""
+    model = tiny_dirs[arch]
+    knobs = {keyword: True, "max_batch_tokens": 64}
+    with LLM(str(model), prefill_tensor_parallel_size=tp, dtype="float32", **knobs) as llm:
+        assert llm.config.prefill is not None and llm.config.prefill.chunked_prefill
+        prompts = parity_prompts(len(llm.tokenizer))
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        outs = llm.generate(prompts, params)
+        assert llm.check_integrity() == 0
+        per_block = 16 * llm.model_config.kv_bytes_per_token()
+    assert [o.metrics.kv_bytes for o in outs] == [-(-len(p) // 16) * per_block for p in prompts]
+    assert [o.token_ids for o in outs] == hf_greedy(model, prompts, NEW_TOKENS)
+
+
+def test_cache_aware_prefill_routing_finds_the_instance_holding_the_prefix(
+    ray_session: None, tiny_dirs: dict[str, Path]
+) -> None:
+    """Two prefill instances report their cache sizes; `cache_aware` sends the third prompt to
+    the instance that prefilled the first (which shares its 4-block prefix), not to the idle one
+    an unrelated prompt went to, and that instance computes only past the prefix."""
+    model = tiny_dirs["llama"]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    with LLM(str(model), prefill_instances=2, prefill_policy="cache_aware", dtype="float32") as llm:
+        assert [p.cache_blocks > 0 for p in llm.deployment.router.prefill] == [True, True]
+        first, (second, _) = _shared_prefix_prompts(len(llm.tokenizer))
+        other = [(t * 7) % 200 + 3 for t in first]
+        outs = [llm.generate([p], params)[0] for p in (first, other, second)]
+        stats = [ray.get(p.leader.stats.remote()) for p in llm.deployment.prefill]
+        assert llm.check_integrity() == 0
+    assert [o.metrics.cached_tokens for o in outs] == [0, 0, 64]
+    assert sorted(s.prefix_cache_hits for s in stats) == [0, 64]
+    assert [o.token_ids for o in outs] == hf_greedy(model, [first, other, second], NEW_TOKENS)
