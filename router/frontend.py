@@ -100,9 +100,8 @@ class Frontend:
         self.inflight = 0
 
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
-        """Prompt ids, or InvalidRequestError naming what to fix."""
-        if isinstance(prompt, str) and not prompt:
-            raise InvalidRequestError("the prompt is empty: send at least one character")
+        """Prompt ids, or InvalidRequestError naming what to fix. Text is refused only when it
+        tokenizes to no tokens ("" is BOS alone where the tokenizer adds one), as vLLM does."""
         ids = encode_prompt(self.tokenizer, prompt)
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(

@@ -82,3 +82,23 @@ def test_chat_rejects_malformed_messages() -> None:
         apply_chat_template(tok, [])
     with pytest.raises(InvalidRequestError, match=r"messages\[0\]\.content"):
         apply_chat_template(tok, [{"role": "user"}])
+
+
+def test_the_frontend_refuses_an_empty_text_only_when_it_has_no_tokens() -> None:
+    """``LLM.generate("")`` behaves as /v1/completions: "" is BOS alone where the tokenizer adds
+    one, and refused (no tokens) where it does not."""
+    from tokenizers.processors import TemplateProcessing
+
+    from pdserve.router.frontend import Frontend
+
+    plain = make_tokenizer()
+    with pytest.raises(InvalidRequestError, match="at least one token"):
+        Frontend(None, plain, max_model_len=64).tokenize("")  # type: ignore[arg-type]
+    with_bos = make_tokenizer()
+    bos = with_bos.convert_tokens_to_ids("<|eos|>")
+    with_bos.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|eos|> $A", special_tokens=[("<|eos|>", bos)]
+    )
+    frontend = Frontend(None, with_bos, max_model_len=64)  # type: ignore[arg-type]
+    assert frontend.tokenize("") == [bos] == encode_prompt(with_bos, "")
+    assert frontend.tokenize("the dog") == [bos, *plain.encode("the dog")]
