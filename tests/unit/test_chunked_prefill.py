@@ -91,8 +91,10 @@ def test_preemption_with_chunked_prefill_matches_transformers(
 def test_llm_options_are_checked_before_anything_starts(tiny_models: dict[str, Path]) -> None:
     # LLM(...) keywords go through the deploy spec's validation; errors name the keyword
     model = str(tiny_models["llama"])
-    with pytest.raises(SpecError, match="enable_chunked_prefill: only applies in colocated mode"):
-        LLM(model, enable_chunked_prefill=True)
+    with pytest.raises(SpecError, match="max_num_batched_tokens: only applies in colocated mode"):
+        LLM(model, enable_chunked_prefill=True, max_num_batched_tokens=512)
+    with pytest.raises(SpecError, match=r"max_batch_tokens: must be at least decode\.block_size"):
+        LLM(model, enable_chunked_prefill=True, max_batch_tokens=8)  # the prefill pool chunks
     with pytest.raises(
         SpecError, match=r"max_num_batched_tokens: must be at least max_num_seqs \(64\)"
     ):
