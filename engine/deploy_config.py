@@ -4,7 +4,8 @@
 that ``LLM(...)`` assembles from its keywords); nothing else constructs one in production. Each
 role reads the sections it needs from the same tree, nothing is copied into a role's own type:
 
-- prefill ranks: ``model``, ``prefill``, ``decode.block_size`` (the KV travels in decode's layout)
+- prefill ranks: ``model``, ``prefill``, ``prefix_caching``, ``decode.block_size`` and
+  ``decode.kv_cache.dtype`` (their cache, and the KV they send, are in decode's layout and format)
 - decode replicas: ``model``, ``decode``
 - the router: ``router``, ``decode.block_size``, ``link_prefix``
 - the HTTP server and the controller: ``server``, ``model.served_name``, ``router``
