@@ -89,6 +89,8 @@ class Controller:
         serving = loop.create_task(serve(server, self._socket))
         self._tasks = [serving, loop.create_task(self._refresh_load())]
         await wait_started(server, serving)
+        if self._jobs is not None:  # jobs a stop or a crash cut off go on where they stopped
+            self._jobs.resume()
         return f"http://{r.server.host}:{r.server.port}"
 
     async def _refresh_load(self) -> None:
@@ -182,7 +184,7 @@ class Controller:
         return sum(counts)
 
     async def shutdown(self) -> None:
-        """Stop serving, cancel jobs, kill the workers."""
+        """Stop serving, stop jobs (interrupted: the next start resumes them), kill the workers."""
         if self._server is not None:
             self._server.should_exit = True
         for task in self._tasks[1:]:

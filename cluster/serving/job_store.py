@@ -1,13 +1,20 @@
-"""On-disk state of one batch job: ``job.json`` (its JobInfo) and ``results.jsonl``.
+"""On-disk state of one batch job, in ``<jobs_dir>/<id>/``:
 
-Results are appended in completion order, one JSON line each, flushed per line, so a crash loses
-at most the line being written. A byte-offset index per prompt lets readers page through them in
-submission order without scanning or sorting the file.
+- ``prompts.jsonl`` and ``sampling.json``: the job's input, copied at submit time (written
+  before ``job.json``, so a directory with a ``job.json`` can always be resumed);
+- ``job.json``: its JobInfo, rewritten atomically (temp file, fsync, rename);
+- ``results.jsonl``: one JSON line per finished prompt, appended in completion order and flushed
+  per line, so a crash loses at most the line being written (cut off on the next open).
+
+A byte-offset index per prompt lets readers page through results in submission order without
+scanning or sorting the file; it keeps the first line of each prompt index, so a result is never
+read or counted twice, and ``missing()`` is exactly the prompts a resumed job must run again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -17,28 +24,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from pdserve.engine.request import RequestMetrics, RequestOutput
+from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
+
 logger = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 RESULTS_FILE = "results.jsonl"
+PROMPTS_FILE = "prompts.jsonl"
+SAMPLING_FILE = "sampling.json"
+LOCK_FILE = ".lock"
+Prompt = str | list[int]
 TERMINAL_STATES = ("completed", "cancelled", "failed")
+# queued -> running -> completed | cancelled | failed; running -> interrupted (the server stopped
+# or crashed) -> running again when a server starts on the same jobs directory
+STATES = ("queued", "running", "interrupted", *TERMINAL_STATES)
 
 
 @dataclass
 class JobInfo:
     """A batch job's progress. ``completed`` and ``failed`` are disjoint counts of prompts that
     ran (``failed``: the prompt was invalid or its request failed); prompts a cancelled or
-    interrupted job never ran count in neither, though their results are error lines too."""
+    cancelled or failed job never ran count in neither, though their results are error lines too;
+    an interrupted job has no line for them until it is resumed. ``resumed`` counts the restarts
+    it survived."""
 
     id: str
     name: str | None
-    state: str  # queued | running | completed | cancelled | failed
+    state: str  # one of STATES
     total: int
     completed: int = 0
     failed: int = 0
     created: float = 0.0  # unix time
     finished: float | None = None
-    error: str | None = None  # why the job failed (e.g. interrupted by a restart)
+    error: str | None = None  # why the job failed, or why it is interrupted
+    resumed: int = 0
 
     @property
     def done(self) -> bool:
@@ -53,15 +73,99 @@ class JobInfo:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def check_prompt(prompt: object, where: str = "prompt") -> Prompt:
+    """A prompt is text or a non-empty list of token ids; anything else names what to send."""
+    if isinstance(prompt, str):
+        return prompt
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+    ):
+        return prompt
+    raise InvalidRequestError(
+        f"{where} must be a string or a non-empty list of token ids (ints >= 0), "
+        f"not {type(prompt).__name__}"
+    )
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` all at once: a reader (or a crash) sees the old file or the
+    new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save_info(job_dir: Path, info: JobInfo) -> None:
-    """Write job.json atomically (temp file + rename), so readers never see half a file."""
-    tmp = job_dir / (JOB_FILE + ".tmp")
-    tmp.write_text(json.dumps(info.to_dict()), encoding="utf-8")
-    os.replace(tmp, job_dir / JOB_FILE)
+    write_atomic(job_dir / JOB_FILE, json.dumps(info.to_dict()).encode("utf-8"))
 
 
 def load_info(job_dir: Path) -> JobInfo:
     return JobInfo.from_dict(json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8")))
+
+
+def save_input(job_dir: Path, prompts: list[Prompt], params: SamplingParams) -> None:
+    """The job's prompts (one JSON value a line) and sampling settings, for a later resume."""
+    lines = b"".join(json.dumps(p, ensure_ascii=False).encode("utf-8") + b"\n" for p in prompts)
+    write_atomic(job_dir / PROMPTS_FILE, lines)
+    write_atomic(job_dir / SAMPLING_FILE, json.dumps(dataclasses.asdict(params)).encode("utf-8"))
+
+
+def load_input(job_dir: Path) -> tuple[list[Prompt], SamplingParams]:
+    """What ``save_input`` wrote (OSError, ValueError or InvalidRequestError if it is damaged)."""
+    with open(job_dir / PROMPTS_FILE, "rb") as f:
+        prompts = [json.loads(line) for line in f]
+    sampling = json.loads((job_dir / SAMPLING_FILE).read_text(encoding="utf-8"))
+    return prompts, SamplingParams(**sampling)
+
+
+def metrics_dict(m: RequestMetrics) -> dict[str, Any]:
+    return {
+        "ttft": m.ttft,
+        "tpot": m.tpot,
+        "e2e": m.e2e,
+        "queue_s": m.queue_s,
+        "prefill_s": m.prefill_s,
+        "transfer_s": m.transfer_s,
+        "kv_wait_s": m.kv_wait_s,
+        "kv_bytes": m.kv_bytes,
+        "num_output_tokens": m.num_output_tokens,
+    }
+
+
+def result_line(
+    index: int, prompt: Prompt | None, out: RequestOutput | None, error: str | None
+) -> dict[str, Any]:
+    """One line of results.jsonl (``prompt`` is None for token-id prompts)."""
+    return {
+        "index": index,
+        "request_id": out.request_id if out else None,
+        "prompt": prompt if isinstance(prompt, str) else None,
+        "text": out.text if out else None,
+        "token_ids": out.token_ids if out else [],
+        "finish_reason": out.finish_reason if out else None,
+        "metrics": metrics_dict(out.metrics) if out else None,
+        "error": error,
+    }
+
+
+def lock_dir(jobs_dir: Path) -> IO[bytes]:
+    """Hold ``jobs_dir``'s lock file, or raise RuntimeError: two servers resuming the same jobs
+    would run their prompts twice."""
+    f = open(jobs_dir / LOCK_FILE, "ab")  # noqa: SIM115 (held until close())
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RuntimeError(
+            f"the jobs directory {jobs_dir} is in use by another pdserve server (the same "
+            "deployment name?): stop it first or give this one another name"
+        ) from None
+    return f
 
 
 class ResultsFile:

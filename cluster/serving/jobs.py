@@ -3,12 +3,17 @@
 A job's life::
 
     submit ─▶ queued ─▶ running ─▶ completed      (every prompt has a result line)
-                          │    └──▶ cancelled      (DELETE /jobs/{id}: unrun prompts get error lines)
-                          └──────▶ failed         (an unexpected error, or interrupted by a restart)
+                          │  │ └──▶ cancelled      (DELETE /jobs/{id}: unrun prompts get error lines)
+                          │  └───▶ failed         (an unexpected error: unrun prompts get error lines)
+                          └──▶ interrupted ─▶ running   (the server stopped or crashed; resumed by
+                                                         the next server on the same directory)
 
-Each finished prompt is appended to ``<jobs_dir>/<id>/results.jsonl`` as it completes, so a
-client that goes away and comes back reads everything; a new JobManager on the same directory
-lists old jobs and marks the ones that were running as failed (interrupted).
+The input is copied to ``<jobs_dir>/<id>/`` at submit time and each finished prompt is appended
+to its ``results.jsonl`` as it completes (job_store.py). ``close()`` (``pdserve down``) lets the
+prompts in flight finish for a moment, then aborts the rest and marks the job interrupted; a new
+JobManager on the same directory lists every job, marks the ones it finds queued or running
+(a crash) as interrupted, and ``resume()`` runs, once each, exactly the prompts without a result
+line: a prompt in flight at the crash runs again, one that has a line never does.
 """
 
 from __future__ import annotations
@@ -21,34 +26,37 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
-
-from transformers import PreTrainedTokenizerBase
+from typing import IO, Any, Protocol
 
 from pdserve.cluster.serving.job_store import (
     JOB_FILE,
     RESULTS_FILE,
     JobInfo,
+    Prompt,
     ResultsFile,
+    check_prompt,
     load_info,
+    load_input,
+    lock_dir,
+    result_line,
     save_info,
+    save_input,
 )
-from pdserve.engine.request import RequestMetrics, RequestOutput
+from pdserve.engine.request import RequestOutput
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
-from pdserve.engine.tokenizer import encode_prompt
 from pdserve.router.frontend import QueueFullError, RequestFailedError
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int]
 MAX_JOB_PROMPTS = 100_000
 MAX_NAME_CHARS = 200
 SAVE_EVERY_S = 1.0  # job.json progress refresh while running (state changes save at once)
+DRAIN_S = 5.0  # on close, how long prompts in flight may finish before they are aborted
 CANCELLED = "cancelled: the job was cancelled before this prompt finished"
-SHUT_DOWN = "interrupted: the server shut down before the job finished; submit it again"
-RESTARTED = "interrupted: the server restarted while the job ran; submit it again"
+SHUT_DOWN = "interrupted: the server stopped; the job resumes when a server starts again"
+CRASHED = "interrupted: the server stopped unexpectedly; the job resumes when a server starts"
 
-__all__ = ["JobInfo", "JobManager"]
+__all__ = ["JobInfo", "JobManager", "check_prompt"]
 
 
 class Generator(Protocol):
@@ -59,61 +67,6 @@ class Generator(Protocol):
     ) -> RequestOutput: ...
 
 
-def check_prompt(prompt: object, where: str = "prompt") -> Prompt:
-    """A prompt is text or a non-empty list of token ids; anything else names what to send."""
-    if isinstance(prompt, str):
-        return prompt
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
-    ):
-        return prompt
-    raise InvalidRequestError(
-        f"{where} must be a string or a non-empty list of token ids (ints >= 0), "
-        f"not {type(prompt).__name__}"
-    )
-
-
-def empty_as_ids(prompt: Prompt, tokenizer: PreTrainedTokenizerBase | None) -> Prompt:
-    """An empty text prompt as its token ids (BOS alone, where the tokenizer adds one), as
-    /v1/completions tokenizes it: vLLM's rule, under which only a prompt of no tokens is refused
-    (encode_prompt raises InvalidRequestError then). Other prompts pass as they are."""
-    if prompt == "" and tokenizer is not None:
-        return encode_prompt(tokenizer, prompt)
-    return prompt
-
-
-def metrics_dict(m: RequestMetrics) -> dict[str, Any]:
-    return {
-        "ttft": m.ttft,
-        "tpot": m.tpot,
-        "e2e": m.e2e,
-        "queue_s": m.queue_s,
-        "prefill_s": m.prefill_s,
-        "transfer_s": m.transfer_s,
-        "kv_wait_s": m.kv_wait_s,
-        "kv_bytes": m.kv_bytes,
-        "num_output_tokens": m.num_output_tokens,
-    }
-
-
-def _result(
-    index: int, prompt: Prompt | None, out: RequestOutput | None, error: str | None
-) -> dict[str, Any]:
-    """One line of results.jsonl (``prompt`` is None for token-id prompts)."""
-    return {
-        "index": index,
-        "request_id": out.request_id if out else None,
-        "prompt": prompt if isinstance(prompt, str) else None,
-        "text": out.text if out else None,
-        "token_ids": out.token_ids if out else [],
-        "finish_reason": out.finish_reason if out else None,
-        "metrics": metrics_dict(out.metrics) if out else None,
-        "error": error,
-    }
-
-
 @dataclasses.dataclass
 class _Job:
     info: JobInfo
@@ -121,6 +74,8 @@ class _Job:
     results: ResultsFile
     task: asyncio.Task[None] | None = None
     stop: tuple[str, str | None] = ("cancelled", None)  # (state, error) if the task is cancelled
+    started: bool = False  # _run began (and so finishes the job itself)
+    draining: bool = False  # take no new prompt: the server is stopping
     saved_at: float = 0.0
 
 
@@ -128,7 +83,8 @@ class JobManager:
     """Runs batch jobs on the caller's event loop and keeps their state under ``jobs_dir``.
 
     At most ``max_concurrency`` prompts of all jobs together are in flight; a job of more than
-    ``max_job_prompts`` prompts is refused.
+    ``max_job_prompts`` prompts is refused. One manager at a time owns a directory (a lock file,
+    released by ``close()`` or by the process's death).
     """
 
     def __init__(
@@ -143,6 +99,7 @@ class JobManager:
         self.frontend = frontend
         self.dir = Path(jobs_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock: IO[bytes] | None = lock_dir(self.dir)
         self.max_concurrency = max_concurrency
         self.max_job_prompts = max_job_prompts
         self._slots = asyncio.Semaphore(max_concurrency)
@@ -153,11 +110,12 @@ class JobManager:
         self, prompts: object, sampling: SamplingParams, name: object = None
     ) -> JobInfo:
         """Start a job; raises InvalidRequestError for a job that cannot run at all (prompts and
-        name are checked here, whoever sends them)."""
+        name are checked here, whoever sends them). Its input is on disk before this returns."""
         checked, label = self._check(prompts, name)
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         job_dir = self.dir / job_id
         job_dir.mkdir()
+        await asyncio.to_thread(save_input, job_dir, checked, sampling)
         info = JobInfo(job_id, label, "queued", total=len(checked), created=time.time())
         job = _Job(info, job_dir, ResultsFile(job_dir / RESULTS_FILE, len(checked)))
         job.results.open_for_append()
@@ -166,18 +124,47 @@ class JobManager:
         job.task = asyncio.get_running_loop().create_task(self._run(job, checked, sampling))
         return dataclasses.replace(info)
 
+    def resume(self) -> builtins.list[str]:
+        """Start every interrupted job again (call on the event loop); returns their ids. A job
+        whose input cannot be read is failed with the reason instead."""
+        resumed = []
+        for job in self._jobs.values():
+            if job.info.state != "interrupted" or job.task is not None:
+                continue
+            job.results.open_for_append()
+            try:
+                prompts, params = load_input(job.dir)
+                if len(prompts) != job.info.total:
+                    raise ValueError(
+                        f"{len(prompts)} prompts on disk, the job has {job.info.total}"
+                    )
+            except (OSError, ValueError, TypeError, InvalidRequestError) as e:
+                self._finish(job, "failed", f"cannot resume: its input is damaged ({e})")
+                continue
+            job.info.resumed += 1
+            job.task = asyncio.get_running_loop().create_task(self._run(job, prompts, params))
+            resumed.append(job.info.id)
+        if resumed:
+            logger.info("resuming %d interrupted jobs: %s", len(resumed), resumed)
+        return resumed
+
     def status(self, job_id: str) -> JobInfo:
         """A snapshot of the job's progress; KeyError for an unknown id."""
         return dataclasses.replace(self._jobs[job_id].info)
 
-    def list(self) -> list[JobInfo]:
+    def list(self) -> builtins.list[JobInfo]:
         """All jobs, oldest first."""
         infos = [dataclasses.replace(j.info) for j in self._jobs.values()]
         return sorted(infos, key=lambda i: i.created)
 
     async def cancel(self, job_id: str) -> JobInfo:
-        """Stop a queued or running job (its in-flight requests are aborted); a no-op once done."""
-        await self._stop([self._jobs[job_id]], ("cancelled", None))
+        """Stop a queued, running or interrupted job (its in-flight requests are aborted); a
+        no-op once done."""
+        job = self._jobs[job_id]
+        if job.info.state == "interrupted" and job.task is None:  # never resumed
+            job.results.open_for_append()
+            self._finish(job, "cancelled", None)
+        await self._stop([job], ("cancelled", None))
         return self.status(job_id)
 
     def results_path(self, job_id: str) -> Path:
@@ -189,11 +176,20 @@ class JobManager:
         """Results in submission order from ``start``, up to the first prompt still running."""
         return self._jobs[job_id].results.read(start, limit)
 
-    async def close(self) -> None:
-        """Stop every running job (marked failed: interrupted) and close the result files."""
-        await self._stop(list(self._jobs.values()), ("failed", SHUT_DOWN))
+    async def close(self, drain_s: float = DRAIN_S) -> None:
+        """Stop every running job: no new prompt starts, those in flight have ``drain_s`` to
+        finish, then the rest are aborted; the jobs are left interrupted (resumable)."""
+        running = [j for j in self._jobs.values() if j.task is not None and not j.task.done()]
+        for job in running:
+            job.draining = True
+        if running and drain_s > 0:
+            await asyncio.wait([j.task for j in running if j.task is not None], timeout=drain_s)
+        await self._stop(running, ("interrupted", SHUT_DOWN))
         for job in self._jobs.values():
             job.results.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     def _check(self, prompts: object, name: object) -> tuple[builtins.list[Prompt], str | None]:
         if not isinstance(prompts, list) or not prompts:
@@ -208,15 +204,18 @@ class JobManager:
         return [check_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)], name
 
     async def _run(self, job: _Job, prompts: builtins.list[Prompt], params: SamplingParams) -> None:
+        """Run the prompts that have no result line yet (all of them, unless resumed)."""
+        job.started = True
+        job.info.error = None
         self._set_state(job, "running")
-        todo: Iterator[tuple[int, Prompt]] = iter(enumerate(prompts))  # shared: each runs once
-        workers = [
-            asyncio.ensure_future(self._work(job, todo, params))
-            for _ in range(min(self.max_concurrency, len(prompts)))
-        ]
+        missing = [(i, prompts[i]) for i in job.results.missing()]
+        todo = iter(missing)  # shared by the workers, so each prompt runs once
+        n = min(self.max_concurrency, len(missing))
+        workers = [asyncio.ensure_future(self._work(job, todo, params)) for _ in range(n)]
         try:
             await asyncio.gather(*workers)
-            state, error = "completed", None
+            done = not job.results.missing()
+            state, error = ("completed", None) if done else ("interrupted", SHUT_DOWN)
         except asyncio.CancelledError:  # cancel() or close(): they set job.stop first
             state, error = job.stop
         except Exception as e:
@@ -232,7 +231,11 @@ class JobManager:
         self, job: _Job, todo: Iterator[tuple[int, Prompt]], params: SamplingParams
     ) -> None:
         for index, prompt in todo:
+            if job.draining:
+                return  # the prompt keeps no line: a resumed job runs it
             async with self._slots:
+                if job.draining:
+                    return
                 result = await self._one(f"{job.info.id}-{index}", index, prompt, params)
             job.results.append(result)
             if result["error"] is None:
@@ -245,17 +248,14 @@ class JobManager:
     async def _one(
         self, request_id: str, index: int, prompt: Prompt, params: SamplingParams
     ) -> dict[str, Any]:
-        tokenizer = getattr(self.frontend, "tokenizer", None)
         while True:
             try:
-                out = await self.frontend.generate(
-                    empty_as_ids(prompt, tokenizer), params, request_id
-                )
-                return _result(index, prompt, out, None)
+                out = await self.frontend.generate(prompt, params, request_id)
+                return result_line(index, prompt, out, None)
             except QueueFullError as e:  # the cluster is busy: back off rather than fail
                 await asyncio.sleep(e.retry_after)
             except (InvalidRequestError, RequestFailedError) as e:
-                return _result(index, prompt, None, str(e))
+                return result_line(index, prompt, None, str(e))
 
     async def _stop(self, jobs: builtins.list[_Job], reason: tuple[str, str | None]) -> None:
         running = [j for j in jobs if j.task is not None and not j.task.done()]
@@ -266,15 +266,18 @@ class JobManager:
         if running:
             await asyncio.wait([j.task for j in running if j.task is not None])
         for job in running:
-            if not job.info.done:  # cancelled before _run started: nothing cleaned up yet
+            if not job.started:  # cancelled before _run began: nothing cleaned up yet
                 self._finish(job, *reason)
 
     def _finish(self, job: _Job, state: str, error: str | None) -> None:
-        filler = CANCELLED if state == "cancelled" else (error or "failed")
-        for index in job.results.missing():
-            job.results.append(_result(index, None, None, filler))
+        """End the job's run: a terminal state fills every prompt without a line with an error
+        line; ``interrupted`` leaves them for the resume."""
+        if state != "interrupted":
+            filler = CANCELLED if state == "cancelled" else (error or "failed")
+            for index in job.results.missing():
+                job.results.append(result_line(index, None, None, filler))
+            job.info.finished = time.time()
         job.results.close()
-        job.info.finished = time.time()
         job.info.error = error
         self._set_state(job, state)
         logger.info("job %s %s: %s", job.info.id, state, job.info)
@@ -288,6 +291,8 @@ class JobManager:
         job.saved_at = time.monotonic()
 
     def _load(self) -> None:
+        """List the jobs on disk; one found queued or running was cut off by a crash: its counts
+        are re-read from its results (job.json may lag them) and it is marked interrupted."""
         for path in sorted(self.dir.glob(f"*/{JOB_FILE}")):
             try:
                 info = load_info(path.parent)
@@ -296,7 +301,8 @@ class JobManager:
                 continue
             job = _Job(info, path.parent, ResultsFile(path.parent / RESULTS_FILE, info.total))
             self._jobs[info.id] = job
-            if not info.done:  # it was running when the previous server stopped
+            if not info.done:
                 info.completed, info.failed = job.results.index()
-                job.results.open_for_append()
-                self._finish(job, "failed", RESTARTED)
+                if info.state != "interrupted":
+                    info.error = CRASHED
+                self._set_state(job, "interrupted")

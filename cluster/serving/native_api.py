@@ -43,14 +43,8 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
-from pdserve.cluster.serving.jobs import (
-    Generator,
-    JobInfo,
-    JobManager,
-    check_prompt,
-    empty_as_ids,
-    metrics_dict,
-)
+from pdserve.cluster.serving.job_store import metrics_dict
+from pdserve.cluster.serving.jobs import Generator, JobInfo, JobManager, check_prompt
 from pdserve.cluster.serving.openai_protocol import OpenAIError
 from pdserve.cluster.serving.openai_serving import for_tokenizer
 from pdserve.cluster.serving.streaming import ClosingStream, unless_disconnected
@@ -232,7 +226,7 @@ class NativeApi:
         if ("prompt" in body) == ("messages" in body):
             raise InvalidRequestError("send either prompt (text or token ids) or messages (a chat)")
         if "prompt" in body:
-            return empty_as_ids(check_prompt(body["prompt"]), self.frontend.tokenizer)
+            return check_prompt(body["prompt"])  # "" is BOS alone, as /v1/completions
         messages = body["messages"]
         if not isinstance(messages, list):
             raise InvalidRequestError("messages must be a list of {role, content} maps")
