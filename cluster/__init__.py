@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pdserve.cluster.client import Client, Job, PdserveError
+from pdserve.cluster.client import Client, PdserveError
+from pdserve.cluster.client_jobs import Job, JobFailedError
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ __all__ = [
     "Client",
     "InvalidRequestError",
     "Job",
+    "JobFailedError",
     "PdserveError",
     "RequestOutput",
     "SamplingParams",

@@ -16,21 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import msgpack
 
 from pdserve.engine import envs
 
+if TYPE_CHECKING:
+    from pdserve.cluster.client_jobs import Job
+
 PREFIX = "/pdserve/v1"
 MSGPACK = "application/x-msgpack"
-TERMINAL_STATES = ("completed", "cancelled", "failed")
 MAX_FRAME_BYTES = 64 << 20
 Prompt = str | list[int]
 Message = Mapping[str, str]  # {"role": ..., "content": ...}
@@ -182,6 +183,8 @@ class Client:
             "/jobs",
             {"prompts": list(prompts), "sampling": _sampling(sampling), "name": name},
         )
+        from pdserve.cluster.client_jobs import Job
+
         return Job(self, info["id"])
 
     def list_jobs(self) -> list[dict]:
@@ -191,6 +194,8 @@ class Client:
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job (PdserveError 404 if there is none)."""
+        from pdserve.cluster.client_jobs import Job
+
         job = Job(self, job_id)
         job.status()
         return job
@@ -270,57 +275,3 @@ def _request(
     else:
         body["prompt"] = prompt
     return body
-
-
-class Job:
-    """A batch job running on the cluster; its results stay there until fetched (any number of
-    times, from any client)."""
-
-    def __init__(self, client: Client, job_id: str) -> None:
-        self.client = client
-        self.id = job_id
-
-    def status(self) -> dict:
-        """{id, name, state, total, completed, failed, created, finished, error}."""
-        info: dict = self.client._call("GET", f"/jobs/{self.id}")
-        return info
-
-    def wait(self, progress: bool = False, poll_s: float = 0.5) -> dict:
-        """Block until the job is completed, cancelled or failed; a tqdm bar if ``progress``."""
-        from tqdm.auto import tqdm  # only for callers who want a bar
-
-        info = self.status()
-        with tqdm(total=info["total"], unit="prompt", desc=self.id, disable=not progress) as bar:
-            while True:
-                bar.update(info["completed"] + info["failed"] - bar.n)
-                if info["failed"]:
-                    bar.set_postfix(failed=info["failed"])
-                if info["state"] in TERMINAL_STATES:
-                    return info
-                time.sleep(poll_s)
-                info = self.status()
-
-    def iter_results(self, page_size: int = 1000) -> Iterator[dict]:
-        """Results in submission order, fetched page by page; stops at the first prompt still
-        running (all of them once the job is done)."""
-        start = 0
-        while True:
-            page = self.client._call(
-                "GET", f"/jobs/{self.id}/results", params={"start": start, "limit": page_size}
-            )
-            yield from page
-            if len(page) < page_size:
-                return
-            start += len(page)
-
-    def results(self) -> list[dict]:
-        """All results available now, in submission order (call after ``wait()`` for all)."""
-        return list(self.iter_results())
-
-    def cancel(self) -> dict:
-        """Stop the job; results finished so far are kept. Returns its status."""
-        info: dict = self.client._call("DELETE", f"/jobs/{self.id}")
-        return info
-
-    def __repr__(self) -> str:
-        return f"Job({self.id!r}, url={self.client.url!r})"

@@ -14,9 +14,11 @@ from typing import IO, Any
 from rich.console import Console
 from rich.table import Table
 
-from pdserve.cluster.client import Client, Job, PdserveError, read_prompts
+from pdserve.cluster.client import Client, PdserveError, read_prompts
+from pdserve.cluster.client_jobs import Job, succeeded, summary
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+SHOW_FAILURES = 5  # failed prompts named in the summary
 SUBMIT_DESCRIPTION = (
     "Submit prompts as a job that runs on the cluster; results are written there as they "
     "complete, so you can disconnect and fetch them later."
@@ -121,7 +123,9 @@ def jobs_table(infos: list[dict[str, Any]]) -> Table:
         table.add_row(
             i["id"],
             i["name"] or "",
-            i["state"] + (f" ({i['error']})" if i.get("error") else ""),
+            i["state"]
+            + (f" ({i['error']})" if i.get("error") else "")
+            + (f" [resumed {i['resumed']}x]" if i.get("resumed") else ""),
             f"{i['completed'] + i['failed']}/{i['total']}",
             str(i["failed"]),
             datetime.datetime.fromtimestamp(i["created"]).strftime("%Y-%m-%d %H:%M:%S"),
@@ -131,10 +135,11 @@ def jobs_table(infos: list[dict[str, Any]]) -> Table:
 
 
 def _finish(job: Job, output: str, err: Console, wait: bool = True) -> int:
-    """Wait for the job (progress bar), then write its results in prompt order."""
+    """Wait for the job (progress bar), write its results in prompt order, print a summary;
+    0 only when it completed with no failed prompt."""
     try:
         info = job.wait(progress=True) if wait else job.status()
-        n = _write_results(job, output)
+        n, failures = _write_results(job, output)
     except KeyboardInterrupt:
         err.print(
             f"\njob {job.id} keeps running on the cluster: `pdserve jobs {job.id} --wait -o FILE` "
@@ -146,21 +151,24 @@ def _finish(job: Job, output: str, err: Console, wait: bool = True) -> int:
         err.print(f"[red]error:[/] {e}", highlight=False)
         return 1
     where = "stdout" if output == "-" else output
-    err.print(
-        f"job {job.id} {info['state']}: {info['completed']} ok, {info['failed']} failed; "
-        f"{n} results written to {where}",
-        highlight=False,
-    )
-    return 0 if info["state"] == "completed" else 1
+    err.print(f"{summary(info)}; {n} results written to {where}", highlight=False)
+    for index, error in failures[:SHOW_FAILURES]:
+        err.print(f"  prompt {index} failed: {error}", highlight=False)
+    if len(failures) > SHOW_FAILURES:
+        err.print(f"  ... and {len(failures) - SHOW_FAILURES} more (see `error` in the results)")
+    return 0 if succeeded(info) else 1
 
 
-def _write_results(job: Job, output: str) -> int:
-    n = 0
+def _write_results(job: Job, output: str) -> tuple[int, list[tuple[int, str]]]:
+    """Write the results; returns how many, and (index, error) of each that failed."""
+    n, failures = 0, []
     with _open(output) as out:
         for result in job.iter_results():
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             n += 1
-    return n
+            if result.get("error") is not None:
+                failures.append((result["index"], result["error"]))
+    return n, failures
 
 
 @contextmanager

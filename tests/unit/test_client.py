@@ -19,6 +19,7 @@ from _fake_jobs_frontend import FakeFrontend, expected_text
 
 from pdserve.cluster.cli.jobs import add_jobs_args, add_submit_args, run_jobs, run_submit
 from pdserve.cluster.client import Client, PdserveError, read_prompts
+from pdserve.cluster.client_jobs import JobFailedError
 from pdserve.cluster.serving.jobs import JobManager
 from pdserve.cluster.serving.native_api import MSGPACK, PREFIX, NativeApi
 from pdserve.cluster.serving.server import create_app
@@ -264,3 +265,24 @@ def test_chat_is_rendered_with_the_models_template_on_the_server(
     with pytest.raises(PdserveError, match="messages") as info:
         client.chat([{"role": "user"}], max_tokens=4)
     assert info.value.status_code == 400
+
+
+def test_a_job_with_failed_prompts_exits_non_zero_with_a_summary(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prompts = ["ok 0", "fail here", "ok 2", "bad one"]
+    src.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    argv = [str(src), "-o", str(out), "--max-tokens", "4", "--url", served.url, "--api-key", KEY]
+    assert run_submit(_args(add_submit_args, argv)) == 1
+    said = " ".join(capsys.readouterr().err.split())
+    assert "completed: 2 ok, 2 failed; 4 results written" in said
+    assert "prompt 1 failed: request" in said and "worker lost" in said
+    assert "prompt 3 failed: bad prompt" in said
+    assert len(out.read_text().splitlines()) == 4
+    with Client(served.url, api_key=KEY) as client:
+        job = client.submit_job(prompts, max_tokens=4)
+        with pytest.raises(JobFailedError, match="completed: 2 ok, 2 failed") as e:
+            job.wait(poll_s=0.02, timeout=20, check=True)
+        assert e.value.info["failed"] == 2
+        assert client.submit_job(["ok"]).wait(poll_s=0.02, check=True)["completed"] == 1
