@@ -40,7 +40,7 @@ PACKAGES := cluster engine prefill_worker decode_worker kv_transfer router bench
 MYPY_ROOT := $(VENV)/mypy-root
 typecheck: $(STAMP)
 	@rm -rf $(MYPY_ROOT) && mkdir -p $(MYPY_ROOT)/pdserve && touch $(MYPY_ROOT)/pdserve/__init__.py
-	@for d in $(PACKAGES); do ln -s $(CURDIR)/$$d $(MYPY_ROOT)/pdserve/$$d; done
+	@for d in $(PACKAGES); do ln -sfn $(CURDIR)/$$d $(MYPY_ROOT)/pdserve/$$d; done
 	cd $(MYPY_ROOT) && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
 		--cache-dir $(CURDIR)/.mypy_cache -p pdserve
 
