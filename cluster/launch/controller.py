@@ -16,6 +16,8 @@ from typing import Any
 
 import ray
 import uvicorn
+from ray.util import get_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pdserve.cluster.launch.deployment import Deployment
@@ -60,6 +62,7 @@ class Controller:
         self._socket = bind_socket(r.server.host, r.server.port)
         model = await asyncio.to_thread(ModelConfig.of, r.model)
         tokenizer = await asyncio.to_thread(load_tokenizer, r.model.path)
+        _remove_stale_groups(r)
         self._deployment = await Deployment.start(r, model, detached=self.detached)
         frontend = Frontend(
             self._deployment.router,
@@ -203,6 +206,19 @@ class Controller:
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+
+def _remove_stale_groups(config: DeploymentConfig) -> None:
+    """Remove placement groups a crashed controller of this deployment left behind (launch only
+    starts a controller when none runs under the name), so their names can be reused."""
+    for i in range(config.prefill_instances):
+        name = f"{config.link_prefix}-prefill{i}"
+        try:
+            pg = get_placement_group(name)
+        except ValueError:  # none: the usual case
+            continue
+        logger.warning("removing placement group %s left by a controller that died", name)
+        remove_placement_group(pg)
 
 
 async def _bounded(ref: Any, timeout: float = LOAD_REFRESH_S * 5) -> Any:
