@@ -18,7 +18,7 @@ SWEEP_EPILOG = """\
 examples:
   pdserve sweep -f deploy/experiments/cpu.yaml
   pdserve sweep -f deploy/experiments/cpu.yaml --placements colocated-1 --num-prompts 20
-  pdserve sweep --plot-only results/cpu-small
+  pdserve sweep --plot-only results/cpu-smollm2
 The experiment file format: docs/experiments.md."""
 
 
