@@ -110,6 +110,7 @@ class DecodeSettings:
     max_num_batched_tokens: int = WHOLE_PREFILL_BUDGET
     chunked_prefill: bool = False
     resources: dict[str, float] = field(default_factory=dict)
+    kv_lease_s: float = 60.0  # reservations without KV, and stalled transfers, freed after it
 
     def __post_init__(self) -> None:
         problem = step_budget_problem(
@@ -124,6 +125,8 @@ class RouterSettings:
     prefill_policy: str = "least_loaded"
     decode_policy: str = "most_free_blocks"
     max_queued_requests: int = 256  # admitted and not finished; above it: 429 + Retry-After
+    max_migrations: int = 3  # moves to another decode replica after a death mid-stream
+    max_prefill_retries: int = 3  # retries on another prefill instance after a death
 
 
 @dataclass(frozen=True)

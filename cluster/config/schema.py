@@ -219,6 +219,9 @@ class DecodeSection(Section):
     chunked_prefill: bool = kw(False, "enable_chunked_prefill")
     # colocated mode only (spec._cross_check rejects it otherwise)
     max_num_batched_tokens: AutoInt = kw("auto", "max_num_batched_tokens")
+    # a reservation whose KV has not started arriving after this many seconds is freed, and a
+    # transfer that stalls this long mid-batch is aborted (its link dropped, its blocks freed)
+    kv_lease_s: Annotated[float, Field(gt=0, le=86400)] = kw(60.0, "kv_lease_s")
 
 
 class KVTransferSection(Section):
@@ -233,6 +236,11 @@ class RouterSection(Section):
         "most_free_blocks", "decode_policy"
     )
     max_queued_requests: Positive = 256
+    # times one request may move to another decode replica after its replica died mid-stream
+    # (token replay: prompt + the tokens streamed so far prefilled again); 0: never
+    max_migrations: Annotated[int, Field(ge=0)] = kw(3, "max_migrations")
+    # times one request's prefill may be retried on another instance after its instance died
+    max_prefill_retries: Annotated[int, Field(ge=0)] = kw(3, "max_prefill_retries")
 
 
 class ServerSection(Section):
