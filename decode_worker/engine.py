@@ -24,7 +24,7 @@ abort of a request in the running step takes effect at its commit. Every verb re
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from pdserve.decode_worker.prefill_queue import LocalPrefillQueue
 from pdserve.decode_worker.prefix_cache import PrefixCache
@@ -41,7 +41,7 @@ from pdserve.decode_worker.step import (
 )
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.load import DecodeLoad
-from pdserve.engine.request import DecodeRequest, Reservation, StepDelta
+from pdserve.engine.request import DecodeRequest, Reservation, StepDelta, replay_row
 from pdserve.engine.sampling_types import SamplerOutput, SamplingRow
 from pdserve.engine.stop import check_token_stop
 
@@ -61,13 +61,16 @@ class DecodeEngine:
             limits.max_num_batched_tokens, limits.max_num_seqs, limits.chunked_prefill
         )
         self.num_preemptions = 0
+        self.leases_expired = 0  # reservations freed because their KV never came (expire)
         self._held: dict[int, HeldRequest] = {}
         self._step: EngineStep | None = None  # planned and not yet committed
         self._deferred: set[int] = set()  # aborted while in the planned step
 
     # -- admission --------------------------------------------------------------------------
 
-    def reserve(self, req: DecodeRequest, num_computed: int = 0) -> Reservation | None:
+    def reserve(
+        self, req: DecodeRequest, num_computed: int = 0, now: float = 0.0
+    ) -> Reservation | None:
         """Blocks for the prompt's KV before its prefill runs; None when they do not fit now.
         Leading blocks found in the prefix cache are shared (``cached_blocks``): no KV comes
         for them. A colocated request (``local_prefill``) joins the local prefill queue, its
@@ -80,7 +83,7 @@ class DecodeEngine:
             return None
         self.prefix.count(len(prompt), res.cached_blocks)
         self._held[req.transfer_id] = HeldRequest(
-            req, cached_blocks=res.cached_blocks, hashes=hashes
+            req, cached_blocks=res.cached_blocks, hashes=hashes, kv_at=now
         )
         if req.local_prefill:
             cached = res.cached_blocks * self.limits.block_size
@@ -112,6 +115,7 @@ class DecodeEngine:
         seconds: float,
         first_token: int | None,
         last: bool = True,
+        now: float = 0.0,
     ) -> list[Output]:
         """A slice of ``heads`` KV heads (and, from prefill rank 0, the first token) landed;
         once every head's ``last`` part and the first token are here the request starts
@@ -121,6 +125,7 @@ class DecodeEngine:
             return []
         held.kv_bytes += nbytes
         held.transfer_s = max(held.transfer_s, seconds)
+        held.kv_at = max(held.kv_at, now)
         if not last:
             return []
         held.heads += heads
@@ -152,6 +157,26 @@ class DecodeEngine:
             return self._drop(held, StepDelta(finish_reason="abort"))
         return []
 
+    def expire(self, now: float, lease_s: float, receiving: Callable[[int], bool]) -> list[Output]:
+        """Free every reservation whose KV has not arrived for ``lease_s`` seconds (none of it
+        since it was reserved, or no part since the last one): its router or prefill died, or
+        it was aborted while KV seemed on its way. ``receiving(tid)``: a link writes it now
+        (a stalled batch is the receiver's to abort). Counted in ``leases_expired``."""
+        stale = [
+            h for tid, h in self._held.items()
+            if not (h.running or h.req.local_prefill or receiving(tid))
+            and now - h.kv_at >= lease_s
+        ]  # fmt: skip
+        outputs: list[Output] = []
+        for held in stale:
+            self.leases_expired += 1
+            why = (
+                f"its KV did not arrive within decode.kv_lease_s ({lease_s:g} s): the "
+                "reservation expired and its blocks were freed"
+            )
+            outputs += self._drop(held, StepDelta(error=why))
+        return outputs
+
     # -- the step ---------------------------------------------------------------------------
 
     def plan(self) -> EngineStep | None:
@@ -179,20 +204,13 @@ class DecodeEngine:
             ChunkInput(s.token_ids[start:-1], start, table(s.seq_id), False)
             for s, start in zip(step.out.recompute, starts)
         ]
-        rows = [
-            SamplingRow(
-                self._held[s.seq_id].req.sampling,
-                s.token_ids[: s.prompt_len],
-                s.token_ids[s.prompt_len :],
-            )
-            for s in step.out.decode
-        ]
+        rows = [self._row(s) for s in step.out.decode]
         for c in step.chunks:
             req = self._held[c.seq_id].req
             prompt = req.prompt_token_ids
             chunks.append(ChunkInput(prompt[c.start : c.end], c.start, table(c.seq_id), c.last))
             if c.last:
-                rows.append(SamplingRow(req.sampling, prompt, ()))
+                rows.append(replay_row(req.sampling, prompt, req.num_replayed))
         tables = [table(s.seq_id) for s in step.out.decode]
         return StepBatch(step.out.decode, tables, chunks, rows)
 
@@ -296,9 +314,8 @@ class DecodeEngine:
             return self._drop(held, StepDelta(finish_reason="abort"))
         assert held.first_token is not None
         prompt = list(req.prompt_token_ids)
-        seq = DecodeSeq(
-            req.transfer_id, len(prompt), req.sampling.max_tokens, [*prompt, held.first_token]
-        )
+        max_tokens = req.sampling.max_tokens - req.num_replayed  # a replay's outputs count
+        seq = DecodeSeq(req.transfer_id, len(prompt), max_tokens, [*prompt, held.first_token])
         seq.block_hashes = list(held.hashes)
         reused = held.cached_blocks * self.limits.block_bytes
         first = StepDelta(kv_bytes=held.kv_bytes, kv_reused_bytes=reused)
@@ -315,12 +332,18 @@ class DecodeEngine:
     def _stop_reason(self, req: DecodeRequest, seq: DecodeSeq, token: int) -> str | None:
         lim = self.limits
         reason = check_token_stop(
-            token, seq.num_output, len(seq.token_ids), req.sampling, lim.eos_token_ids,
-            lim.max_model_len,
+            token, seq.num_output + req.num_replayed, len(seq.token_ids), req.sampling,
+            lim.eos_token_ids, lim.max_model_len,
         )  # fmt: skip
         if reason is None and self.scheduler.reached_length_limit(seq):
             reason = "length"
         return reason
+
+    def _row(self, seq: DecodeSeq) -> SamplingRow:
+        """A decode seq's sampling row; a migrated request's replayed tokens are outputs."""
+        req = self._held[seq.seq_id].req
+        cut = seq.prompt_len - req.num_replayed
+        return SamplingRow(req.sampling, seq.token_ids[:cut], seq.token_ids[cut:])
 
     def _drop(self, held: HeldRequest, last: StepDelta) -> list[Output]:
         tid = held.req.transfer_id

@@ -90,3 +90,4 @@ class HeldRequest:
     running: bool = False  # activated in the scheduler
     cached_blocks: int = 0  # leading prompt blocks found in the prefix cache (no KV comes)
     hashes: list[int] = field(default_factory=list)  # the prompt's full blocks' chained hashes
+    kv_at: float = 0.0  # lease clock: when it was reserved, then when its last KV part landed

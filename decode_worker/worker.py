@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -29,7 +30,7 @@ from pdserve.engine.request import DecodeRequest, Reservation, StepDelta
 from pdserve.kv_transfer.descriptor import TransferItem
 from pdserve.kv_transfer.layout import blocks_for
 from pdserve.kv_transfer.link import RECEIVER, KVLink, resolve_backend
-from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch
+from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch, TransferStalled
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +58,15 @@ class DecodeWorker:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._step_task: asyncio.Task[None] | None = None
+        self.lease_s = config.decode.kv_lease_s
+        self._lease_task: asyncio.Task[None] | None = None
+        self.transfers_stalled = 0  # transfers aborted because their batch stalled mid-way
 
     def _ensure_loop(self) -> None:
         if self._step_task is None:
             self._loop = asyncio.get_running_loop()
             self._step_task = self._loop.create_task(self._step_loop())
+            self._lease_task = self._loop.create_task(self._lease_loop())
 
     # -- links ------------------------------------------------------------------------------
 
@@ -86,6 +91,7 @@ class DecodeWorker:
                 lambda item: self._accept(name, item),
                 lambda b: _call_soon(loop, self._on_batch, b),
                 lambda n, e: _call_soon(loop, self._on_link_error, n, e),
+                stall_s=self.lease_s,
             )
             self._receivers[name] = receiver
             receiver.start()
@@ -114,14 +120,17 @@ class DecodeWorker:
             nbytes = per_block * blocks_for(item.num_tokens, batch.header.block_size)
             first = first if item.last else None
             outputs += self.engine.kv_landed(
-                item.transfer_id, batch.header.num_heads, nbytes, batch.seconds, first, item.last
-            )
+                item.transfer_id, batch.header.num_heads, nbytes, batch.seconds, first,
+                item.last, time.monotonic(),
+            )  # fmt: skip
         self._emit(outputs + self._settle_drained())
 
     def _on_link_error(self, name: str, error: BaseException) -> None:
         self._receivers.pop(name, None)
         message = f"KV transfer failed on link {name}: {error}"
         tids = self._inflight.pop(name, set())
+        if isinstance(error, TransferStalled):
+            self.transfers_stalled += len(tids)
         outputs = [o for tid in tids for o in self.engine.kv_failed(tid, message)]
         self._emit(outputs + self._settle_drained())
 
@@ -137,7 +146,7 @@ class DecodeWorker:
         """Reserve blocks for the prompt's KV before its prefill runs (its cached prefix
         shared); None when full."""
         self._ensure_loop()
-        blocks = self.engine.reserve(req)
+        blocks = self.engine.reserve(req, now=time.monotonic())
         if blocks is not None:
             self._streams[req.transfer_id] = asyncio.Queue()
             if req.local_prefill:
@@ -214,6 +223,8 @@ class DecodeWorker:
             e.blocks.num_cached_blocks,
             e.prefix.queries,
             e.prefix.hits,
+            e.leases_expired,
+            self.transfers_stalled,
         )
 
     async def check_integrity(self) -> int:
@@ -230,6 +241,15 @@ class DecodeWorker:
                 logger.exception("decode step loop error")
                 self._emit(self.engine.fail_held(f"decode step failed: {type(e).__name__}: {e}"))
             await asyncio.sleep(0)  # let reserve/abort/stream calls in between steps
+
+    async def _lease_loop(self) -> None:
+        """Free reservations whose KV stopped coming (a dead router or prefill instance)."""
+        while True:
+            await asyncio.sleep(min(self.lease_s / 4, 5.0))
+            expired = self.engine.expire(time.monotonic(), self.lease_s, self._receiving)
+            if expired:
+                logger.warning("%d reservations expired (decode.kv_lease_s)", len(expired))
+                self._emit(expired)
 
     async def _one_step(self) -> None:
         step = self.engine.plan()

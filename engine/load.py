@@ -50,3 +50,5 @@ class DecodeStats:
     cached_blocks: int = 0  # blocks findable in the prefix cache (held or evictable)
     prefix_cache_queries: int = 0  # prompt tokens looked up, total since start (vLLM's name)
     prefix_cache_hits: int = 0  # of those, tokens found cached
+    leases_expired: int = 0  # reservations freed because their KV never came (kv_lease_s)
+    transfers_stalled: int = 0  # transfers aborted because their batch stalled (kv_lease_s)

@@ -6,7 +6,15 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.load import DecodeLoad
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.sampling_types import TokenLogprobs
+from pdserve.engine.sampling_types import SamplingRow, TokenLogprobs
+
+
+def replay_row(sampling: SamplingParams, tokens: tuple[int, ...], replayed: int) -> SamplingRow:
+    """The sampling row of ``tokens`` whose last ``replayed`` are outputs already streamed (a
+    request migrated by token replay): they count as outputs, so a seeded draw, penalties,
+    min_tokens and max_tokens go on where the dead replica stopped."""
+    cut = len(tokens) - replayed
+    return SamplingRow(sampling, tokens[:cut], tokens[cut:])
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,9 @@ class PrefillItem:
     # leading blocks of block_ids whose KV the decode replica already holds (its prefix cache):
     # only the prompt's tokens from decode_cached_blocks * block_size on are sent
     decode_cached_blocks: int = 0
+    # token replay: the prompt's last num_replayed tokens are outputs streamed before a
+    # migration (the first token sampled here is output number num_replayed)
+    num_replayed: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class DecodeRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     local_prefill: bool = False  # colocated: this replica prefills the prompt itself
+    num_replayed: int = 0  # the prompt's last tokens that are outputs (a migrated request)
 
 
 @dataclass

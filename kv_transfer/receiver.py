@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -16,6 +18,10 @@ from pdserve.kv_transfer.layout import run_start, wire_blocks, write_layer
 from pdserve.kv_transfer.link import KVLink
 
 logger = logging.getLogger(__name__)
+
+
+class TransferStalled(RuntimeError):
+    """A batch whose header arrived stopped arriving for ``stall_s``: the link is dropped."""
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,12 @@ class KVReceiver:
         accept: Callable[[TransferItem], bool],
         on_batch: Callable[[ReceivedBatch], None],
         on_error: Callable[[str, BaseException], None],
+        stall_s: float | None = None,
     ) -> None:
         self.link = link
+        # the longest wait for one tensor of a batch whose header arrived (None: no bound); an
+        # idle link between batches waits without a bound
+        self._stall = None if stall_s is None else datetime.timedelta(seconds=stall_s)
         self._kv_cache = kv_cache  # [layers, num_blocks, 2, block_size, heads, row]
         self._kv_dtype = kv_dtype_name(kv_cache.dtype)  # the format every header must carry
         self._block_size = block_size
@@ -98,10 +108,10 @@ class KVReceiver:
         """Receive and drop a batch as its header describes it."""
         buf = self._staging(header.layer_bytes(), torch.uint8)
         for _ in range(header.wire_layers):
-            self.link.recv_tensor(buf).wait()
+            self._wait(self.link.recv_tensor(buf))
         if header.has_trailer:
             trailer = torch.empty(len(header.items), dtype=torch.int64, device=self.link.device)
-            self.link.recv_tensor(trailer).wait()
+            self._wait(self.link.recv_tensor(trailer))
 
     def _receive(self, header: TransferHeader) -> ReceivedBatch:
         start = time.perf_counter()
@@ -124,7 +134,7 @@ class KVReceiver:
         if bufs is not None:  # staged, then written: each wire block's destination and mask
             blocks, keep = wire_blocks(header.items, self._block_size, accepted)
         for layer, work in enumerate(works):
-            work.wait()
+            self._wait(work)
             if bufs is not None:
                 assert blocks is not None and keep is not None
                 write_layer(
@@ -137,11 +147,27 @@ class KVReceiver:
         nbytes = header.num_layers * header.layer_bytes()  # compressed: codes and scales
         first = None
         if trailer_work is not None:
-            trailer_work.wait()
+            self._wait(trailer_work)
             first = tuple(int(t) for t in trailer.tolist())
         return ReceivedBatch(
             self.link.name, header, accepted, first, nbytes, time.perf_counter() - start
         )
+
+    def _wait(self, work: Any) -> None:
+        """Wait for one receive of a batch; TransferStalled past the stall bound (the caller's
+        failure path then drops the link, so no late byte lands in freed blocks)."""
+        if self._stall is None:
+            work.wait()
+            return
+        try:
+            work.wait(self._stall)
+        except RuntimeError as e:
+            if "Timed out" not in str(e):
+                raise
+            raise TransferStalled(
+                f"link {self.link.name}: a transfer stalled for over {self._stall.total_seconds():g}"
+                " s mid-batch (decode.kv_lease_s): aborted"
+            ) from e
 
     def _lands_in_place(self, header: TransferHeader) -> bool:
         """The link carries every head (in the cache's format: checked) to the cache's device."""

@@ -20,7 +20,7 @@ from pdserve.engine.kv_cache import allocate_kv_cache
 from pdserve.engine.kv_quant import kv_dtype_name, storage_dtype, to_cache_rows
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup, is_kv_sender, kv_head_range
-from pdserve.engine.request import PrefillItem
+from pdserve.engine.request import PrefillItem, replay_row
 from pdserve.engine.sampling import Sampler
 from pdserve.engine.sampling_types import SamplerOutput, SamplingRow
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
@@ -109,7 +109,7 @@ class PrefillRunner:
         if not done:
             return {}
         index = torch.tensor([e for _, e in done], dtype=torch.int64, device=self.device)
-        rows = [SamplingRow(w.item.sampling, w.item.prompt_token_ids, ()) for w, _ in done]
+        rows = [_row(w.item) for w, _ in done]
         out = self.sampler(self.model.compute_logits(hidden.index_select(0, index)), rows)
         return {
             w.item.transfer_id: (token, logprobs)
@@ -163,9 +163,7 @@ class PrefillRunner:
         if self.tp.rank == 0:
             last = torch.tensor([end - 1 for _, end in ranges], device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, last))
-            out = self.sampler(
-                logits, [SamplingRow(it.sampling, it.prompt_token_ids, ()) for it in items]
-            )
+            out = self.sampler(logits, [_row(it) for it in items])
             sends.trailers(out.token_ids)
         if self.sends_kv:
             sends.flush()
@@ -238,3 +236,8 @@ class _BatchSends:
             op(link)
         except RuntimeError as e:  # gloo/NCCL: the peer closed or the group was torn down
             self.broken[dest] = f"KV link to decode replica {dest} failed: {e}"
+
+
+def _row(item: PrefillItem) -> SamplingRow:
+    """The first token's sampling row (a migrated request's replayed tokens are outputs)."""
+    return replay_row(item.sampling, item.prompt_token_ids, item.num_replayed)
