@@ -75,6 +75,7 @@ class PrefillWorker:
         self._loop_task: asyncio.Task[None] | None = None
         self._executing = False  # a batch is running on this rank
         self._retired: list[KVLink] = []  # links replaced mid-batch, aborted after it
+        self._dead_peer: BaseException | None = None  # leader: a follower's death, once seen
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -166,6 +167,8 @@ class PrefillWorker:
     async def prefill(self, item: PrefillItem) -> PrefillResult:
         """Queue one prompt; resolves once its last step ran and all its KV has left."""
         assert self._sched is not None, "prefill goes to the leader, after start()"
+        if self._dead_peer is not None:  # a rank of this group died: it runs no step again
+            raise self._dead_peer
         self._sched.add(item)  # ValueError: it could never fit this instance's cache
         future: asyncio.Future[PrefillResult] = asyncio.get_running_loop().create_future()
         self._waiting[item.transfer_id] = _Queued(item, future, time.perf_counter())
@@ -228,17 +231,19 @@ class PrefillWorker:
             q.started = q.started or start
         self._in_step, self._step = {w.item.transfer_id for w in works}, works
         try:
+            # every rank's answer, this rank's included, before anything else: a step that
+            # returned early (a peer's call failed) while this rank still sends would let the
+            # next step's sends interleave with its own on a link, and a decode receiver handed
+            # a misframed stream is aborted by gloo
             calls = [peer.execute.remote(works) for peer in self._peers]
-            (firsts, broken, kv_wait_s), *rest = await asyncio.gather(self.execute(works), *calls)
-        except Exception as e:  # a failed step fails its prompts, not the instance
-            logger.exception("prefill step of %d prompts failed", len(works))
-            dests = {w.item.decode_instance for w in works}  # their links were dropped
-            failed = set(self._in_step) | set(self._sched.tids(dests))
-            for tid in failed:
-                self._forget(tid, e)
-            return
+            answers = await asyncio.gather(self.execute(works), *calls, return_exceptions=True)
         finally:
             self._in_step, self._step = set(), []
+        errors = [a for a in answers if isinstance(a, BaseException)]
+        if errors:
+            self._step_failed(works, errors)
+            return
+        (firsts, broken, kv_wait_s), *rest = answers  # type: ignore[misc]
         for _, more, rank_wait_s in rest:  # a link may fail on any KV-sending rank
             for dest, why in more.items():
                 broken.setdefault(dest, why)
@@ -257,6 +262,23 @@ class PrefillWorker:
             aborted = self._waiting.get(w.item.transfer_id)
             if aborted is not None and aborted.dropped is not None:
                 self._forget(w.item.transfer_id, None)
+
+    def _step_failed(self, works: list[PrefillWork], errors: list[BaseException]) -> None:
+        """A failed step fails its prompts and those bound to its destinations (their links
+        were dropped), not the instance; a dead rank fails the instance: every prompt held
+        gets its death (the router retries them elsewhere), and so does every later one."""
+        assert self._sched is not None
+        died = next((e for e in errors if _is_death(e)), None)
+        error = died or errors[0]
+        logger.error("prefill step of %d prompts failed: %s", len(works), error)
+        if died is not None:
+            self._dead_peer = died
+            failed = set(self._waiting)
+        else:
+            dests = {w.item.decode_instance for w in works}
+            failed = {w.item.transfer_id for w in works} | set(self._sched.tids(dests))
+        for tid in failed:
+            self._forget(tid, error)
 
     def _finish(self, tid: int, first: tuple[int, Any], cached: int) -> None:
         q = self._waiting.pop(tid)
@@ -297,6 +319,8 @@ class PrefillWorker:
         first tokens of the prompts it completed (leader), the destinations whose link failed,
         and the seconds this rank waited, after its forward pass, for its KV sends to leave."""
         assert self._runner is not None, "start() first"
+        if self._executing:  # never two steps' sends on one link (see _run_step)
+            raise RuntimeError(f"prefill rank {self.rank} is still running a step")
         links = dict(self._links)  # this step's links, whatever connect_link does meanwhile
         waited_before = sum(link.flush_wait_s for link in links.values())
         self._executing = True
@@ -346,3 +370,10 @@ class PrefillWorker:
 
     async def ready(self) -> bool:
         return self._runner is not None
+
+
+def _is_death(error: BaseException) -> bool:
+    """A peer rank's process is gone (Ray's actor-death error, as a call to it raises)."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(error, RayActorError)
