@@ -64,3 +64,8 @@ class PrefillPort(Protocol):
     async def connect_link(self, decode_instance: int, name: str, host: str, port: int) -> bool:
         """Join the link a decode replica hosts; False when this rank sends no KV."""
         ...
+
+    async def kill(self) -> None:
+        """End this rank's process (its instance is out: a rank of its TP group died). Never
+        raises for a worker already gone."""
+        ...

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -55,6 +56,7 @@ class PrefillPool:
         self.dead: set[int] = set()  # instances with a dead rank
         self._on_dead = on_dead
         self._turn = itertools.count()  # its own round-robin position (not the decode pool's)
+        self._reaping: set[asyncio.Task[None]] = set()  # killing a dead instance's ranks
 
     def check_alive(self) -> None:
         """Raise NoCapacityError when no instance is alive."""
@@ -86,3 +88,15 @@ class PrefillPool:
             if self.index is not None:
                 self.index.forget(p.index)
             self._on_dead(p.index)
+            task = asyncio.get_running_loop().create_task(self._kill(p))
+            self._reaping.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._reaping.discard)
+
+    async def _kill(self, p: PrefillInstance) -> None:
+        """End every rank of a dead instance: a live rank of a broken TP group can run no step,
+        and its links to decode replicas close with it."""
+        for rank, port in enumerate(p.ranks):
+            try:
+                await port.kill()
+            except Exception as e:  # best effort: the instance is out of rotation anyway
+                logger.warning("prefill instance %d rank %d: kill failed: %s", p.index, rank, e)

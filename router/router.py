@@ -6,6 +6,7 @@ Life of a request (the transfer id is assigned here and is the only pairing key)
              ─▶ pick prefill + dispatch ─▶ first token (TTFT) ─▶ decode deltas … ─▶ finish
     abort at any point: queued prefill removed, or decode told to free once the KV has landed
     KV link failed before the first token: link forgotten, replica probed, request retried
+    prefill instance died: retried on another; decode replica died: migrated (token replay)
 
 The router speaks to workers through ``ports`` only (no Ray, no torch here); a dead worker is a
 ``WorkerDied`` from its port.
@@ -37,21 +38,19 @@ from pdserve.router.phase import Phase
 from pdserve.router.ports import DecodePort
 from pdserve.router.prefill_pool import PrefillInstance, PrefillPool
 from pdserve.router.prefix_index import CacheView
+from pdserve.router.retry import KV_LINK_ATTEMPTS, Retry, RetryBudget
 
-__all__ = ["NoCapacityError", "Phase", "PrefillInstance", "RequestTrace", "Router", "WorkerDied"]
+__all__ = [
+    "KV_LINK_ATTEMPTS",
+    "NoCapacityError",
+    "Phase",
+    "PrefillInstance",
+    "RequestTrace",
+    "Router",
+    "WorkerDied",
+]
 
 logger = logging.getLogger(__name__)
-
-
-KV_LINK_ATTEMPTS = 3  # tries of a request whose KV link failed before it yielded anything
-
-
-class _LinkFailed(Exception):
-    """Internal: an attempt failed on its KV link before yielding; ``generate`` retries it."""
-
-    def __init__(self, error: KVLinkError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 @dataclass
@@ -68,6 +67,8 @@ class RequestTrace:
     transfer_s: float = 0.0
     decode_instance: int = -1
     prefill_instance: int = -1
+    migrations: int = 0  # moves to another decode replica after its replica died (token replay)
+    prefill_retries: int = 0  # prefills retried on another instance after an instance died
 
 
 @dataclass
@@ -112,6 +113,8 @@ class Router:
             self._cache.decode,
         )
         self._phases: dict[str, Phase] = {}  # request id -> RESERVED | PREFILL | DECODE
+        self.migrations = 0  # requests moved to another decode replica (token replay)
+        self.prefill_retries = 0  # prefills retried on another instance
 
     def phase(self, request_id: str) -> Phase | None:
         """Where a request is (RESERVED, PREFILL or DECODE); None when unknown or finished."""
@@ -146,32 +149,48 @@ class Router:
 
         Disaggregated: the first token comes from the prefill instance (TTFT does not wait for
         the KV transfer tail). Colocated (no prefill pool): the instance prefills locally and its
-        stream carries the first token too. A request whose KV link failed before it yielded
-        anything (its decode replica died mid-transfer) is retried from the start on a fresh
-        reservation, up to ``KV_LINK_ATTEMPTS`` times in all.
+        stream carries the first token too. A worker's death is retried (``router.retry``): a
+        KV link failed before anything was yielded, a prefill instance died (another takes the
+        prompt), or the decode replica died (token replay: the prompt plus every token yielded
+        so far is prefilled again for a live replica, and the stream goes on from the next
+        token, the same tokens a run without the fault gives).
         """
         trace = trace or RequestTrace()
-        for attempt in range(1, KV_LINK_ATTEMPTS + 1):
+        budget = RetryBudget(self.config.router)
+        streamed: list[int] = []  # yielded so far, over every attempt
+        while True:
+            replay = (*prompt, *streamed)
             try:
                 async with contextlib.aclosing(
-                    self._attempt(request_id, prompt, sampling, trace)
+                    self._attempt(request_id, replay, len(streamed), sampling, trace)
                 ) as deltas:
                     async for delta in deltas:
+                        streamed += delta.token_ids
                         yield delta
                 return
-            except _LinkFailed as failed:
-                if attempt == KV_LINK_ATTEMPTS:
-                    raise failed.error from None
-                logger.warning("request %s: %s; retrying it", request_id, failed.error)
+            except Retry as retry:
+                budget.spend(retry, request_id)  # raises past the limit
+                if retry.kind == "decode":
+                    trace.migrations += 1
+                    self.migrations += 1
+                elif retry.kind == "prefill":
+                    trace.prefill_retries += 1
+                    self.prefill_retries += 1
+                logger.warning(
+                    "request %s: %s; retrying it (%s, %d tokens streamed)",
+                    request_id, retry.error, retry.kind, len(streamed),
+                )  # fmt: skip
 
     async def _attempt(
         self,
         request_id: str,
         prompt: Sequence[int],
+        replayed: int,
         sampling: SamplingParams,
         trace: RequestTrace,
     ) -> AsyncGenerator[StepDelta, None]:
-        flight = await self._place(request_id, prompt, sampling, trace)
+        """One placement of the request; ``prompt``'s last ``replayed`` tokens are outputs."""
+        flight = await self._place(request_id, prompt, replayed, sampling, trace)
         try:
             links = await self._ensure_links(flight)
             stream = self.decode[flight.decode].stream(flight.req.transfer_id)
@@ -180,11 +199,17 @@ class Router:
                     first = await self._run_prefill(flight, links, trace)
                     flight.output += first.token_ids
                     yield first
-                async for delta in stream:
-                    self._observe(flight, delta, trace)
-                    yield delta
-                    if flight.phase is Phase.DONE:
-                        return
+                try:
+                    async for delta in stream:
+                        self._observe(flight, delta, trace)
+                        yield delta
+                        if flight.phase is Phase.DONE:
+                            return
+                except WorkerDied as e:
+                    if e.role != "decode":
+                        raise
+                    self._decode_pool.mark_dead(flight.decode)
+                    raise Retry("decode", e) from e
         finally:
             self._phases.pop(request_id, None)
             if flight.phase is not Phase.DONE:
@@ -194,13 +219,17 @@ class Router:
             await self._decode_pool.released()
 
     async def _place(
-        self, request_id: str, prompt: Sequence[int], sampling: SamplingParams, trace: RequestTrace
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        replayed: int,
+        sampling: SamplingParams,
+        trace: RequestTrace,
     ) -> _Flight:
         """Reserve decode blocks, then pick the prefill instance (none when colocated)."""
         colocated = not self.prefill
-        req = DecodeRequest(
-            next(self._ids), request_id, tuple(prompt), sampling, local_prefill=colocated
-        )
+        tid = next(self._ids)
+        req = DecodeRequest(tid, request_id, tuple(prompt), sampling, colocated, replayed)
         if not colocated:
             self._prefill_pool.check_alive()
         hashes = self._cache.hashes(req.prompt_token_ids)
@@ -233,9 +262,9 @@ class Router:
             if e.role == "decode":  # it died under our reservation: retry elsewhere
                 self._decode_pool.mark_dead(d)
                 why = f"decode replica {d} died before its KV link was made"
-                raise _LinkFailed(KVLinkError(d, why)) from e
+                raise Retry("link", KVLinkError(d, why)) from e
             self._prefill_pool.mark_dead(p)
-            raise
+            raise Retry("prefill", e) from e
 
     async def _run_prefill(
         self, flight: _Flight, links: asyncio.Task[None] | None, trace: RequestTrace
@@ -251,6 +280,7 @@ class Router:
             flight.decode,
             flight.reservation.block_ids,
             flight.reservation.cached_blocks,  # its prefill sends only the blocks after these
+            req.num_replayed,
         )
         flight.phase = self._phases[req.request_id] = Phase.PREFILL
         try:
@@ -259,13 +289,13 @@ class Router:
             # the prefill side failed (its batch raised, or a rank died): it sends nothing
             # more, and a batch that died half-sent dropped its links
             flight.phase = Phase.PREFILL_FAILED
-            if isinstance(e, WorkerDied):
+            if isinstance(e, WorkerDied):  # another instance takes it, on a fresh reservation
                 self._prefill_pool.mark_dead(p)
-                raise
+                raise Retry("prefill", e) from e
             self._links.forget(p, flight.decode, links)
             await self._decode_pool.probe(flight.decode)
             if isinstance(e, KVLinkError):
-                raise _LinkFailed(e) from e
+                raise Retry("link", e) from e
             raise
         flight.phase = self._phases[req.request_id] = Phase.DECODE
         trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s

@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from pdserve.engine.load import DecodeLoad
@@ -101,3 +102,6 @@ class RayPrefillPort:
     async def connect_link(self, decode_instance: int, name: str, host: str, port: int) -> bool:
         with _deaths("prefill", self.instance, self.rank):
             return bool(await self.handle.connect_link.remote(decode_instance, name, host, port))
+
+    async def kill(self) -> None:
+        ray.kill(self.handle, no_restart=True)  # a dead actor: a no-op

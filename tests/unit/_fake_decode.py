@@ -107,7 +107,8 @@ class FakeDecode(FakeWorker):
         req = held.req
         prompt = list(req.prompt_token_ids)
         self.blocks.register(tid, self._hashes(prompt))
-        seq = DecodeSeq(tid, len(prompt), req.sampling.max_tokens, [*prompt, first_token])
+        max_tokens = req.sampling.max_tokens - req.num_replayed  # a replay's outputs count
+        seq = DecodeSeq(tid, len(prompt), max_tokens, [*prompt, first_token])
         reused = held.cached_blocks * self.blocks.block_size  # a byte a token, as kv_bytes
         stats = StepDelta(kv_bytes=len(prompt) - reused, kv_reused_bytes=reused)
         if req.local_prefill:
@@ -190,7 +191,7 @@ class FakeDecode(FakeWorker):
 
     async def _local_prefill(self, tid: int) -> None:
         await self._until(self.stepping.wait())
-        self.land(tid, FIRST_TOKEN)
+        self.land(tid, self._held[tid].req.num_replayed or FIRST_TOKEN)  # see FakePrefill
 
     async def _step_loop(self) -> None:
         while not self.dead:
@@ -200,8 +201,8 @@ class FakeDecode(FakeWorker):
                 self._wake.clear()
                 await self._until(self._wake.wait())
                 continue
-            for seq in out.decode:
-                seq.token_ids.append(seq.num_output)  # a made-up token
+            for seq in out.decode:  # a made-up token: the output's index (replays continue it)
+                seq.token_ids.append(seq.num_output + self._held[seq.seq_id].req.num_replayed)
             self.scheduler.on_step_done(out.decode)
             for seq in out.decode:
                 done = self.scheduler.reached_length_limit(seq)

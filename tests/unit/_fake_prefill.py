@@ -55,6 +55,10 @@ class FakePrefill(FakeWorker):
                 return True
         return False
 
+    async def kill(self) -> None:
+        self.calls.append(("kill",))
+        self.die()
+
     async def _connect(self, d: int, name: str) -> bool:
         await self._until(self.connecting.wait())
         self.links[d] = name
@@ -82,5 +86,7 @@ class FakePrefill(FakeWorker):
             self.links.pop(item.decode_instance, None)  # a failed link is dropped
             decode.fail_transfer(tid, why)
             raise KVLinkError(item.decode_instance, why)
-        decode.land(tid, FIRST_TOKEN)
-        return PrefillResult(tid, FIRST_TOKEN, None, queue_s=0.0, compute_s=0.0)
+        # a replayed request's next token: the fake decode's made-up token at that output index
+        first = item.num_replayed or FIRST_TOKEN
+        decode.land(tid, first)
+        return PrefillResult(tid, first, None, queue_s=0.0, compute_s=0.0)

@@ -14,7 +14,7 @@ from _fake_decode import FIRST_TOKEN
 
 from pdserve.kv_transfer.errors import KVLinkError
 from pdserve.router import decode_pool
-from pdserve.router.errors import NoCapacityError, WorkerDied
+from pdserve.router.errors import NoCapacityError
 from pdserve.router.phase import Phase
 from pdserve.router.router import KV_LINK_ATTEMPTS, RequestTrace
 
@@ -115,19 +115,20 @@ def test_kv_link_failing_on_every_attempt_gives_up_after_the_last() -> None:
     run(scenario)
 
 
-def test_dead_prefill_instances_are_routed_around_until_none_is_left() -> None:
+def test_dead_prefill_instances_are_retried_elsewhere_until_none_is_left() -> None:
     async def scenario() -> None:
         c = await fake_cluster(prefill=2)
         p0, p1 = c.prefills
         decode = c.decodes[0]
         p0.die()  # before its link exists: found dead while the link is made
-        with pytest.raises(WorkerDied, match="prefill instance 0"):
-            await consume(c.router, "a", 10, 3)
+        trace = RequestTrace()
+        assert len(await consume(c.router, "a", 10, 3, trace=trace)) == 3  # retried on p1
+        assert (trace.prefill_retries, trace.prefill_instance) == (1, 1)
         assert c.router.dead_instances["prefill"] == [0]
+        assert ("kill",) in p0.calls  # a dead instance's ranks are ended
         assert_all_free(decode)
-        assert len(await consume(c.router, "b", 10, 3)) == 3  # on the survivor
-        p1.die()  # its link exists: found dead by the prefill call
-        with pytest.raises(WorkerDied, match="prefill instance 1"):
+        p1.die()  # its link exists: found dead by the prefill call, then none is left
+        with pytest.raises(NoCapacityError, match="no prefill instance is alive"):
             await consume(c.router, "c", 10, 3)
         assert c.router.dead_instances["prefill"] == [0, 1]
         assert_all_free(decode)
@@ -195,7 +196,8 @@ def test_last_prefill_dying_while_a_request_waits_for_blocks_frees_its_reservati
         await until(lambda: all(c.router.phase(r) is Phase.DECODE for r in "ab"), "decoding")
         waiting = asyncio.ensure_future(consume(c.router, "w", 2 * BLOCK, 3))  # needs 2 blocks
         c.prefills[0].die()
-        with pytest.raises(WorkerDied):  # fits in one block: finds the prefill dead
+        # fits in one block: finds the prefill dead, and no other to retry on
+        with pytest.raises(NoCapacityError, match="no prefill instance is alive"):
             await consume(c.router, "x", BLOCK, 3)
         for d in c.decodes:
             d.stepping.set()
