@@ -27,6 +27,7 @@ from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.prefix_hash import hash_salt
 from pdserve.engine.request import DecodeRequest, Reservation, StepDelta
+from pdserve.kv_transfer.auth import GroupAuth, PeerRefused
 from pdserve.kv_transfer.descriptor import TransferItem
 from pdserve.kv_transfer.layout import blocks_for
 from pdserve.kv_transfer.link import RECEIVER, KVLink, resolve_backend
@@ -45,6 +46,7 @@ class DecodeWorker:
         self.device = torch.device(config.model.device)
         self.host = resolve_host(config.model.host)
         self.kv_backend = config.kv_backend
+        self.link_secret = config.link_secret
         self.engine = _build_engine(config, instance, self.device)
         self._streams: dict[int, asyncio.Queue[StepDelta]] = {}
         self._attached: set[int] = set()  # a stream() call is reading the queue
@@ -81,9 +83,14 @@ class DecodeWorker:
         assert isinstance(runner, DecodeRunner)
 
         def join() -> None:
-            link = KVLink.connect(
-                name, backend, RECEIVER, self.device, self.host, store.port, store=store
-            )
+            auth = GroupAuth(self.link_secret, hosting=True)
+            try:
+                link = KVLink.connect(
+                    name, backend, RECEIVER, self.device, self.host, store.port, store, auth=auth
+                )
+            except (PeerRefused, RuntimeError) as e:  # no peer proved the secret in time
+                logger.error("kv link %s not made: %s", name, e)
+                return
             receiver = KVReceiver(
                 link,
                 runner.kv_cache,

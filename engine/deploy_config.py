@@ -15,6 +15,7 @@ Plain data, no torch and no Ray, so the router, the planner and the simulator re
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 CHUNKED_PREFILL_BUDGET = 2048  # vLLM's default step budget with chunked prefill (serving)
@@ -153,6 +154,11 @@ class DeploymentConfig:
     router: RouterSettings = field(default_factory=RouterSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     ray_address: str | None = None
+    # authenticates the members of every KV link and TP group (kv_transfer.auth): drawn afresh
+    # each time a spec is resolved (`pdserve up`, `LLM(...)`), reaching workers with the tree
+    link_secret: bytes = field(
+        default_factory=lambda: secrets.token_bytes(32), repr=False, compare=False
+    )
 
     @property
     def namespace(self) -> str:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from pdserve.engine.kv_quant import movable
-from pdserve.engine.parallel import make_process_group
+from pdserve.kv_transfer.auth import GroupAuth, bound_store, join_group
 from pdserve.kv_transfer.descriptor import MAX_HEADER_BYTES, TransferHeader, TransferProtocolError
 from pdserve.kv_transfer.errors import KVLinkError as KVLinkError  # re-exported: older imports
 
@@ -70,9 +70,9 @@ class KVLink:
 
     @staticmethod
     def host_store(host: str, timeout_s: float = 300.0) -> dist.TCPStore:
-        """Receiver side: a rendezvous store on a free port (read it back from ``store.port``)."""
-        timeout = datetime.timedelta(seconds=timeout_s)
-        return dist.TCPStore(host, 0, 2, True, timeout, wait_for_workers=False)
+        """Receiver side: a rendezvous store on a free port of ``host``'s interface only (read
+        the port back from ``store.port``)."""
+        return bound_store(host, 2, timeout_s)
 
     @classmethod
     def connect(
@@ -85,13 +85,16 @@ class KVLink:
         port: int,
         store: dist.TCPStore | None = None,
         timeout_s: float = 300.0,
+        auth: GroupAuth | None = None,
     ) -> KVLink:
-        """Join the 2-rank group; blocks until the peer joins too (run it off the event loop)."""
+        """Join the 2-rank group; blocks until the peer joins too (run it off the event loop).
+        With ``auth`` both ends prove the deployment's secret first (``kv_transfer.auth``):
+        a peer that cannot raises ``PeerRefused`` and no KV moves."""
         if store is None:
             timeout = datetime.timedelta(seconds=timeout_s)
             store = dist.TCPStore(host, port, 2, False, timeout)
-        pg = make_process_group(backend, dist.PrefixStore(name, store), rank, 2)
         wire_device = device if backend == "nccl" else torch.device("cpu")
+        pg = join_group(store, auth, name, backend, rank, 2, wire_device, timeout_s)
         logger.info("kv link %s up: rank %d, backend %s", name, rank, backend)
         return cls(name, pg, rank, wire_device, store)
 

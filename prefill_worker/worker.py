@@ -28,9 +28,10 @@ from pdserve.engine.deploy_config import DeploymentConfig, resolve_host
 from pdserve.engine.kv_cache import bytes_per_block
 from pdserve.engine.load import PrefillStats
 from pdserve.engine.loader import load_model
-from pdserve.engine.parallel import TPGroup, make_process_group
+from pdserve.engine.parallel import TPGroup
 from pdserve.engine.prefix_hash import hash_salt
 from pdserve.engine.request import PrefillItem, PrefillResult
+from pdserve.kv_transfer.auth import GroupAuth, bound_store, join_group
 from pdserve.kv_transfer.link import SENDER, KVLink, KVLinkError, resolve_backend
 from pdserve.prefill_worker.runner import PrefillRunner
 from pdserve.prefill_worker.scheduler import PrefillScheduler, PrefillWork
@@ -38,6 +39,7 @@ from pdserve.prefill_worker.scheduler import PrefillScheduler, PrefillWork
 logger = logging.getLogger(__name__)
 
 ABORT_WAIT_S = 600.0  # the longest an abort waits for the step running its prompt
+TP_JOIN_S = 300.0  # the longest the TP group's ranks wait for one another (store, handshake)
 
 
 @dataclass
@@ -81,7 +83,7 @@ class PrefillWorker:
 
     async def tp_address(self) -> tuple[str, int]:
         """Leader: host the TP group's rendezvous store; every rank joins it in ``start``."""
-        self._tp_store = KVLink.host_store(self.host)
+        self._tp_store = bound_store(self.host, self.pool.tensor_parallel_size, TP_JOIN_S)
         return self.host, self._tp_store.port
 
     async def start(self, tp_host: str, tp_port: int, peers: Sequence[Any] = ()) -> None:
@@ -93,17 +95,15 @@ class PrefillWorker:
 
     def _start(self, host: str, port: int) -> None:
         tp = TPGroup.single()
-        if self.pool.tensor_parallel_size > 1:
+        size = self.pool.tensor_parallel_size
+        if size > 1:
             store = self._tp_store or torch.distributed.TCPStore(host, port, 2, False)
             self._tp_store = store
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            pg = make_process_group(
-                backend,
-                torch.distributed.PrefixStore("tp", store),
-                self.rank,
-                self.pool.tensor_parallel_size,
-            )
-            tp = TPGroup(self.rank, self.pool.tensor_parallel_size, pg)
+            # only holders of the deployment's secret join (kv_transfer.auth)
+            auth = GroupAuth(self.deployment.link_secret, hosting=self.rank == 0, peers=size - 1)
+            pg = join_group(store, auth, "tp", backend, self.rank, size, self.device, TP_JOIN_S)
+            tp = TPGroup(self.rank, size, pg)
         model = load_model(self.config, tp, self.device)
         decode = self.deployment.decode  # the KV travels in the decode cache's layout and format
         num_blocks = self._num_blocks(tp)
@@ -150,8 +150,9 @@ class PrefillWorker:
         if not self._runner.sends_kv:
             return False
         backend = resolve_backend(self.deployment.kv_backend, self.device)
+        auth = GroupAuth(self.deployment.link_secret, hosting=False)
         link = await asyncio.to_thread(
-            KVLink.connect, name, backend, SENDER, self.device, host, port
+            KVLink.connect, name, backend, SENDER, self.device, host, port, auth=auth
         )
         old = self._links.get(decode_instance)
         self._links[decode_instance] = link
