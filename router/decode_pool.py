@@ -65,6 +65,16 @@ class DecodePool:
                 self.index.forget(d)
             self._on_dead(d)
 
+    def replace(self, d: int, port: DecodePort, load: DecodeLoad) -> None:
+        """Put a fresh replica (its first ``load``) in place of dead replica ``d``
+        (self-healing): back in rotation with nothing believed cached."""
+        self.ports[d] = port
+        if self.index is not None:
+            self.index.forget(d)
+        self.observe(d, load)
+        self.dead.discard(d)
+        logger.info("decode replica %d replaced; back in rotation", d)
+
     async def probe(self, d: int) -> None:
         """Mark ``d`` dead unless it still answers."""
         try:

@@ -52,6 +52,11 @@ class KVLinks:
         for key in [k for k in self._tasks if k[1] == d]:
             del self._tasks[key]
 
+    def replace_decode(self, d: int, port: DecodePort) -> None:
+        """Replica ``d`` was replaced: links to it are made afresh, on the new port."""
+        self.decode[d] = port
+        self.drop_decode(d)
+
     async def _connect(self, p: PrefillInstance, d: int) -> None:
         generation = next(self._generation)  # a rebuilt link never reuses a name
 

@@ -82,6 +82,8 @@ class PrefillPool:
     def mark_dead(self, p: PrefillInstance) -> None:
         """A dead rank takes its instance out of rotation (its TP group cannot run a batch);
         its links go with it, the rest of the pool serves on."""
+        if all(q is not p for q in self.instances):  # a replaced instance's late error
+            return  # its successor lives
         if p.index not in self.dead:
             logger.error("prefill instance %d has a dead rank; routing around it", p.index)
             self.dead.add(p.index)
@@ -91,6 +93,17 @@ class PrefillPool:
             task = asyncio.get_running_loop().create_task(self._kill(p))
             self._reaping.add(task)  # keep a reference until it is done
             task.add_done_callback(self._reaping.discard)
+
+    def replace(self, fresh: PrefillInstance) -> None:
+        """Put a fresh instance in place of the dead one of the same index (self-healing): back
+        in rotation with empty queue counters and nothing believed cached; its links are made
+        lazily by the first requests."""
+        pos = next(i for i, p in enumerate(self.instances) if p.index == fresh.index)
+        self.instances[pos] = fresh
+        self.dead.discard(fresh.index)
+        if self.index is not None:
+            self.index.forget(fresh.index)
+        logger.info("prefill instance %d replaced; back in rotation", fresh.index)
 
     async def _kill(self, p: PrefillInstance) -> None:
         """End every rank of a dead instance: a live rank of a broken TP group can run no step,

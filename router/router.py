@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from pdserve.engine.deploy_config import DeploymentConfig
+from pdserve.engine.load import DecodeLoad
 from pdserve.engine.request import (
     DecodeRequest,
     PrefillItem,
@@ -32,7 +33,7 @@ from pdserve.engine.request import (
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv_transfer.errors import KVLinkError
 from pdserve.router.decode_pool import DecodePool
-from pdserve.router.errors import NoCapacityError, WorkerDied
+from pdserve.router.errors import NoCapacityError, Role, WorkerDied
 from pdserve.router.links import KVLinks
 from pdserve.router.phase import Phase
 from pdserve.router.ports import DecodePort
@@ -135,6 +136,28 @@ class Router:
 
     async def start(self) -> None:
         await self._decode_pool.start()
+
+    # -- self-healing: the controller puts fresh workers in place of dead ones --------------
+
+    def worker_died(self, role: Role, index: int) -> None:
+        """A health check found a worker of instance ``index`` gone: out of rotation."""
+        if role == "decode":
+            self._decode_pool.mark_dead(index)
+        else:
+            self._prefill_pool.mark_dead(next(p for p in self.prefill if p.index == index))
+
+    def replace_decode(self, d: int, port: DecodePort, load: DecodeLoad) -> None:
+        """A fresh replica (its first load) serves as replica ``d``; links to it come lazily."""
+        self.decode[d] = port
+        self._links.replace_decode(d, port)
+        self._decode_pool.replace(d, port, load)
+
+    def replace_prefill(self, fresh: PrefillInstance) -> None:
+        """A fresh TP group serves as instance ``fresh.index``; its links come lazily."""
+        pos = next(i for i, p in enumerate(self.prefill) if p.index == fresh.index)
+        self.prefill[pos] = fresh
+        self._links.drop_prefill(fresh.index)
+        self._prefill_pool.replace(fresh)
 
     # -- the request path -------------------------------------------------------------------
 
