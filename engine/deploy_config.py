@@ -128,6 +128,11 @@ class RouterSettings:
     max_queued_requests: int = 256  # admitted and not finished; above it: 429 + Retry-After
     max_migrations: int = 3  # moves to another decode replica after a death mid-stream
     max_prefill_retries: int = 3  # retries on another prefill instance after a death
+    # self-healing (cluster/launch/healer.py): a dead instance is replaced after the backoff,
+    # doubled with each restart of that instance, at most max_restarts times (0: never)
+    restart_backoff_s: float = 1.0
+    max_restarts: int = 5
+    health_check_s: float = 2.0  # how often every live worker is asked whether it lives
 
 
 @dataclass(frozen=True)

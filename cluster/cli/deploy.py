@@ -211,6 +211,12 @@ def status(args: argparse.Namespace) -> int:
     )
     console.print(_table("prefill pool", info.get("prefill", [])))
     console.print(_table("decode pool", info.get("decode", [])))
+    if (rec := info.get("recovery")) is not None:
+        console.print(
+            f"deaths {rec['deaths']}, restarts {rec['restarts']}, migrations "
+            f"{rec['migrations']}, prefill retries {rec['prefill_retries']}",
+            highlight=False,
+        )
     return 0
 
 

@@ -241,6 +241,12 @@ class RouterSection(Section):
     max_migrations: Annotated[int, Field(ge=0)] = kw(3, "max_migrations")
     # times one request's prefill may be retried on another instance after its instance died
     max_prefill_retries: Annotated[int, Field(ge=0)] = kw(3, "max_prefill_retries")
+    # self-healing: a dead prefill instance or decode replica is replaced after this many
+    # seconds, doubled with each restart of that instance (at most 60 s), at most
+    # max_restarts times per instance (0: never); live workers are asked every health_check_s
+    restart_backoff_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
+    max_restarts: Annotated[int, Field(ge=0)] = 5
+    health_check_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
 
 
 class ServerSection(Section):

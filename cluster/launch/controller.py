@@ -21,6 +21,7 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pdserve.cluster.launch.deployment import Deployment
+from pdserve.cluster.launch.healer import Healer
 from pdserve.cluster.serving.admission import AdmissionGate
 from pdserve.cluster.serving.http_server import bind_socket, make_server, serve, wait_started
 from pdserve.cluster.serving.jobs import JobManager
@@ -47,6 +48,7 @@ class Controller:
         self.detached = detached
         self.started = time.time()
         self._deployment: Deployment | None = None
+        self._healer: Healer | None = None
         self._frontend: Frontend | None = None
         self._gate: AdmissionGate | None = None
         self._jobs: JobManager | None = None
@@ -78,6 +80,9 @@ class Controller:
         self.metrics = ServingMetrics(
             r.server.served_model_name, prefill_pool=r.prefill is not None
         )
+        healer = Healer(self._deployment, r.router)  # dead workers replaced (self-healing)
+        self._healer = healer
+        self.metrics.before_render = lambda: self.metrics.set_recovery(**healer.summary())
         app = create_app(
             gate,
             r.server,
@@ -91,6 +96,8 @@ class Controller:
         assert self._socket is not None
         serving = loop.create_task(serve(server, self._socket))
         self._tasks = [serving, loop.create_task(self._refresh_load())]
+        if r.router.max_restarts > 0:
+            self._tasks.append(loop.create_task(healer.run()))
         await wait_started(server, serving)
         if self._jobs is not None:  # jobs a stop or a crash cut off go on where they stopped
             self._jobs.resume()
@@ -126,7 +133,8 @@ class Controller:
         stats = await asyncio.gather(
             *(d.stats.remote() for d in dep.decode), return_exceptions=True
         )
-        dead = dep.router.dead_instances
+        healer = self._healer
+        assert healer is not None
         estimates = dep.router.estimated_cached_blocks  # pools routed cache_aware
         return {
             "name": r.name,
@@ -137,10 +145,12 @@ class Controller:
             "url": f"http://{r.server.host}:{r.server.port}",
             "uptime_s": round(time.time() - self.started, 1),
             "inflight": self._gate.inflight if self._gate else 0,
+            "recovery": healer.summary(),
             "prefill": [
                 {
                     "instance": p.index,
-                    "state": "dead" if p.index in dead["prefill"] else "up",
+                    "state": healer.state("prefill", p.index),
+                    "restarts": healer.restarted["prefill", p.index],
                     "tp": len(p.ranks),
                     "queued_requests": p.queued_requests,
                     "queued_tokens": p.queued_tokens,
@@ -149,11 +159,12 @@ class Controller:
                 for p in dep.router.prefill  # the router's view holds the queue counters
             ],
             "decode": [
-                {"instance": i, "state": "dead", "error": type(s).__name__}
+                {"instance": i, "state": healer.state("decode", i), "error": type(s).__name__}
                 if isinstance(s, BaseException)
                 else {
                     "instance": s.load.instance,
-                    "state": "dead" if i in dead["decode"] else "up",
+                    "state": healer.state("decode", i),
+                    "restarts": healer.restarted["decode", i],
                     "kv_used_blocks": s.load.total_blocks - s.load.free_blocks,
                     "kv_total_blocks": s.load.total_blocks,
                     "kv_cached_blocks": s.cached_blocks,
@@ -176,14 +187,13 @@ class Controller:
         return {"prefill": ranks, "decode": list(self._deployment.decode)}
 
     async def check_integrity(self) -> int:
-        """Every decode replica's and live prefill leader's block check; returns requests still
+        """Every live decode replica's and prefill leader's block check; returns requests still
         held (0 when idle)."""
         assert self._deployment is not None
-        dead = set(self._deployment.router.dead_instances["prefill"])
-        leaders = [p.leader for p in self._deployment.prefill if p.index not in dead]
-        counts = await asyncio.gather(
-            *(w.check_integrity.remote() for w in [*self._deployment.decode, *leaders])
-        )
+        dead = self._deployment.router.dead_instances
+        leaders = [p.leader for p in self._deployment.prefill if p.index not in dead["prefill"]]
+        decode = [h for j, h in enumerate(self._deployment.decode) if j not in dead["decode"]]
+        counts = await asyncio.gather(*(w.check_integrity.remote() for w in [*decode, *leaders]))
         return sum(counts)
 
     async def shutdown(self) -> None:

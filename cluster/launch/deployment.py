@@ -103,6 +103,36 @@ class Deployment:
     def shutdown(self) -> None:
         _kill([r for p in self.prefill for r in p.ranks] + self.decode, self.placement_groups)
 
+    # -- self-healing: a fresh worker in a dead one's place, under the same index -----------
+
+    async def restart_decode(self, j: int) -> None:
+        """Replace decode replica ``j`` (placed as at start) and hand it to the router."""
+        _kill([self.decode[j]], [])  # gone already, or cut off: it must not linger
+        handle = _make_decode(self.config, j)
+        try:
+            load = await handle.get_load.remote()
+        except BaseException:  # a failed or abandoned start leaves no actor behind
+            _kill([handle], [])
+            raise
+        self.decode[j] = handle
+        self.router.replace_decode(j, RayDecodePort(handle, j), load)
+
+    async def restart_prefill(self, i: int) -> None:
+        """Replace prefill instance ``i``: every rank, in the instance's own STRICT_PACK
+        placement group (its bundles are free once the old ranks are gone)."""
+        _kill(list(self.prefill[i].ranks), [])
+        pg = self.placement_groups[i]
+        group = _make_prefill(self.config, self.model, i, pg)
+        try:
+            await pg.ready()
+            await _start_prefill(group)
+            blocks = await group.leader.cache_blocks.remote()
+        except BaseException:
+            _kill(list(group.ranks), [])
+            raise
+        self.prefill[i] = dataclasses.replace(group, cache_blocks=blocks)
+        self.router.replace_prefill(self.prefill[i].router_instance())
+
 
 def _make_decode(config: DeploymentConfig, j: int) -> Any:
     slot = _device_slot(config)

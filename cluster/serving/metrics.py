@@ -15,6 +15,8 @@ prompt KV a decode replica held already and so was not sent.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -36,6 +38,7 @@ PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 
 
 FAILURE_REASONS = ("failed", "unavailable", "internal", "queue_full")
+POOLS = ("prefill", "decode")
 
 
 class ServingMetrics:
@@ -104,6 +107,22 @@ class ServingMetrics:
         self._hits = self._labelled(
             "prefix_cache_hits", "Of those, tokens found in the cache.", "pool"
         )
+        self._deaths = self._labelled("worker_deaths", "Instances found dead, by pool.", "pool")
+        self._restarts = self._labelled(
+            "worker_restarts", "Dead instances replaced by a fresh one, by pool.", "pool"
+        )
+        for pool in POOLS:  # present (at 0) before the first death
+            self._deaths.labels(model_name=model_name, pool=pool)
+            self._restarts.labels(model_name=model_name, pool=pool)
+        self._migrations = self._counter(
+            "request_migrations", "Requests moved to another decode replica after a death."
+        )
+        self._prefill_retries = self._counter(
+            "prefill_retries", "Prefills retried on another instance after a death."
+        )
+        # called before each render (the controller syncs the recovery counters there)
+        self.before_render: Callable[[], None] | None = None
+        self._synced: dict[str, float] = {}  # running totals the counters were raised to
 
     def observe_request(
         self, m: RequestMetrics, finish_reason: str | None, prompt_tokens: int
@@ -135,8 +154,35 @@ class ServingMetrics:
         self._waiting.set(waiting)
         self._prefill_queued.set(queued_prefill)
 
+    def set_recovery(
+        self,
+        deaths: Mapping[str, int],
+        restarts: Mapping[str, int],
+        migrations: int,
+        prefill_retries: int,
+    ) -> None:
+        """Bring the recovery counters up to these running totals (by pool where labelled)."""
+        for name, family, totals in (
+            ("deaths", self._deaths, deaths),
+            ("restarts", self._restarts, restarts),
+        ):
+            for pool, total in totals.items():
+                child = family.labels(model_name=self.model_name, pool=pool)
+                self._raise_to(f"{name}/{pool}", child, total)
+        self._raise_to("migrations", self._migrations, migrations)
+        self._raise_to("prefill_retries", self._prefill_retries, prefill_retries)
+
+    def _raise_to(self, key: str, counter: Counter, total: float) -> None:
+        """Keep a counter equal to a running total counted elsewhere (it never goes down)."""
+        gap = total - self._synced.get(key, 0)
+        if gap > 0:
+            counter.inc(gap)
+            self._synced[key] = total
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric (Content-Type: ``CONTENT_TYPE``)."""
+        if self.before_render is not None:
+            self.before_render()
         return generate_latest(self.registry)
 
     def _observe_reuse(self, m: RequestMetrics, prompt_tokens: int) -> None:
