@@ -65,7 +65,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel size of prefill")
     p.add_argument("--decode-instances", type=int, default=1, help="decode replicas")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="auto, float32, bfloat16 or float16 (default: bfloat16 for the default model, as "
+        "deploy/local.yaml: the fastest on CPU with right answers, docs/performance.md; auto "
+        "for --model: the checkpoint's dtype, bfloat16 for a float32 one on GPU)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
         "--ray-address",
@@ -96,7 +102,7 @@ def _start(args: argparse.Namespace, console: Console) -> LLM:
             args.model,
             prefill_tensor_parallel_size=args.prefill_tp,
             decode_instances=args.decode_instances,
-            dtype=args.dtype,
+            dtype=args.dtype or ("bfloat16" if args.model is None else "auto"),
             device=args.device,
             ray_address=args.ray_address,
         )
