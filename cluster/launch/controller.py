@@ -30,6 +30,7 @@ from pdserve.cluster.serving.native_api import make_native_router
 from pdserve.cluster.serving.server import create_app
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.deploy_config import DeploymentConfig
+from pdserve.engine.load import PrefillStats
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.router.frontend import Frontend
 
@@ -131,7 +132,10 @@ class Controller:
         if dep is None:
             return {"name": r.name, "state": "starting"}
         stats = await asyncio.gather(
-            *(d.stats.remote() for d in dep.decode), return_exceptions=True
+            *(_bounded(d.stats.remote()) for d in dep.decode), return_exceptions=True
+        )
+        pstats = await asyncio.gather(
+            *(_bounded(p.leader.stats.remote()) for p in dep.prefill), return_exceptions=True
         )
         healer = self._healer
         assert healer is not None
@@ -154,9 +158,10 @@ class Controller:
                     "tp": len(p.ranks),
                     "queued_requests": p.queued_requests,
                     "queued_tokens": p.queued_tokens,
+                    **_prefill_cache(ps),
                     **_estimate(estimates, "prefill", p.index),
-                }
-                for p in dep.router.prefill  # the router's view holds the queue counters
+                }  # the router's view holds the queue counters, the leader its cache
+                for p, ps in zip(dep.router.prefill, pstats, strict=True)
             ],
             "decode": [
                 {"instance": i, "state": healer.state("decode", i), "error": type(s).__name__}
@@ -241,6 +246,17 @@ def _estimate(estimates: dict[str, dict[int, int]], pool: str, i: int) -> dict[s
     if pool not in estimates:
         return {}
     return {"router_cached_blocks": estimates[pool].get(i, 0)}
+
+
+def _prefill_cache(stats: PrefillStats | BaseException) -> dict[str, Any]:
+    """A prefill leader's prefix cache for status (its error's name when it did not answer)."""
+    if isinstance(stats, BaseException):
+        return {"error": type(stats).__name__}
+    return {
+        "kv_total_blocks": stats.cache_blocks,
+        "kv_cached_blocks": stats.cached_blocks,
+        "prefix_hit_rate": _rate(stats.prefix_cache_hits, stats.prefix_cache_queries),
+    }
 
 
 def _rate(hits: int, queries: int) -> float | None:

@@ -3,6 +3,7 @@ request, and `pdserve down`, each a separate process."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -96,13 +97,21 @@ def test_up_status_request_down(tmp_path: Path) -> None:
         body = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 8, "temperature": 0}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
-        assert re.search(r"ray cluster: \S+", Path(log.name).read_text())
-        args = ["-n", "itest-tp2"]  # --address auto: the local cluster `up` started
+        found = re.search(r"ray cluster: (\S+)", Path(log.name).read_text())
+        assert found
+        # the address `up` printed: never `auto`, which may find another cluster on this host
+        args = ["-n", "itest-tp2", "--address", found.group(1)]
         status = subprocess.run(
             [PDSERVE, "status", *args, "--json"], capture_output=True, text=True, timeout=120
         )
         assert status.returncode == 0, status.stderr[-2000:]
-        assert '"state": "serving"' in status.stdout and '"tp": 2' in status.stdout
+        info = json.loads(status.stdout)
+        assert info["state"] == "serving" and info["prefill"][0]["tp"] == 2
+        # each pool's prefix cache: its size, what it holds, its hit rate
+        assert (
+            info["prefill"][0]["kv_total_blocks"] > 0 and "kv_cached_blocks" in info["prefill"][0]
+        )
+        assert info["decode"][0]["kv_total_blocks"] > 0
         down = subprocess.run([PDSERVE, "down", *args], capture_output=True, text=True, timeout=180)
         assert down.returncode == 0, down.stderr[-2000:]
         assert up.wait(timeout=120) == 0  # `up` returns once the deployment is down
