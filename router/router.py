@@ -1,6 +1,6 @@
 """The router: reserves decode space, dispatches prefills, wires KV links, fans tokens out.
 
-Life of a request (the transfer id is assigned here and is the only pairing key)::
+Life of a request (each attempt, ``attempt.py``, gets a fresh transfer id: the only pairing key)::
 
     generate ─▶ pick decode + reserve blocks ─▶ ensure links ─▶ open decode stream
              ─▶ pick prefill + dispatch ─▶ first token (TTFT) ─▶ decode deltas … ─▶ finish
@@ -9,29 +9,21 @@ Life of a request (the transfer id is assigned here and is the only pairing key)
     prefill instance died: retried on another; decode replica died: migrated (token replay)
 
 The router speaks to workers through ``ports`` only (no Ray, no torch here); a dead worker is a
-``WorkerDied`` from its port.
+``WorkerDied`` from its port. Here: the pools' wiring, self-healing and the retry loop; one
+attempt's placement, links, prefill, stream and exit are ``attempt.py``'s.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import itertools
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
 
 from pdserve.engine.deploy_config import DeploymentConfig
 from pdserve.engine.load import DecodeLoad
-from pdserve.engine.request import (
-    DecodeRequest,
-    PrefillItem,
-    PrefillResult,
-    Reservation,
-    StepDelta,
-)
+from pdserve.engine.request import StepDelta
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.kv_transfer.errors import KVLinkError
+from pdserve.router.attempt import Attempts
 from pdserve.router.decode_pool import DecodePool
 from pdserve.router.errors import NoCapacityError, Role, WorkerDied
 from pdserve.router.links import KVLinks
@@ -40,6 +32,7 @@ from pdserve.router.ports import DecodePort
 from pdserve.router.prefill_pool import PrefillInstance, PrefillPool
 from pdserve.router.prefix_index import CacheView
 from pdserve.router.retry import KV_LINK_ATTEMPTS, Retry, RetryBudget
+from pdserve.router.trace import RequestTrace
 
 __all__ = [
     "KV_LINK_ATTEMPTS",
@@ -54,36 +47,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class RequestTrace:
-    """Phase timestamps (time.perf_counter) for the metrics; filled as the request moves."""
-
-    prefill_queue_s: float = 0.0
-    prefill_s: float = 0.0
-    kv_wait_s: float = 0.0  # of prefill_s: waiting for the KV sends after the forward
-    kv_bytes: int = 0
-    kv_reused_bytes: int = 0  # the prompt's KV the decode replica held already (not sent)
-    decode_cached_tokens: int = 0  # the prompt's tokens found in the decode replica's cache
-    prefill_cached_tokens: int = 0  # of the prompt's tokens, those its prefill did not compute
-    transfer_s: float = 0.0
-    decode_instance: int = -1
-    prefill_instance: int = -1
-    migrations: int = 0  # moves to another decode replica after its replica died (token replay)
-    prefill_retries: int = 0  # prefills retried on another instance after an instance died
-
-
-@dataclass
-class _Flight:
-    """One attempt: where it is placed and how far it got (its exit reads ``phase``)."""
-
-    req: DecodeRequest
-    decode: int
-    reservation: Reservation
-    prefill: PrefillInstance | None
-    phase: Phase
-    output: list[int] = field(default_factory=list)  # tokens streamed so far
-
-
 class Router:
     """Drives requests through one deployment's pools. All methods run on one event loop."""
 
@@ -96,7 +59,6 @@ class Router:
         self.prefill = list(prefill)
         self.decode = list(decode)
         self.config = config
-        self._ids = itertools.count(1)
         self._links = KVLinks(self.decode, config.link_prefix)  # names unique per deployment
         self._cache = CacheView(config)  # cache_aware policies: what each instance holds
         self._prefill_pool = PrefillPool(
@@ -114,6 +76,15 @@ class Router:
             self._cache.decode,
         )
         self._phases: dict[str, Phase] = {}  # request id -> RESERVED | PREFILL | DECODE
+        self._attempts = Attempts(
+            self.prefill,
+            self.decode,
+            config,
+            self._links,
+            self._cache,
+            (self._prefill_pool, self._decode_pool),
+            self._phases,
+        )
         self.migrations = 0  # requests moved to another decode replica (token replay)
         self.prefill_retries = 0  # prefills retried on another instance
 
@@ -185,7 +156,7 @@ class Router:
             replay = (*prompt, *streamed)
             try:
                 async with contextlib.aclosing(
-                    self._attempt(request_id, replay, len(streamed), sampling, trace)
+                    self._attempts.run(request_id, replay, len(streamed), sampling, trace)
                 ) as deltas:
                     async for delta in deltas:
                         streamed += delta.token_ids
@@ -203,159 +174,3 @@ class Router:
                     "request %s: %s; retrying it (%s, %d tokens streamed)",
                     request_id, retry.error, retry.kind, len(streamed),
                 )  # fmt: skip
-
-    async def _attempt(
-        self,
-        request_id: str,
-        prompt: Sequence[int],
-        replayed: int,
-        sampling: SamplingParams,
-        trace: RequestTrace,
-    ) -> AsyncGenerator[StepDelta, None]:
-        """One placement of the request; ``prompt``'s last ``replayed`` tokens are outputs."""
-        flight = await self._place(request_id, prompt, replayed, sampling, trace)
-        try:
-            links = await self._ensure_links(flight)
-            stream = self.decode[flight.decode].stream(flight.req.transfer_id)
-            async with contextlib.aclosing(stream):
-                if flight.prefill is not None:
-                    first = await self._run_prefill(flight, links, trace)
-                    flight.output += first.token_ids
-                    yield first
-                try:
-                    async for delta in stream:
-                        self._observe(flight, delta, trace)
-                        yield delta
-                        if flight.phase is Phase.DONE:
-                            return
-                except WorkerDied as e:
-                    if e.role != "decode":
-                        raise
-                    self._decode_pool.mark_dead(flight.decode)
-                    raise Retry("decode", e) from e
-        finally:
-            self._phases.pop(request_id, None)
-            if flight.phase is not Phase.DONE:
-                await asyncio.shield(self._abort(flight))
-            else:
-                self._cache.answered(flight.decode, flight.req.prompt_token_ids, flight.output)
-            await self._decode_pool.released()
-
-    async def _place(
-        self,
-        request_id: str,
-        prompt: Sequence[int],
-        replayed: int,
-        sampling: SamplingParams,
-        trace: RequestTrace,
-    ) -> _Flight:
-        """Reserve decode blocks, then pick the prefill instance (none when colocated)."""
-        colocated = not self.prefill
-        tid = next(self._ids)
-        req = DecodeRequest(tid, request_id, tuple(prompt), sampling, colocated, replayed)
-        if not colocated:
-            self._prefill_pool.check_alive()
-        hashes = self._cache.hashes(req.prompt_token_ids)
-        d, reservation = await self._decode_pool.reserve(req, hashes)
-        try:
-            p = None if colocated else self._prefill_pool.pick(hashes)
-        except NoCapacityError:  # the last one died while we waited for blocks
-            await asyncio.shield(self.decode[d].abort(req.transfer_id, False))
-            raise
-        trace.decode_instance = d
-        trace.decode_cached_tokens = reservation.cached_blocks * self.config.decode.block_size
-        # colocated, the replica prefills only past its cached blocks; a prefill instance says
-        # what its own prefix cache held in its result
-        trace.prefill_cached_tokens = trace.decode_cached_tokens if colocated else 0
-        if p is not None:
-            trace.prefill_instance = p.index
-        phase = Phase.DECODE if colocated else Phase.RESERVED
-        flight = _Flight(req, d, reservation, p, phase)
-        self._phases[request_id] = flight.phase
-        return flight
-
-    async def _ensure_links(self, flight: _Flight) -> asyncio.Task[None] | None:
-        """The links from the flight's prefill instance to its replica (None when colocated)."""
-        p, d = flight.prefill, flight.decode
-        if p is None:
-            return None
-        try:
-            return await self._links.ensure(p, d)
-        except WorkerDied as e:
-            if e.role == "decode":  # it died under our reservation: retry elsewhere
-                self._decode_pool.mark_dead(d)
-                why = f"decode replica {d} died before its KV link was made"
-                raise Retry("link", KVLinkError(d, why)) from e
-            self._prefill_pool.mark_dead(p)
-            raise Retry("prefill", e) from e
-
-    async def _run_prefill(
-        self, flight: _Flight, links: asyncio.Task[None] | None, trace: RequestTrace
-    ) -> StepDelta:
-        """Dispatch the prompt; its first token once the KV has left."""
-        p, req = flight.prefill, flight.req
-        assert p is not None and links is not None
-        item = PrefillItem(
-            req.transfer_id,
-            req.request_id,
-            req.prompt_token_ids,
-            req.sampling,
-            flight.decode,
-            flight.reservation.block_ids,
-            flight.reservation.cached_blocks,  # its prefill sends only the blocks after these
-            req.num_replayed,
-        )
-        flight.phase = self._phases[req.request_id] = Phase.PREFILL
-        try:
-            result = await self._prefill(p, item)
-        except Exception as e:
-            # the prefill side failed (its batch raised, or a rank died): it sends nothing
-            # more, and a batch that died half-sent dropped its links
-            flight.phase = Phase.PREFILL_FAILED
-            if isinstance(e, WorkerDied):  # another instance takes it, on a fresh reservation
-                self._prefill_pool.mark_dead(p)
-                raise Retry("prefill", e) from e
-            self._links.forget(p, flight.decode, links)
-            await self._decode_pool.probe(flight.decode)
-            if isinstance(e, KVLinkError):
-                raise Retry("link", e) from e
-            raise
-        flight.phase = self._phases[req.request_id] = Phase.DECODE
-        trace.prefill_queue_s, trace.prefill_s = result.queue_s, result.compute_s
-        trace.kv_wait_s = result.kv_wait_s
-        trace.prefill_cached_tokens = result.cached_tokens
-        return StepDelta([result.first_token], [result.logprobs])
-
-    async def _prefill(self, p: PrefillInstance, item: PrefillItem) -> PrefillResult:
-        n = len(item.prompt_token_ids)
-        p.queued_tokens += n
-        p.queued_requests += 1
-        try:
-            return await p.leader.prefill(item)
-        finally:
-            p.queued_tokens -= n
-            p.queued_requests -= 1
-
-    def _observe(self, flight: _Flight, delta: StepDelta, trace: RequestTrace) -> None:
-        if delta.load is not None:
-            self._decode_pool.observe(flight.decode, delta.load)
-        flight.output += delta.token_ids
-        trace.kv_bytes += delta.kv_bytes
-        trace.kv_reused_bytes += delta.kv_reused_bytes
-        trace.transfer_s += delta.transfer_s
-        if delta.finish_reason or delta.error:
-            flight.phase = Phase.DONE  # decode has let go of it
-
-    async def _abort(self, flight: _Flight) -> None:
-        """Free the request on both sides; decode keeps blocks whose KV may still arrive."""
-        tid, d, p = flight.req.transfer_id, flight.decode, flight.prefill
-        pending = False
-        if flight.phase is Phase.PREFILL and p is not None:
-            try:
-                pending = not await p.leader.abort(tid)
-            except WorkerDied:
-                pending = False  # a dead prefill sends nothing more
-        try:
-            await self.decode[d].abort(tid, pending)
-        except WorkerDied:
-            logger.warning("decode replica %d died holding transfer %d", d, tid)
