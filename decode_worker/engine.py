@@ -20,6 +20,10 @@ forward -> `commit()` (tokens appended, stops checked, blocks freed). `step()` d
 the actor runs the forward on a thread so reservations and aborts come in meanwhile, and an
 abort of a request in the running step takes effect at its commit. Every verb returns the
 `Output`s it produced: (transfer id, delta) pairs for the request streams.
+
+Here: the steps, aborts and the engine's state. What is held per request from its reservation
+until it is dropped (admission, KV landing, leases, the one exit that frees) is the
+`RequestTable`'s (``request_table.py``); the engine's verbs for those hand over to it.
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ from collections.abc import Callable, Iterable, Sequence
 
 from pdserve.decode_worker.prefill_queue import LocalPrefillQueue
 from pdserve.decode_worker.prefix_cache import PrefixCache
+from pdserve.decode_worker.request_table import RequestTable
 from pdserve.decode_worker.scheduler import DecodeScheduler
 from pdserve.decode_worker.seq import DecodeSeq, ScheduleOutput
 from pdserve.decode_worker.step import (
     ChunkInput,
     EngineLimits,
     EngineStep,
-    HeldRequest,
     Output,
     StepBatch,
     StepRunner,
@@ -43,7 +47,6 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.load import DecodeLoad
 from pdserve.engine.request import DecodeRequest, Reservation, StepDelta, replay_row
 from pdserve.engine.sampling_types import SamplerOutput, SamplingRow
-from pdserve.engine.stop import check_token_stop
 
 
 class DecodeEngine:
@@ -60,52 +63,30 @@ class DecodeEngine:
         self.prefills = LocalPrefillQueue(
             limits.max_num_batched_tokens, limits.max_num_seqs, limits.chunked_prefill
         )
+        self.requests = RequestTable(
+            limits, self.blocks, self.prefix, self.scheduler, self.prefills
+        )
         self.num_preemptions = 0
-        self.leases_expired = 0  # reservations freed because their KV never came (expire)
-        self._held: dict[int, HeldRequest] = {}
+        self._held = self.requests.held  # the table's, by transfer id
         self._step: EngineStep | None = None  # planned and not yet committed
-        self._deferred: set[int] = set()  # aborted while in the planned step
+        self._deferred = self.requests.deferred  # aborted while in the planned step
 
-    # -- admission --------------------------------------------------------------------------
+    # -- admission, KV landing, leases (``request_table.py``) ---------------------------------
 
     def reserve(
         self, req: DecodeRequest, num_computed: int = 0, now: float = 0.0
     ) -> Reservation | None:
-        """Blocks for the prompt's KV before its prefill runs; None when they do not fit now.
-        Leading blocks found in the prefix cache are shared (``cached_blocks``): no KV comes
-        for them. A colocated request (``local_prefill``) joins the local prefill queue, its
-        cached blocks (or, if more, its first ``num_computed`` positions) counted as computed."""
-        prompt = req.prompt_token_ids
-        hashes = self.prefix.prompt_hashes(prompt)
-        lookup = self.prefix.lookup(hashes, len(prompt), req.local_prefill)
-        res = self.scheduler.reserve(req.transfer_id, len(prompt), lookup)
-        if res is None:
-            return None
-        self.prefix.count(len(prompt), res.cached_blocks)
-        self._held[req.transfer_id] = HeldRequest(
-            req, cached_blocks=res.cached_blocks, hashes=hashes, kv_at=now
-        )
-        if req.local_prefill:
-            cached = res.cached_blocks * self.limits.block_size
-            self.prefills.add(req.transfer_id, len(prompt), max(num_computed, cached))
-        return res
+        """Blocks for the prompt's KV before its prefill runs (``RequestTable.reserve``)."""
+        return self.requests.reserve(req, num_computed, now)
 
     def knows(self, tid: int) -> bool:
-        return tid in self._held
+        return self.requests.knows(tid)
 
     def expects_kv(
         self, tid: int, block_ids: Sequence[int], first_block: int = 0, last: bool = True
     ) -> bool:
-        """Whether KV for ``tid`` into ``block_ids`` (its table from ``first_block`` on) may be
-        written now: reserved, not running, blocks of its table past its cached prefix; a
-        ``last`` part (or a whole prompt) reaches the table's end. Only reads: safe from a
-        receiver thread."""
-        held = self._held.get(tid)
-        if held is None or held.running or first_block < held.cached_blocks:
-            return False
-        table = self.blocks.block_table(tid)
-        end = len(table) if last else first_block + len(block_ids)
-        return end <= len(table) and tuple(table[first_block:end]) == tuple(block_ids)
+        """Whether KV for ``tid`` into ``block_ids`` may be written now; only reads."""
+        return self.requests.expects_kv(tid, block_ids, first_block, last)
 
     def kv_landed(
         self,
@@ -117,30 +98,25 @@ class DecodeEngine:
         last: bool = True,
         now: float = 0.0,
     ) -> list[Output]:
-        """A slice of ``heads`` KV heads (and, from prefill rank 0, the first token) landed;
-        once every head's ``last`` part and the first token are here the request starts
-        decoding. An earlier part (a chunk of a chunked prefill) only adds its bytes."""
-        held = self._held.get(tid)
-        if held is None:
-            return []
-        held.kv_bytes += nbytes
-        held.transfer_s = max(held.transfer_s, seconds)
-        held.kv_at = max(held.kv_at, now)
-        if not last:
-            return []
-        held.heads += heads
-        if first_token is not None:
-            held.first_token = first_token
-        if held.heads == self.limits.num_kv_heads and held.first_token is not None:
-            return self._land(held)
-        return []
+        """A slice of KV heads landed (``RequestTable.kv_landed``)."""
+        return self.requests.kv_landed(tid, heads, nbytes, seconds, first_token, last, now)
 
     def kv_failed(self, tid: int, message: str) -> list[Output]:
         """The transfer into ``tid``'s blocks failed: the request fails (unless it already runs)."""
-        held = self._held.get(tid)
-        if held is None or held.running:
-            return []
-        return self._drop(held, StepDelta(error=message))
+        return self.requests.kv_failed(tid, message)
+
+    def expire(self, now: float, lease_s: float, receiving: Callable[[int], bool]) -> list[Output]:
+        """Free every reservation whose KV has not come for ``lease_s`` seconds."""
+        return self.requests.expire(now, lease_s, receiving)
+
+    @property
+    def leases_expired(self) -> int:
+        """Reservations freed because their KV never came (``expire``)."""
+        return self.requests.leases_expired
+
+    def fail(self, tids: Iterable[int], message: str) -> list[Output]:
+        """Fail these requests with ``message``, freeing their blocks."""
+        return self.requests.fail(tids, message)
 
     def abort(self, tid: int, kv_pending: bool) -> list[Output]:
         """Forget a request and free its blocks: now, after the running step if it is in it, or
@@ -154,28 +130,8 @@ class DecodeEngine:
         elif not held.running and kv_pending:
             held.aborted = True
         else:
-            return self._drop(held, StepDelta(finish_reason="abort"))
+            return self.requests.drop(held, StepDelta(finish_reason="abort"))
         return []
-
-    def expire(self, now: float, lease_s: float, receiving: Callable[[int], bool]) -> list[Output]:
-        """Free every reservation whose KV has not arrived for ``lease_s`` seconds (none of it
-        since it was reserved, or no part since the last one): its router or prefill died, or
-        it was aborted while KV seemed on its way. ``receiving(tid)``: a link writes it now
-        (a stalled batch is the receiver's to abort). Counted in ``leases_expired``."""
-        stale = [
-            h for tid, h in self._held.items()
-            if not (h.running or h.req.local_prefill or receiving(tid))
-            and now - h.kv_at >= lease_s
-        ]  # fmt: skip
-        outputs: list[Output] = []
-        for held in stale:
-            self.leases_expired += 1
-            why = (
-                f"its KV did not arrive within decode.kv_lease_s ({lease_s:g} s): the "
-                "reservation expired and its blocks were freed"
-            )
-            outputs += self._drop(held, StepDelta(error=why))
-        return outputs
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -224,12 +180,12 @@ class DecodeEngine:
         for seq, token, logprobs in zip(decode, sampled.token_ids, sampled.logprobs):
             seq.token_ids.append(token)
             held = self._held[seq.seq_id]
-            reason = self._stop_reason(held.req, seq, token)
+            reason = self.requests.stop_reason(held.req, seq, token)
             delta = StepDelta([token], [logprobs], finish_reason=reason)
             if reason is None:
                 outputs.append((seq.seq_id, delta))
             else:
-                outputs += self._drop(held, delta)
+                outputs += self.requests.drop(held, delta)
         self.prefills.on_done(step.chunks)
         finished = [c for c in step.chunks if c.last]  # their first tokens follow the decode ones
         n = len(decode)
@@ -237,21 +193,13 @@ class DecodeEngine:
             held = self._held[c.seq_id]
             held.first_token, held.first_logprobs = token, logprobs
             held.heads = self.limits.num_kv_heads
-            outputs += self._land(held)
+            outputs += self.requests.land(held)
         return outputs + self._end_step()
 
     def fail_step(self, step: EngineStep, message: str) -> list[Output]:
         """The step's forward raised: its requests fail, the engine serves on."""
         outputs = self.fail(step.tids, message)
         return outputs + self._end_step()
-
-    def fail(self, tids: Iterable[int], message: str) -> list[Output]:
-        """Fail these requests with ``message``, freeing their blocks."""
-        outputs: list[Output] = []
-        for tid in list(tids):
-            if tid in self._held:
-                outputs += self._drop(self._held[tid], StepDelta(error=message))
-        return outputs
 
     def fail_held(self, message: str) -> list[Output]:
         """Fail every request the steps own (decoding, or colocated awaiting its prefill), after
@@ -306,59 +254,19 @@ class DecodeEngine:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _land(self, held: HeldRequest) -> list[Output]:
-        """All KV slices and the first token are here: start decoding (or finish at once)."""
-        req = held.req
-        self.blocks.register(req.transfer_id, held.hashes)  # the prompt's KV is all here
-        if held.aborted:
-            return self._drop(held, StepDelta(finish_reason="abort"))
-        assert held.first_token is not None
-        prompt = list(req.prompt_token_ids)
-        max_tokens = req.sampling.max_tokens - req.num_replayed  # a replay's outputs count
-        seq = DecodeSeq(req.transfer_id, len(prompt), max_tokens, [*prompt, held.first_token])
-        seq.block_hashes = list(held.hashes)
-        reused = held.cached_blocks * self.limits.block_bytes
-        first = StepDelta(kv_bytes=held.kv_bytes, kv_reused_bytes=reused)
-        first.transfer_s = held.transfer_s
-        if req.local_prefill:  # nobody else has streamed the first token
-            first.token_ids, first.logprobs = [held.first_token], [held.first_logprobs]
-        first.finish_reason = self._stop_reason(req, seq, held.first_token)
-        if first.finish_reason is not None:
-            return self._drop(held, first)
-        self.scheduler.activate(seq)
-        held.running = True
-        return [(req.transfer_id, first)]
-
-    def _stop_reason(self, req: DecodeRequest, seq: DecodeSeq, token: int) -> str | None:
-        lim = self.limits
-        reason = check_token_stop(
-            token, seq.num_output + req.num_replayed, len(seq.token_ids), req.sampling,
-            lim.eos_token_ids, lim.max_model_len,
-        )  # fmt: skip
-        if reason is None and self.scheduler.reached_length_limit(seq):
-            reason = "length"
-        return reason
-
     def _row(self, seq: DecodeSeq) -> SamplingRow:
         """A decode seq's sampling row; a migrated request's replayed tokens are outputs."""
         req = self._held[seq.seq_id].req
         cut = seq.prompt_len - req.num_replayed
         return SamplingRow(req.sampling, seq.token_ids[:cut], seq.token_ids[cut:])
 
-    def _drop(self, held: HeldRequest, last: StepDelta) -> list[Output]:
-        tid = held.req.transfer_id
-        self.scheduler.abort(tid)
-        self.prefills.remove(tid)
-        del self._held[tid]
-        self._deferred.discard(tid)
-        return [(tid, last)]
-
     def _end_step(self) -> list[Output]:
         """The step is over: aborts that waited for it take effect."""
         self._step = None
-        aborts, self._deferred = self._deferred, set()
+        aborts = set(self._deferred)
+        self._deferred.clear()
         outputs: list[Output] = []
         for tid in aborts:
             if tid in self._held:
-                outputs += self._drop(self._held[tid], StepDelta(finish_reason="abort"))
+                outputs += self.requests.drop(self._held[tid], StepDelta(finish_reason="abort"))
         return outputs

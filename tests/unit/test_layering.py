@@ -80,6 +80,7 @@ def test_imports_follow_the_dependency_rule(module: str, path: Path) -> None:
 PURE = (
     "router",
     "decode_worker.engine",
+    "decode_worker.request_table",
     "decode_worker.step",
     "decode_worker.scheduler",
     "decode_worker.prefill_queue",
