@@ -1,6 +1,6 @@
 """The simulator's instances: a prefill TP group and a decode replica (or colocated instance).
 
-They mirror prefill_worker/worker.py and decode_worker/worker.py step for step, with the time
+They mirror prefill_worker/leader.py and decode_worker/worker.py step for step, with the time
 of each forward pass taken from the profile instead of running it. The decode side drives the
 real `DecodeEngine` (pure Python without its runner), so continuous batching, max_num_seqs,
 block growth, recompute preemption, prefill priority, chunked prefill, prefix caching and the
