@@ -9,11 +9,12 @@ A job's life::
                                                          the next server on the same directory)
 
 The input is copied to ``<jobs_dir>/<id>/`` at submit time and each finished prompt is appended
-to its ``results.jsonl`` as it completes (job_store.py). ``close()`` (``pdserve down``) lets the
-prompts in flight finish for a moment, then aborts the rest and marks the job interrupted; a new
-JobManager on the same directory lists every job, marks the ones it finds queued or running
-(a crash) as interrupted, and ``resume()`` runs, once each, exactly the prompts without a result
-line: a prompt in flight at the crash runs again, one that has a line never does.
+to its ``results.jsonl`` as it completes (job_store.py; a job's run is job_runner.py's).
+``close()`` (``pdserve down``) lets the prompts in flight finish for a moment, then aborts the
+rest and marks the job interrupted; a new JobManager on the same directory lists every job,
+marks the ones it finds queued or running (a crash) as interrupted, and ``resume()`` runs, once
+each, exactly the prompts without a result line: a prompt in flight at the crash runs again,
+one that has a line never does.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
+from pdserve.cluster.serving.job_runner import CANCELLED, SHUT_DOWN, Generator, Job, JobRunner
 from pdserve.cluster.serving.job_store import (
     JOB_FILE,
     RESULTS_FILE,
@@ -38,45 +40,26 @@ from pdserve.cluster.serving.job_store import (
     load_info,
     load_input,
     lock_dir,
-    result_line,
-    save_info,
     save_input,
 )
-from pdserve.engine.request import RequestOutput
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
-from pdserve.router.frontend import QueueFullError, RequestFailedError
 
 logger = logging.getLogger(__name__)
 
 MAX_JOB_PROMPTS = 100_000
 MAX_NAME_CHARS = 200
-SAVE_EVERY_S = 1.0  # job.json progress refresh while running (state changes save at once)
 DRAIN_S = 5.0  # on close, how long prompts in flight may finish before they are aborted
-CANCELLED = "cancelled: the job was cancelled before this prompt finished"
-SHUT_DOWN = "interrupted: the server stopped; the job resumes when a server starts again"
 CRASHED = "interrupted: the server stopped unexpectedly; the job resumes when a server starts"
 
-__all__ = ["JobInfo", "JobManager", "check_prompt"]
-
-
-class Generator(Protocol):
-    """What a job needs from the Frontend."""
-
-    async def generate(
-        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
-    ) -> RequestOutput: ...
-
-
-@dataclasses.dataclass
-class _Job:
-    info: JobInfo
-    dir: Path
-    results: ResultsFile
-    task: asyncio.Task[None] | None = None
-    stop: tuple[str, str | None] = ("cancelled", None)  # (state, error) if the task is cancelled
-    started: bool = False  # _run began (and so finishes the job itself)
-    draining: bool = False  # take no new prompt: the server is stopping
-    saved_at: float = 0.0
+__all__ = [
+    "CANCELLED",
+    "CRASHED",
+    "SHUT_DOWN",
+    "Generator",
+    "JobInfo",
+    "JobManager",
+    "check_prompt",
+]
 
 
 class JobManager:
@@ -102,8 +85,8 @@ class JobManager:
         self._lock: IO[bytes] | None = lock_dir(self.dir)
         self.max_concurrency = max_concurrency
         self.max_job_prompts = max_job_prompts
-        self._slots = asyncio.Semaphore(max_concurrency)
-        self._jobs: dict[str, _Job] = {}
+        self._runner = JobRunner(frontend, max_concurrency)
+        self._jobs: dict[str, Job] = {}
         self._load()
 
     async def submit(
@@ -117,11 +100,11 @@ class JobManager:
         job_dir.mkdir()
         await asyncio.to_thread(save_input, job_dir, checked, sampling)
         info = JobInfo(job_id, label, "queued", total=len(checked), created=time.time())
-        job = _Job(info, job_dir, ResultsFile(job_dir / RESULTS_FILE, len(checked)))
+        job = Job(info, job_dir, ResultsFile(job_dir / RESULTS_FILE, len(checked)))
         job.results.open_for_append()
-        self._save(job)
+        job.save()
         self._jobs[job_id] = job
-        job.task = asyncio.get_running_loop().create_task(self._run(job, checked, sampling))
+        job.task = asyncio.get_running_loop().create_task(self._runner.run(job, checked, sampling))
         return dataclasses.replace(info)
 
     def resume(self) -> builtins.list[str]:
@@ -139,10 +122,12 @@ class JobManager:
                         f"{len(prompts)} prompts on disk, the job has {job.info.total}"
                     )
             except (OSError, ValueError, TypeError, InvalidRequestError) as e:
-                self._finish(job, "failed", f"cannot resume: its input is damaged ({e})")
+                job.finish("failed", f"cannot resume: its input is damaged ({e})")
                 continue
             job.info.resumed += 1
-            job.task = asyncio.get_running_loop().create_task(self._run(job, prompts, params))
+            job.task = asyncio.get_running_loop().create_task(
+                self._runner.run(job, prompts, params)
+            )
             resumed.append(job.info.id)
         if resumed:
             logger.info("resuming %d interrupted jobs: %s", len(resumed), resumed)
@@ -163,7 +148,7 @@ class JobManager:
         job = self._jobs[job_id]
         if job.info.state == "interrupted" and job.task is None:  # never resumed
             job.results.open_for_append()
-            self._finish(job, "cancelled", None)
+            job.finish("cancelled", None)
         await self._stop([job], ("cancelled", None))
         return self.status(job_id)
 
@@ -203,61 +188,7 @@ class JobManager:
             raise InvalidRequestError(f"name must be a string of at most {MAX_NAME_CHARS} chars")
         return [check_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)], name
 
-    async def _run(self, job: _Job, prompts: builtins.list[Prompt], params: SamplingParams) -> None:
-        """Run the prompts that have no result line yet (all of them, unless resumed)."""
-        job.started = True
-        job.info.error = None
-        self._set_state(job, "running")
-        missing = [(i, prompts[i]) for i in job.results.missing()]
-        todo = iter(missing)  # shared by the workers, so each prompt runs once
-        n = min(self.max_concurrency, len(missing))
-        workers = [asyncio.ensure_future(self._work(job, todo, params)) for _ in range(n)]
-        try:
-            await asyncio.gather(*workers)
-            done = not job.results.missing()
-            state, error = ("completed", None) if done else ("interrupted", SHUT_DOWN)
-        except asyncio.CancelledError:  # cancel() or close(): they set job.stop first
-            state, error = job.stop
-        except Exception as e:
-            logger.exception("job %s failed", job.info.id)
-            state, error = "failed", f"{type(e).__name__}: {e}"
-        finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-        self._finish(job, state, error)
-
-    async def _work(
-        self, job: _Job, todo: Iterator[tuple[int, Prompt]], params: SamplingParams
-    ) -> None:
-        for index, prompt in todo:
-            if job.draining:
-                return  # the prompt keeps no line: a resumed job runs it
-            async with self._slots:
-                if job.draining:
-                    return
-                result = await self._one(f"{job.info.id}-{index}", index, prompt, params)
-            job.results.append(result)
-            if result["error"] is None:
-                job.info.completed += 1
-            else:
-                job.info.failed += 1
-            if time.monotonic() - job.saved_at > SAVE_EVERY_S:
-                self._save(job)
-
-    async def _one(
-        self, request_id: str, index: int, prompt: Prompt, params: SamplingParams
-    ) -> dict[str, Any]:
-        while True:
-            try:
-                out = await self.frontend.generate(prompt, params, request_id)
-                return result_line(index, prompt, out, None)
-            except QueueFullError as e:  # the cluster is busy: back off rather than fail
-                await asyncio.sleep(e.retry_after)
-            except (InvalidRequestError, RequestFailedError) as e:
-                return result_line(index, prompt, None, str(e))
-
-    async def _stop(self, jobs: builtins.list[_Job], reason: tuple[str, str | None]) -> None:
+    async def _stop(self, jobs: builtins.list[Job], reason: tuple[str, str | None]) -> None:
         running = [j for j in jobs if j.task is not None and not j.task.done()]
         for job in running:
             job.stop = reason
@@ -266,29 +197,8 @@ class JobManager:
         if running:
             await asyncio.wait([j.task for j in running if j.task is not None])
         for job in running:
-            if not job.started:  # cancelled before _run began: nothing cleaned up yet
-                self._finish(job, *reason)
-
-    def _finish(self, job: _Job, state: str, error: str | None) -> None:
-        """End the job's run: a terminal state fills every prompt without a line with an error
-        line; ``interrupted`` leaves them for the resume."""
-        if state != "interrupted":
-            filler = CANCELLED if state == "cancelled" else (error or "failed")
-            for index in job.results.missing():
-                job.results.append(result_line(index, None, None, filler))
-            job.info.finished = time.time()
-        job.results.close()
-        job.info.error = error
-        self._set_state(job, state)
-        logger.info("job %s %s: %s", job.info.id, state, job.info)
-
-    def _set_state(self, job: _Job, state: str) -> None:
-        job.info.state = state
-        self._save(job)
-
-    def _save(self, job: _Job) -> None:
-        save_info(job.dir, job.info)
-        job.saved_at = time.monotonic()
+            if not job.started:  # cancelled before its run began: nothing cleaned up yet
+                job.finish(*reason)
 
     def _load(self) -> None:
         """List the jobs on disk; one found queued or running was cut off by a crash: its counts
@@ -299,10 +209,10 @@ class JobManager:
             except (OSError, ValueError, TypeError) as e:
                 logger.warning("skipping job directory %s: unreadable job.json (%s)", path, e)
                 continue
-            job = _Job(info, path.parent, ResultsFile(path.parent / RESULTS_FILE, info.total))
+            job = Job(info, path.parent, ResultsFile(path.parent / RESULTS_FILE, info.total))
             self._jobs[info.id] = job
             if not info.done:
                 info.completed, info.failed = job.results.index()
                 if info.state != "interrupted":
                     info.error = CRASHED
-                self._set_state(job, "interrupted")
+                job.set_state("interrupted")
