@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
-from pdserve.cluster.serving.openai_protocol import (
+from pdserve.cluster.serving.openai_responses import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,

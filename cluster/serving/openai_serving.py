@@ -22,9 +22,11 @@ from pdserve.cluster.serving.openai_format import ChatFormat, CompletionFormat, 
 from pdserve.cluster.serving.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    OpenAIError,
+)
+from pdserve.cluster.serving.openai_responses import (
     ErrorInfo,
     ErrorResponse,
-    OpenAIError,
     UsageInfo,
 )
 from pdserve.cluster.serving.streaming import ClosingStream, unless_disconnected

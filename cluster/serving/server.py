@@ -34,9 +34,11 @@ from pdserve.cluster.serving.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ErrorType,
+    OpenAIError,
+)
+from pdserve.cluster.serving.openai_responses import (
     ModelCard,
     ModelList,
-    OpenAIError,
 )
 from pdserve.cluster.serving.openai_serving import OpenAIServing, ServingFrontend
 from pdserve.engine.deploy_config import ServerSettings
