@@ -27,7 +27,7 @@ An error after the stream started arrives as a final ``{"error": {"message", "ty
 
 Errors before a response starts are the server's JSON error objects (400, 404, 413, 429, 500).
 Bodies are bounded by the server (``server.max_request_bytes``, 413) and decoded without ext
-types; never pickle.
+types; never pickle (the codec is ``native_wire``).
 """
 
 from __future__ import annotations
@@ -45,18 +45,24 @@ from transformers import PreTrainedTokenizerBase
 
 from pdserve.cluster.serving.job_store import metrics_dict
 from pdserve.cluster.serving.jobs import Generator, JobInfo, JobManager, check_prompt
+from pdserve.cluster.serving.native_wire import (
+    MSGPACK,
+    delta_dict,
+    logprobs_dict,
+    pack,
+    parse_sampling,
+    read_body,
+)
 from pdserve.cluster.serving.openai_protocol import OpenAIError
 from pdserve.cluster.serving.openai_serving import for_tokenizer
 from pdserve.cluster.serving.streaming import ClosingStream, unless_disconnected
 from pdserve.engine.sampling_params import InvalidRequestError, SamplingParams
-from pdserve.engine.sampling_types import TokenLogprobs
 from pdserve.engine.tokenizer import apply_chat_template
 from pdserve.router.frontend import OutputDelta, collect
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "/pdserve/v1"
-MSGPACK = "application/x-msgpack"
 RESULTS_PAGE = 1000  # results per GET /jobs/{id}/results unless ?limit= says otherwise
 MAX_RESULTS_PAGE = 10_000
 
@@ -70,46 +76,6 @@ class StreamingFrontend(Generator, Protocol):
     def stream(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[OutputDelta]: ...
-
-
-def parse_sampling(d: object) -> SamplingParams:
-    """SamplingParams from a request map; any mistake is an InvalidRequestError (400)."""
-    if d is None:
-        return SamplingParams()
-    if not isinstance(d, dict):
-        raise InvalidRequestError(f"sampling must be a map of parameters, not {type(d).__name__}")
-    try:
-        return SamplingParams.from_dict(d)
-    except InvalidRequestError:
-        raise
-    except (TypeError, ValueError) as e:  # e.g. temperature="hot"
-        raise InvalidRequestError(f"invalid sampling parameters {d!r}: {e}") from e
-
-
-def delta_dict(d: OutputDelta) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "request_id": d.request_id,
-        "text": d.text,
-        "token_ids": d.token_ids,
-        "finish_reason": d.finish_reason,
-    }
-    if any(lp is not None for lp in d.logprobs):
-        out["logprobs"] = [logprobs_dict(lp) for lp in d.logprobs]
-    if d.metrics is not None:
-        out["metrics"] = metrics_dict(d.metrics)
-    return out
-
-
-def logprobs_dict(lp: TokenLogprobs | None) -> dict[str, Any] | None:
-    return None if lp is None else {"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}
-
-
-def _pack(obj: Any) -> Response:
-    return Response(content=msgpack.packb(obj), media_type=MSGPACK)
-
-
-def _no_ext(code: int, data: bytes) -> Any:
-    raise InvalidRequestError(f"msgpack ext type {code} is not accepted: send plain values")
 
 
 class _Run:
@@ -178,20 +144,20 @@ class NativeApi:
     async def cancel(self, request_id: str) -> Response:
         run = self.runs.get(request_id)
         cancelled = run is not None and run.task.cancel()
-        return _pack({"request_id": request_id, "cancelled": cancelled})
+        return pack({"request_id": request_id, "cancelled": cancelled})
 
     async def submit_job(self, request: Request) -> Response:
         jobs = self._jobs()
-        body = await self._read(request, {"prompts", "sampling", "name"})
+        body = await read_body(request, {"prompts", "sampling", "name"})
         params = self._sampling(body.get("sampling"))
         info = await jobs.submit(body.get("prompts"), params, body.get("name"))
-        return _pack(info.to_dict())
+        return pack(info.to_dict())
 
     async def list_jobs(self) -> Response:
-        return _pack([info.to_dict() for info in self._jobs().list()])
+        return pack([info.to_dict() for info in self._jobs().list()])
 
     async def job_status(self, job_id: str) -> Response:
-        return _pack(self._info(job_id).to_dict())
+        return pack(self._info(job_id).to_dict())
 
     async def job_results(
         self,
@@ -200,15 +166,15 @@ class NativeApi:
         limit: int = Query(RESULTS_PAGE, ge=1, le=MAX_RESULTS_PAGE),
     ) -> Response:
         self._info(job_id)
-        return _pack(list(self._jobs().iter_results(job_id, start, limit)))
+        return pack(list(self._jobs().iter_results(job_id, start, limit)))
 
     async def cancel_job(self, job_id: str) -> Response:
         self._info(job_id)
-        return _pack((await self._jobs().cancel(job_id)).to_dict())
+        return pack((await self._jobs().cancel(job_id)).to_dict())
 
     async def _start(self, request: Request) -> _Run:
         """Parse a generate/stream body and admit it (InvalidRequestError, QueueFullError)."""
-        body = await self._read(request, {"prompt", "messages", "sampling", "request_id"})
+        body = await read_body(request, {"prompt", "messages", "sampling", "request_id"})
         prompt = self._prompt(body)
         params = self._sampling(body.get("sampling"))
         request_id = body.get("request_id") or uuid.uuid4().hex
@@ -255,7 +221,7 @@ class NativeApi:
         }
         if any(lp is not None for lp in out.logprobs):
             reply["logprobs"] = [logprobs_dict(lp) for lp in out.logprobs]
-        return _pack(reply)
+        return pack(reply)
 
     async def _frames(self, run: _Run) -> AsyncGenerator[bytes, None]:
         try:
@@ -266,25 +232,6 @@ class NativeApi:
             yield msgpack.packb({"error": {"message": str(e), "type": type(e).__name__}})
         finally:
             run.task.cancel()  # the client went away (or we are done): abort the request
-
-    async def _read(self, request: Request, allowed: set[str]) -> dict[str, Any]:
-        """The body as a msgpack map with only ``allowed`` keys, read at most to the limit."""
-        raw = await request.body()  # bounded by the server's BodyLimitMiddleware (413)
-        try:
-            body = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_no_ext)
-        except InvalidRequestError:
-            raise
-        except ValueError as e:  # msgpack's FormatError, ExtraData, StackError...
-            raise InvalidRequestError(
-                f"the body is not valid msgpack ({e or type(e).__name__}): "
-                f"send one msgpack map with Content-Type: {MSGPACK}"
-            ) from e
-        if not isinstance(body, dict):
-            raise InvalidRequestError(f"the body must be a msgpack map, not {type(body).__name__}")
-        unknown = sorted(set(body) - allowed)
-        if unknown:
-            raise InvalidRequestError(f"unknown field(s) {unknown}; known: {sorted(allowed)}")
-        return body
 
     def _jobs(self) -> JobManager:
         if self.jobs is None:
