@@ -3,6 +3,7 @@
 The engine owns requests, blocks and steps; this actor owns what is about processes: the KV
 links and their receiver threads, the request streams the router reads, and the event loop that
 runs the engine's steps (the forward on a thread, so reservations and aborts come in meanwhile).
+The engine itself is built at start-up by ``startup.load_engine``.
 """
 
 from __future__ import annotations
@@ -16,16 +17,11 @@ from typing import Any
 
 import torch
 
-from pdserve.decode_worker.engine import DecodeEngine
-from pdserve.decode_worker.runner import DecodeRunner, build_engine, model_limits
+from pdserve.decode_worker.runner import DecodeRunner
+from pdserve.decode_worker.startup import load_engine
 from pdserve.decode_worker.step import Output
-from pdserve.engine.config import ModelConfig
 from pdserve.engine.deploy_config import DeploymentConfig, resolve_host
-from pdserve.engine.kv_cache import bytes_per_block
 from pdserve.engine.load import DecodeLoad, DecodeStats
-from pdserve.engine.loader import load_model
-from pdserve.engine.parallel import TPGroup
-from pdserve.engine.prefix_hash import hash_salt
 from pdserve.engine.request import DecodeRequest, Reservation, StepDelta
 from pdserve.kv_transfer.auth import GroupAuth, PeerRefused
 from pdserve.kv_transfer.descriptor import TransferItem
@@ -47,7 +43,7 @@ class DecodeWorker:
         self.host = resolve_host(config.model.host)
         self.kv_backend = config.kv_backend
         self.link_secret = config.link_secret
-        self.engine = _build_engine(config, instance, self.device)
+        self.engine = load_engine(config, instance, self.device)
         self._streams: dict[int, asyncio.Queue[StepDelta]] = {}
         self._attached: set[int] = set()  # a stream() call is reading the queue
         # finished before their stream() call arrived; oldest dropped beyond MAX_UNCLAIMED
@@ -279,25 +275,3 @@ class DecodeWorker:
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
     """Run ``fn(*args)`` on ``loop``'s thread (from a receiver thread)."""
     loop.call_soon_threadsafe(fn, *args)
-
-
-def _build_engine(config: DeploymentConfig, instance: int, device: torch.device) -> DecodeEngine:
-    """Load the model, size and allocate the paged KV cache, and wrap both in an engine."""
-    d = config.decode
-    cfg = ModelConfig.of(config.model)
-    model = load_model(cfg, TPGroup.single(), device)  # first: the cache gets the rest
-    memory = torch.cuda.mem_get_info(device) if device.type == "cuda" else None
-    per_block = bytes_per_block(cfg, 1, d.block_size, d.kv_cache.dtype)  # scales included
-    num_blocks = d.kv_cache.num_blocks(per_block, memory)
-    limits = model_limits(
-        model,
-        num_blocks,
-        d.block_size,
-        max_num_seqs=d.max_num_seqs,
-        max_num_batched_tokens=d.max_num_batched_tokens,
-        chunked_prefill=d.chunked_prefill,
-        prefix_caching=config.prefix_caching,
-        prefix_salt=hash_salt(config.model.path, d.kv_cache.dtype, d.block_size),
-        block_bytes=per_block,
-    )
-    return build_engine(model, limits, device, instance, d.kv_cache.dtype)
