@@ -44,6 +44,9 @@ def deploy_spec(path: str, name: str, model: Path, **overrides: dict[str, Any]) 
     spec["name"] = name
     spec["model"]["path"] = str(model)
     spec["model"]["served_name"] = "tiny-llama"
+    # the shipped files serve SmolLM2 in bfloat16; tests compare tiny models with transformers'
+    # float32 token for token
+    spec["model"]["dtype"] = "float32"
     spec.setdefault("server", {})["port"] = free_port()
     for section, values in overrides.items():
         spec.setdefault(section, {}).update(values)
