@@ -20,7 +20,10 @@ pytestmark = pytest.mark.integration
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+# Every architecture's GGUF matches transformers' GGUF loading at TP 1 (tests/unit/test_gguf.py)
+# and every architecture's checkpoint at TP 2 (test_parity.py); the GGUF path at TP 2 here for
+# llama (also what a mistral GGUF converts to) and qwen3 (qkv without bias, q/k norms sharded).
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_tiny_gguf_at_prefill_tp2_matches_transformers(
     arch: str, tmp_path: Path, ray_session: None
 ) -> None:
@@ -43,6 +46,9 @@ def test_smollm2_at_prefill_tp3_answers_like_transformers(ray_session: None) -> 
         pytest.skip(str(e))
     questions = ["What is the capital of France?", "Name three primary colors."]
     with LLM(prefill_tensor_parallel_size=3, dtype="float32", max_model_len=512) as llm:
+        c = llm.model_config  # the file's metadata, read through the gguf package
+        shape = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads)
+        assert shape == (30, 576, 9, 3) and c.tie_word_embeddings
         prompts = llm.chat_prompts([[{"role": "user", "content": q}] for q in questions])
         outs = llm.generate(
             prompts, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)

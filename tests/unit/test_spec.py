@@ -32,7 +32,9 @@ from pdserve.engine.deploy_config import KVCacheSize
 
 @pytest.mark.parametrize("name", ["local.yaml", "local-tp3.yaml"])
 def test_local_specs_settle_to_cpu_clusters_on_the_default_model(name: str) -> None:
-    resolved = settle(load_spec(DEPLOY / name), "cpu")  # the model itself: test_real_model
+    resolved = settle(
+        load_spec(DEPLOY / name), "cpu"
+    )  # the model itself: tests/integration/test_gguf_serving.py
     assert resolved.model.path == "builtin:smollm2-135m-instruct"
     assert resolved.server.served_model_name == "smollm2-135m-instruct"
     assert resolved.namespace == f"pdserve-{resolved.name}"
