@@ -1,7 +1,7 @@
 """GGUF models through the whole Ray path, prefill at tensor-parallel size > 1, against
 transformers' own GGUF loading in float32 (greedy, token for token): tiny files the tests write
-for each architecture at TP 2, and the real SmolLM2 file (marked real_model) at TP 3, the size
-its 9 attention heads and 3 KV heads allow."""
+(llama and qwen3) at TP 2, and the real SmolLM2 file (marked real_model) at TP 3, the size its
+9 attention heads and 3 KV heads allow."""
 
 from __future__ import annotations
 
