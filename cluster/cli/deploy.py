@@ -76,6 +76,10 @@ def up(args: argparse.Namespace) -> int:
     if resolved is None:
         return 2
     c = resolved
+    if not c.ray_address and (taken := _listen_problem(c.server.host, c.server.port)):
+        # the controller will run on this machine: a taken port fails now, before Ray starts
+        console.print(f"[red]deploying {c.name!r} failed[/]: {taken}", highlight=False)
+        return 1
     what = (
         f"{c.decode.instances} colocated instance(s)"
         if c.prefill is None
@@ -105,6 +109,18 @@ def up(args: argparse.Namespace) -> int:
         _serve_until_down(actor, console)
         console.print(f"deployment {resolved.name!r} stopped")
     return 0
+
+
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port here (None if it can), checked by binding
+    and closing a socket as the server will."""
+    from pdserve.cluster.serving.http_server import ListenError, bind_socket
+
+    try:
+        bind_socket(host, port).close()
+    except ListenError as e:
+        return str(e)
+    return None
 
 
 def _resolve(args: argparse.Namespace, console: Console) -> DeploymentConfig | None:

@@ -100,6 +100,8 @@ def test_a_prefill_instance_killed_under_load_moves_its_prompts(
         leader = llm.deployment.prefill[0].leader
         outs = _run(llm, _greedy(), _killer(_pid(leader)), 1)
         assert outs == reference
+        # the kill may land after every prompt was prefilled: the next ones find it dead
+        assert _run(llm, _greedy(), None, 0) == reference
         assert llm.deployment.router.dead_instances["prefill"] == [0]
         assert llm.check_integrity() == 0
 
