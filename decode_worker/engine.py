@@ -46,14 +46,27 @@ from pdserve.decode_worker.step import (
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.load import DecodeLoad
 from pdserve.engine.request import DecodeRequest, Reservation, StepDelta, replay_row
-from pdserve.engine.sampling_types import SamplerOutput, SamplingRow
+from pdserve.engine.sampling_types import SamplerOutput, SamplingRow, TokenLogprobs
+from pdserve.engine.speculative import (
+    AcceptanceGate,
+    NgramProposer,
+    Proposer,
+    SpecCounters,
+    accept,
+)
 
 
 class DecodeEngine:
     """Owns the block manager, the continuous-batching scheduler, the local prefill queue, the
     request table and the runner of one decode replica (or colocated instance)."""
 
-    def __init__(self, runner: StepRunner | None, limits: EngineLimits, instance: int = 0) -> None:
+    def __init__(
+        self,
+        runner: StepRunner | None,
+        limits: EngineLimits,
+        instance: int = 0,
+        proposer: Proposer | None = None,
+    ) -> None:
         self.runner = runner  # None: the caller runs steps itself (the simulator)
         self.limits = limits
         self.instance = instance
@@ -70,6 +83,18 @@ class DecodeEngine:
         self._held = self.requests.held  # the table's, by transfer id
         self._step: EngineStep | None = None  # planned and not yet committed
         self._deferred = self.requests.deferred  # aborted while in the planned step
+        # speculative decoding (decode.speculative): drafts verified in the decode step
+        self.spec = limits.speculative
+        self.spec_counters = SpecCounters()
+        self.proposer = proposer
+        if self.spec is not None and proposer is None:
+            if self.spec.method != "ngram":
+                raise ValueError(f"speculative method {self.spec.method!r} needs its proposer")
+            self.proposer = NgramProposer(self.spec)
+        rate, probe = (
+            (self.spec.min_acceptance_rate, self.spec.probe_interval) if self.spec else (0, 1)
+        )
+        self._gate = AcceptanceGate(rate, probe)
 
     # -- admission, KV landing, leases (``request_table.py``) ---------------------------------
 
@@ -141,8 +166,12 @@ class DecodeEngine:
         if self.prefills.prefill_only:  # colocated, prefill priority: no decode this step
             step = EngineStep(ScheduleOutput(), self.prefills.schedule(0))
         else:
-            out = self.scheduler.schedule()  # decode first; chunked prefill gets the budget left
+            # decode first (with drafts to verify, if speculating); chunked prefill gets the
+            # budget left
+            out = self.scheduler.schedule(self._lookahead if self.proposer else None)
             step = EngineStep(out, self.prefills.schedule(out.num_tokens))
+            if out.lookahead:
+                step.drafts = self._propose(out)
         self.num_preemptions += len(step.out.preempted)
         if not (step.out.decode or step.out.recompute or step.chunks):
             return None
@@ -160,7 +189,7 @@ class DecodeEngine:
             ChunkInput(s.token_ids[start:-1], start, table(s.seq_id), False)
             for s, start in zip(step.out.recompute, starts)
         ]
-        rows = [self._row(s) for s in step.out.decode]
+        rows = [r for s in step.out.decode for r in self._rows(s, step.drafts.get(s.seq_id, ()))]
         for c in step.chunks:
             req = self._held[c.seq_id].req
             prompt = req.prompt_token_ids
@@ -168,27 +197,32 @@ class DecodeEngine:
             if c.last:
                 rows.append(replay_row(req.sampling, prompt, req.num_replayed))
         tables = [table(s.seq_id) for s in step.out.decode]
-        return StepBatch(step.out.decode, tables, chunks, rows)
+        drafts = [step.drafts.get(s.seq_id, []) for s in step.out.decode] if step.drafts else []
+        return StepBatch(step.out.decode, tables, chunks, rows, drafts)
 
     def commit(self, step: EngineStep, result: SamplerOutput | None) -> list[Output]:
         """The step ran: append each sampled token, stop what must stop, land finished prompts."""
         decode = step.out.decode
-        self.scheduler.on_step_done(decode)
-        self.prefix.on_step(decode, step.out.recompute)  # before a finished seq's blocks go
         sampled = result or SamplerOutput([], [])
+        deltas, advances = [], []
+        n = 0  # sampled rows used: one per decode token and draft
+        for seq in decode:
+            drafts = step.drafts.get(seq.seq_id, ())
+            rows = slice(n, n + 1 + len(drafts))
+            n = rows.stop
+            delta = self._append(seq, drafts, sampled.token_ids[rows], sampled.logprobs[rows])
+            deltas.append(delta)
+            advances.append(len(delta.token_ids))
+        self.scheduler.on_step_done(decode, advances)  # rejected drafts' slots given back
+        self.prefix.on_step(decode, step.out.recompute)  # before a finished seq's blocks go
         outputs: list[Output] = []
-        for seq, token, logprobs in zip(decode, sampled.token_ids, sampled.logprobs):
-            seq.token_ids.append(token)
-            held = self._held[seq.seq_id]
-            reason = self.requests.stop_reason(held.req, seq, token)
-            delta = StepDelta([token], [logprobs], finish_reason=reason)
-            if reason is None:
+        for seq, delta in zip(decode, deltas):
+            if delta.finish_reason is None:
                 outputs.append((seq.seq_id, delta))
             else:
-                outputs += self.requests.drop(held, delta)
+                outputs += self.requests.drop(self._held[seq.seq_id], delta)
         self.prefills.on_done(step.chunks)
         finished = [c for c in step.chunks if c.last]  # their first tokens follow the decode ones
-        n = len(decode)
         for c, token, logprobs in zip(finished, sampled.token_ids[n:], sampled.logprobs[n:]):
             held = self._held[c.seq_id]
             held.first_token, held.first_logprobs = token, logprobs
@@ -254,15 +288,74 @@ class DecodeEngine:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _row(self, seq: DecodeSeq) -> SamplingRow:
-        """A decode seq's sampling row; a migrated request's replayed tokens are outputs."""
+    def _rows(self, seq: DecodeSeq, drafts: Sequence[int]) -> list[SamplingRow]:
+        """A decode seq's sampling rows, one per position it computes: row i draws the token
+        after drafts[:i], so its outputs include them (penalties, min_tokens and a seeded draw
+        see what non-speculative decoding would). A migrated request's replayed tokens are
+        outputs too."""
         req = self._held[seq.seq_id].req
         cut = seq.prompt_len - req.num_replayed
-        return SamplingRow(req.sampling, seq.token_ids[:cut], seq.token_ids[cut:])
+        prompt, outputs = seq.token_ids[:cut], seq.token_ids[cut:]
+        return [
+            SamplingRow(req.sampling, prompt, [*outputs, *drafts[:i]])
+            for i in range(len(drafts) + 1)
+        ]
+
+    def _append(
+        self,
+        seq: DecodeSeq,
+        drafts: Sequence[int],
+        sampled: Sequence[int],
+        logprobs: Sequence[TokenLogprobs | None],
+    ) -> StepDelta:
+        """Append what the step emits for ``seq`` (its token, or the accepted drafts and the
+        next draw), token by token until one stops it."""
+        emitted = accept(drafts, sampled) if drafts else list(sampled)
+        if drafts:
+            self.spec_counters.add(len(drafts), len(emitted))
+            self._gate.record(seq.seq_id, len(drafts), len(emitted) - 1)
+        req = self._held[seq.seq_id].req
+        delta = StepDelta()
+        for token, lp in zip(emitted, logprobs):
+            seq.token_ids.append(token)
+            delta.token_ids.append(token)
+            delta.logprobs.append(lp)
+            delta.finish_reason = self.requests.stop_reason(req, seq, token)
+            if delta.finish_reason is not None:
+                break
+        return delta
+
+    def _lookahead(self, seq: DecodeSeq) -> int:
+        """Drafts ``seq`` may verify this step: up to k, none past its max_tokens or the model's
+        context, none while its acceptance gate is closed."""
+        assert self.spec is not None and self.proposer is not None
+        req = self._held[seq.seq_id].req
+        left_out = req.sampling.max_tokens - seq.num_output - req.num_replayed
+        left_ctx = self.limits.max_model_len - len(seq.token_ids)
+        k = min(self.spec.num_speculative_tokens, left_out - 1, left_ctx)
+        crowded = self.spec.disable_by_batch_size or self.limits.max_num_seqs + 1
+        if k < 1 or self.scheduler.num_running >= crowded or not self._gate.allows(seq.seq_id):
+            return 0
+        return self.proposer.lookahead(seq.seq_id, seq.token_ids, k)
+
+    def _propose(self, out: ScheduleOutput) -> dict[int, list[int]]:
+        """The drafts of the decode seqs that got slots for them."""
+        assert self.proposer is not None
+        wanted = [
+            (s.seq_id, s.token_ids, out.lookahead[s.seq_id])
+            for s in out.decode
+            if s.seq_id in out.lookahead
+        ]
+        drafts = self.proposer.propose(wanted)
+        return {sid: d for (sid, _, _), d in zip(wanted, drafts) if d}
 
     def _end_step(self) -> list[Output]:
         """The step is over: aborts that waited for it take effect."""
         self._step = None
+        if self.proposer is not None and self._gate.size > 2 * len(self._held) + 64:
+            for tid in self._gate.known() - self._held.keys():
+                self._gate.forget(tid)
+                self.proposer.forget(tid)
         aborts = set(self._deferred)
         self._deferred.clear()
         outputs: list[Output] = []

@@ -54,8 +54,8 @@ class PrefixCache:
         if not self.enabled:
             return
         bs = self.blocks.block_size
-        for seq in decode:
-            if seq.num_cached % bs == 0:
+        for seq in decode:  # a block filled (a speculative step may fill one mid-step)
+            if seq.num_cached // bs > len(seq.block_hashes):
                 self._register(seq)
         for seq in recompute:
             self._register(seq)

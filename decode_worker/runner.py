@@ -39,13 +39,16 @@ class DecodeRunner:
         """One engine step in one forward: a decode token for each of ``batch.seqs`` and the
         ``batch.chunks``; samples ``batch.rows`` (None when there are none)."""
         seqs, tables, chunks, rows = batch.seqs, batch.tables, batch.chunks, batch.rows
+        drafts = batch.drafts or [()] * len(seqs)
         dev = self.device
-        ids = [s.token_ids[-1] for s in seqs] + [t for c in chunks for t in c.token_ids]
-        positions = [len(s.token_ids) - 1 for s in seqs]
+        ids = [t for s, d in zip(seqs, drafts) for t in (s.token_ids[-1], *d)]
+        positions = [p for s, d in zip(seqs, drafts) for p in self._span(s, d)]
+        num_decode = len(ids)
+        ids += [t for c in chunks for t in c.token_ids]
         positions += [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
         spans = [range(c.start, c.start + len(c.token_ids)) for c in chunks]
         meta = MixedMetadata(
-            decode=self._decode_metadata(seqs, tables) if seqs else None,
+            decode=self._decode_metadata(seqs, tables, drafts) if seqs else None,
             chunk_starts=[c.start for c in chunks],
             chunk_lens=[len(c.token_ids) for c in chunks],
             chunk_tables=[list(c.table) for c in chunks],
@@ -60,27 +63,38 @@ class DecodeRunner:
         )
         if not rows:
             return None
-        # logits rows: every decode token, then the last token of each sampled chunk
+        # logits rows: every decode token and draft, then the last token of each sampled chunk
         ends = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.int64).cumsum(0)
-        picked = [len(seqs) + int(e) - 1 for c, e in zip(chunks, ends) if c.sample]
-        index = torch.tensor([*range(len(seqs)), *picked], dtype=torch.int64, device=dev)
+        picked = [num_decode + int(e) - 1 for c, e in zip(chunks, ends) if c.sample]
+        index = torch.tensor([*range(num_decode), *picked], dtype=torch.int64, device=dev)
         return self.sampler(self.model.compute_logits(hidden.index_select(0, index)), rows)
 
+    @staticmethod
+    def _span(seq: DecodeSeq, drafts: Sequence[int]) -> range:
+        """Positions of a seq's decode token and its drafts."""
+        last = len(seq.token_ids) - 1
+        return range(last, last + 1 + len(drafts))
+
     def _decode_metadata(
-        self, seqs: Sequence[DecodeSeq], tables: Sequence[Sequence[int]]
+        self,
+        seqs: Sequence[DecodeSeq],
+        tables: Sequence[Sequence[int]],
+        drafts: Sequence[Sequence[int]],
     ) -> DecodeMetadata:
-        positions = [len(s.token_ids) - 1 for s in seqs]
+        spans = [self._span(s, d) for s, d in zip(seqs, drafts)]
         width = max(len(t) for t in tables)
         padded = [list(t) + [0] * (width - len(t)) for t in tables]
         dev = self.device
+        lens = [len(r) for r in spans]
         return DecodeMetadata(
             block_tables=torch.tensor(padded, dtype=torch.int64, device=dev),
-            context_lens=torch.tensor([p + 1 for p in positions], dtype=torch.int64, device=dev),
+            context_lens=torch.tensor([r.stop for r in spans], dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(
-                [self._slots(t, range(p, p + 1))[0] for t, p in zip(tables, positions)],
+                [x for t, r in zip(tables, spans) for x in self._slots(t, r)],
                 dtype=torch.int64,
                 device=dev,
             ),
+            query_lens=lens if max(lens) > 1 else None,
         )
 
 

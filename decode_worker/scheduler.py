@@ -4,7 +4,7 @@ KV blocks when the cache runs out. Pure Python over plain objects (no torch, no 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pdserve.decode_worker.seq import (
     DecodeSeq,
@@ -131,30 +131,48 @@ class DecodeScheduler:
 
     # ---- the step ------------------------------------------------------------------------
 
-    def schedule(self) -> ScheduleOutput:
-        """Pick this step's batch; see the class docstring for the order and preemption."""
+    def schedule(self, lookahead: Callable[[DecodeSeq], int] | None = None) -> ScheduleOutput:
+        """Pick this step's batch; see the class docstring for the order and preemption.
+        ``lookahead(seq)``: draft tokens a decode seq would verify this step (speculative
+        decoding); slots for them are taken when free blocks allow, else it decodes one token
+        (`ScheduleOutput.lookahead` says how many it got)."""
         self._check_schedulable()
         out = ScheduleOutput()
         for seq in list(self._running):
             if seq.status is SeqStatus.RUNNING and self._make_room(seq, out.preempted):
-                self.blocks.append(seq.seq_id, seq.num_cached + 1)
-                out.decode.append(seq)
-        self._admit_ready(out)
+                self._grow(seq, lookahead, out)
+        self._admit_ready(out, lookahead)
         self._admit_preempted(out)
         return out
 
-    def on_step_done(self, seqs: Sequence[DecodeSeq]) -> None:
-        """Each seq's last token is now cached (`num_cached += 1`)."""
-        if len({seq.seq_id for seq in seqs}) != len(seqs):
-            raise SchedulerError("on_step_done got the same seq twice")
-        for seq in seqs:
+    def _grow(
+        self, seq: DecodeSeq, lookahead: Callable[[DecodeSeq], int] | None, out: ScheduleOutput
+    ) -> None:
+        """Slots for ``seq``'s decode token, and for its drafts when they fit without evicting."""
+        extra = lookahead(seq) if lookahead is not None else 0
+        if extra and self.blocks.can_append(seq.seq_id, seq.num_cached + 1 + extra):
+            out.lookahead[seq.seq_id] = extra
+        self.blocks.append(seq.seq_id, seq.num_cached + 1 + out.lookahead.get(seq.seq_id, 0))
+        out.decode.append(seq)
+
+    def on_step_done(
+        self, seqs: Sequence[DecodeSeq], advances: Sequence[int] | None = None
+    ) -> None:
+        """Each seq's step is cached: ``num_cached += advance`` (1 without drafts; with them,
+        the tokens the step emitted: its input token and the accepted drafts are cached). The
+        slots of rejected drafts are given back: whole blocks freed, the rest overwritten."""
+        advances = [1] * len(seqs) if advances is None else advances
+        if len({seq.seq_id for seq in seqs}) != len(seqs) or len(advances) != len(seqs):
+            raise SchedulerError("on_step_done got the same seq twice, or a wrong advance list")
+        for seq, advance in zip(seqs, advances):
             known = self._seqs.get(seq.seq_id)
             if known is not seq or seq.status is not SeqStatus.RUNNING:
                 raise SchedulerError(f"seq {seq.seq_id} is not running on this replica")
-            if self.blocks.num_tokens(seq.seq_id) != seq.num_cached + 1:
+            if not 1 <= advance <= self.blocks.num_tokens(seq.seq_id) - seq.num_cached:
                 raise SchedulerError(f"seq {seq.seq_id} was not scheduled for decode this step")
-        for seq in seqs:
-            seq.num_cached += 1
+        for seq, advance in zip(seqs, advances):
+            seq.num_cached += advance
+            self.blocks.truncate(seq.seq_id, seq.num_cached)
 
     def finish(self, seq_id: int) -> None:
         """`seq_id` finished (stop or length): free its blocks and forget it."""
@@ -215,16 +233,17 @@ class DecodeScheduler:
         seq.status, seq.num_cached = SeqStatus.PREEMPTED, 0
         bisect.insort(self._preempted, seq, key=lambda s: s.arrival)
 
-    def _admit_ready(self, out: ScheduleOutput) -> None:
+    def _admit_ready(
+        self, out: ScheduleOutput, lookahead: Callable[[DecodeSeq], int] | None
+    ) -> None:
         while self._ready and len(self._running) < self.max_num_seqs:
             seq = self._ready[0]
             if not self._make_room(seq, out.preempted):
                 return
-            self.blocks.append(seq.seq_id, seq.num_cached + 1)
             self._ready.pop(0)
             self._running.append(seq)
             seq.status = SeqStatus.RUNNING
-            out.decode.append(seq)
+            self._grow(seq, lookahead, out)
 
     def _admit_preempted(self, out: ScheduleOutput) -> None:
         if out.preempted:
@@ -294,9 +313,10 @@ class DecodeScheduler:
         if status is SeqStatus.PREEMPTED:
             ok = seq.num_cached == 0
         else:
-            # ready: capacity == cached; running: one more while a decode step is scheduled
+            # ready: capacity == cached; running: more while a decode step is scheduled (one,
+            # plus its drafts' slots)
             spare = self.blocks.num_tokens(seq.seq_id) - seq.num_cached
-            ok = spare in ((0,) if status is SeqStatus.READY else (0, 1))
+            ok = spare == 0 if status is SeqStatus.READY else spare >= 0
             ok = ok and seq.num_cached <= len(seq.token_ids)
         if not ok:
             raise SchedulerError(

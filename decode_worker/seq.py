@@ -54,6 +54,8 @@ class ScheduleOutput:
     preempted: list[DecodeSeq] = field(default_factory=list)
     # seq id -> leading positions of a recompute found in the prefix cache (absent: none)
     recompute_from: dict[int, int] = field(default_factory=dict)
+    # seq id -> draft tokens a decode seq verifies this step (slots taken; absent: none)
+    lookahead: dict[int, int] = field(default_factory=dict)
 
     def recompute_start(self, seq: DecodeSeq) -> int:
         """The first position a recompute computes (the ones before are cached blocks)."""
@@ -61,7 +63,7 @@ class ScheduleOutput:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens this step computes: one per decode seq, all but the last for a recompute
-        (less its cached prefix)."""
+        """Tokens this step computes: one per decode seq and one per draft, all but the last for
+        a recompute (less its cached prefix)."""
         recompute = sum(len(s.token_ids) - 1 - self.recompute_start(s) for s in self.recompute)
-        return len(self.decode) + recompute
+        return len(self.decode) + sum(self.lookahead.values()) + recompute

@@ -33,5 +33,6 @@ def load_engine(config: DeploymentConfig, instance: int, device: torch.device) -
         prefix_caching=config.prefix_caching,
         prefix_salt=hash_salt(config.model.path, d.kv_cache.dtype, d.block_size),
         block_bytes=per_block,
+        speculative=d.speculative,
     )
     return build_engine(model, limits, device, instance, d.kv_cache.dtype)

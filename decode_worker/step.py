@@ -11,6 +11,7 @@ from pdserve.decode_worker.prefill_queue import PrefillChunk
 from pdserve.decode_worker.seq import DecodeSeq, ScheduleOutput
 from pdserve.engine.request import DecodeRequest, StepDelta
 from pdserve.engine.sampling_types import SamplerOutput, SamplingRow, TokenLogprobs
+from pdserve.engine.speculative import SpeculativeSettings
 
 Output = tuple[int, StepDelta]  # (transfer id, what its stream gets)
 
@@ -27,14 +28,17 @@ class ChunkInput:
 
 @dataclass(frozen=True)
 class StepBatch:
-    """What the runner computes in one forward: a decode token for each of ``seqs``, then the
-    ``chunks``; ``rows`` sample the seqs' next tokens, then those of the chunks with ``sample``
-    set, in that order."""
+    """What the runner computes in one forward: a decode token (and its drafts) for each of
+    ``seqs``, then the ``chunks``; ``rows`` sample the seqs' next tokens (one per decode token
+    and draft), then those of the chunks with ``sample`` set, in that order."""
 
     seqs: Sequence[DecodeSeq]
     tables: Sequence[Sequence[int]]  # the seqs' block tables
     chunks: Sequence[ChunkInput]
     rows: Sequence[SamplingRow]
+    # speculative decoding: per seq, the draft tokens it verifies after its decode token (its
+    # rows: one per position, 1 + len(drafts)); () when no seq has any
+    drafts: Sequence[Sequence[int]] = ()
 
 
 class StepRunner(Protocol):
@@ -50,6 +54,7 @@ class EngineStep:
 
     out: ScheduleOutput
     chunks: list[PrefillChunk]
+    drafts: dict[int, list[int]] = field(default_factory=dict)  # decode seq id -> its drafts
 
     @property
     def tids(self) -> set[int]:
@@ -74,6 +79,7 @@ class EngineLimits:
     prefix_caching: bool = False
     prefix_salt: int = 0
     block_bytes: int = 0  # one block's KV over every layer and head (the reused-bytes metric)
+    speculative: SpeculativeSettings | None = None  # decode.speculative; None: off
 
 
 @dataclass

@@ -228,6 +228,7 @@ class DecodeWorker:
             e.prefix.hits,
             e.leases_expired,
             self.transfers_stalled,
+            e.spec_counters.as_dict() if e.spec is not None else {},
         )
 
     async def check_integrity(self) -> int:

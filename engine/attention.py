@@ -31,11 +31,14 @@ class PrefillMetadata:
 
 @dataclass
 class DecodeMetadata:
-    """One new token per sequence, attending to everything cached for it (itself included)."""
+    """One new token per sequence, attending to everything cached for it (itself included);
+    with ``query_lens``, q_i >= 1 consecutive tokens of sequence i (its decode token and the
+    drafts it verifies), each seeing the cache up to its own position."""
 
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
-    context_lens: torch.Tensor  # [B] int64: cached tokens incl. the one decoded now
-    slot_mapping: torch.Tensor  # [B] int64: where the new token's K/V goes
+    context_lens: torch.Tensor  # [B] int64: cached tokens incl. the ones computed now
+    slot_mapping: torch.Tensor  # [T] int64: where the new tokens' K/V go (T = B without drafts)
+    query_lens: list[int] | None = None  # tokens per sequence this step; None: one each
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> None:
@@ -95,28 +98,46 @@ def prefill_attention(
 class DecodePlan:
     """What every layer of one decode step gathers and masks, worked out once per step."""
 
-    kv_rows: torch.Tensor  # [B] K rows (kv_rows) where the new tokens' K/V go
+    kv_rows: torch.Tensor  # [T] K rows (kv_rows) where the new tokens' K/V go
     half_ids: torch.Tensor  # [2 * B * n] half blocks to gather (half_block_ids), n per sequence
-    visible: torch.Tensor  # [B, 1, 1, n * block_size] bool: gathered slots the query may see
+    visible: torch.Tensor  # [B, 1, Q, n * block_size] bool: gathered slots each query may see
+    # several queries per sequence (drafts): token t of the packed batch is row q_index[t] of
+    # the [B * Q] padded queries; None when every sequence has one (Q == 1)
+    q_index: torch.Tensor | None = None
 
 
 def plan_decode(meta: DecodeMetadata, block_size: int, window: int | None) -> DecodePlan:
     """Gather whole blocks; with a sliding window only the ones the window can reach."""
     tables, ctx = meta.block_tables, meta.context_lens[:, None]
+    dev = tables.device
+    lens = meta.query_lens
+    width = max(lens) if lens else 1
     n = tables.shape[1]
     first = torch.zeros_like(ctx)  # [B, 1] first gathered block, in table order
-    if window is not None and (window - 1) // block_size + 2 < n:
-        # positions ctx-window .. ctx-1 touch at most (window-1)//block_size + 2 blocks
-        n = (window - 1) // block_size + 2
-        lowest = (ctx - window).clamp(min=0) // block_size
+    if window is not None and (window + width - 2) // block_size + 2 < n:
+        # positions ctx-width+1-window .. ctx-1 touch at most this many blocks
+        n = (window + width - 2) // block_size + 2
+        lowest = (ctx - width + 1 - window).clamp(min=0) // block_size
         first = lowest.clamp(max=tables.shape[1] - n)
-        tables = tables.gather(1, first + torch.arange(n, device=tables.device))
-    pos = first * block_size + torch.arange(n * block_size, device=tables.device)  # [B, L]
-    visible = pos < ctx  # hides table padding and the unused tail of the last block
+        tables = tables.gather(1, first + torch.arange(n, device=dev))
+    pos = first * block_size + torch.arange(n * block_size, device=dev)  # [B, L]
+    q_index = None
+    if width == 1:
+        query = ctx - 1  # [B, 1]
+    else:
+        assert lens is not None
+        q_len = torch.tensor(lens, device=dev)[:, None]
+        j = torch.arange(width, device=dev)
+        # query j of a sequence sits at ctx - q_len + j; padding rows (j >= q_len) copy the
+        # last one, so they see keys (no NaN), and are dropped
+        query = ctx - q_len + j.minimum(q_len - 1)  # [B, Q]
+        q_index = (torch.arange(len(lens), device=dev)[:, None] * width + j)[j < q_len]
+    # [B, Q, L]: causal up to each query; hides table padding and the last block's unused tail
+    visible = pos[:, None, :] <= query[:, :, None]
     if window is not None:
-        visible &= pos >= ctx - window
+        visible &= pos[:, None, :] > query[:, :, None] - window
     rows = kv_rows(meta.slot_mapping, block_size)
-    return DecodePlan(rows, half_block_ids(tables.flatten()), visible[:, None, None, :])
+    return DecodePlan(rows, half_block_ids(tables.flatten()), visible[:, None], q_index)
 
 
 def decode_attention(
@@ -129,6 +150,8 @@ def decode_attention(
 
     q: [B, heads, D]; cache: [num_blocks, 2, block_size, kv_heads, row] -> [B, heads, D]
     """
+    if plan.q_index is not None:
+        return _multi_query_attention(q, cache, plan, scale)
     batch, heads, head_dim = q.shape
     kv_heads = cache.shape[3]
     # whole blocks of K and V in one call: [2, B, n * block_size, kv_heads, D]
@@ -139,6 +162,34 @@ def decode_attention(
     grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
     o = F.scaled_dot_product_attention(grouped, k, v, attn_mask=plan.visible, scale=scale)
     return o.reshape(batch, heads, head_dim)
+
+
+def _multi_query_attention(
+    q: torch.Tensor, cache: torch.Tensor, plan: DecodePlan, scale: float
+) -> torch.Tensor:
+    """Decode with drafts: q_i queries per sequence, padded to Q, one batched SDPA call.
+
+    q: [T, heads, D] packed -> [T, heads, D]
+    """
+    assert plan.q_index is not None
+    batch, width = plan.visible.shape[0], plan.visible.shape[2]
+    heads, head_dim = q.shape[1:]
+    kv_heads = cache.shape[3]
+    group = heads // kv_heads
+    padded = q.new_zeros(batch * width, heads, head_dim)
+    padded[plan.q_index] = q
+    kv = _gather(cache, plan.half_ids, q.dtype).view(2, batch, -1, kv_heads, head_dim)
+    k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, kv_heads, L, D]
+    # GQA as a query length, as in decode: [B, kv_heads, Q * group, D], queries major
+    grouped = (
+        padded.view(batch, width, kv_heads, group, head_dim)
+        .transpose(1, 2)
+        .reshape(batch, kv_heads, width * group, head_dim)
+    )
+    mask = plan.visible.repeat_interleave(group, dim=2)  # [B, 1, Q * group, L]
+    o = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
+    o = o.view(batch, kv_heads, width, group, head_dim).transpose(1, 2)
+    return o.reshape(batch * width, heads, head_dim)[plan.q_index]
 
 
 @dataclass

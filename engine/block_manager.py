@@ -15,8 +15,9 @@ class BlockManager:
     """Hands out fixed-size KV blocks (`block_size` tokens each) to owners identified by an int.
 
     Each owner holds an ordered block table: the block for token position `p` is
-    `table[p // block_size]`. An owner's capacity (`num_tokens`) only grows, through `append`,
-    until `free` lets go of every block at once. Fresh blocks come from `FreeRuns`, which keeps
+    `table[p // block_size]`. An owner's capacity (`num_tokens`) grows through `append`, shrinks
+    through `truncate` (a speculative step's rejected slots), and `free` lets go of every block
+    at once. Fresh blocks come from `FreeRuns`, which keeps
     a new owner's blocks one ascending run when it can, so its KV transfer lands in place.
 
     Prefix caching (``caching``): a full block whose KV is known gets the chained hash of its
@@ -133,6 +134,25 @@ class BlockManager:
         table.extend(new_blocks)
         self._tokens[owner] = max(self._tokens[owner], num_tokens)
         return new_blocks
+
+    def truncate(self, owner: int, num_tokens: int) -> int:
+        """Shrink `owner`'s capacity to `num_tokens` tokens (no-op if it holds fewer), releasing
+        the blocks past them; returns how many. Only unindexed tail blocks can be past the
+        tokens an owner keeps (blocks are indexed once full of known KV), so they go free."""
+        table = self._table(owner)
+        if num_tokens >= self._tokens[owner]:
+            return 0
+        keep = self.blocks_for(num_tokens)
+        tail = table[keep:]
+        for block in tail:
+            if self._refs[block] != 1 or block in self._hash_of:
+                raise BlockManagerError(f"owner {owner}: block {block} is shared or indexed")
+        del table[keep:]
+        self._tokens[owner] = num_tokens
+        for block in tail:
+            self._refs[block] = 0
+        self._free.put(tail[::-1])
+        return len(tail)
 
     def free(self, owner: int) -> int:
         """Drop `owner`'s reference on each of its blocks; idempotent (an unknown owner frees

@@ -18,6 +18,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
+from pdserve.engine.speculative import SpeculativeSettings
+
 CHUNKED_PREFILL_BUDGET = 2048  # vLLM's default step budget with chunked prefill (serving)
 WHOLE_PREFILL_BUDGET = 8192  # prompt tokens of one prefill-only step (prefill priority)
 KV_ACTIVATION_RESERVE = 0.1  # CUDA: share of the memory left after the weights kept for activations
@@ -112,6 +114,7 @@ class DecodeSettings:
     chunked_prefill: bool = False
     resources: dict[str, float] = field(default_factory=dict)
     kv_lease_s: float = 60.0  # reservations without KV, and stalled transfers, freed after it
+    speculative: SpeculativeSettings | None = None  # speculative decoding; None: off
 
     def __post_init__(self) -> None:
         problem = step_budget_problem(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -52,3 +52,5 @@ class DecodeStats:
     prefix_cache_hits: int = 0  # of those, tokens found cached
     leases_expired: int = 0  # reservations freed because their KV never came (kv_lease_s)
     transfers_stalled: int = 0  # transfers aborted because their batch stalled (kv_lease_s)
+    # speculative decoding's counters (engine.speculative.SpecCounters.as_dict); {} when off
+    spec: dict[str, float] = field(default_factory=dict)

@@ -7,7 +7,11 @@ pdserve exports, over finished requests (cluster/serving/metrics.py):
 - `pdserve:prompt_tokens_by_source_total` by `source`: prompt tokens the prefill computed
   (`local_compute`) and those whose KV came from a cache (`local_cache_hit`);
 - `pdserve:kv_transfer_bytes_total` / `pdserve:kv_reused_bytes_total`: prompt KV bytes sent from
-  prefill to decode, and those decode held already (not sent).
+  prefill to decode, and those decode held already (not sent);
+- `pdserve:spec_decode_num_draft_tokens_total` / `..._num_accepted_tokens_total` /
+  `..._num_emitted_tokens_total` / `..._num_drafts_total` by `replica`: speculative decoding's
+  drafts proposed and accepted, the tokens verified steps emitted, and the verified steps
+  (vLLM's `vllm:spec_decode_*` too), summed over replicas: the acceptance rate.
 
 The difference of two scrapes covers the requests finished in between. A server without them
 (or without `/metrics`) gives nothing, and the result says nothing about it.
@@ -34,6 +38,16 @@ PREFIX_COUNTERS = {  # family -> what it counts, per pool
 SOURCES = {"local_compute": "computed", "local_cache_hit": "cached"}
 KV_COUNTERS = {"pdserve:kv_transfer_bytes": "sent", "pdserve:kv_reused_bytes": "reused"}
 BY_SOURCE = "pdserve:prompt_tokens_by_source"
+SPEC_COUNTERS = {  # family -> what it counts, summed over decode replicas
+    f"{server}:spec_decode_{name}": key
+    for server in ("pdserve", "vllm")
+    for name, key in (
+        ("num_draft_tokens", "proposed"),
+        ("num_accepted_tokens", "accepted"),
+        ("num_emitted_tokens", "emitted"),
+        ("num_drafts", "verified"),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -67,9 +81,18 @@ class CacheCounters:
         for section, names in (
             ("prefill_tokens", SOURCES.values()),
             ("kv_bytes", ("sent", "reused")),
+            ("speculative", ("proposed", "accepted", "emitted", "verified")),
         ):
             if any(s == section for s, _ in self.totals):
                 out[section] = {n: int(self.totals.get((section, n), 0.0)) for n in names}
+        spec = out.get("speculative")
+        if spec:
+            spec["acceptance_rate"] = (
+                spec["accepted"] / spec["proposed"] if spec["proposed"] else None
+            )
+            spec["mean_accepted_length"] = (
+                spec["emitted"] / spec["verified"] if spec["verified"] else None
+            )
         return out
 
     def _pool(self, pool: str) -> dict[str, Any]:
@@ -87,6 +110,8 @@ def _key(family: str, sample: str, labels: Mapping[str, str]) -> tuple[str, str]
         return f"pool:{labels.get('pool', 'all')}", PREFIX_COUNTERS[family]
     if family in KV_COUNTERS:
         return "kv_bytes", KV_COUNTERS[family]
+    if family in SPEC_COUNTERS:
+        return "speculative", SPEC_COUNTERS[family]
     if family == BY_SOURCE and labels.get("source") in SOURCES:
         return "prefill_tokens", SOURCES[labels["source"]]
     return None
@@ -124,6 +149,12 @@ def format_reuse(result: Mapping[str, Any]) -> str:
     kv = result.get("kv_bytes")
     if kv:
         row("KV bytes sent / reused:", f"{kv['sent']} / {kv['reused']}")
+    spec = result.get("speculative")
+    if spec and spec["proposed"]:
+        row("Draft acceptance rate (%):", f"{100 * spec['acceptance_rate']:.1f}")
+        row("Draft tokens accepted / proposed:", f"{spec['accepted']} / {spec['proposed']}")
+        row("Mean tokens per verified step:", f"{spec['mean_accepted_length']:.2f}")
     if not lines:
         return ""
-    return "\n".join(["{s:{c}^{n}}".format(s="Prefix Reuse", n=50, c="-"), *lines, "=" * 50])
+    title = "{s:{c}^{n}}".format(s="Prefix Reuse and Speculation", n=50, c="-")
+    return "\n".join([title, *lines, "=" * 50])

@@ -4,6 +4,7 @@ completions and per-request metrics out. Ray and torch load when the command run
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -74,10 +75,33 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
+        "--speculative-config",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, as vLLM\'s: \'{"method": "ngram", '
+        '"num_speculative_tokens": 4}\' (prompt lookup; "prompt_lookup_max"/"_min" set the '
+        'n-gram sizes) or \'{"method": "draft", "draft_model": PATH, "draft_num_layers": N}\' '
+        "(default: off)",
+    )
+    p.add_argument(
         "--ray-address",
         default=None,
         help="connect to this Ray cluster (default: start a local one)",
     )
+
+
+def _json_object(text: str) -> dict[str, object]:
+    """An argparse type: a JSON object, or a usage error that shows what to write."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(
+            f'not JSON ({e}): write e.g. \'{{"method": "ngram"}}\''
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"method": "ngram"}\'')
+    return value
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -105,6 +129,7 @@ def _start(args: argparse.Namespace, console: Console) -> LLM:
             dtype=args.dtype or ("bfloat16" if args.model is None else "auto"),
             device=args.device,
             ray_address=args.ray_address,
+            speculative_config=args.speculative_config,
         )
     console.print(
         f"[green]cluster ready[/] in {time.perf_counter() - start:.1f} s "

@@ -39,6 +39,7 @@ from pdserve.engine.deploy_config import (
     ServerSettings,
     step_token_budget,
 )
+from pdserve.engine.speculative import SpeculativeSettings
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,6 +117,7 @@ def settle(
         decode=_same_named(
             d, DecodeSettings, kv_cache=kv,
             max_num_batched_tokens=step_token_budget(budget, d.max_num_seqs, d.chunked_prefill),
+            speculative=_speculative(d.speculative),
         ),
         kv_backend=spec.kv_transfer.backend,
         prefix_caching=spec.prefix_caching,
@@ -130,6 +132,16 @@ def settle(
     if problems:
         raise SpecError(problems, f"deploy spec {spec.name!r}")
     return config
+
+
+def _speculative(section: BaseModel | None) -> SpeculativeSettings | None:
+    """``decode.speculative`` settled: a draft model named builtin:<name> becomes its path."""
+    if section is None:
+        return None
+    draft = getattr(section, "draft_model", None)
+    return _same_named(
+        section, SpeculativeSettings, draft_model=_model_path(draft) if draft else None
+    )
 
 
 def _same_named(section: BaseModel, settings: type[T], **settled: Any) -> T:

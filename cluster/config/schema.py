@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 
 from pdserve.cluster.config.errors import did_you_mean, section_type
 from pdserve.engine.builtin_models import BUILTIN_MODELS, BUILTIN_PREFIX, DEFAULT_MODEL
+from pdserve.engine.speculative import SPEC_METHODS
 from pdserve.router.policies import DECODE_POLICIES, PREFILL_POLICIES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -206,6 +207,36 @@ class PrefillSection(Section):
     resources: Resources = Field(default_factory=dict)
 
 
+class SpeculativeSection(Section):
+    """``decode.speculative``: draft tokens verified in each decode step (vLLM's
+    ``speculative_config``); see engine/speculative.py."""
+
+    method: Annotated[str, _one_of(*SPEC_METHODS)] = "ngram"
+    num_speculative_tokens: Annotated[int, Field(ge=1, le=16)] = 4
+    prompt_lookup_max: Annotated[int, Field(ge=1, le=64)] = 4
+    prompt_lookup_min: Annotated[int, Field(ge=1, le=64)] = 2
+    # method draft: a model sharing the target's tokenizer (a path or builtin:<name>), and
+    # optionally only its first layers
+    draft_model: str | None = None
+    draft_num_layers: Positive | None = None
+    # a sequence whose recent acceptance rate falls below this stops speculating (probing
+    # again every probe_interval steps); 0 keeps it on
+    min_acceptance_rate: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    probe_interval: Positive = 16
+    # no speculation while this many sequences or more decode (None: at any batch size)
+    disable_by_batch_size: Positive | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeculativeSection:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("method draft needs draft_model: a model path or builtin:<name>")
+        if self.method == "ngram" and (self.draft_model or self.draft_num_layers):
+            raise ValueError("draft_model and draft_num_layers are for method draft only")
+        return self
+
+
 class DecodeSection(Section):
     """Decode replicas (one device each); in colocated mode, the colocated instances."""
 
@@ -222,6 +253,8 @@ class DecodeSection(Section):
     # a reservation whose KV has not started arriving after this many seconds is freed, and a
     # transfer that stalls this long mid-batch is aborted (its link dropped, its blocks freed)
     kv_lease_s: Annotated[float, Field(gt=0, le=86400)] = kw(60.0, "kv_lease_s")
+    # speculative decoding (off when absent): n-gram prompt lookup or a draft model
+    speculative: SpeculativeSection | None = kw(None, "speculative_config")
 
 
 class KVTransferSection(Section):

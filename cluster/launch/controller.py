@@ -112,9 +112,11 @@ class Controller:
                 assert dep is not None
                 # one dead replica's error must not blind the gauges: the live ones still count
                 replies = await asyncio.gather(
-                    *(_bounded(d.get_load.remote()) for d in dep.decode), return_exceptions=True
+                    *(_bounded(d.stats.remote()) for d in dep.decode), return_exceptions=True
                 )
-                loads = [x for x in replies if not isinstance(x, BaseException)]
+                live = [(i, x) for i, x in enumerate(replies) if not isinstance(x, BaseException)]
+                self.metrics.set_speculation({i: x.spec for i, x in live if x.spec})
+                loads = [x.load for _, x in live]
                 total = sum(x.total_blocks for x in loads)
                 used = total - sum(x.free_blocks for x in loads)
                 queued = sum(p.queued_requests for p in dep.router.prefill)
@@ -180,6 +182,7 @@ class Controller:
                     "reserved": s.reserved,
                     "preemptions": s.preemptions,
                     "links": len(s.links),
+                    **s.spec,
                 }
                 for i, s in enumerate(stats)
             ],

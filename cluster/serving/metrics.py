@@ -120,6 +120,26 @@ class ServingMetrics:
         self._prefill_retries = self._counter(
             "prefill_retries", "Prefills retried on another instance after a death."
         )
+        # speculative decoding per decode replica (vLLM's spec_decode_* names)
+        self._spec = {
+            key: self._labelled(name, doc, "replica")
+            for key, name, doc in (
+                ("spec_proposed", "spec_decode_num_draft_tokens", "Draft tokens proposed."),
+                ("spec_accepted", "spec_decode_num_accepted_tokens", "Draft tokens accepted."),
+                (
+                    "spec_emitted",
+                    "spec_decode_num_emitted_tokens",
+                    "Tokens verified steps emitted.",
+                ),
+                ("spec_verified", "spec_decode_num_drafts", "Verified (sequence, step) pairs."),
+            )
+        }
+        self._spec_rate = self._replica_gauge(
+            "spec_decode_acceptance_rate", "Accepted / proposed draft tokens, since start."
+        )
+        self._spec_length = self._replica_gauge(
+            "spec_decode_mean_accepted_length", "Tokens per verified step (1 to k + 1)."
+        )
         # called before each render (the controller syncs the recovery counters there)
         self.before_render: Callable[[], None] | None = None
         self._synced: dict[str, float] = {}  # running totals the counters were raised to
@@ -172,6 +192,15 @@ class ServingMetrics:
         self._raise_to("migrations", self._migrations, migrations)
         self._raise_to("prefill_retries", self._prefill_retries, prefill_retries)
 
+    def set_speculation(self, counters: Mapping[int, Mapping[str, float]]) -> None:
+        """Each speculating decode replica's running totals (SpecCounters.as_dict)."""
+        for replica, c in counters.items():
+            labels = {"model_name": self.model_name, "replica": str(replica)}
+            for key, family in self._spec.items():
+                self._raise_to(f"{key}/{replica}", family.labels(**labels), c[key])
+            self._spec_rate.labels(**labels).set(c["spec_acceptance_rate"])
+            self._spec_length.labels(**labels).set(c["spec_mean_accepted_length"])
+
     def _raise_to(self, key: str, counter: Counter, total: float) -> None:
         """Keep a counter equal to a running total counted elsewhere (it never goes down)."""
         gap = total - self._synced.get(key, 0)
@@ -213,6 +242,9 @@ class ServingMetrics:
 
     def _labelled(self, name: str, doc: str, label: str) -> Counter:
         return Counter(PREFIX + name, doc, ["model_name", label], registry=self.registry)
+
+    def _replica_gauge(self, name: str, doc: str) -> Gauge:
+        return Gauge(PREFIX + name, doc, ["model_name", "replica"], registry=self.registry)
 
     def _gauge(self, name: str, doc: str) -> Gauge:
         g = Gauge(PREFIX + name, doc, ["model_name"], registry=self.registry)

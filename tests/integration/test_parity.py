@@ -258,3 +258,22 @@ def test_cache_aware_prefill_routing_finds_the_instance_holding_the_prefix(
     assert [o.metrics.cached_tokens for o in outs] == [0, 0, 64]
     assert sorted(s.prefix_cache_hits for s in stats) == [0, 64]
     assert [o.token_ids for o in outs] == hf_greedy(model, [first, other, second], NEW_TOKENS)
+
+
+def test_speculative_decoding_keeps_greedy_parity(
+    ray_session: None, tiny_dirs: dict[str, Path]
+) -> None:
+    """n-gram speculation on the decode replica of a disaggregated deployment: drafts verified in
+    the decode step, several tokens a delta, and the same greedy ids as transformers."""
+    model = tiny_dirs["qwen2"]
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+            "min_acceptance_rate": 0.0}  # fmt: skip
+    with LLM(str(model), dtype="float32", speculative_config=spec) as llm:
+        prompts = parity_prompts(len(llm.tokenizer))
+        prompts.append(prompts[1] * 12)  # a prompt that repeats itself: lookups find matches
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        outs = llm.generate(prompts, params)
+        stats = ray.get(llm.deployment.decode[0].stats.remote())
+        assert llm.check_integrity() == 0
+    assert stats.spec["spec_proposed"] > 0 and stats.spec["spec_verified"] > 0
+    assert [o.token_ids for o in outs] == hf_greedy(model, prompts, NEW_TOKENS)

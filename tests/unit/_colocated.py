@@ -14,6 +14,7 @@ from pdserve.decode_worker.step import EngineLimits, StepBatch, StepRunner
 from pdserve.engine.request import DecodeRequest
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sampling_types import SamplerOutput
+from pdserve.engine.speculative import Proposer, SpeculativeSettings
 
 
 class SevensRunner:
@@ -48,6 +49,8 @@ class ColocatedEngine:
         max_model_len: int = 0,
         runner: StepRunner | None = None,
         prefix_caching: bool = False,
+        speculative: SpeculativeSettings | None = None,
+        proposer: Proposer | None = None,
     ) -> None:
         limits = EngineLimits(
             num_blocks=num_blocks,
@@ -58,8 +61,9 @@ class ColocatedEngine:
             max_num_batched_tokens=budget,
             chunked_prefill=chunked,
             prefix_caching=prefix_caching,
+            speculative=speculative,
         )
-        self.engine = DecodeEngine(runner or SevensRunner(), limits)
+        self.engine = DecodeEngine(runner or SevensRunner(), limits, proposer=proposer)
         e = self.engine
         self.blocks, self.prefills, self.scheduler = e.blocks, e.prefills, e.scheduler
         self.outputs: dict[int, list[int]] = {}  # generated tokens, first one included
@@ -68,8 +72,15 @@ class ColocatedEngine:
     def preemptions(self) -> int:
         return self.engine.num_preemptions
 
-    def submit(self, seq_id: int, prompt: list[int], max_tokens: int = 100) -> None:
-        params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
+    def submit(
+        self,
+        seq_id: int,
+        prompt: list[int],
+        max_tokens: int = 100,
+        params: SamplingParams | None = None,
+    ) -> None:
+        if params is None:
+            params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
         req = DecodeRequest(seq_id, str(seq_id), tuple(prompt), params, local_prefill=True)
         assert self.engine.reserve(req) is not None, "cache too small"
         self.outputs[seq_id] = []

@@ -104,3 +104,28 @@ def test_disaggregated_each_pool_counts_its_own_hits() -> None:
     assert s[("pdserve:prefix_cache_hits_total", (*M, ("pool", "prefill")))] == 0
     assert s[("pdserve:prefix_cache_hits_total", (*M, ("pool", "decode")))] == 16
     assert s[("pdserve:prompt_tokens_by_source_total", (*M, ("source", "local_compute")))] == 40
+
+
+def test_speculation_counters_per_replica_feed_the_bench_summary() -> None:
+    from pdserve.bench.serve.server_cache import CacheCounters, format_reuse
+    from pdserve.engine.speculative import SpecCounters
+
+    metrics = ServingMetrics("m")
+    a, b = SpecCounters(), SpecCounters()
+    a.add(4, 5)  # all four drafts accepted, plus the bonus token
+    a.add(4, 1)
+    b.add(2, 2)
+    metrics.set_speculation({0: a.as_dict(), 1: b.as_dict()})
+    a.add(4, 3)
+    metrics.set_speculation({0: a.as_dict(), 1: b.as_dict()})  # running totals, synced again
+    s = scrape(metrics)
+    r0 = (*M, ("replica", "0"))
+    assert s[("pdserve:spec_decode_num_draft_tokens_total", r0)] == 12
+    assert s[("pdserve:spec_decode_num_accepted_tokens_total", r0)] == 6
+    assert s[("pdserve:spec_decode_num_drafts_total", r0)] == 3
+    assert s[("pdserve:spec_decode_acceptance_rate", r0)] == 0.5
+    assert s[("pdserve:spec_decode_mean_accepted_length", r0)] == 3.0
+    # the bench's scrape sums the replicas: (6 + 1) of (12 + 2) drafts accepted
+    spec = CacheCounters.parse(metrics.render().decode()).to_json()["speculative"]
+    assert (spec["proposed"], spec["accepted"], spec["acceptance_rate"]) == (14, 7, 0.5)
+    assert "Draft acceptance rate (%):" in format_reuse({"speculative": spec})

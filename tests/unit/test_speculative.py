@@ -1,0 +1,275 @@
+"""Speculative decoding in the decode engine, in process on the tiny models: the n-gram proposer,
+the acceptance rule, verification in the decode step (k + 1 queries per sequence over the paged
+cache, beside sequences that do not speculate), rollback of rejected slots, and outputs equal to
+non-speculative decoding: token for token when greedy or seeded, in distribution when not."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from _colocated import ColocatedEngine
+
+from pdserve.decode_worker.runner import DecodeRunner
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.kv_cache import allocate_kv_cache
+from pdserve.engine.loader import load_model
+from pdserve.engine.parallel import TPGroup
+from pdserve.engine.sampling import Sampler
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.speculative import (
+    AcceptanceGate,
+    SpecCounters,
+    SpeculativeSettings,
+    accept,
+    ngram_propose,
+)
+from pdserve.engine.tiny_model import TINY_ARCHS
+
+BLOCK_SIZE = 4  # small blocks: drafts cross block boundaries and rejected ones free blocks
+NUM_BLOCKS = 160
+
+
+# -- the proposer and the rule --------------------------------------------------------------
+
+
+def test_ngram_finds_the_latest_earlier_match_of_the_longest_suffix() -> None:
+    tokens = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    # "1 2 3" occurred at 0 and 5; the latest earlier one is followed by 7 8 5 1
+    assert ngram_propose(tokens, 4, n_max=3, n_min=1) == [7, 8, 5, 1]
+    assert ngram_propose(tokens, 2, n_max=3, n_min=1) == [7, 8]
+    # only n = 1 matches: the last token 4 never occurred before -> nothing
+    assert ngram_propose([5, 6, 4], 3, n_max=3, n_min=1) == []
+    # the suffix itself is no match: a run of one token proposes from its earlier part
+    assert ngram_propose([7, 7, 7], 3, n_max=2, n_min=1) == [7]
+    assert ngram_propose([1, 2], 3, n_max=2, n_min=2) == []
+
+
+def test_ngram_ignores_matches_that_straddle_token_boundaries() -> None:
+    # little-endian words: 256 = 00 01 00 00, 1 = 01 00 00 00; the byte string of [1] occurs
+    # inside [256, 0] at an odd offset, which is no token match
+    tokens = [256, 0, 5, 1]
+    assert ngram_propose(tokens, 2, n_max=1, n_min=1) == []
+    assert ngram_propose([1, 5, 256, 0, 1], 2, n_max=1, n_min=1) == [5, 256]
+
+
+def test_accept_keeps_the_agreeing_prefix_and_the_next_draw() -> None:
+    assert accept([4, 5, 6], [4, 5, 6, 7]) == [4, 5, 6, 7]  # all accepted + bonus
+    assert accept([4, 5, 6], [4, 9, 6, 7]) == [4, 9]  # second rejected: the draw replaces it
+    assert accept([4, 5, 6], [1, 5, 6, 7]) == [1]
+    c = SpecCounters()
+    c.add(3, 4)
+    c.add(3, 1)
+    assert (c.proposed, c.accepted, c.emitted, c.verified) == (6, 3, 5, 2)
+    assert c.acceptance_rate == 0.5 and c.mean_accepted_length == 2.5
+
+
+def test_the_gate_switches_a_sequence_off_and_probes_it_again() -> None:
+    gate = AcceptanceGate(min_rate=0.5, probe=3)
+    assert gate.allows(1)
+    gate.record(1, 4, 0)  # rate 0: switched off
+    assert [gate.allows(1) for _ in range(6)] == [False, False, True, False, False, True]
+    gate.record(1, 4, 4)
+    gate.record(1, 4, 4)
+    assert gate.allows(1)  # recovered above the bar
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="method"):
+        SpeculativeSettings(method="eagle")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SpeculativeSettings(num_speculative_tokens=0)
+    with pytest.raises(ValueError, match="draft_model"):
+        SpeculativeSettings(method="draft")
+
+
+# -- verification in the engine ------------------------------------------------------------
+
+
+class OracleProposer:
+    """Drafts from a known continuation, corrupted at random: every acceptance length occurs
+    (a fake collaborator: the proposer is not what these tests check, the verification is)."""
+
+    def __init__(
+        self,
+        futures: dict[int, list[int]],
+        prompt_lens: dict[int, int],
+        seed: int,
+        corrupt: float = 0.25,
+    ) -> None:
+        self.futures, self.prompt_lens, self.corrupt = futures, prompt_lens, corrupt
+        self.rng = random.Random(seed)
+
+    def lookahead(self, seq_id: int, token_ids: Sequence[int], k: int) -> int:
+        return k if self.rng.random() < 0.8 else 0  # some sequences do not speculate
+
+    def propose(self, wanted: Sequence[tuple[int, Sequence[int], int]]) -> list[list[int]]:
+        out = []
+        for seq_id, tokens, k in wanted:
+            done = len(tokens) - self.prompt_lens[seq_id]
+            drafts = list(self.futures[seq_id][done : done + k])
+            for i in range(len(drafts)):
+                if self.rng.random() < self.corrupt:
+                    drafts[i] = self.rng.randrange(6, 768)
+            out.append(drafts)
+        return out
+
+    def forget(self, seq_id: int) -> None:
+        pass
+
+
+def _runner(
+    model_dir: Path, sampler_seed: int | None = None, num_blocks: int = NUM_BLOCKS
+) -> tuple[DecodeRunner, int]:
+    config = ModelConfig.from_pretrained(str(model_dir))
+    cache = allocate_kv_cache(config, 1, num_blocks, BLOCK_SIZE, "cpu")
+    runner = DecodeRunner(
+        load_model(config, TPGroup.single()), cache, BLOCK_SIZE, torch.device("cpu")
+    )
+    if sampler_seed is not None:
+        runner.sampler = Sampler(seed=sampler_seed)
+    return runner, config.vocab_size
+
+
+def _generate(
+    model_dir: Path,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    speculative: SpeculativeSettings | None = None,
+    futures: dict[int, list[int]] | None = None,
+    sampler_seed: int | None = None,
+    max_num_seqs: int = 4,
+    num_blocks: int = NUM_BLOCKS,
+    corrupt: float = 0.25,
+) -> tuple[list[list[int]], ColocatedEngine]:
+    runner, _ = _runner(model_dir, sampler_seed, num_blocks)
+    proposer = None
+    if futures is not None:
+        lens = {i: len(p) for i, p in enumerate(prompts)}
+        proposer = OracleProposer(futures, lens, seed=3, corrupt=corrupt)
+    engine = ColocatedEngine(
+        budget=512,
+        num_blocks=num_blocks,
+        block_size=BLOCK_SIZE,
+        max_num_seqs=max_num_seqs,
+        max_model_len=min(num_blocks * BLOCK_SIZE, 600),
+        runner=runner,
+        speculative=speculative,
+        proposer=proposer,
+    )
+    for i, p in enumerate(prompts):
+        engine.submit(i, p, params=params)
+    engine.run()
+    assert engine.blocks.num_free_blocks == num_blocks  # every rejected slot was given back
+    engine.engine.check_integrity()
+    return [engine.outputs[i] for i in range(len(prompts))], engine
+
+
+def _prompts(n: int, seed: int = 4) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(6, 768, (int(length),), generator=g).tolist() for length in
+            torch.randint(3, 40, (n,), generator=g)]  # fmt: skip
+
+
+SPEC = SpeculativeSettings(num_speculative_tokens=4, min_acceptance_rate=0.0)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_greedy_speculation_equals_plain_decoding(arch: str, tiny_models: dict[str, Path]) -> None:
+    # mistral's 128-token sliding window: prompts and outputs run past it
+    prompts = [*_prompts(6), list(range(6, 150))]
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=40)
+    plain, _ = _generate(tiny_models[arch], prompts, params)
+    futures = dict(enumerate(plain))
+    spec, engine = _generate(tiny_models[arch], prompts, params, SPEC, futures)
+    assert spec == plain
+    c = engine.engine.spec_counters
+    # verified steps accepted none, some and all of their drafts
+    assert c.verified > 20 and 0 < c.accepted < c.proposed
+    assert c.emitted < 40 * len(prompts)
+
+
+def test_seeded_sampling_with_penalties_is_token_identical(tiny_models: dict[str, Path]) -> None:
+    # a seeded draw depends on (seed, output index) and its logits only, so a verified token is
+    # the token plain decoding would draw; penalties and logprobs see the drafts before them
+    prompts = _prompts(5, seed=7)
+    params = SamplingParams(
+        temperature=0.9, top_p=0.9, top_k=50, seed=11, max_tokens=30, ignore_eos=True,
+        presence_penalty=0.5, repetition_penalty=1.2, logit_bias=((100, 2.0),), min_tokens=5,
+    )  # fmt: skip
+    plain, _ = _generate(tiny_models["qwen3"], prompts, params)
+    spec, engine = _generate(tiny_models["qwen3"], prompts, params, SPEC, dict(enumerate(plain)))
+    assert spec == plain
+    assert engine.engine.spec_counters.accepted > 0
+
+
+def test_preemption_and_stops_compose_with_speculation(tiny_models: dict[str, Path]) -> None:
+    # a cache too small for every output: sequences are preempted and recomputed mid-speculation
+    prompts = _prompts(8, seed=9)
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=48)
+    plain, _ = _generate(tiny_models["llama"], prompts, params)
+    futures = dict(enumerate(plain))
+    runner, _ = _runner(tiny_models["llama"])
+    engine = ColocatedEngine(
+        budget=512, num_blocks=60, block_size=BLOCK_SIZE, max_num_seqs=8, max_model_len=200,
+        runner=runner, speculative=SPEC,
+        proposer=OracleProposer(futures, {i: len(p) for i, p in enumerate(prompts)}, seed=5),
+    )  # fmt: skip
+    # a stop token mid-draft: the sequence ends at it, later accepted drafts are not emitted
+    stop_at = plain[0][10]
+    for i, p in enumerate(prompts):
+        sp = params if i else SamplingParams(temperature=0.0, max_tokens=48,
+                                             stop_token_ids=(stop_at,), ignore_eos=True)  # fmt: skip
+        engine.submit(i, p, params=sp)
+    engine.run()
+    assert engine.preemptions > 0
+    assert engine.outputs[0] == plain[0][: plain[0].index(stop_at) + 1]
+    assert [engine.outputs[i] for i in range(1, 8)] == plain[1:]
+    assert engine.blocks.num_free_blocks == 60
+
+
+def _chi_square_p(a: Counter[int], b: Counter[int]) -> float:
+    """Two-sample chi-square test of homogeneity: the p-value that a and b share a law."""
+    keys = sorted(set(a) | set(b))
+    na, nb = sum(a.values()), sum(b.values())
+    stat = 0.0
+    for k in keys:
+        total = a[k] + b[k]
+        for count, n in ((a[k], na), (b[k], nb)):
+            expected = total * n / (na + nb)
+            stat += (count - expected) ** 2 / expected
+    df = len(keys) - 1
+    if df == 0:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(df / 2), torch.tensor(stat / 2)))
+
+
+def test_sampled_speculation_matches_the_plain_distribution(tiny_models: dict[str, Path]) -> None:
+    # a small vocabulary: top_k=4 leaves 4 candidates a position; drafts are the greedy path
+    # (each accepted with its probability); unseeded draws from fixed sampler seeds
+    n = 600
+    prompt = _prompts(1, seed=13)[0][:8]
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=4)
+    path = _generate(tiny_models["llama"], [prompt], greedy)[0][0]
+    params = SamplingParams(temperature=0.25, top_k=4, max_tokens=4, ignore_eos=True)
+    prompts = [prompt] * n
+    futures = dict.fromkeys(range(n), path)
+    big = {"max_num_seqs": 64, "num_blocks": 2048}
+    plain, _ = _generate(tiny_models["llama"], prompts, params, sampler_seed=1, **big)
+    spec, engine = _generate(
+        tiny_models["llama"], prompts, params, SpeculativeSettings(num_speculative_tokens=3,
+        min_acceptance_rate=0.0), futures, sampler_seed=2, corrupt=0.0, **big,
+    )  # fmt: skip
+    c = engine.engine.spec_counters
+    assert min(c.accepted, c.proposed - c.accepted) > 200  # drafts both accepted and rejected
+    for pos in range(1, 4):  # token 0 comes from the prefill, before any speculation
+        p = _chi_square_p(Counter(o[pos] for o in plain), Counter(o[pos] for o in spec))
+        assert p > 1e-3, (pos, p)
+    joint = _chi_square_p(
+        Counter(tuple(o[1:3]) for o in plain), Counter(tuple(o[1:3]) for o in spec)
+    )
+    assert joint > 1e-3
