@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,26 @@ def parity_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """transformers' own greedy ids, one prompt at a time (no padding), EOS ignored."""
+    """transformers' own greedy ids, one prompt at a time (no padding), EOS ignored. Each
+    (model, prompt, length) is generated once per session: many tests check the same prompts."""
+    return [list(_hf_greedy(str(model_dir), tuple(ids), new_tokens)) for ids in prompts]
+
+
+@functools.cache
+def _hf_model(model_dir: str) -> Any:
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
-    out = []
+    return hf
+
+
+@functools.cache
+def _hf_greedy(model_dir: str, ids: tuple[int, ...], new_tokens: int) -> tuple[int, ...]:
     with torch.inference_mode():
-        for ids in prompts:
-            seq = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens)
-            out.append(seq[0, len(ids) :].tolist())
-    return out
+        seq = _hf_model(model_dir).generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens
+        )
+    return tuple(seq[0, len(ids) :].tolist())
 
 
 def free_port() -> int:
