@@ -76,10 +76,14 @@ def up(args: argparse.Namespace) -> int:
     if resolved is None:
         return 2
     c = resolved
-    if not c.ray_address and (taken := _listen_problem(c.server.host, c.server.port)):
+    if not c.ray_address:
         # the controller will run on this machine: a taken port fails now, before Ray starts
-        console.print(f"[red]deploying {c.name!r} failed[/]: {taken}", highlight=False)
-        return 1
+        if taken := _listen_problem(c.server.host, c.server.port):
+            console.print(f"[red]deploying {c.name!r} failed[/]: {taken}", highlight=False)
+            return 1
+        from pdserve.cluster.launch.ray_env import init_ray
+
+        init_ray(namespace="pdserve", num_cpus=max(c.num_actors, os.cpu_count() or 1))
     what = (
         f"{c.decode.instances} colocated instance(s)"
         if c.prefill is None
@@ -124,8 +128,9 @@ def _listen_problem(host: str, port: int) -> str | None:
 
 
 def _resolve(args: argparse.Namespace, console: Console) -> DeploymentConfig | None:
-    """The spec, resolved on the Ray cluster it names (joined here), or on a local Ray instance
-    started here once the spec says how many actors it needs; None (after saying why) if bad."""
+    """The spec, resolved on the Ray cluster it names (joined here), or for this machine (`up`
+    then starts a local Ray instance, once the spec says how many actors it needs); None
+    (after saying why) if bad."""
     import ray
     import torch
 
@@ -159,9 +164,6 @@ def _resolve(args: argparse.Namespace, console: Console) -> DeploymentConfig | N
     except RayAddressError as e:
         console.print(f"[red]cannot reach Ray[/]: {e}", highlight=False)
         return None
-    if not address:
-        cpus = max(resolved.num_actors, os.cpu_count() or 1)
-        init_ray(namespace="pdserve", num_cpus=cpus)
     return resolved
 
 

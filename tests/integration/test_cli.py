@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
+from cluster_helpers import deploy_spec, free_port
 
 pytestmark = pytest.mark.integration
 PDSERVE = str(Path(sys.executable).parent / "pdserve")
@@ -69,11 +71,11 @@ def test_cli_archs_match_the_engine() -> None:
 
 
 def test_up_status_request_down(tmp_path: Path) -> None:
-    with pytest.raises(httpx.ConnectError):  # nothing else may answer on the spec's port
-        httpx.get("http://127.0.0.1:8001/health", timeout=2)
+    port = free_port()
     log = (tmp_path / "up.log").open("w+")
     spec = tmp_path / "tp2.yaml"  # deploy/local-tp3.yaml's shape on the tiny model, at TP=2
     text = Path("deploy/local-tp3.yaml").read_text().replace("name: local-tp3", "name: itest-tp2")
+    text = text.replace("port: 8001", f"port: {port}")
     text = text.replace("builtin:smollm2-135m-instruct", "builtin:tiny-llama")
     spec.write_text(text.replace("tensor_parallel_size: 3", "tensor_parallel_size: 2"))
     up = subprocess.Popen(
@@ -83,7 +85,7 @@ def test_up_status_request_down(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        url = "http://127.0.0.1:8001"
+        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 240
         while True:
             assert up.poll() is None, Path(log.name).read_text()
@@ -124,8 +126,12 @@ def test_sigterm_stops_a_foreground_up_cleanly(tmp_path: Path) -> None:
     """`kill PID` / `docker stop` reach a foreground `up` as SIGTERM: it shuts the deployment down
     as Ctrl-C does and exits 0."""
     spec = tmp_path / "term.yaml"
-    text = Path("deploy/local.yaml").read_text().replace("port: 8000", "port: 8002")
-    spec.write_text(text.replace("builtin:smollm2-135m-instruct", "builtin:tiny-llama"))
+    data = deploy_spec("deploy/local.yaml", "itest-term", Path("builtin:tiny-llama"))
+    # colocated: one worker actor is enough to see the deployment stop (the suite's time)
+    data["mode"] = "colocated"
+    del data["prefill"]
+    port = data["server"]["port"]
+    spec.write_text(yaml.safe_dump(data))
     log = (tmp_path / "up.log").open("w+")
     up = subprocess.Popen([PDSERVE, "up", "-f", str(spec)], stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -136,9 +142,9 @@ def test_sigterm_stops_a_foreground_up_cleanly(tmp_path: Path) -> None:
             time.sleep(0.5)
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=120) == 0, Path(log.name).read_text()
-        assert "deployment 'local' stopped" in Path(log.name).read_text()
+        assert "deployment 'itest-term' stopped" in Path(log.name).read_text()
         with pytest.raises(httpx.ConnectError):
-            httpx.get("http://127.0.0.1:8002/health", timeout=2)
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
     finally:
         if up.poll() is None:
             up.kill()
