@@ -95,6 +95,8 @@ class DecodeEngine:
             (self.spec.min_acceptance_rate, self.spec.probe_interval) if self.spec else (0, 1)
         )
         self._gate = AcceptanceGate(rate, probe)
+        if self.proposer is not None:
+            self.requests.on_drop = self._forget
 
     # -- admission, KV landing, leases (``request_table.py``) ---------------------------------
 
@@ -325,6 +327,12 @@ class DecodeEngine:
                 break
         return delta
 
+    def _forget(self, tid: int) -> None:
+        """A request left the engine: its proposer state (a draft model's blocks) goes too."""
+        assert self.proposer is not None
+        self._gate.forget(tid)
+        self.proposer.forget(tid)
+
     def _lookahead(self, seq: DecodeSeq) -> int:
         """Drafts ``seq`` may verify this step: up to k, none past its max_tokens or the model's
         context, none while its acceptance gate is closed."""
@@ -352,10 +360,6 @@ class DecodeEngine:
     def _end_step(self) -> list[Output]:
         """The step is over: aborts that waited for it take effect."""
         self._step = None
-        if self.proposer is not None and self._gate.size > 2 * len(self._held) + 64:
-            for tid in self._gate.known() - self._held.keys():
-                self._gate.forget(tid)
-                self.proposer.forget(tid)
         aborts = set(self._deferred)
         self._deferred.clear()
         outputs: list[Output] = []

@@ -44,6 +44,7 @@ class RequestTable:
         self.held: dict[int, HeldRequest] = {}
         self.deferred: set[int] = set()  # aborted while in the planned step
         self.leases_expired = 0  # reservations freed because their KV never came (expire)
+        self.on_drop: Callable[[int], None] | None = None  # told each transfer id dropped
 
     def reserve(
         self, req: DecodeRequest, num_computed: int = 0, now: float = 0.0
@@ -186,4 +187,6 @@ class RequestTable:
         self.prefills.remove(tid)
         del self.held[tid]
         self.deferred.discard(tid)
+        if self.on_drop is not None:
+            self.on_drop(tid)
         return [(tid, last)]

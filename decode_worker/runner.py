@@ -15,6 +15,7 @@ from pdserve.engine.kv_cache import allocate_kv_cache
 from pdserve.engine.model import CausalLM
 from pdserve.engine.sampling import Sampler
 from pdserve.engine.sampling_types import SamplerOutput
+from pdserve.engine.speculative import Proposer
 
 
 class DecodeRunner:
@@ -104,14 +105,17 @@ def build_engine(
     device: torch.device,
     instance: int = 0,
     kv_dtype: str = "auto",
+    proposer: Proposer | None = None,
 ) -> DecodeEngine:
     """A `DecodeEngine` over ``model`` with a fresh paged KV cache of ``limits.num_blocks``
     blocks in format ``kv_dtype`` (``decode.kv_cache.dtype``): what a decode replica, the
-    engine benchmark and the profiler all run."""
+    engine benchmark and the profiler all run. ``proposer``: where speculative drafts come
+    from when ``limits.speculative`` is set (default: n-gram lookup)."""
     cache = allocate_kv_cache(
         model.config, 1, limits.num_blocks, limits.block_size, device, kv_dtype
     )
-    return DecodeEngine(DecodeRunner(model, cache, limits.block_size, device), limits, instance)
+    runner = DecodeRunner(model, cache, limits.block_size, device)
+    return DecodeEngine(runner, limits, instance, proposer)
 
 
 def model_limits(

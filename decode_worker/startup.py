@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.decode_worker.draft_proposer import build_draft_proposer
 from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.runner import build_engine, model_limits
 from pdserve.engine.config import ModelConfig
@@ -35,4 +36,12 @@ def load_engine(config: DeploymentConfig, instance: int, device: torch.device) -
         block_bytes=per_block,
         speculative=d.speculative,
     )
-    return build_engine(model, limits, device, instance, d.kv_cache.dtype)
+    proposer = None
+    spec = d.speculative
+    if spec is not None and spec.method == "draft":
+        assert spec.draft_model is not None  # the spec checks it
+        # its own cache, as many blocks as the target's (a small model's are smaller)
+        proposer = build_draft_proposer(
+            spec.draft_model, spec.draft_num_layers, model, num_blocks, d.block_size, device
+        )
+    return build_engine(model, limits, device, instance, d.kv_cache.dtype, proposer)

@@ -155,13 +155,6 @@ class AcceptanceGate:
             step_rate if old is None else self.decay * old + (1 - self.decay) * step_rate
         )
 
-    @property
-    def size(self) -> int:
-        return len(self._rate)
-
-    def known(self) -> set[int]:
-        return set(self._rate)
-
     def forget(self, seq_id: int) -> None:
         self._rate.pop(seq_id, None)
         self._idle.pop(seq_id, None)
