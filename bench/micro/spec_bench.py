@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from pdserve.bench.machine import machine_facts
 from pdserve.bench.models import DTYPES, load_pdserve, resolve_model
+from pdserve.decode_worker.draft_proposer import DraftModelProposer, build_draft_proposer
 from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.runner import build_engine, model_limits
 from pdserve.engine.model import CausalLM
@@ -127,8 +128,10 @@ def decode_run(
     prompts: list[list[int]],
     params: list[SamplingParams],
     spec: SpeculativeSettings | None,
+    draft: CausalLM | None = None,
 ) -> tuple[float, int, list[list[int]], DecodeEngine]:
-    """Prefill (untimed), then time the engine's steps until every sequence is done."""
+    """Prefill (untimed), then time the engine's steps until every sequence is done. With
+    ``draft``, a draft-model proposer on it (its cache fresh, as the target's)."""
     new = max(p.max_tokens for p in params)
     max_len = max(map(len, prompts)) + new + 1
     num_blocks = len(prompts) * math.ceil((max_len + 16) / 16)
@@ -136,7 +139,8 @@ def decode_run(
         model, num_blocks, 16, max_len, max_num_seqs=len(prompts),
         max_num_batched_tokens=sum(map(len, prompts)), speculative=spec,
     )  # fmt: skip
-    engine = build_engine(model, limits, CPU)
+    proposer = None if draft is None else DraftModelProposer(draft, num_blocks, 16, CPU)
+    engine = build_engine(model, limits, CPU, proposer=proposer)
     outputs: dict[int, list[int]] = {}
     for i, (p, sp) in enumerate(zip(prompts, params)):
         assert engine.reserve(DecodeRequest(i, f"spec-{i}", tuple(p), sp, local_prefill=True))
@@ -158,7 +162,7 @@ def decode_run(
 
 def measure(
     model: CausalLM, model_path: Path, fig: Figure, spec: SpeculativeSettings,
-    args: argparse.Namespace, bar: tqdm,
+    draft: CausalLM | None, args: argparse.Namespace, bar: tqdm,
 ) -> None:  # fmt: skip
     groups = token_groups(model_path, fig.workload, fig.batch)
     params = [
@@ -171,7 +175,7 @@ def measure(
         counters = SpecCounters()
         for prompts in groups:
             off = decode_run(model, prompts, params[: len(prompts)], None)
-            on = decode_run(model, prompts, params[: len(prompts)], spec)
+            on = decode_run(model, prompts, params[: len(prompts)], spec, draft)
             assert off[1] == on[1], (off[1], on[1])
             off_s, on_s = off_s + off[0], on_s + on[0]
             if round_ >= args.warmup:
@@ -250,6 +254,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperatures", type=_floats, default=[0.0, 0.7], help="default 0,0.7")
     p.add_argument("--workloads", default="repeat,chat", help="repeat, chat or both (default)")
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="default 4")
+    p.add_argument(
+        "--method", choices=("ngram", "draft"), default="ngram",
+        help="the proposer (default ngram: prompt lookup)",
+    )  # fmt: skip
+    p.add_argument(
+        "--draft-model", default=None,
+        help="method draft: the draft model (default: the target's own checkpoint)",
+    )  # fmt: skip
+    p.add_argument(
+        "--draft-layers", type=int, default=None,
+        help="method draft: keep the draft's first N layers (default: all)",
+    )  # fmt: skip
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram sizes (default 4..2)")
     p.add_argument("--prompt-lookup-min", type=int, default=2)
     p.add_argument(
@@ -275,9 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     model = load_pdserve(path, args.dtype)
+    draft = None
+    if args.method == "draft":
+        draft_path = str(resolve_model(args.draft_model) if args.draft_model else path)
+        cache = torch.device("cpu")
+        draft = build_draft_proposer(draft_path, args.draft_layers, model, 1, 16, cache).model
     spec = SpeculativeSettings(
-        "ngram", args.num_speculative_tokens, args.prompt_lookup_max, args.prompt_lookup_min,
-        min_acceptance_rate=args.min_acceptance_rate,
+        args.method, args.num_speculative_tokens, args.prompt_lookup_max,
+        args.prompt_lookup_min, draft_model=None if draft is None else "draft",
+        draft_num_layers=args.draft_layers, min_acceptance_rate=args.min_acceptance_rate,
     )  # fmt: skip
     figures = [
         Figure(w, b, t, spec.method)
@@ -288,10 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tqdm(total=len(figures) * (args.warmup + args.repeats), unit="round") as bar:
         for fig in figures:
             bar.set_postfix_str(f"{fig.workload} B={fig.batch} temp={fig.temperature}")
-            measure(model, path, fig, spec, args, bar)
+            measure(model, path, fig, spec, draft, args, bar)
     facts = machine_facts(args.threads)
     print(
-        f"\nmodel {args.model} ({args.dtype}), k={spec.num_speculative_tokens}, "
+        f"\nmodel {args.model} ({args.dtype}), {spec.method}"
+        f"{f' (first {args.draft_layers} layers)' if args.draft_layers else ''}, "
+        f"k={spec.num_speculative_tokens}, "
         f"{args.new_tokens} new tokens, median of {args.repeats} (+{args.warmup} warm-up), "
         f"{facts['cpu']} x{facts['cpu_count']}, threads {args.threads}\n"
     )

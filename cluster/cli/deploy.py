@@ -37,7 +37,13 @@ def add_args(command: str, p: argparse.ArgumentParser) -> None:
         default=DEFAULT_DEPLOYMENT,
         help=f"deployment name, the spec's `name` (default: {DEFAULT_DEPLOYMENT})",
     )
-    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="the Ray cluster's address, as `pdserve up` printed it (`ray cluster: ...`); "
+        "default: the address `up` recorded for this deployment name on this machine. `auto` "
+        "joins the cluster this node belongs to (on a host running several, any of them)",
+    )
     if command == "status":
         p.add_argument("--json", action="store_true", help="print the raw status as JSON")
 
@@ -69,6 +75,7 @@ def _add_up_args(p: argparse.ArgumentParser) -> None:
 def up(args: argparse.Namespace) -> int:
     import ray  # Ray and torch from here on
 
+    from pdserve.cluster.launch import address_book
     from pdserve.cluster.launch.controller import launch
 
     console = Console(stderr=True)
@@ -99,7 +106,9 @@ def up(args: argparse.Namespace) -> int:
         except Exception as e:  # the cause, not a Ray traceback: a port, a host, a spec
             console.print(f"[red]deploying {c.name!r} failed[/]: {_cause(e)}", highlight=False)
             return 1
-    console.print(f"ray cluster: {ray.get_runtime_context().gcs_address}", highlight=False)
+    address = ray.get_runtime_context().gcs_address
+    console.print(f"ray cluster: {address}", highlight=False)
+    address_book.record(resolved.name, address, url)  # where `status` and `down` look
     console.print(
         f"[green]serving[/] {resolved.name} at {url} "
         f"(ready in {time.perf_counter() - start:.1f} s)\n"
@@ -110,7 +119,10 @@ def up(args: argparse.Namespace) -> int:
         highlight=False,
     )
     if not args.detach:
-        _serve_until_down(actor, console)
+        try:
+            _serve_until_down(actor, console)
+        finally:
+            address_book.forget(resolved.name)  # its local Ray instance ends with `up`
         console.print(f"deployment {resolved.name!r} stopped")
     return 0
 
@@ -188,11 +200,19 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def _connect(args: argparse.Namespace) -> Any:
+    from pdserve.cluster.launch import address_book
     from pdserve.cluster.launch.controller import find_controller
-    from pdserve.cluster.launch.ray_env import init_ray
+    from pdserve.cluster.launch.ray_env import RayAddressError, init_ray
     from pdserve.engine.deploy_config import namespace_for
 
-    init_ray(args.address, namespace=namespace_for(args.name))
+    address = args.address or address_book.lookup(args.name)
+    if address is None:
+        raise RayAddressError(
+            f"no Ray address is recorded for deployment {args.name!r} on this machine (`pdserve "
+            "up` records it while it runs): pass --address with the `ray cluster:` address "
+            "`up` printed, or check the name with -n"
+        )
+    init_ray(address, namespace=namespace_for(args.name))
     return find_controller(namespace_for(args.name))
 
 
@@ -252,6 +272,7 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
 def down(args: argparse.Namespace) -> int:
     import ray
 
+    from pdserve.cluster.launch import address_book
     from pdserve.cluster.launch.ray_env import RayAddressError
 
     console = Console(stderr=True)
@@ -271,5 +292,7 @@ def down(args: argparse.Namespace) -> int:
         pass
     else:
         ray.kill(controller)
+    if args.address is None:
+        address_book.forget(args.name)
     console.print(f"[green]deployment {args.name!r} is down[/]")
     return 0

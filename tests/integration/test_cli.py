@@ -114,7 +114,10 @@ def test_up_status_request_down(tmp_path: Path) -> None:
             info["prefill"][0]["kv_total_blocks"] > 0 and "kv_cached_blocks" in info["prefill"][0]
         )
         assert info["decode"][0]["kv_total_blocks"] > 0
-        down = subprocess.run([PDSERVE, "down", *args], capture_output=True, text=True, timeout=180)
+        # without --address: the address `up` recorded for this name on this machine
+        down = subprocess.run(
+            [PDSERVE, "down", "-n", "itest-tp2"], capture_output=True, text=True, timeout=180
+        )
         assert down.returncode == 0, down.stderr[-2000:]
         assert up.wait(timeout=120) == 0  # `up` returns once the deployment is down
     finally:

@@ -7,6 +7,7 @@ fake runner for policy tests that need no model).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.prefill_queue import PrefillChunk
@@ -67,6 +68,7 @@ class ColocatedEngine:
         e = self.engine
         self.blocks, self.prefills, self.scheduler = e.blocks, e.prefills, e.scheduler
         self.outputs: dict[int, list[int]] = {}  # generated tokens, first one included
+        self.logprobs: dict[int, list[Any]] = {}  # their TokenLogprobs (None: not asked)
 
     @property
     def preemptions(self) -> int:
@@ -107,6 +109,7 @@ class ColocatedEngine:
         for tid, delta in self.engine.commit(step, runner.run(self.engine.prepare(step))):
             assert delta.error is None, delta.error
             self.outputs[tid] += delta.token_ids
+            self.logprobs.setdefault(tid, []).extend(delta.logprobs)
         self.engine.check_integrity()
         return record
 

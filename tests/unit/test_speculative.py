@@ -200,11 +200,18 @@ def test_seeded_sampling_with_penalties_is_token_identical(tiny_models: dict[str
     params = SamplingParams(
         temperature=0.9, top_p=0.9, top_k=50, seed=11, max_tokens=30, ignore_eos=True,
         presence_penalty=0.5, repetition_penalty=1.2, logit_bias=((100, 2.0),), min_tokens=5,
+        logprobs=2,
     )  # fmt: skip
-    plain, _ = _generate(tiny_models["qwen3"], prompts, params)
+    plain, base = _generate(tiny_models["qwen3"], prompts, params)
     spec, engine = _generate(tiny_models["qwen3"], prompts, params, SPEC, dict(enumerate(plain)))
     assert spec == plain
     assert engine.engine.spec_counters.accepted > 0
+    # each emitted token carries its own logprobs, as plain decoding reports them
+    for tid in range(len(prompts)):
+        ours, theirs = engine.logprobs[tid], base.logprobs[tid]
+        assert [lp.token_id for lp in ours] == [lp.token_id for lp in theirs] == spec[tid]
+        assert [lp.logprob for lp in ours] == pytest.approx([lp.logprob for lp in theirs], abs=1e-4)
+        assert [[t for t, _ in lp.top] for lp in ours] == [[t for t, _ in lp.top] for lp in theirs]
 
 
 def test_preemption_and_stops_compose_with_speculation(tiny_models: dict[str, Path]) -> None:
@@ -273,3 +280,23 @@ def test_sampled_speculation_matches_the_plain_distribution(tiny_models: dict[st
         Counter(tuple(o[1:3]) for o in plain), Counter(tuple(o[1:3]) for o in spec)
     )
     assert joint > 1e-3
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_the_spec_bench_runs_both_ways_and_reports(
+    method: str, tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from pdserve.bench.micro.spec_bench import main
+
+    out = tmp_path / "spec.json"
+    argv = ["--model", str(tiny_models["llama"]), "--dtype", "float32", "--batch-sizes", "1,4",
+            "--temperatures", "0,0.8", "--new-tokens", "6", "--repeats", "1", "--warmup", "0",
+            "--method", method, "--draft-layers", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv if method == "draft" else argv[:-6] + argv[-2:]) == 0
+    figures = json.loads(out.read_text())["figures"]
+    assert len(figures) == 2 * 2 * 2  # workloads x temperatures x batch sizes
+    # the same tokens with and without speculation: greedy, and seeded when sampled
+    assert all(f["same_outputs"] and f["tokens"] == 4 * 5 for f in figures)
+    assert "speed-up" in capsys.readouterr().out
