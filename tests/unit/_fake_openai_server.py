@@ -28,7 +28,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 TTFT = 0.10
 ITL = 0.04
-SLACK = 0.15  # scheduling noise on a busy 2-core machine; lower bounds are exact
 FAIL_HTTP = 7
 FAIL_MIDSTREAM = 9
 MAX_MODEL_LEN = 128

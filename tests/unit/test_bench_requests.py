@@ -13,7 +13,6 @@ import pytest
 from _fake_openai_server import (
     CHAT_TEMPLATE_TOKENS,
     ITL,
-    SLACK,
     TTFT,
     FakeState,
     fake_fixture,
@@ -38,9 +37,10 @@ def test_chat_sends_one_user_message_and_times_the_content_deltas(
     (record,), _ = asyncio.run(run_load(reqs, settings))
     assert record.success, record.error
     # the role-only chunk came at once: the first token came TTFT later, and it is TTFT
-    assert TTFT <= record.ttft_s < TTFT + SLACK
+    assert record.ttft_s >= TTFT  # not the role chunk's time (0); a loaded machine only delays
     assert record.output_tokens == 6 and len(record.itl_s) == 5  # the text-less delta counts
-    assert ITL - 0.01 <= record.tpot_s < ITL + SLACK
+    assert record.tpot_s >= ITL - 0.01
+    assert record.ttft_s + sum(record.itl_s) <= record.e2el_s + 1e-6
     assert record.input_len == len(TEXT.split()) + CHAT_TEMPLATE_TOKENS  # the server's usage
     (body,) = state.bodies
     assert body["messages"] == [{"role": "user", "content": TEXT}]
@@ -120,6 +120,7 @@ def test_duration_runs_from_the_first_send_past_warmups_and_the_first_gap(
     first_sent = min(r.start_s for r in records)
     span = max(r.start_s + r.e2el_s for r in records) - first_sent
     assert first_sent >= 0.5  # one 0.5 s gap before the first request, which is not measured
-    assert span <= result.summary.duration_s < span + SLACK
+    # from the first send: shorter than the time to the last answer counted from the start
+    assert span <= result.summary.duration_s < span + first_sent
     assert result.result["duration"] == result.summary.duration_s
     assert result.summary.request_throughput == pytest.approx(3 / result.summary.duration_s)
