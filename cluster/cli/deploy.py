@@ -186,13 +186,31 @@ def _serve_until_down(actor: Any, console: Console) -> None:
     # SIGTERM (systemd, docker stop, kill) stops it as cleanly as Ctrl-C does
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        ray.get(actor.wait_closed.remote())
+        while True:
+            try:
+                ray.get(actor.wait_closed.remote())
+                break
+            except ray.exceptions.RayActorError:
+                # `pdserve down` killed it, or its process died and Ray restarts it (the
+                # restarted controller redeploys by itself): wait on that one
+                if not _restarting(actor):
+                    break
+                console.print("the controller died; Ray restarted it, redeploying…")
     except KeyboardInterrupt:
         console.print("shutting down…")
         ray.get(actor.shutdown.remote(), timeout=60)
-    except ray.exceptions.RayActorError:
-        pass  # `pdserve down` killed it
     ray.kill(actor)
+
+
+def _restarting(actor: Any) -> bool:
+    """Whether the controller is being restarted by Ray (alive again within 60 s)."""
+    import ray
+
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=60)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False
+    return True
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "controller"
 LOAD_REFRESH_S = 1.0
+# Ray restarts a controller whose process died (a crash, an OOM kill, SIGKILL) this many times;
+# the restarted one starts the deployment afresh (its workers died with the old process)
+CONTROLLER_MAX_RESTARTS = 100
 
 
 class Controller:
@@ -57,6 +60,13 @@ class Controller:
         self._socket: socket.socket | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._closed = asyncio.Event()
+        self.reconstructed = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        if self.reconstructed:
+            # Ray restarted this actor after its process died. The workers died with that
+            # process (they were its actors), so start the deployment again: a fresh one, its
+            # stale placement groups removed, interrupted jobs resumed, the same port.
+            logger.warning("controller of %s restarted after a crash: redeploying", config.name)
+            ray.get_runtime_context().current_actor.restart.remote()
 
     async def start(self) -> str:
         """Start the workers, then serve HTTP; returns the base URL once it answers."""
@@ -103,6 +113,15 @@ class Controller:
         if self._jobs is not None:  # jobs a stop or a crash cut off go on where they stopped
             self._jobs.resume()
         return f"http://{r.server.host}:{r.server.port}"
+
+    async def restart(self) -> None:
+        """``start`` again in a restarted controller (called by its own ``__init__``)."""
+        try:
+            url = await self.start()
+        except Exception:
+            logger.exception("the restarted controller of %s could not start", self.config.name)
+            raise
+        logger.warning("controller of %s restarted: serving again at %s", self.config.name, url)
 
     async def _refresh_load(self) -> None:
         while True:
@@ -285,6 +304,7 @@ def launch(config: DeploymentConfig, *, detached: bool) -> tuple[Any, str]:
         num_cpus=0,
         lifetime="detached" if detached else None,
         max_concurrency=100_000,
+        max_restarts=CONTROLLER_MAX_RESTARTS,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
     ).remote(config, detached)
     try:
