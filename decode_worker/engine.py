@@ -344,6 +344,7 @@ class DecodeEngine:
         crowded = self.spec.disable_by_batch_size or self.limits.max_num_seqs + 1
         if k < 1 or self.scheduler.num_running >= crowded or not self._gate.allows(seq.seq_id):
             return 0
+        k = self._gate.length(seq.seq_id, k)  # shorter drafts for a sequence accepting fewer
         return self.proposer.lookahead(seq.seq_id, seq.token_ids, k)
 
     def _propose(self, out: ScheduleOutput) -> dict[int, list[int]]:

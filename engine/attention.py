@@ -104,10 +104,16 @@ class DecodePlan:
     # several queries per sequence (drafts): token t of the packed batch is row q_index[t] of
     # the [B * Q] padded queries; None when every sequence has one (Q == 1)
     q_index: torch.Tensor | None = None
+    # a step where only some sequences verify drafts: (their tokens' indices, their plan) for
+    # the one-query sequences and for the others, so the former are not padded to Q queries
+    parts: list[tuple[torch.Tensor, DecodePlan]] | None = None
 
 
 def plan_decode(meta: DecodeMetadata, block_size: int, window: int | None) -> DecodePlan:
     """Gather whole blocks; with a sliding window only the ones the window can reach."""
+    lens = meta.query_lens
+    if lens and 1 in lens and max(lens) > 1:
+        return _plan_split(meta, block_size, window)
     tables, ctx = meta.block_tables, meta.context_lens[:, None]
     dev = tables.device
     lens = meta.query_lens
@@ -140,6 +146,37 @@ def plan_decode(meta: DecodeMetadata, block_size: int, window: int | None) -> De
     return DecodePlan(rows, half_block_ids(tables.flatten()), visible[:, None], q_index)
 
 
+def _plan_split(meta: DecodeMetadata, block_size: int, window: int | None) -> DecodePlan:
+    """Plans for the one-query sequences and for the ones with drafts, run one after the other."""
+    assert meta.query_lens is not None
+    lens = meta.query_lens
+    dev = meta.block_tables.device
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    parts = []
+    for seqs in (
+        [i for i, n in enumerate(lens) if n == 1],
+        [i for i, n in enumerate(lens) if n > 1],
+    ):
+        index = torch.tensor(seqs, dtype=torch.int64, device=dev)
+        tokens = torch.tensor(
+            [t for i in seqs for t in range(starts[i], starts[i + 1])],
+            dtype=torch.int64,
+            device=dev,
+        )
+        sub = DecodeMetadata(
+            meta.block_tables.index_select(0, index),
+            meta.context_lens.index_select(0, index),
+            meta.slot_mapping.index_select(0, tokens),
+            [lens[i] for i in seqs] if lens[seqs[0]] > 1 else None,
+        )
+        parts.append((tokens, plan_decode(sub, block_size, window)))
+    rows = kv_rows(meta.slot_mapping, block_size)
+    empty = torch.empty(0, dtype=torch.int64, device=dev)
+    return DecodePlan(rows, empty, torch.empty(0, dtype=torch.bool, device=dev), None, parts)
+
+
 def decode_attention(
     q: torch.Tensor,
     cache: torch.Tensor,
@@ -150,6 +187,11 @@ def decode_attention(
 
     q: [B, heads, D]; cache: [num_blocks, 2, block_size, kv_heads, row] -> [B, heads, D]
     """
+    if plan.parts is not None:
+        out = torch.empty_like(q)
+        for tokens, part in plan.parts:
+            out[tokens] = decode_attention(q.index_select(0, tokens), cache, part, scale)
+        return out
     if plan.q_index is not None:
         return _multi_query_attention(q, cache, plan, scale)
     batch, heads, head_dim = q.shape

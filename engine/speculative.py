@@ -148,6 +148,14 @@ class AcceptanceGate:
         self._idle[seq_id] = idle % self.probe
         return idle >= self.probe
 
+    def length(self, seq_id: int, k: int) -> int:
+        """Drafts worth proposing: a run of r / (1 - r) accepted drafts is expected at rate
+        r, and each draft past it mostly costs compute (k until the sequence has a rate)."""
+        rate = self._rate.get(seq_id)
+        if rate is None or rate >= 1.0:
+            return k
+        return max(1, min(k, 1 + int(rate / (1.0 - rate))))
+
     def record(self, seq_id: int, num_drafts: int, num_accepted: int) -> None:
         step_rate = num_accepted / num_drafts
         old = self._rate.get(seq_id)

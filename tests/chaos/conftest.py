@@ -49,6 +49,8 @@ def chaos_spec(port: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
     """The controller's handle and its URL."""
+    if ray.is_initialized():  # another module's instance: the chaos deployment gets its own
+        ray.shutdown()
     init_ray(namespace="pdserve-chaos", num_cpus=max(8, os.cpu_count() or 1))
     config = resolve(load_spec(chaos_spec(_free_port())), gpus_available=False)
     jobs: Path = tmp_path_factory.mktemp("chaos-jobs")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,13 +18,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from pdserve.engine.tiny_model import TINY_ARCHS, make_tiny_model
 
 
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    """A local Ray instance per test module (the multi-node module builds its own cluster), with
-    logical CPU slots for every actor a test starts at once."""
-    init_ray(namespace="pdserve-tests", num_cpus=max(8, os.cpu_count() or 1))
+@pytest.fixture(scope="session")
+def _ray_for_the_session() -> Iterator[None]:
     yield
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_ray_for_the_session: None) -> Iterator[None]:
+    """A local Ray instance with logical CPU slots for every actor a test starts at once,
+    shared by the modules that ask for it (starting one costs seconds; the multi-node and
+    chaos modules shut it down and build their own, and the next module starts it again).
+    A module that leaves actors or placement groups holding slots hands the next a fresh one."""
+    if not ray.is_initialized():
+        init_ray(namespace="pdserve-tests", num_cpus=max(8, os.cpu_count() or 1))
+    yield
+    if _slots_held():
+        ray.shutdown()
+
+
+def _slots_held(wait_s: float = 10.0) -> bool:
+    """Whether some CPU slot stays taken (a leaked actor or placement group) for ``wait_s``:
+    killed actors give theirs back within moments."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        total = ray.cluster_resources().get("CPU", 0)
+        if ray.available_resources().get("CPU", 0) >= total:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

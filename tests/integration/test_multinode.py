@@ -16,18 +16,22 @@ from ray.cluster_utils import Cluster
 from pdserve.cluster.config.resolve import resolve
 from pdserve.cluster.config.spec import load_spec
 from pdserve.cluster.launch.controller import launch
-from pdserve.cluster.launch.ray_env import init_ray
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, str]]:
+    if ray.is_initialized():  # the other modules' local instance: this driver joins its own
+        ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     prefill = c.add_node(num_cpus=2, resources={"prefill": 2})
     decode = c.add_node(num_cpus=2, resources={"decode": 2})
     c.wait_for_nodes()
-    init_ray(c.address)
+    # ray.init, not init_ray: init_ray's token-auth switch re-reads Ray's config, which would
+    # drop the settings this process gave the cluster it started itself (its actors are then
+    # cancelled); `pdserve status/down --address` test that path in a fresh process
+    ray.init(address=c.address)
     yield {"prefill": prefill.node_id, "decode": decode.node_id}
     ray.shutdown()
     c.shutdown()
