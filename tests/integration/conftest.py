@@ -18,24 +18,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from pdserve.engine.tiny_model import TINY_ARCHS, make_tiny_model
 
 
-@pytest.fixture(scope="session")
-def _ray_for_the_session() -> Iterator[None]:
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 @pytest.fixture(scope="module")
-def ray_session(_ray_for_the_session: None) -> Iterator[None]:
+def ray_session(request: pytest.FixtureRequest) -> Iterator[None]:
     """A local Ray instance with logical CPU slots for every actor a test starts at once,
     shared by the modules that ask for it (starting one costs seconds; the multi-node and
     chaos modules shut it down and build their own, and the next module starts it again).
-    A module that leaves actors or placement groups holding slots hands the next a fresh one."""
+    It stops after the last module that uses it, and a module that leaves actors or placement
+    groups holding slots hands the next a fresh one."""
     if not ray.is_initialized():
         init_ray(namespace="pdserve-tests", num_cpus=max(8, os.cpu_count() or 1))
     yield
-    if _slots_held():
+    if _slots_held() or not _used_later(request):
         ray.shutdown()
+
+
+def _used_later(request: pytest.FixtureRequest) -> bool:
+    """Whether a test after this module asks for ``ray_session``."""
+    items = request.session.items
+    module = request.node.path
+    last = max((i for i, item in enumerate(items) if item.path == module), default=len(items))
+    return any("ray_session" in getattr(item, "fixturenames", ()) for item in items[last + 1 :])
 
 
 def _slots_held(wait_s: float = 10.0) -> bool:
