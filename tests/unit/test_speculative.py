@@ -300,3 +300,34 @@ def test_the_spec_bench_runs_both_ways_and_reports(
     # the same tokens with and without speculation: greedy, and seeded when sampled
     assert all(f["same_outputs"] and f["tokens"] == 4 * 5 for f in figures)
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_cancellation_mid_speculation_frees_every_block(tiny_models: dict[str, Path]) -> None:
+    # an abort between steps, and one while the sequence is in the planned step (it takes
+    # effect at the commit): the drafts' slots go with the rest
+    prompts = _prompts(4, seed=21)
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=40)
+    plain, _ = _generate(tiny_models["llama"], prompts, params)
+    runner, _ = _runner(tiny_models["llama"])
+    c = ColocatedEngine(
+        budget=512, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=4,
+        max_model_len=400, runner=runner, speculative=SPEC,
+        proposer=OracleProposer(dict(enumerate(plain)), {i: len(p) for i, p in enumerate(prompts)},
+                                seed=1, corrupt=0.0),
+    )  # fmt: skip
+    for i, p in enumerate(prompts):
+        c.submit(i, p, params=params)
+    for _ in range(3):
+        c.step()
+    c.abort(0)  # between steps
+    engine = c.engine
+    step = engine.plan()
+    assert step is not None and step.drafts, "the oracle proposes for every sequence"
+    engine.abort(1, kv_pending=False)  # in the planned step: deferred to its commit
+    assert engine.runner is not None
+    for tid, delta in engine.commit(step, engine.runner.run(engine.prepare(step))):
+        c.outputs[tid] += delta.token_ids
+    c.run()
+    assert c.outputs[2] == plain[2] and c.outputs[3] == plain[3]
+    assert c.blocks.num_free_blocks == NUM_BLOCKS
+    engine.check_integrity()
