@@ -102,6 +102,13 @@ class SpecCounters:
     emitted: int = 0
     verified: int = 0
 
+    def merge(self, other: SpecCounters) -> None:
+        """Add another engine's counts to these."""
+        self.proposed += other.proposed
+        self.accepted += other.accepted
+        self.emitted += other.emitted
+        self.verified += other.verified
+
     def add(self, num_drafts: int, num_emitted: int) -> None:
         self.proposed += num_drafts
         self.accepted += num_emitted - 1

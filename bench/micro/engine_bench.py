@@ -149,7 +149,8 @@ def _prefill_rows(
     return rows
 
 
-def _batch_sizes(text: str) -> list[int]:
+def batch_sizes(text: str) -> list[int]:
+    """An argparse type: comma-separated positive batch sizes."""
     sizes = [int(x) for x in text.split(",") if x.strip()]
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give positive batch sizes, e.g. 1,8,32")
@@ -179,7 +180,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--batch-sizes",
-        type=_batch_sizes,
+        type=batch_sizes,
         default=[1, 8, 32],
         help="comma-separated batch sizes (default 1,8,32)",
     )

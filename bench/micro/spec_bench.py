@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from pdserve.bench.machine import machine_facts
+from pdserve.bench.micro.engine_bench import batch_sizes
 from pdserve.bench.models import DTYPES, load_pdserve, resolve_model
 from pdserve.decode_worker.draft_proposer import DraftModelProposer, build_draft_proposer
 from pdserve.decode_worker.engine import DecodeEngine
@@ -86,10 +87,7 @@ class Figure:
     off_s: list[float] = field(default_factory=list)
     on_s: list[float] = field(default_factory=list)
     tokens: int = 0  # tokens generated in the timed window (the same both ways)
-    proposed: int = 0
-    accepted: int = 0
-    emitted: int = 0
-    verified: int = 0
+    spec: SpecCounters = field(default_factory=SpecCounters)  # the last timed run's
     same_outputs: bool = True
 
     @property
@@ -102,14 +100,6 @@ class Figure:
     def tpot_ms(self, seconds: list[float]) -> float:
         """Seconds per token of one sequence (batch 1: the prompts ran one at a time)."""
         return 1e3 * statistics.median(seconds) * self.batch / self.tokens
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        return self.emitted / self.verified if self.verified else 1.0
 
 
 def token_groups(model_path: Path, workload: str, batch: int) -> list[list[list[int]]]:
@@ -181,18 +171,13 @@ def measure(
             if round_ >= args.warmup:
                 fig.same_outputs &= off[2] == on[2]
                 fig.tokens += on[1] if round_ == args.warmup else 0
-                c = on[3].spec_counters
-                counters.proposed += c.proposed
-                counters.accepted += c.accepted
-                counters.emitted += c.emitted
-                counters.verified += c.verified
+                counters.merge(on[3].spec_counters)
         bar.update()
         if round_ < args.warmup:
             continue
         fig.off_s.append(off_s)
         fig.on_s.append(on_s)
-        fig.proposed, fig.accepted = counters.proposed, counters.accepted
-        fig.emitted, fig.verified = counters.emitted, counters.verified
+        fig.spec = counters
 
 
 def format_table(figures: Sequence[Figure]) -> str:
@@ -206,7 +191,7 @@ def format_table(figures: Sequence[Figure]) -> str:
             f"{f.workload:<8} {f.batch:>3} {f.temperature:>4.1f} {f.method:<6} "
             f"{f.rate(f.off_s):>9.1f} {f.rate(f.on_s):>9.1f} {f.speedup:>7.2f}x "
             f"{f.tpot_ms(f.off_s):>6.1f}ms {f.tpot_ms(f.on_s):>6.1f}ms "
-            f"{100 * f.acceptance_rate:>5.0f}% {f.mean_accepted_length:>5.2f} "
+            f"{100 * f.spec.acceptance_rate:>5.0f}% {max(f.spec.mean_accepted_length, 1.0):>5.2f} "
             f"{'yes' if f.same_outputs else 'no'}"
         )
     return "\n".join(lines)
@@ -235,13 +220,6 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def _ints(text: str) -> list[int]:
-    values = [int(x) for x in text.split(",") if x.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 1,4,16")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m pdserve.bench.micro.spec_bench",
@@ -250,7 +228,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="smollm2", help="as engine_bench's --model (a chat model)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="default bfloat16")
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 4, 16], help="default 1,4,16")
+    p.add_argument("--batch-sizes", type=batch_sizes, default=[1, 4, 16], help="default 1,4,16")
     p.add_argument("--temperatures", type=_floats, default=[0.0, 0.7], help="default 0,0.7")
     p.add_argument("--workloads", default="repeat,chat", help="repeat, chat or both (default)")
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="default 4")
