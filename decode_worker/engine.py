@@ -35,6 +35,7 @@ from pdserve.decode_worker.prefix_cache import PrefixCache
 from pdserve.decode_worker.request_table import RequestTable
 from pdserve.decode_worker.scheduler import DecodeScheduler
 from pdserve.decode_worker.seq import DecodeSeq, ScheduleOutput
+from pdserve.decode_worker.speculator import Speculator
 from pdserve.decode_worker.step import (
     ChunkInput,
     EngineLimits,
@@ -47,13 +48,7 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.load import DecodeLoad
 from pdserve.engine.request import DecodeRequest, Reservation, StepDelta, replay_row
 from pdserve.engine.sampling_types import SamplerOutput, SamplingRow, TokenLogprobs
-from pdserve.engine.speculative import (
-    AcceptanceGate,
-    NgramProposer,
-    Proposer,
-    SpecCounters,
-    accept,
-)
+from pdserve.engine.speculative import Proposer, SpecCounters
 
 
 class DecodeEngine:
@@ -85,18 +80,10 @@ class DecodeEngine:
         self._deferred = self.requests.deferred  # aborted while in the planned step
         # speculative decoding (decode.speculative): drafts verified in the decode step
         self.spec = limits.speculative
-        self.spec_counters = SpecCounters()
-        self.proposer = proposer
-        if self.spec is not None and proposer is None:
-            if self.spec.method != "ngram":
-                raise ValueError(f"speculative method {self.spec.method!r} needs its proposer")
-            self.proposer = NgramProposer(self.spec)
-        rate, probe = (
-            (self.spec.min_acceptance_rate, self.spec.probe_interval) if self.spec else (0, 1)
-        )
-        self._gate = AcceptanceGate(rate, probe)
-        if self.proposer is not None:
-            self.requests.on_drop = self._forget
+        self.speculator = None
+        if self.spec is not None:
+            self.speculator = Speculator(self.spec, limits, self.scheduler, self._held, proposer)
+            self.requests.on_drop = self.speculator.forget
 
     # -- admission, KV landing, leases (``request_table.py``) ---------------------------------
 
@@ -170,10 +157,11 @@ class DecodeEngine:
         else:
             # decode first (with drafts to verify, if speculating); chunked prefill gets the
             # budget left
-            out = self.scheduler.schedule(self._lookahead if self.proposer else None)
+            spec = self.speculator
+            out = self.scheduler.schedule(spec.lookahead if spec else None)
             step = EngineStep(out, self.prefills.schedule(out.num_tokens))
-            if out.lookahead:
-                step.drafts = self._propose(out)
+            if spec is not None and out.lookahead:
+                step.drafts = spec.propose(out)
         self.num_preemptions += len(step.out.preempted)
         if not (step.out.decode or step.out.recompute or step.chunks):
             return None
@@ -259,6 +247,11 @@ class DecodeEngine:
     # -- state ------------------------------------------------------------------------------
 
     @property
+    def spec_counters(self) -> SpecCounters:
+        """Speculative decoding's counters (all 0 when it is off)."""
+        return self.speculator.counters if self.speculator else SpecCounters()
+
+    @property
     def num_requests(self) -> int:
         return len(self._held)
 
@@ -312,10 +305,10 @@ class DecodeEngine:
     ) -> StepDelta:
         """Append what the step emits for ``seq`` (its token, or the accepted drafts and the
         next draw), token by token until one stops it."""
-        emitted = accept(drafts, sampled) if drafts else list(sampled)
+        emitted = list(sampled)
         if drafts:
-            self.spec_counters.add(len(drafts), len(emitted))
-            self._gate.record(seq.seq_id, len(drafts), len(emitted) - 1)
+            assert self.speculator is not None
+            emitted = self.speculator.emitted(seq.seq_id, drafts, sampled)
         req = self._held[seq.seq_id].req
         delta = StepDelta()
         for token, lp in zip(emitted, logprobs):
@@ -326,37 +319,6 @@ class DecodeEngine:
             if delta.finish_reason is not None:
                 break
         return delta
-
-    def _forget(self, tid: int) -> None:
-        """A request left the engine: its proposer state (a draft model's blocks) goes too."""
-        assert self.proposer is not None
-        self._gate.forget(tid)
-        self.proposer.forget(tid)
-
-    def _lookahead(self, seq: DecodeSeq) -> int:
-        """Drafts ``seq`` may verify this step: up to k, none past its max_tokens or the model's
-        context, none while its acceptance gate is closed."""
-        assert self.spec is not None and self.proposer is not None
-        req = self._held[seq.seq_id].req
-        left_out = req.sampling.max_tokens - seq.num_output - req.num_replayed
-        left_ctx = self.limits.max_model_len - len(seq.token_ids)
-        k = min(self.spec.num_speculative_tokens, left_out - 1, left_ctx)
-        crowded = self.spec.disable_by_batch_size or self.limits.max_num_seqs + 1
-        if k < 1 or self.scheduler.num_running >= crowded or not self._gate.allows(seq.seq_id):
-            return 0
-        k = self._gate.length(seq.seq_id, k)  # shorter drafts for a sequence accepting fewer
-        return self.proposer.lookahead(seq.seq_id, seq.token_ids, k)
-
-    def _propose(self, out: ScheduleOutput) -> dict[int, list[int]]:
-        """The drafts of the decode seqs that got slots for them."""
-        assert self.proposer is not None
-        wanted = [
-            (s.seq_id, s.token_ids, out.lookahead[s.seq_id])
-            for s in out.decode
-            if s.seq_id in out.lookahead
-        ]
-        drafts = self.proposer.propose(wanted)
-        return {sid: d for (sid, _, _), d in zip(wanted, drafts) if d}
 
     def _end_step(self) -> list[Output]:
         """The step is over: aborts that waited for it take effect."""
