@@ -188,9 +188,8 @@ def test_greedy_speculation_equals_plain_decoding(arch: str, tiny_models: dict[s
     spec, engine = _generate(tiny_models[arch], prompts, params, SPEC, futures)
     assert spec == plain
     c = engine.engine.spec_counters
-    # verified steps accepted none, some and all of their drafts
+    # the oracle's corrupted drafts: some accepted, some rejected
     assert c.verified > 20 and 0 < c.accepted < c.proposed
-    assert c.emitted < 40 * len(prompts)
 
 
 def test_seeded_sampling_with_penalties_is_token_identical(tiny_models: dict[str, Path]) -> None:
