@@ -15,6 +15,7 @@ from pdserve.decode_worker.seq import (
 )
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.request import Reservation
+from pdserve.engine.speculative import MAX_SPECULATIVE_TOKENS
 
 __all__ = ["DecodeScheduler", "DecodeSeq", "PromptTooLongError", "ScheduleOutput", "SchedulerError"]
 
@@ -316,7 +317,8 @@ class DecodeScheduler:
             # ready: capacity == cached; running: more while a decode step is scheduled (one,
             # plus its drafts' slots)
             spare = self.blocks.num_tokens(seq.seq_id) - seq.num_cached
-            ok = spare == 0 if status is SeqStatus.READY else spare >= 0
+            most = 1 + MAX_SPECULATIVE_TOKENS
+            ok = spare == 0 if status is SeqStatus.READY else 0 <= spare <= most
             ok = ok and seq.num_cached <= len(seq.token_ids)
         if not ok:
             raise SchedulerError(

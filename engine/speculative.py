@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 SPEC_METHODS = ("ngram", "draft")
+MAX_SPECULATIVE_TOKENS = 16  # k: drafts one sequence may verify in one step
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class SpeculativeSettings:
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
             raise ValueError(f"speculative method {self.method!r}: must be one of {SPEC_METHODS}")
-        if not 1 <= self.num_speculative_tokens <= 16:
-            raise ValueError("num_speculative_tokens must be in [1, 16]")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}]")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
         if self.method == "draft" and not self.draft_model:
