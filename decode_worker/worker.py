@@ -26,7 +26,7 @@ from pdserve.engine.request import DecodeRequest, Reservation, StepDelta
 from pdserve.kv_transfer.auth import GroupAuth, PeerRefused
 from pdserve.kv_transfer.descriptor import TransferItem
 from pdserve.kv_transfer.layout import blocks_for
-from pdserve.kv_transfer.link import RECEIVER, KVLink, resolve_backend
+from pdserve.kv_transfer.link import RECEIVER, KVLink
 from pdserve.kv_transfer.receiver import KVReceiver, ReceivedBatch, TransferStalled
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class DecodeWorker:
         self.lease_s = config.decode.kv_lease_s
         self._lease_task: asyncio.Task[None] | None = None
         self.transfers_stalled = 0  # transfers aborted because their batch stalled mid-way
+        self.kv_bytes: dict[str, int] = defaultdict(int)  # received, by link backend
 
     def _ensure_loop(self) -> None:
         if self._step_task is None:
@@ -72,7 +73,7 @@ class DecodeWorker:
         """Host link ``name``; the prefill rank joins at the returned address."""
         self._ensure_loop()
         store = KVLink.host_store(self.host)
-        backend = resolve_backend(self.kv_backend, self.device)
+        backend = self.kv_backend  # the two ends agree on what it means for them
         assert self._loop is not None
         loop = self._loop
         runner = self.engine.runner
@@ -102,6 +103,14 @@ class DecodeWorker:
         loop.run_in_executor(None, join)
         return self.host, store.port
 
+    async def close_links(self, names: list[str]) -> int:
+        """Stop receiving on these links: their prefill instance died, and a dead sender
+        cannot close its end (an idle link waits on the store, not on the peer)."""
+        closing = [self._receivers.pop(n) for n in names if n in self._receivers]
+        for receiver in closing:
+            receiver.stop()
+        return len(closing)
+
     def _accept(self, link: str, item: TransferItem) -> bool:
         # runs on a receiver thread: only reads the engine and adds to a set
         tid = item.transfer_id
@@ -113,6 +122,7 @@ class DecodeWorker:
         return True
 
     def _on_batch(self, batch: ReceivedBatch) -> None:
+        self.kv_bytes[batch.backend] += batch.nbytes
         per_block = batch.nbytes // max(batch.header.num_blocks, 1)  # every layer's, exact
         outputs: list[Output] = []
         for i, (item, ok) in enumerate(zip(batch.header.items, batch.accepted)):
@@ -221,7 +231,7 @@ class DecodeWorker:
             e.load(),
             e.scheduler.num_reserved,
             e.num_preemptions,
-            tuple(sorted(self._receivers)),
+            tuple(sorted(n for n, r in self._receivers.items() if r.alive)),
             e.prefills.num_partial,
             e.blocks.num_cached_blocks,
             e.prefix.queries,
@@ -229,6 +239,7 @@ class DecodeWorker:
             e.leases_expired,
             self.transfers_stalled,
             e.spec_counters.as_dict() if e.spec is not None else {},
+            dict(self.kv_bytes),
         )
 
     async def check_integrity(self) -> int:

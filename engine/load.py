@@ -54,3 +54,5 @@ class DecodeStats:
     transfers_stalled: int = 0  # transfers aborted because their batch stalled (kv_lease_s)
     # speculative decoding's counters (engine.speculative.SpecCounters.as_dict); {} when off
     spec: dict[str, float] = field(default_factory=dict)
+    # KV bytes received since start, by the link backend that moved them (kv_transfer.peers)
+    kv_bytes_by_backend: dict[str, int] = field(default_factory=dict)

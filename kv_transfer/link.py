@@ -3,12 +3,28 @@
 Rank 0 sends, rank 1 receives. The group is built directly on a TCPStore (the receiver hosts it)
 rather than through ``init_process_group``, because one process holds many such groups (one per
 peer) next to its tensor-parallel group; a dead peer then breaks only its own link.
+
+**Idle links.** A link may sit idle for hours between batches, and a process group enforces its
+timeout on every posted operation (gloo fails a receive after it; NCCL's watchdog tears the
+communicator down, point-to-point operations included). So no operation is ever posted on the
+group while the link is idle: a batch's *header* travels through the store (the sender sets key
+``n``; the receiver blocks in ``store.wait`` on it, which has no group timeout and wakes the
+moment the key is set), and only then are the batch's tensor receives posted, each bounded by
+the group's timeout and the receiver's stall bound. A receiver told to stop (``stop``) wakes
+itself by writing a closing header into the key it waits on.
+
+**Backends** (``kv_transfer.peers``): the two ends agree on one at connect time: NCCL between
+GPUs, a staging ring between two ends of one GPU (CUDA IPC) or one machine (shared host memory),
+gloo otherwise. The staged ones keep the same contract: ``send_tensor`` queues, ``flush`` waits,
+``recv_tensor`` returns a work to ``wait`` on (``kv_transfer.staged``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import threading
 import time
 from typing import Any
 
@@ -16,38 +32,71 @@ import torch
 import torch.distributed as dist
 
 from pdserve.engine.kv_quant import movable
-from pdserve.kv_transfer.auth import GroupAuth, bound_store, join_group
+from pdserve.engine.parallel import make_process_group
+from pdserve.kv_transfer.auth import GroupAuth, bound_store, handshake, verify_group
 from pdserve.kv_transfer.descriptor import MAX_HEADER_BYTES, TransferHeader, TransferProtocolError
 from pdserve.kv_transfer.errors import KVLinkError as KVLinkError  # re-exported: older imports
+from pdserve.kv_transfer.peers import BACKENDS as BACKENDS
+from pdserve.kv_transfer.peers import STAGED, device_identity, resolve_backend
+from pdserve.kv_transfer.staged import StagedReceiver, StagedSender, create_ring, open_ring
 
 logger = logging.getLogger(__name__)
 
 SENDER, RECEIVER = 0, 1
-_MAGIC = 0x5044_4B56  # "PDKV": guards against a stream that lost its framing
-# A header travels in one fixed-size frame (magic, size, then the msgpack bytes; a rare larger
-# header spills into a second message), so the receiver can post the receive before the sender
-# sends. Over gloo a message sent before its receive is posted costs a round trip: its bytes
-# wait until the receiver's "posted" notice comes back.
-FRAME_BYTES = 16 << 10
-_PREFIX_BYTES = 16
-BACKENDS = ("auto", "gloo", "nccl")
+_HEADER_KEY = "pdserve/kv/header/"
+_RECEIVER_KEY = "pdserve/kv/receiver"  # the receiver's device_identity
+_BACKEND_KEY = "pdserve/kv/backend"  # the sender's choice (or "error: why")
+_RING_KEY = "pdserve/kv/ring"  # a staged link's ring, as the sender opens it
+_RING_OPEN_KEY = "pdserve/kv/ring-open"
+_ERROR = "error: "
+# one idle wait on the store; a wait that ends without a header just waits again (each end
+# logs a line in torch's C++ layer, hence not seconds)
+IDLE_WAIT_S = 3600.0
+GROUP_TIMEOUT_S = 1800.0  # bounds each posted send/receive of a batch, never an idle link
 
 
-def resolve_backend(backend: str, device: torch.device, same_gpu: bool = False) -> str:
-    """``auto``: NCCL between CUDA tensors on different GPUs, gloo otherwise.
+def _agree(
+    store: dist.Store, backend: str, rank: int, device: torch.device, timeout_s: float
+) -> str:
+    """Both ends settle on one backend: the receiver names its device, the sender chooses."""
+    if rank == RECEIVER:
+        store.set(_RECEIVER_KEY, device_identity(device))
+        chosen = store.get(_BACKEND_KEY).decode()
+        if chosen.startswith(_ERROR):
+            raise ValueError(chosen[len(_ERROR) :])
+        return chosen
+    receiver = store.get(_RECEIVER_KEY).decode()
+    try:
+        chosen = resolve_backend(backend, device_identity(device), receiver)
+    except ValueError as e:
+        store.set(_BACKEND_KEY, _ERROR + str(e))
+        raise
+    store.set(_BACKEND_KEY, chosen)
+    return chosen
 
-    NCCL cannot connect two ranks on one GPU, so a single-GPU deployment stages KV through host
-    memory over gloo (slower; fine for development, not for production).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"kv transfer backend {backend!r} is unknown; use one of {BACKENDS}")
-    if backend == "auto":
-        return "nccl" if device.type == "cuda" and not same_gpu else "gloo"
-    if backend == "nccl" and device.type != "cuda":
-        raise ValueError(
-            "kv transfer backend 'nccl' needs CUDA devices; use 'gloo' or 'auto' on CPU"
-        )
-    return backend
+
+def _staged_plane(
+    store: dist.Store, backend: str, rank: int, device: torch.device, pg: Any, name: str
+) -> StagedSender | StagedReceiver:
+    """The staging ring: the receiver makes it, the sender maps it; its name then goes."""
+    if rank == RECEIVER:
+        try:
+            ring, description = create_ring(backend, device)
+        except (OSError, RuntimeError) as e:
+            store.set(_RING_KEY, _ERROR + f"staging ring not made: {e}")
+            raise
+        store.set(_RING_KEY, description)
+        try:
+            store.get(_RING_OPEN_KEY)
+        finally:
+            ring.unlink()
+        return StagedReceiver(pg, ring, device)
+    description = store.get(_RING_KEY)
+    if description.startswith(_ERROR.encode()):
+        raise RuntimeError(description.decode()[len(_ERROR) :])
+    ring = open_ring(description, device)
+    store.set(_RING_OPEN_KEY, "1")
+    return StagedSender(pg, ring, device, name)
 
 
 class KVLink:
@@ -55,13 +104,28 @@ class KVLink:
     a link has one sending thread (prefill rank) and one receiving thread (decode replica)."""
 
     def __init__(
-        self, name: str, pg: Any, rank: int, device: torch.device, store: dist.Store
+        self,
+        name: str,
+        pg: Any,
+        rank: int,
+        device: torch.device,
+        store: dist.Store,
+        backend: str = "gloo",
+        staged: StagedSender | StagedReceiver | None = None,
+        waiter: dist.Store | None = None,
     ) -> None:
         self.name = name
         self.rank = rank
-        self.device = device  # where tensors on the wire live (cuda for nccl, cpu for gloo)
+        self.backend = backend  # what the two ends agreed on (metrics and status name it)
+        # where tensors on the wire live: the worker's device for nccl and the staged
+        # backends, cpu for gloo
+        self.device = device
         self._pg = pg
         self._store = store  # keep the rendezvous store alive as long as the group
+        self._waiter = waiter or store  # the receiver's own connection for idle waits
+        self._staged = staged
+        self._seq = 0  # headers sent (sender) or taken (receiver)
+        self._stopped = threading.Event()
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
         self.bytes_sent = 0
         # sender: seconds spent in flush, waiting for queued sends to leave (in a prefill, the
@@ -86,93 +150,130 @@ class KVLink:
         store: dist.TCPStore | None = None,
         timeout_s: float = 300.0,
         auth: GroupAuth | None = None,
+        group_timeout_s: float = GROUP_TIMEOUT_S,
     ) -> KVLink:
         """Join the 2-rank group; blocks until the peer joins too (run it off the event loop).
-        With ``auth`` both ends prove the deployment's secret first (``kv_transfer.auth``):
-        a peer that cannot raises ``PeerRefused`` and no KV moves."""
+        ``backend`` is the configured one (``auto`` or a name in ``peers.BACKENDS``); the ends
+        agree on what it means for them. With ``auth`` both ends prove the deployment's secret
+        first (``kv_transfer.auth``): a peer that cannot raises ``PeerRefused`` and no KV
+        moves. ``group_timeout_s`` bounds each posted operation of a batch (never an idle
+        link's wait)."""
+        timeout = datetime.timedelta(seconds=timeout_s)
         if store is None:
-            timeout = datetime.timedelta(seconds=timeout_s)
             store = dist.TCPStore(host, port, 2, False, timeout)
-        wire_device = device if backend == "nccl" else torch.device("cpu")
-        pg = join_group(store, auth, name, backend, rank, 2, wire_device, timeout_s)
-        logger.info("kv link %s up: rank %d, backend %s", name, rank, backend)
-        return cls(name, pg, rank, wire_device, store)
+        # kv_transfer.auth's three steps, with the ends agreeing on a backend after the first
+        nonce = handshake(store, auth, name, timeout_s) if auth is not None else ""
+        chosen = _agree(store, backend, rank, device, timeout_s)
+        group_backend = "nccl" if chosen == "nccl" else "gloo"
+        group_store = dist.PrefixStore(name, store)
+        pg = make_process_group(group_backend, group_store, rank, 2, group_timeout_s)
+        if auth is not None:
+            group_device = device if chosen == "nccl" else torch.device("cpu")
+            verify_group(pg, rank, 2, auth.secret, name, nonce, group_device)
+        staged = None
+        if chosen in STAGED:
+            staged = _staged_plane(store, chosen, rank, device, pg, name)
+        waiter = None
+        if rank == RECEIVER:  # idle waits block a store connection: one of its own
+            waiter = dist.TCPStore(host, port, 2, False, timeout)
+        wire_device = device if chosen != "gloo" else torch.device("cpu")
+        logger.info("kv link %s up: rank %d, backend %s", name, rank, chosen)
+        return cls(name, pg, rank, wire_device, store, chosen, staged, waiter)
 
     # -- sending (prefill rank) ------------------------------------------------------------
 
     def send_header(self, header: TransferHeader) -> None:
-        data = header.encode()
-        frame = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
-        frame[:_PREFIX_BYTES] = torch.tensor([_MAGIC, len(data)], dtype=torch.int64).view(
-            torch.uint8
-        )
-        head, spill = data[: FRAME_BYTES - _PREFIX_BYTES], data[FRAME_BYTES - _PREFIX_BYTES :]
-        frame[_PREFIX_BYTES : _PREFIX_BYTES + len(head)] = _bytes_tensor(head)
-        self._send(frame.to(self.device))
-        if spill:
-            self._send(_bytes_tensor(spill).to(self.device))
+        """Announce a batch: the receiver wakes and posts its receives (see the module doc)."""
+        self._store.set(f"{_HEADER_KEY}{self._seq}", header.encode())
+        self._seq += 1
 
     def send_tensor(self, tensor: torch.Tensor) -> None:
         """Queue an asynchronous send; the tensor is kept alive until ``flush``. It never waits
         for the receiver: over gloo a send whose receive is not posted yet is announced, and
         its bytes follow when the receive is (the receiver posts them as the header arrives,
-        while a prefill is still computing layer 0); NCCL pairs them itself."""
-        self._send(tensor.to(self.device).contiguous())
+        while a prefill is still computing layer 0); NCCL pairs them itself; a staged link's
+        copy thread takes it."""
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        if isinstance(self._staged, StagedSender):
+            self._staged.send(tensor)
+            return
+        tensor = tensor.to(self.device).contiguous()
+        # a scaled KV format (fp8 codes) travels as its bytes: not every NCCL knows float8
+        work = self._pg.send([movable(tensor)], RECEIVER, 0)
+        self._pending.append((work, tensor))
 
     def flush(self) -> None:
-        """Wait until every queued send has left."""
+        """Wait until every queued send has left (a staged link: until it was received)."""
         pending, self._pending = self._pending, []
         start = time.perf_counter()
+        if isinstance(self._staged, StagedSender):
+            self._staged.flush()
         for work, _ in pending:
             work.wait()
         self.flush_wait_s += time.perf_counter() - start
 
-    def _send(self, tensor: torch.Tensor) -> None:
-        # a scaled KV format (fp8 codes) travels as its bytes: not every NCCL knows float8
-        work = self._pg.send([movable(tensor)], RECEIVER, 0)
-        self._pending.append((work, tensor))
-        self.bytes_sent += tensor.numel() * tensor.element_size()
-
     # -- receiving (decode replica) --------------------------------------------------------
 
     def recv_header(self) -> TransferHeader:
-        """Block until the next header arrives (no timeout: an idle link waits indefinitely)."""
-        frame = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self.device)
-        self.recv_tensor(frame).wait()
-        frame = frame.cpu()
-        magic, size = (int(x) for x in frame[:_PREFIX_BYTES].view(torch.int64).tolist())
-        if magic != _MAGIC or not 0 < size <= MAX_HEADER_BYTES:
-            raise TransferProtocolError(
-                f"link {self.name}: bad frame (magic {magic:#x}, size {size})"
-            )
-        data = frame[_PREFIX_BYTES : _PREFIX_BYTES + size].numpy().tobytes()
-        if size > len(data):
-            spill = torch.empty(size - len(data), dtype=torch.uint8, device=self.device)
-            self.recv_tensor(spill).wait()
-            data += spill.cpu().numpy().tobytes()
+        """Block until the next header arrives: an idle link waits indefinitely, with nothing
+        posted on its group. After ``stop``, a closing header."""
+        key = f"{_HEADER_KEY}{self._seq}"
+        while not self._stopped.is_set():
+            try:
+                self._waiter.wait([key], datetime.timedelta(seconds=IDLE_WAIT_S))
+                break
+            except dist.DistStoreError as e:
+                if "timeout" not in str(e):
+                    raise
+        if self._stopped.is_set():
+            return TransferHeader.closing()
+        data = self._waiter.get(key)
+        self._waiter.delete_key(key)
+        self._seq += 1
+        if len(data) > MAX_HEADER_BYTES:
+            raise TransferProtocolError(f"link {self.name}: header of {len(data)} bytes")
         return TransferHeader.decode(data)
 
-    def recv_tensor(self, tensor: torch.Tensor) -> dist.Work:
-        return self._pg.recv([movable(tensor)], SENDER, 0)  # a view: lands in ``tensor``
+    def recv_tensor(self, tensor: torch.Tensor) -> Any:
+        """Post a receive into ``tensor`` (a view: the bytes land in it); ``wait`` on what it
+        returns (``dist.Work``'s contract, optional timeout included)."""
+        if isinstance(self._staged, StagedReceiver):
+            return self._staged.recv(tensor)
+        return self._pg.recv([movable(tensor)], SENDER, 0)
+
+    def stop(self) -> None:
+        """Receiver side: end an idle wait for the next header (the peer is gone or replaced):
+        a closing header is written into the key being waited on."""
+        self._stopped.set()
+        try:
+            self._store.set(f"{_HEADER_KEY}{self._seq}", TransferHeader.closing().encode())
+        except RuntimeError as e:
+            logger.warning("kv link %s: stop not delivered: %s", self.name, e)
 
     def close(self) -> None:
         """Tell the receiver nothing more follows (sender side), then drop the group."""
         if self.rank == SENDER:
             try:
-                self.send_header(TransferHeader.closing())
                 self.flush()
+                self.send_header(TransferHeader.closing())
             except RuntimeError as e:  # the peer may already be gone
                 logger.warning("kv link %s: close message not delivered: %s", self.name, e)
         self._pending.clear()
+        if self._staged is not None:
+            self._staged.close()
 
     def abort(self) -> None:
-        """Tear the group down after a failure (the peer's pending receives then fail)."""
+        """Tear the group down after a failure (the peer's pending receives then fail; an idle
+        receiver is told to stop)."""
         self._pending.clear()
+        if self.rank == SENDER:
+            with contextlib.suppress(RuntimeError):  # the receiver may be gone too
+                self.send_header(TransferHeader.closing())
+        else:
+            self._stopped.set()
         try:
             self._pg.shutdown()
         except RuntimeError as e:
             logger.warning("kv link %s: shutdown failed: %s", self.name, e)
-
-
-def _bytes_tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if self._staged is not None:
+            self._staged.close()

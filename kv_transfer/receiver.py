@@ -34,6 +34,7 @@ class ReceivedBatch:
     first_tokens: tuple[int, ...] | None  # per item, when the sender sampled them
     nbytes: int
     seconds: float  # from the header's arrival to the last layer written
+    backend: str = "gloo"  # how the link moves KV (kv_transfer.peers)
 
 
 class KVReceiver:
@@ -78,14 +79,24 @@ class KVReceiver:
         try:
             while True:
                 header = self.link.recv_header()
-                if header.close:
-                    logger.info("kv link %s closed by sender", self.link.name)
+                if header.close:  # the sender closed it, or this side stopped it
+                    logger.info("kv link %s closed", self.link.name)
+                    self.link.abort()
                     return
                 self._on_batch(self._receive(header))
         except Exception as e:  # the link is dead; the owner fails its transfers
             logger.error("kv link %s failed: %s", self.link.name, e)
             self._on_error(self.link.name, e)
             self.link.abort()
+
+    @property
+    def alive(self) -> bool:
+        """Still receiving (not closed by either end, not failed)."""
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """End the thread once the link is idle (its sender is gone or was replaced)."""
+        self.link.stop()
 
     def _problem(self, header: TransferHeader) -> str | None:
         """Why this cache cannot take the header's KV as it is sent, or None."""
@@ -149,8 +160,9 @@ class KVReceiver:
         if trailer_work is not None:
             self._wait(trailer_work)
             first = tuple(int(t) for t in trailer.tolist())
+        seconds = time.perf_counter() - start
         return ReceivedBatch(
-            self.link.name, header, accepted, first, nbytes, time.perf_counter() - start
+            self.link.name, header, accepted, first, nbytes, seconds, self.link.backend
         )
 
     def _wait(self, work: Any) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from pdserve.engine.deploy_config import DeploymentConfig
 from pdserve.kv_transfer.auth import GroupAuth
-from pdserve.kv_transfer.link import SENDER, KVLink, resolve_backend
+from pdserve.kv_transfer.link import SENDER, KVLink
 
 
 class RankLinks:
@@ -31,7 +31,7 @@ class RankLinks:
 
     async def connect(self, decode_instance: int, name: str, host: str, port: int) -> None:
         """Join the link a decode replica is hosting, in place of any earlier one to it."""
-        backend = resolve_backend(self.deployment.kv_backend, self.device)
+        backend = self.deployment.kv_backend  # the two ends agree on what it means here
         auth = GroupAuth(self.deployment.link_secret, hosting=False)
         link = await asyncio.to_thread(
             KVLink.connect, name, backend, SENDER, self.device, host, port, auth=auth

@@ -14,6 +14,8 @@ from pdserve.router.prefill_pool import PrefillInstance
 
 logger = logging.getLogger(__name__)
 
+CLOSE_S = 10.0  # the longest a decode replica is waited on to close a dead instance's links
+
 
 class KVLinks:
     """Link-making tasks by (prefill instance, decode replica). A failed or forgotten link is
@@ -24,6 +26,8 @@ class KVLinks:
         self.decode = list(decode)
         self.prefix = prefix  # unique per deployment: link names never collide
         self._tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._names: dict[tuple[int, int], list[str]] = {}  # the links each task made
+        self._closing: set[asyncio.Task[None]] = set()
         self._generation = itertools.count()
 
     async def ensure(self, p: PrefillInstance, d: int) -> asyncio.Task[None]:
@@ -45,12 +49,26 @@ class KVLinks:
             del self._tasks[(p.index, d)]
 
     def drop_prefill(self, index: int) -> None:
+        """Prefill instance ``index`` died: its links are forgotten, and their decode ends are
+        told to stop waiting on them (a dead sender cannot say so itself; see KVLink)."""
         for key in [k for k in self._tasks if k[0] == index]:
             del self._tasks[key]
+            names = self._names.pop(key, [])
+            if names:
+                task = asyncio.get_running_loop().create_task(self._close(key[1], names))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    async def _close(self, d: int, names: list[str]) -> None:
+        try:
+            await asyncio.wait_for(self.decode[d].close_links(names), CLOSE_S)
+        except Exception as e:  # best effort: a dead or slow replica has other troubles
+            logger.info("decode %d did not close links %s: %s", d, names, e)
 
     def drop_decode(self, d: int) -> None:
         for key in [k for k in self._tasks if k[1] == d]:
             del self._tasks[key]
+            self._names.pop(key, None)
 
     def replace_decode(self, d: int, port: DecodePort) -> None:
         """Replica ``d`` was replaced: links to it are made afresh, on the new port."""
@@ -59,9 +77,11 @@ class KVLinks:
 
     async def _connect(self, p: PrefillInstance, d: int) -> None:
         generation = next(self._generation)  # a rebuilt link never reuses a name
+        names = self._names[(p.index, d)] = []
 
         async def one(rank: int) -> None:
             name = f"{self.prefix}/p{p.index}r{rank}-d{d}.{generation}"
+            names.append(name)
             host, port = await self.decode[d].listen(name)
             await p.ranks[rank].connect_link(d, name, host, port)
 

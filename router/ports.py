@@ -43,6 +43,10 @@ class DecodePort(Protocol):
         """Host KV link ``name``; the prefill rank joins at the returned (host, port)."""
         ...
 
+    async def close_links(self, names: list[str]) -> int:
+        """Stop receiving on these links (their prefill instance died); how many it had."""
+        ...
+
     async def load(self) -> DecodeLoad:
         """The replica's current load (also proves it alive)."""
         ...

@@ -135,6 +135,7 @@ class Controller:
                 )
                 live = [(i, x) for i, x in enumerate(replies) if not isinstance(x, BaseException)]
                 self.metrics.set_speculation({i: x.spec for i, x in live if x.spec})
+                self.metrics.set_kv_backends({i: x.kv_bytes_by_backend for i, x in live})
                 loads = [x.load for _, x in live]
                 total = sum(x.total_blocks for x in loads)
                 used = total - sum(x.free_blocks for x in loads)
@@ -201,6 +202,7 @@ class Controller:
                     "reserved": s.reserved,
                     "preemptions": s.preemptions,
                     "links": len(s.links),
+                    "kv_backends": ",".join(sorted(s.kv_bytes_by_backend)) or "-",
                     **s.spec,
                 }
                 for i, s in enumerate(stats)

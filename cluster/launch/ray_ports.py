@@ -72,6 +72,10 @@ class RayDecodePort:
             host, port = await self.handle.listen.remote(name)
         return str(host), int(port)
 
+    async def close_links(self, names: list[str]) -> int:
+        with _deaths("decode", self.instance):
+            return int(await self.handle.close_links.remote(names))
+
     async def load(self) -> DecodeLoad:
         with _deaths("decode", self.instance):
             load: DecodeLoad = await self.handle.get_load.remote()

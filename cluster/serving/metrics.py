@@ -140,6 +140,12 @@ class ServingMetrics:
         self._spec_length = self._replica_gauge(
             "spec_decode_mean_accepted_length", "Tokens per verified step (1 to k + 1)."
         )
+        self._kv_backend_bytes = Counter(
+            PREFIX + "kv_transfer_backend_bytes",
+            "KV bytes received by decode, by replica and link backend (nccl, cuda_ipc, host, gloo).",
+            ["model_name", "replica", "backend"],
+            registry=self.registry,
+        )
         # called before each render (the controller syncs the recovery counters there)
         self.before_render: Callable[[], None] | None = None
         self._synced: dict[str, float] = {}  # running totals the counters were raised to
@@ -200,6 +206,15 @@ class ServingMetrics:
                 self._raise_to(f"{key}/{replica}", family.labels(**labels), c[key])
             self._spec_rate.labels(**labels).set(c["spec_acceptance_rate"])
             self._spec_length.labels(**labels).set(c["spec_mean_accepted_length"])
+
+    def set_kv_backends(self, received: Mapping[int, Mapping[str, int]]) -> None:
+        """Each decode replica's KV bytes received since start, by link backend."""
+        for replica, by_backend in received.items():
+            for backend, total in by_backend.items():
+                child = self._kv_backend_bytes.labels(
+                    model_name=self.model_name, replica=str(replica), backend=backend
+                )
+                self._raise_to(f"kv/{replica}/{backend}", child, total)
 
     def _raise_to(self, key: str, counter: Counter, total: float) -> None:
         """Keep a counter equal to a running total counted elsewhere (it never goes down)."""

@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from pdserve.engine.tiny_model import make_tiny_model
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
-from pdserve.kv_transfer.link import RECEIVER, SENDER, KVLink, resolve_backend
+from pdserve.kv_transfer.link import RECEIVER, SENDER, KVLink
+from pdserve.kv_transfer.peers import device_identity, resolve_backend
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,9 +20,10 @@ pytestmark = [
 ]
 
 
-def test_auto_backend_is_nccl_across_gpus_and_gloo_on_one() -> None:
-    assert resolve_backend("auto", torch.device("cuda")) == "nccl"
-    assert resolve_backend("auto", torch.device("cuda"), same_gpu=True) == "gloo"
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_auto_backend_is_nccl_across_gpus() -> None:
+    ends = [device_identity(torch.device(f"cuda:{i}")) for i in (0, 1)]
+    assert resolve_backend("auto", *ends) == "nccl"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL links need two GPUs")

@@ -69,6 +69,11 @@ class FakeDecode(FakeWorker):
         self.calls.append(("listen", name))
         return await self._call(self._listen(name))
 
+    async def close_links(self, names: list[str]) -> int:
+        self._alive()
+        self.calls.append(("close_links", tuple(names)))
+        return len(names)
+
     async def load(self) -> DecodeLoad:
         self._alive()
         return self.current_load()

@@ -104,6 +104,11 @@ def test_queued_prompts_of_a_dead_prefill_instance_move_to_a_live_one() -> None:
         assert c.router.prefill_retries == moved and c.router.dead_instances["prefill"] == [0]
         assert len(p1.items) == 4  # its own and the ones moved
         assert_all_free(c.decodes[0])
+        # the dead instance's links are closed on the decode side (it cannot close them)
+        listened = [call[1] for call in c.decodes[0].calls if call[0] == "listen"]
+        dead = tuple(n for n in listened if "/p0r" in n)
+        assert dead and all("/p1r" in n for n in listened if n not in dead)
+        await until(lambda: ("close_links", dead) in c.decodes[0].calls, "dead links closed")
 
     run(scenario)
 

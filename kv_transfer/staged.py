@@ -1,0 +1,299 @@
+"""KV through a staging ring both ends can address: shared host memory or one GPU's memory.
+
+Used when the two ends of a link share a machine (``host``) or a GPU (``cuda_ipc``), where
+NCCL cannot run (two ranks on one GPU) or a socket would copy the bytes twice more. The
+receiver owns a ring of ``slots`` fixed-size slots and publishes it at link set-up; the sender
+maps it. Each tensor travels as chunks of at most a slot:
+
+1. the sender's copy thread waits until the slot is free (a *credit* for the chunk that used it
+   last has come back), copies the chunk in, waits for that copy to finish and sends a small
+   *notice* (chunk number and size) over the link's gloo group;
+2. the receiver, waiting on a tensor, takes each notice in order, copies the slot out into the
+   tensor (into the paged cache itself when it lands in place), waits for that copy and sends
+   the slot's credit back.
+
+Only the forward's own thread is never blocked: ``send`` queues, the copy thread does the rest,
+``flush`` waits until every chunk was received (so no message of this link is pending while the
+link is idle: see ``KVLink`` on idle links). Notices and credits are 16-byte gloo messages; the
+bytes themselves never touch a socket.
+
+The host ring is a file in /dev/shm (mode 0600, unlinked once the sender mapped it), pinned with
+``cudaHostRegister`` on CUDA so copies to and from it run at full PCIe speed. The GPU ring is a
+CUDA allocation the sender opens from its IPC handle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import tempfile
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import torch
+
+from pdserve.engine.kv_quant import movable
+from pdserve.kv_transfer.descriptor import TransferProtocolError
+
+logger = logging.getLogger(__name__)
+
+SENDER, RECEIVER = 0, 1
+RING_BYTES = 64 << 20  # per link: a few layers of a long prompt in flight at once
+RING_SLOTS = 8
+_SHM_DIR = Path("/dev/shm")
+
+
+@dataclass
+class Ring:
+    """The staging memory, as one flat uint8 tensor of ``slots * slot_bytes`` bytes."""
+
+    data: torch.Tensor
+    slots: int
+    slot_bytes: int
+    cleanup: Any = None  # called when the link goes
+    path: Path | None = None  # a host ring's file, until the sender mapped it
+
+    def unlink(self) -> None:
+        """The sender mapped the ring: its name goes (the memory stays until both unmap)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+    def slot(self, index: int, nbytes: int) -> torch.Tensor:
+        start = (index % self.slots) * self.slot_bytes
+        return self.data[start : start + nbytes]
+
+    def close(self) -> None:
+        if self.cleanup is not None:
+            cleanup, self.cleanup = self.cleanup, None
+            cleanup()
+
+
+def create_ring(backend: str, device: torch.device, total: int | None = None) -> tuple[Ring, bytes]:
+    """Receiver side: a ring (``RING_BYTES`` unless ``total``) and the msgpack description the
+    sender opens it from."""
+    total = total or RING_BYTES
+    slot_bytes = total // RING_SLOTS
+    if backend == "cuda_ipc":
+        data = torch.empty(total, dtype=torch.uint8, device=device)
+        handle = list(data.untyped_storage()._share_cuda_())
+        spec = {"kind": "cuda_ipc", "handle": handle, "bytes": total}
+        return Ring(data, RING_SLOTS, slot_bytes), msgpack.packb(spec)
+    folder = _SHM_DIR if _SHM_DIR.is_dir() else Path(tempfile.gettempdir())
+    path = folder / f"pdserve-kv-{secrets.token_hex(8)}"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, total)
+    finally:
+        os.close(fd)
+    try:
+        data = torch.from_file(str(path), shared=True, size=total, dtype=torch.uint8)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    unpin = _pin(data, device)
+
+    def cleanup() -> None:
+        path.unlink(missing_ok=True)
+        if unpin is not None:
+            unpin()
+
+    spec = {"kind": "host", "path": str(path), "bytes": total}
+    return Ring(data, RING_SLOTS, slot_bytes, cleanup, path), msgpack.packb(spec)
+
+
+def open_ring(description: bytes, device: torch.device) -> Ring:
+    """Sender side: map the receiver's ring."""
+    spec = msgpack.unpackb(description)
+    total = int(spec["bytes"])
+    if spec["kind"] == "cuda_ipc":
+        storage = torch.UntypedStorage._new_shared_cuda(*spec["handle"])
+        data = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (total,), (1,))
+        return Ring(data, RING_SLOTS, total // RING_SLOTS)
+    path = Path(spec["path"])
+    if not path.name.startswith("pdserve-kv-") or path.parent not in (
+        _SHM_DIR,
+        Path(tempfile.gettempdir()),
+    ):
+        raise TransferProtocolError(f"staging ring {path} is not a pdserve ring")
+    data = torch.from_file(str(path), shared=True, size=total, dtype=torch.uint8)
+    return Ring(data, RING_SLOTS, total // RING_SLOTS, _pin(data, device))
+
+
+def _pin(data: torch.Tensor, device: torch.device) -> Any:
+    """Page-lock host ring memory for fast copies to and from ``device``; returns the undo."""
+    if device.type != "cuda":
+        return None
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(data.data_ptr(), data.numel(), 0)) != 0:
+        logger.warning("staging ring not pinned: host copies run at pageable speed")
+        return None
+    return lambda: cudart.cudaHostUnregister(data.data_ptr())
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, as a flat uint8 view (fp8 codes included)."""
+    return movable(tensor).reshape(-1).view(torch.uint8)
+
+
+def _spans(nbytes: int, slot_bytes: int) -> list[tuple[int, int]]:
+    return [(o, min(slot_bytes, nbytes - o)) for o in range(0, nbytes, slot_bytes)]
+
+
+class StagedSender:
+    """The sending end: ``send`` queues a tensor, a copy thread moves it through the ring."""
+
+    def __init__(self, pg: Any, ring: Ring, device: torch.device, name: str) -> None:
+        self._pg, self._ring, self._device = pg, ring, device
+        self._queue: queue.Queue[tuple[torch.Tensor, Any] | None] = queue.Queue()
+        self._sent = 0  # chunks notified
+        self._credited = 0  # credits taken back
+        self._error: BaseException | None = None
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._run, name=f"kv-stage-{name}", daemon=True)
+        self._thread.start()
+
+    def send(self, tensor: torch.Tensor) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"staged send failed: {self._error}") from self._error
+        event = None
+        if tensor.device.type == "cuda":  # the copy waits for the forward that made it
+            event = torch.cuda.Event()
+            event.record()
+        self._queue.put((tensor.contiguous(), event))
+
+    def flush(self) -> None:
+        """Wait until every queued chunk was copied out by the receiver (credits all back)."""
+        self._queue.join()
+        if self._error is not None:
+            raise RuntimeError(f"staged send failed: {self._error}") from self._error
+        while self._credited < self._sent:
+            self._take_credit()
+
+    def _take_credit(self) -> None:
+        credit = torch.zeros(1, dtype=torch.int64)
+        self._pg.recv([credit], RECEIVER, 0).wait()
+        if int(credit) != self._credited:
+            raise TransferProtocolError(f"credit {int(credit)}, expected {self._credited}")
+        self._credited += 1
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is not None and self._error is None:
+                    self._copy(*job)
+            except BaseException as e:  # flush and the next send report it
+                logger.error("staged send failed: %s", e)
+                self._error = e
+            finally:
+                self._queue.task_done()
+            if job is None:
+                return
+
+    def _copy(self, tensor: torch.Tensor, event: Any) -> None:
+        flat = _flat(tensor)
+        if self._stream is not None and event is not None:
+            self._stream.wait_event(event)
+        for offset, n in _spans(flat.numel(), self._ring.slot_bytes):
+            while self._sent - self._credited >= self._ring.slots:  # the slot is still read
+                self._take_credit()
+            slot = self._ring.slot(self._sent, n)
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    slot.copy_(flat[offset : offset + n], non_blocking=True)
+                self._stream.synchronize()
+            else:
+                slot.copy_(flat[offset : offset + n])
+            notice = torch.tensor([self._sent, n], dtype=torch.int64)
+            self._pg.send([notice], RECEIVER, 0).wait()
+            self._sent += 1
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+        self._ring.close()
+
+
+class StagedReceiver:
+    """The receiving end: ``recv`` posts a tensor's notices at once; its work's ``wait`` copies
+    the chunks out in order (an earlier tensor's first)."""
+
+    def __init__(self, pg: Any, ring: Ring, device: torch.device) -> None:
+        self._pg, self._ring, self._device = pg, ring, device
+        self._order: deque[StagedWork] = deque()  # posted, not yet copied out
+        self._next = 0  # the next chunk number
+        self._credits: list[Any] = []  # credit sends in flight (done once the sender takes them)
+
+    def recv(self, tensor: torch.Tensor) -> StagedWork:
+        if not tensor.is_contiguous():
+            raise ValueError("a staged receive needs a contiguous tensor")
+        flat = _flat(tensor)
+        spans = _spans(flat.numel(), self._ring.slot_bytes)
+        notices = [torch.zeros(2, dtype=torch.int64) for _ in spans]
+        works = [self._pg.recv([n], SENDER, 0) for n in notices]
+        work = StagedWork(self, flat, spans, notices, works)
+        self._order.append(work)
+        return work
+
+    def _complete(self, work: StagedWork, timeout: Any) -> None:
+        while self._order and not work.done:
+            self._copy_out(self._order[0], timeout)
+
+    def _copy_out(self, work: StagedWork, timeout: Any) -> None:
+        while work.next_chunk < len(work.spans):
+            i = work.next_chunk
+            (work.works[i].wait() if timeout is None else work.works[i].wait(timeout))
+            offset, n = work.spans[i]
+            seq, size = (int(x) for x in work.notices[i])
+            if seq != self._next or size != n:
+                raise TransferProtocolError(
+                    f"staged chunk {seq} of {size} bytes, expected {self._next} of {n}"
+                )
+            work.flat[offset : offset + n].copy_(self._ring.slot(seq, n), non_blocking=True)
+            if self._device.type == "cuda":
+                torch.cuda.current_stream(self._device).synchronize()
+            credit = torch.tensor([seq], dtype=torch.int64)
+            self._credits = [w for w in self._credits if not w.is_completed()]
+            self._credits.append(self._pg.send([credit], SENDER, 0))
+            self._next += 1
+            work.next_chunk += 1
+        work.done = True
+        self._order.popleft()
+
+    def close(self) -> None:
+        self._order.clear()
+        self._credits.clear()
+        self._ring.close()
+
+
+class StagedWork:
+    """One posted staged receive (``dist.Work``'s ``wait``, with an optional timeout)."""
+
+    def __init__(
+        self,
+        owner: StagedReceiver,
+        flat: torch.Tensor,
+        spans: list[tuple[int, int]],
+        notices: list[torch.Tensor],
+        works: list[Any],
+    ) -> None:
+        self.owner, self.flat, self.spans, self.notices, self.works = (
+            owner,
+            flat,
+            spans,
+            notices,
+            works,
+        )
+        self.next_chunk = 0
+        self.done = not spans
+
+    def wait(self, timeout: Any = None) -> bool:
+        self.owner._complete(self, timeout)
+        return True
