@@ -75,6 +75,11 @@ def _agree(
     return chosen
 
 
+def _set_bytes(store: dist.Store, key: str, value: bytes) -> None:
+    """``store.set`` with a bytes value (the store keeps bytes; torch's stub says str)."""
+    store.set(key, value)  # type: ignore[arg-type]
+
+
 def _staged_plane(
     store: dist.Store, backend: str, rank: int, device: torch.device, pg: Any, name: str
 ) -> StagedSender | StagedReceiver:
@@ -85,7 +90,7 @@ def _staged_plane(
         except (OSError, RuntimeError) as e:
             store.set(_RING_KEY, _ERROR + f"staging ring not made: {e}")
             raise
-        store.set(_RING_KEY, description)
+        _set_bytes(store, _RING_KEY, description)
         try:
             store.get(_RING_OPEN_KEY)
         finally:
@@ -184,7 +189,7 @@ class KVLink:
 
     def send_header(self, header: TransferHeader) -> None:
         """Announce a batch: the receiver wakes and posts its receives (see the module doc)."""
-        self._store.set(f"{_HEADER_KEY}{self._seq}", header.encode())
+        _set_bytes(self._store, f"{_HEADER_KEY}{self._seq}", header.encode())
         self._seq += 1
 
     def send_tensor(self, tensor: torch.Tensor) -> None:
@@ -246,7 +251,7 @@ class KVLink:
         a closing header is written into the key being waited on."""
         self._stopped.set()
         try:
-            self._store.set(f"{_HEADER_KEY}{self._seq}", TransferHeader.closing().encode())
+            _set_bytes(self._store, f"{_HEADER_KEY}{self._seq}", TransferHeader.closing().encode())
         except RuntimeError as e:
             logger.warning("kv link %s: stop not delivered: %s", self.name, e)
 

@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pdserve.cluster.launch.deployment import Deployment
 from pdserve.cluster.launch.healer import Healer
+from pdserve.cluster.launch.status_rows import decode_row, prefill_row
 from pdserve.cluster.serving.admission import AdmissionGate
 from pdserve.cluster.serving.http_server import bind_socket, make_server, serve, wait_started
 from pdserve.cluster.serving.jobs import JobManager
@@ -30,7 +31,6 @@ from pdserve.cluster.serving.native_api import make_native_router
 from pdserve.cluster.serving.server import create_app
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.deploy_config import DeploymentConfig
-from pdserve.engine.load import PrefillStats
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.router.frontend import Frontend
 
@@ -173,40 +173,10 @@ class Controller:
             "inflight": self._gate.inflight if self._gate else 0,
             "recovery": healer.summary(),
             "prefill": [
-                {
-                    "instance": p.index,
-                    "state": healer.state("prefill", p.index),
-                    "restarts": healer.restarted["prefill", p.index],
-                    "tp": len(p.ranks),
-                    "queued_requests": p.queued_requests,
-                    "queued_tokens": p.queued_tokens,
-                    **_prefill_cache(ps),
-                    **_estimate(estimates, "prefill", p.index),
-                }  # the router's view holds the queue counters, the leader its cache
+                prefill_row(p, ps, healer, estimates)
                 for p, ps in zip(dep.router.prefill, pstats, strict=True)
             ],
-            "decode": [
-                {"instance": i, "state": healer.state("decode", i), "error": type(s).__name__}
-                if isinstance(s, BaseException)
-                else {
-                    "instance": s.load.instance,
-                    "state": healer.state("decode", i),
-                    "restarts": healer.restarted["decode", i],
-                    "kv_used_blocks": s.load.total_blocks - s.load.free_blocks,
-                    "kv_total_blocks": s.load.total_blocks,
-                    "kv_cached_blocks": s.cached_blocks,
-                    **_estimate(estimates, "decode", i),
-                    "prefix_hit_rate": _rate(s.prefix_cache_hits, s.prefix_cache_queries),
-                    "running": s.load.running,
-                    "waiting": s.load.waiting,
-                    "reserved": s.reserved,
-                    "preemptions": s.preemptions,
-                    "links": len(s.links),
-                    "kv_backends": ",".join(sorted(s.kv_bytes_by_backend)) or "-",
-                    **s.spec,
-                }
-                for i, s in enumerate(stats)
-            ],
+            "decode": [decode_row(i, s, healer, estimates) for i, s in enumerate(stats)],
         }
 
     async def debug_handles(self) -> dict[str, list[Any]]:
@@ -263,29 +233,6 @@ def _remove_stale_groups(config: DeploymentConfig) -> None:
 async def _bounded(ref: Any, timeout: float = LOAD_REFRESH_S * 5) -> Any:
     """A worker's reply, or TimeoutError: a hung worker must not stall the refresh."""
     return await asyncio.wait_for(ref, timeout)
-
-
-def _estimate(estimates: dict[str, dict[int, int]], pool: str, i: int) -> dict[str, int]:
-    """The router's estimate of the instance's cached blocks, when it keeps one."""
-    if pool not in estimates:
-        return {}
-    return {"router_cached_blocks": estimates[pool].get(i, 0)}
-
-
-def _prefill_cache(stats: PrefillStats | BaseException) -> dict[str, Any]:
-    """A prefill leader's prefix cache for status (its error's name when it did not answer)."""
-    if isinstance(stats, BaseException):
-        return {"error": type(stats).__name__}
-    return {
-        "kv_total_blocks": stats.cache_blocks,
-        "kv_cached_blocks": stats.cached_blocks,
-        "prefix_hit_rate": _rate(stats.prefix_cache_hits, stats.prefix_cache_queries),
-    }
-
-
-def _rate(hits: int, queries: int) -> float | None:
-    """Prompt tokens found in the prefix cache per token looked up (None before any)."""
-    return round(hits / queries, 3) if queries else None
 
 
 ControllerActor: Any = ray.remote(Controller)
