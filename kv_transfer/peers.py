@@ -13,7 +13,9 @@ Backends:
 - ``cuda_ipc``: both ends on one GPU; the receiver's staging ring lives on that GPU and the
   sender writes it through a CUDA IPC handle (device-to-device copies, no host round trip).
 - ``host``: both ends on one machine; the staging ring is shared host memory (pinned on CUDA),
-  written by the sender and read by the receiver: two memory copies, no socket.
+  written by the sender and read by the receiver: two memory copies, no socket. Named only:
+  between CPU workers it measured no faster than gloo over loopback (docs/performance.md), and
+  between GPUs NCCL or CUDA IPC is faster.
 - ``gloo``: anything else (CPU across machines), over TCP through host memory.
 """
 
@@ -63,12 +65,10 @@ def resolve_backend(backend: str, sender: str, receiver: str) -> str:
     cuda = s_dev.startswith("cuda") and r_dev.startswith("cuda")
     same_machine = s_machine == r_machine
     same_gpu = cuda and same_machine and s_dev == r_dev
-    if backend == "auto":
+    if backend == "auto":  # host is not auto on CPU: gloo over loopback is as fast there
         if same_gpu:
             return "cuda_ipc"
-        if cuda:
-            return "nccl"
-        return "host" if same_machine else "gloo"
+        return "nccl" if cuda else "gloo"
     if backend == "nccl" and not cuda:
         raise ValueError(
             "kv transfer backend 'nccl' needs CUDA devices at both ends; use 'auto' (or 'gloo')"

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 SENDER, RECEIVER = 0, 1
 RING_BYTES = 64 << 20  # per link: a few layers of a long prompt in flight at once
-RING_SLOTS = 8
+RING_SLOTS = 32  # 2 MiB slots: a short prompt's layers (one chunk each) do not lap the ring
 _SHM_DIR = Path("/dev/shm")
 
 
@@ -154,6 +154,9 @@ class StagedSender:
         self._queue: queue.Queue[tuple[torch.Tensor, Any] | None] = queue.Queue()
         self._sent = 0  # chunks notified
         self._credited = 0  # credits taken back
+        # a credit's receive is posted with its chunk's notice, so the receiver's credit
+        # never waits for it; all are taken by flush: none stays posted while the link idles
+        self._credits: deque[tuple[Any, torch.Tensor]] = deque()
         self._error: BaseException | None = None
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._thread = threading.Thread(target=self._run, name=f"kv-stage-{name}", daemon=True)
@@ -177,8 +180,8 @@ class StagedSender:
             self._take_credit()
 
     def _take_credit(self) -> None:
-        credit = torch.zeros(1, dtype=torch.int64)
-        self._pg.recv([credit], RECEIVER, 0).wait()
+        work, credit = self._credits.popleft()
+        work.wait()
         if int(credit) != self._credited:
             raise TransferProtocolError(f"credit {int(credit)}, expected {self._credited}")
         self._credited += 1
@@ -212,6 +215,8 @@ class StagedSender:
             else:
                 slot.copy_(flat[offset : offset + n])
             notice = torch.tensor([self._sent, n], dtype=torch.int64)
+            credit = torch.zeros(1, dtype=torch.int64)
+            self._credits.append((self._pg.recv([credit], RECEIVER, 0), credit))
             self._pg.send([notice], RECEIVER, 0).wait()
             self._sent += 1
 

@@ -81,7 +81,7 @@ def test_parity_over_http_and_client_across_both_replicas(
     assert texts == refs
     status = ray.get(actor.status.remote())
     assert [d["links"] > 0 for d in status["decode"]] == [True, True]  # both replicas served
-    # the spec's kv_transfer.backend (auto would stage KV through shared memory here)
+    # the spec's kv_transfer.backend
     assert [d["kv_backends"] for d in status["decode"]] == ["gloo", "gloo"]
     assert_idle(actor)
 

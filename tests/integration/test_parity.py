@@ -108,21 +108,24 @@ def test_greedy_parity_tp4_replicated_kv_heads(
     assert [o.token_ids for o in outs] == hf_greedy(model, prompts, NEW_TOKENS)
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize(("kv_dtype", "backend"), [("int8", "auto"), ("fp8_e4m3", "host")])
 def test_compressed_kv_cache_disaggregated_equals_colocated(
-    ray_session: None, tiny_dirs: dict[str, Path], kv_dtype: str
+    ray_session: None, tiny_dirs: dict[str, Path], kv_dtype: str, backend: str
 ) -> None:
     """A compressed KV cache through the real Ray path: the prefill rank quantizes each layer's
     K/V as the decode cache's own writes do, so a 1P1D deployment generates exactly what a
-    colocated one with the same KV dtype does, and its transfers shrink with the cache."""
+    colocated one with the same KV dtype does, and its transfers shrink with the cache. The
+    fp8 case moves its KV through the shared-memory ring (kv_transfer.backend host)."""
     model = tiny_dirs["llama"]
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    with LLM(str(model), kv_cache_dtype=kv_dtype, dtype="float32") as llm:
+    knobs = {"kv_cache_dtype": kv_dtype, "kv_transfer_backend": backend}
+    with LLM(str(model), dtype="float32", **knobs) as llm:
         prompts = parity_prompts(len(llm.tokenizer))
         outs = llm.generate(prompts, params)
         assert llm.check_integrity() == 0
         config, size = llm.model_config, llm.config.decode.kv_cache
         stats = ray.get(llm.deployment.decode[0].stats.remote())
+    assert list(stats.kv_bytes_by_backend) == ["gloo" if backend == "auto" else backend]
     # every head of every layer in whole 16-token blocks: codes and one float16 scale per
     # (token, head) row, (head_dim + 2) / (4 * head_dim) of the float32 bytes
     per_block = bytes_per_block(config, 1, 16, kv_dtype)

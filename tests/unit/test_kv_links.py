@@ -31,7 +31,7 @@ M, OTHER = "hostA:boot1", "hostB:boot2"
         ("auto", f"{M}/cuda:GPU-1", f"{M}/cuda:GPU-1", "cuda_ipc"),  # fractions of one GPU
         ("auto", f"{M}/cuda:GPU-1", f"{M}/cuda:GPU-2", "nccl"),
         ("auto", f"{M}/cuda:GPU-1", f"{OTHER}/cuda:GPU-1", "nccl"),
-        ("auto", f"{M}/cpu", f"{M}/cpu", "host"),
+        ("auto", f"{M}/cpu", f"{M}/cpu", "gloo"),
         ("auto", f"{M}/cpu", f"{OTHER}/cpu", "gloo"),
         ("host", f"{M}/cuda:GPU-1", f"{M}/cuda:GPU-1", "host"),
         ("gloo", f"{M}/cuda:GPU-1", f"{M}/cuda:GPU-1", "gloo"),
@@ -158,10 +158,9 @@ def test_a_link_moves_batches_into_the_cache_exactly(backend: str) -> None:
     tx.close()
 
 
-def test_auto_on_one_machine_stages_through_shared_memory() -> None:
+def test_auto_between_cpu_workers_is_gloo() -> None:
     rx, tx = _pair("auto")
-    assert rx.backend == tx.backend == "host"
-    assert rx.device == CPU  # lands in the cache's own memory: no gloo staging arena
+    assert rx.backend == tx.backend == "gloo"
     c = _Cache(rx, tx)
     c.check(c.send(1, 0, 9), 0)
     tx.close()
