@@ -40,7 +40,10 @@ class LLM:
     ``decode_instances``, ``max_num_seqs``, ``block_size``, ``num_kv_blocks``,
     ``kv_cache_memory``, ``enable_chunked_prefill``, ``max_num_batched_tokens``,
     ``kv_transfer_backend``, ``prefill_policy``, ``decode_policy``, ``ray_address``,
-    ``num_threads`` (the table is ``spec_schema.llm_keywords()``; None means the default).
+    ``num_threads``, ``attention_backend`` (auto, sdpa, flex), ``enforce_eager`` (no CUDA
+    graphs), ``cudagraph_capture_sizes``, ``gpus_per_worker`` and ``prefill_gpus_per_worker``
+    (a worker's share of a GPU: 0.5 each runs 1P1D on one GPU). The table is
+    ``spec_schema.llm_keywords()``; None means the default.
 
     ``mode="colocated"`` is the baseline instead: ``decode_instances`` instances, each running
     both phases on the same engine with continuous batching and prefill priority, or with

@@ -7,12 +7,16 @@ from typing import Any
 
 import torch
 
+from pdserve.decode_worker.cuda_graphs import StaticDecode, capture_sizes
 from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.seq import DecodeSeq
 from pdserve.decode_worker.step import EngineLimits, StepBatch
 from pdserve.engine.attention import DecodeMetadata, MixedMetadata
+from pdserve.engine.decode_attention import FLEX
 from pdserve.engine.kv_cache import allocate_kv_cache
+from pdserve.engine.kv_quant import storage_dtype
 from pdserve.engine.model import CausalLM
+from pdserve.engine.paged_flex_attention import resolve_attention_backend
 from pdserve.engine.sampling import Sampler
 from pdserve.engine.sampling_types import SamplerOutput
 from pdserve.engine.speculative import Proposer
@@ -20,15 +24,23 @@ from pdserve.engine.speculative import Proposer
 
 class DecodeRunner:
     """Runs `DecodeEngine` steps against the paged cache: decode tokens, recomputes and prompt
-    chunks in one forward (the engine's `StepRunner`)."""
+    chunks in one forward (the engine's `StepRunner`). With ``static``, a pure decode step that
+    fits its padded sizes runs from its static buffers (a CUDA graph once captured, the flex
+    attention path); every other step runs the plain path (SDPA attention)."""
 
     def __init__(
-        self, model: CausalLM, kv_cache: torch.Tensor, block_size: int, device: torch.device
+        self,
+        model: CausalLM,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        device: torch.device,
+        static: StaticDecode | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache  # [layers, num_blocks, 2, block_size, kv_heads, row]: its format
         self.block_size = block_size
         self.device = device
+        self.static = static
         self.sampler = Sampler()
 
     def _slots(self, table: Sequence[int], positions: range) -> list[int]:
@@ -39,7 +51,17 @@ class DecodeRunner:
     def run(self, batch: StepBatch) -> SamplerOutput | None:
         """One engine step in one forward: a decode token for each of ``batch.seqs`` and the
         ``batch.chunks``; samples ``batch.rows`` (None when there are none)."""
-        seqs, tables, chunks, rows = batch.seqs, batch.tables, batch.chunks, batch.rows
+        if self.static is not None and self.static.takes(batch):
+            hidden = self.static.forward(batch)
+        else:
+            hidden = self._forward(batch)
+        if not batch.rows:
+            return None
+        return self.sampler(self.model.compute_logits(hidden), batch.rows)
+
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
+        """The plain path: hidden states of the rows to sample, [len(batch.rows), hidden]."""
+        seqs, tables, chunks = batch.seqs, batch.tables, batch.chunks
         drafts = batch.drafts or [()] * len(seqs)
         dev = self.device
         ids = [t for s, d in zip(seqs, drafts) for t in (s.token_ids[-1], *d)]
@@ -62,13 +84,11 @@ class DecodeRunner:
         hidden = self.model(
             torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, self.kv_cache
         )
-        if not rows:
-            return None
         # logits rows: every decode token and draft, then the last token of each sampled chunk
         ends = torch.tensor([len(c.token_ids) for c in chunks], dtype=torch.int64).cumsum(0)
         picked = [num_decode + int(e) - 1 for c, e in zip(chunks, ends) if c.sample]
         index = torch.tensor([*range(num_decode), *picked], dtype=torch.int64, device=dev)
-        return self.sampler(self.model.compute_logits(hidden.index_select(0, index)), rows)
+        return hidden.index_select(0, index)
 
     @staticmethod
     def _span(seq: DecodeSeq, drafts: Sequence[int]) -> range:
@@ -106,15 +126,36 @@ def build_engine(
     instance: int = 0,
     kv_dtype: str = "auto",
     proposer: Proposer | None = None,
+    *,
+    attention_backend: str = "auto",
+    enforce_eager: bool = False,
+    cudagraph_capture_sizes: Sequence[int] | None = None,
 ) -> DecodeEngine:
     """A `DecodeEngine` over ``model`` with a fresh paged KV cache of ``limits.num_blocks``
     blocks in format ``kv_dtype`` (``decode.kv_cache.dtype``): what a decode replica, the
     engine benchmark and the profiler all run. ``proposer``: where speculative drafts come
-    from when ``limits.speculative`` is set (default: n-gram lookup)."""
-    cache = allocate_kv_cache(
-        model.config, 1, limits.num_blocks, limits.block_size, device, kv_dtype
-    )
-    runner = DecodeRunner(model, cache, limits.block_size, device)
+    from when ``limits.speculative`` is set (default: n-gram lookup).
+
+    ``attention_backend`` (``decode.attention_backend``): with flex (auto's choice on CUDA),
+    pure decode steps run padded from static buffers, with one more cache block as their
+    scratch block, captured as CUDA graphs on CUDA unless ``enforce_eager``.
+    """
+    c = model.config
+    cache_dtype = storage_dtype(kv_dtype, c.dtype)
+    backend = resolve_attention_backend(attention_backend, device, cache_dtype, c.dtype)
+    padded = backend == FLEX
+    blocks = limits.num_blocks + 1 if padded else limits.num_blocks  # + the scratch block
+    cache = allocate_kv_cache(c, 1, blocks, limits.block_size, device, kv_dtype)
+    static = None
+    if padded:
+        sizes = capture_sizes(limits.max_num_seqs, cudagraph_capture_sizes)
+        max_blocks = -(-limits.max_model_len // limits.block_size)
+        static = StaticDecode(
+            model, cache, limits.block_size, sizes, max_blocks, limits.num_blocks, backend
+        )
+        if device.type == "cuda" and not enforce_eager:
+            static.capture()
+    runner = DecodeRunner(model, cache, limits.block_size, device, static)
     return DecodeEngine(runner, limits, instance, proposer)
 
 

@@ -10,6 +10,7 @@ from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.runner import build_engine, model_limits
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.deploy_config import DeploymentConfig
+from pdserve.engine.device_memory import worker_memory
 from pdserve.engine.kv_cache import bytes_per_block
 from pdserve.engine.loader import load_model
 from pdserve.engine.parallel import TPGroup
@@ -21,7 +22,7 @@ def load_engine(config: DeploymentConfig, instance: int, device: torch.device) -
     d = config.decode
     cfg = ModelConfig.of(config.model)
     model = load_model(cfg, TPGroup.single(), device)  # first: the cache gets the rest
-    memory = torch.cuda.mem_get_info(device) if device.type == "cuda" else None
+    memory = worker_memory(device, d.gpus_per_worker)  # a GPU, or its share
     per_block = bytes_per_block(cfg, 1, d.block_size, d.kv_cache.dtype)  # scales included
     num_blocks = d.kv_cache.num_blocks(per_block, memory)
     limits = model_limits(
@@ -44,4 +45,8 @@ def load_engine(config: DeploymentConfig, instance: int, device: torch.device) -
         proposer = build_draft_proposer(
             spec.draft_model, spec.draft_num_layers, model, num_blocks, d.block_size, device
         )
-    return build_engine(model, limits, device, instance, d.kv_cache.dtype, proposer)
+    return build_engine(
+        model, limits, device, instance, d.kv_cache.dtype, proposer,
+        attention_backend=d.attention_backend, enforce_eager=d.enforce_eager,
+        cudagraph_capture_sizes=d.cudagraph_capture_sizes,
+    )  # fmt: skip

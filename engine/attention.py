@@ -1,5 +1,6 @@
-"""Attention over packed prefill tokens, over the paged KV cache for decode, and over both at
-once for a mixed step (decode tokens plus prefill chunks that continue earlier chunks).
+"""Attention over packed prefill tokens, and over the paged KV cache for a mixed step (decode
+tokens plus prefill chunks that continue earlier chunks); decode attention itself lives in
+engine/decode_attention.py (its names are exported here too).
 
 Cache layout per layer: [num_blocks, 2 (K, V), block_size, kv_heads_local, head_dim] (see
 engine/kv_cache.py); token t of a sequence lives in slot
@@ -17,8 +18,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pdserve.engine.decode_attention import (
+    DecodeMetadata,
+    DecodePlan,
+    decode_attention,
+    gather_blocks,
+    plan_decode,
+)
 from pdserve.engine.kv_cache import half_block_ids, kv_rows
-from pdserve.engine.kv_quant import from_cache_rows, movable, to_cache_rows
+from pdserve.engine.kv_quant import movable, to_cache_rows
+
+__all__ = [  # decode's names too: one import site for the model, runners and tests
+    "ChunkPlan",
+    "DecodeMetadata",
+    "DecodePlan",
+    "MixedMetadata",
+    "MixedPlan",
+    "PrefillMetadata",
+    "decode_attention",
+    "mixed_attention",
+    "plan_decode",
+    "plan_mixed",
+    "prefill_attention",
+    "write_kv",
+]
 
 
 @dataclass
@@ -29,18 +52,6 @@ class PrefillMetadata:
     slot_mapping: torch.Tensor | None = None  # [T] int64 cache slot per token; None: don't write
 
 
-@dataclass
-class DecodeMetadata:
-    """One new token per sequence, attending to everything cached for it (itself included);
-    with ``query_lens``, q_i >= 1 consecutive tokens of sequence i (its decode token and the
-    drafts it verifies), each seeing the cache up to its own position."""
-
-    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
-    context_lens: torch.Tensor  # [B] int64: cached tokens incl. the ones computed now
-    slot_mapping: torch.Tensor  # [T] int64: where the new tokens' K/V go (T = B without drafts)
-    query_lens: list[int] | None = None  # tokens per sequence this step; None: one each
-
-
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> None:
     """Scatter k, v: [T, kv_heads, head_dim] into a layer's cache [num_blocks, 2, block_size,
     kv_heads, row] at K rows ``rows`` (``kv_rows`` of the tokens' slots), in its format."""
@@ -49,13 +60,6 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.
     flat = movable(cache).view(-1, *k.shape[1:])
     flat.index_copy_(0, rows, movable(k))
     flat.index_copy_(0, rows + cache.shape[2], movable(v))
-
-
-def _gather(cache: torch.Tensor, half_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Whole blocks of K, then of V, as ``dtype`` values: [2 * n, block_size, kv_heads, D] for
-    ``half_block_ids``. index_select copies block-sized rows, several times faster on CPU than
-    advanced indexing (element by element); only the gathered blocks are dequantized."""
-    return from_cache_rows(cache.view(-1, *cache.shape[2:]).index_select(0, half_ids), dtype)
 
 
 def _window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
@@ -92,146 +96,6 @@ def prefill_attention(
     if start != q.shape[0]:
         raise ValueError(f"seq_lens sum to {start} but {q.shape[0]} tokens were given")
     return out
-
-
-@dataclass
-class DecodePlan:
-    """What every layer of one decode step gathers and masks, worked out once per step."""
-
-    kv_rows: torch.Tensor  # [T] K rows (kv_rows) where the new tokens' K/V go
-    half_ids: torch.Tensor  # [2 * B * n] half blocks to gather (half_block_ids), n per sequence
-    visible: torch.Tensor  # [B, 1, Q, n * block_size] bool: gathered slots each query may see
-    # several queries per sequence (drafts): token t of the packed batch is row q_index[t] of
-    # the [B * Q] padded queries; None when every sequence has one (Q == 1)
-    q_index: torch.Tensor | None = None
-    # a step where only some sequences verify drafts: (their tokens' indices, their plan) for
-    # the one-query sequences and for the others, so the former are not padded to Q queries
-    parts: list[tuple[torch.Tensor, DecodePlan]] | None = None
-
-
-def plan_decode(meta: DecodeMetadata, block_size: int, window: int | None) -> DecodePlan:
-    """Gather whole blocks; with a sliding window only the ones the window can reach."""
-    lens = meta.query_lens
-    if lens and 1 in lens and max(lens) > 1:
-        return _plan_split(meta, block_size, window)
-    tables, ctx = meta.block_tables, meta.context_lens[:, None]
-    dev = tables.device
-    lens = meta.query_lens
-    width = max(lens) if lens else 1
-    n = tables.shape[1]
-    first = torch.zeros_like(ctx)  # [B, 1] first gathered block, in table order
-    if window is not None and (window + width - 2) // block_size + 2 < n:
-        # positions ctx-width+1-window .. ctx-1 touch at most this many blocks
-        n = (window + width - 2) // block_size + 2
-        lowest = (ctx - width + 1 - window).clamp(min=0) // block_size
-        first = lowest.clamp(max=tables.shape[1] - n)
-        tables = tables.gather(1, first + torch.arange(n, device=dev))
-    pos = first * block_size + torch.arange(n * block_size, device=dev)  # [B, L]
-    q_index = None
-    if width == 1:
-        query = ctx - 1  # [B, 1]
-    else:
-        assert lens is not None
-        q_len = torch.tensor(lens, device=dev)[:, None]
-        j = torch.arange(width, device=dev)
-        # query j of a sequence sits at ctx - q_len + j; padding rows (j >= q_len) copy the
-        # last one, so they see keys (no NaN), and are dropped
-        query = ctx - q_len + j.minimum(q_len - 1)  # [B, Q]
-        q_index = (torch.arange(len(lens), device=dev)[:, None] * width + j)[j < q_len]
-    # [B, Q, L]: causal up to each query; hides table padding and the last block's unused tail
-    visible = pos[:, None, :] <= query[:, :, None]
-    if window is not None:
-        visible &= pos[:, None, :] > query[:, :, None] - window
-    rows = kv_rows(meta.slot_mapping, block_size)
-    return DecodePlan(rows, half_block_ids(tables.flatten()), visible[:, None], q_index)
-
-
-def _plan_split(meta: DecodeMetadata, block_size: int, window: int | None) -> DecodePlan:
-    """Plans for the one-query sequences and for the ones with drafts, run one after the other."""
-    assert meta.query_lens is not None
-    lens = meta.query_lens
-    dev = meta.block_tables.device
-    starts = [0]
-    for n in lens:
-        starts.append(starts[-1] + n)
-    parts = []
-    for seqs in (
-        [i for i, n in enumerate(lens) if n == 1],
-        [i for i, n in enumerate(lens) if n > 1],
-    ):
-        index = torch.tensor(seqs, dtype=torch.int64, device=dev)
-        tokens = torch.tensor(
-            [t for i in seqs for t in range(starts[i], starts[i + 1])],
-            dtype=torch.int64,
-            device=dev,
-        )
-        sub = DecodeMetadata(
-            meta.block_tables.index_select(0, index),
-            meta.context_lens.index_select(0, index),
-            meta.slot_mapping.index_select(0, tokens),
-            [lens[i] for i in seqs] if lens[seqs[0]] > 1 else None,
-        )
-        parts.append((tokens, plan_decode(sub, block_size, window)))
-    rows = kv_rows(meta.slot_mapping, block_size)
-    empty = torch.empty(0, dtype=torch.int64, device=dev)
-    return DecodePlan(rows, empty, torch.empty(0, dtype=torch.bool, device=dev), None, parts)
-
-
-def decode_attention(
-    q: torch.Tensor,
-    cache: torch.Tensor,
-    plan: DecodePlan,
-    scale: float,
-) -> torch.Tensor:
-    """One query per sequence against its cached blocks, one batched SDPA call.
-
-    q: [B, heads, D]; cache: [num_blocks, 2, block_size, kv_heads, row] -> [B, heads, D]
-    """
-    if plan.parts is not None:
-        out = torch.empty_like(q)
-        for tokens, part in plan.parts:
-            out[tokens] = decode_attention(q.index_select(0, tokens), cache, part, scale)
-        return out
-    if plan.q_index is not None:
-        return _multi_query_attention(q, cache, plan, scale)
-    batch, heads, head_dim = q.shape
-    kv_heads = cache.shape[3]
-    # whole blocks of K and V in one call: [2, B, n * block_size, kv_heads, D]
-    kv = _gather(cache, plan.half_ids, q.dtype).view(2, batch, -1, kv_heads, head_dim)
-    k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, kv_heads, L, D], strided views
-    # GQA as a query length: the heads sharing a KV head become its queries, so each K/V row
-    # is read once per KV head (faster on CPU than enable_gqa). [B, kv_heads, group, D]
-    grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
-    o = F.scaled_dot_product_attention(grouped, k, v, attn_mask=plan.visible, scale=scale)
-    return o.reshape(batch, heads, head_dim)
-
-
-def _multi_query_attention(
-    q: torch.Tensor, cache: torch.Tensor, plan: DecodePlan, scale: float
-) -> torch.Tensor:
-    """Decode with drafts: q_i queries per sequence, padded to Q, one batched SDPA call.
-
-    q: [T, heads, D] packed -> [T, heads, D]
-    """
-    assert plan.q_index is not None
-    batch, width = plan.visible.shape[0], plan.visible.shape[2]
-    heads, head_dim = q.shape[1:]
-    kv_heads = cache.shape[3]
-    group = heads // kv_heads
-    padded = q.new_zeros(batch * width, heads, head_dim)
-    padded[plan.q_index] = q
-    kv = _gather(cache, plan.half_ids, q.dtype).view(2, batch, -1, kv_heads, head_dim)
-    k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, kv_heads, L, D]
-    # GQA as a query length, as in decode: [B, kv_heads, Q * group, D], queries major
-    grouped = (
-        padded.view(batch, width, kv_heads, group, head_dim)
-        .transpose(1, 2)
-        .reshape(batch, kv_heads, width * group, head_dim)
-    )
-    mask = plan.visible.repeat_interleave(group, dim=2)  # [B, 1, Q * group, L]
-    o = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
-    o = o.view(batch, kv_heads, width, group, head_dim).transpose(1, 2)
-    return o.reshape(batch * width, heads, head_dim)[plan.q_index]
 
 
 @dataclass
@@ -345,7 +209,9 @@ def _chunk_attention(
     # q: [n, heads, D] -> [n, heads, D], against the gathered blocks of its sequence
     assert chunk.half_ids is not None and chunk.visible is not None
     kv_heads, head_dim = cache.shape[3], q.shape[-1]
-    kv = _gather(cache, chunk.half_ids, q.dtype).view(2, -1, kv_heads, head_dim)  # [2, L, kvh, D]
+    kv = gather_blocks(cache, chunk.half_ids, q.dtype).view(
+        2, -1, kv_heads, head_dim
+    )  # [2, L, kvh, D]
     k, v = kv[0].transpose(0, 1)[None], kv[1].transpose(0, 1)[None]  # [1, kv_heads, L, D]
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k, v, attn_mask=chunk.visible, scale=scale, enable_gqa=True

@@ -23,6 +23,9 @@ from pdserve.engine.speculative import SpeculativeSettings
 CHUNKED_PREFILL_BUDGET = 2048  # vLLM's default step budget with chunked prefill (serving)
 WHOLE_PREFILL_BUDGET = 8192  # prompt tokens of one prefill-only step (prefill priority)
 KV_ACTIVATION_RESERVE = 0.1  # CUDA: share of the memory left after the weights kept for activations
+# decode.attention_backend: sdpa gathers each sequence's blocks (any KV format), flex reads them
+# in place (engine/paged_flex_attention.py)
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class PrefillSettings:
     kv_cache: KVCacheSize = field(default_factory=lambda: KVCacheSize(memory_bytes=512 << 20))
     chunked_prefill: bool = False
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, per rank
+    gpus_per_worker: float = 1.0  # CUDA: each rank's share of a GPU (engine/device_memory.py)
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,14 @@ class DecodeSettings:
     max_num_batched_tokens: int = WHOLE_PREFILL_BUDGET
     chunked_prefill: bool = False
     resources: dict[str, float] = field(default_factory=dict)
+    gpus_per_worker: float = 1.0  # CUDA: each replica's share of a GPU (engine/device_memory.py)
     kv_lease_s: float = 60.0  # reservations without KV, and stalled transfers, freed after it
     speculative: SpeculativeSettings | None = None  # speculative decoding; None: off
+    # decode attention (one of ATTENTION_BACKENDS); auto stays auto here: flex on CUDA when the
+    # KV cache holds the model's dtype, which only the loaded model tells (decode start-up)
+    attention_backend: str = "auto"
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps (CPU never uses them)
+    cudagraph_capture_sizes: tuple[int, ...] | None = None  # None: 1, 2, 4, ... max_num_seqs
 
     def __post_init__(self) -> None:
         problem = step_budget_problem(
@@ -157,7 +167,7 @@ class DeploymentConfig:
     model: ModelSettings
     prefill: PrefillSettings | None = field(default_factory=PrefillSettings)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
-    kv_backend: str = "auto"  # "auto", "gloo" or "nccl"
+    kv_backend: str = "auto"  # one of kv_transfer.peers.BACKENDS
     prefix_caching: bool = True  # reuse KV blocks across requests, in both pools
     router: RouterSettings = field(default_factory=RouterSettings)
     server: ServerSettings = field(default_factory=ServerSettings)

@@ -223,8 +223,16 @@ class CausalLM(nn.Module):
             raise ValueError("decode needs the paged kv_cache the prefill wrote")
         window, block_size = self.config.sliding_window, kv_cache.shape[3]
         if isinstance(meta, DecodeMetadata):
-            return plan_decode(meta, block_size, window)
+            # the flex path's block mask spans the whole cache, and a query per GQA group member
+            blocks, group = kv_cache.shape[1], self.queries_per_kv
+            return plan_decode(meta, block_size, window, num_blocks=blocks, group=group)
         return plan_mixed(meta, block_size, window)
+
+    @property
+    def queries_per_kv(self) -> int:
+        """Query heads per KV head on this rank (its GQA group)."""
+        kv_start, kv_end = kv_head_range(self.config.num_kv_heads, self.tp.rank, self.tp.size)
+        return self.config.num_heads // self.tp.size // (kv_end - kv_start)
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.deploy_config import DeploymentConfig
+from pdserve.engine.device_memory import worker_memory
 from pdserve.engine.kv_cache import bytes_per_block
 from pdserve.engine.parallel import TPGroup
 from pdserve.engine.prefix_hash import hash_salt
@@ -40,7 +41,7 @@ def num_cache_blocks(
     assert deployment.prefill is not None
     d = deployment.decode
     per_block = bytes_per_block(config, tp.size, d.block_size, d.kv_cache.dtype)
-    memory = torch.cuda.mem_get_info(device) if device.type == "cuda" else None
+    memory = worker_memory(device, deployment.prefill.gpus_per_worker)  # a GPU, or its share
     n = deployment.prefill.kv_cache.num_blocks(per_block, memory, "prefill.kv_cache")
     if tp.size > 1:
         assert tp.pg is not None

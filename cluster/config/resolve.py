@@ -74,6 +74,7 @@ def resolve(
             "kv_transfer.backend: nccl moves CUDA tensors and the model runs on cpu; "
             "write gloo or auto"
         )
+    _check_gpu_shares(spec, device, problems)
     config: DeploymentConfig | None = None
     try:
         config = settle(spec, device, model_path=model_path, api_key=api_key)
@@ -175,6 +176,27 @@ def read_api_key(value: str | None, environ: Mapping[str, str] | None = None) ->
             ]
         )
     return key
+
+
+def _check_gpu_shares(spec: DeploySpec, device: str, problems: list[str]) -> None:
+    """``gpus_per_worker`` below 1 shares a GPU between workers: GPUs only, and never between
+    the ranks of one tensor-parallel group (NCCL cannot join two ranks on one GPU)."""
+    pools = [("decode", spec.decode.gpus_per_worker)]
+    if spec.mode != "colocated":
+        pools.append(("prefill", spec.prefill_pool.gpus_per_worker))
+    for pool, share in pools:
+        if share < 1 and device != "cuda":
+            problems.append(
+                f"{pool}.gpus_per_worker: only applies on GPUs and the model runs on cpu; "
+                "leave it out"
+            )
+    tp = spec.prefill_pool.tensor_parallel_size
+    if spec.mode != "colocated" and spec.prefill_pool.gpus_per_worker < 1 and tp > 1:
+        problems.append(
+            f"prefill.gpus_per_worker: {spec.prefill_pool.gpus_per_worker} would put ranks of a "
+            f"tensor-parallel group (size {tp}) on one GPU, where NCCL cannot join them; give "
+            "each rank a whole GPU (1) or use tensor_parallel_size 1"
+        )
 
 
 def _device(device: str, gpus_available: bool, problems: list[str]) -> str:

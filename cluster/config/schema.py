@@ -16,14 +16,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 
 from pdserve.cluster.config.errors import did_you_mean, section_type
 from pdserve.engine.builtin_models import BUILTIN_MODELS, BUILTIN_PREFIX, DEFAULT_MODEL
+from pdserve.engine.deploy_config import ATTENTION_BACKENDS
 from pdserve.engine.speculative import SPEC_METHODS
 from pdserve.router.policies import DECODE_POLICIES, PREFILL_POLICIES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-KV_BACKENDS = ("auto", "nccl", "gloo")
+KV_BACKENDS = ("auto", "nccl", "gloo", "host", "cuda_ipc")  # kv_transfer.peers.BACKENDS
 QUANTIZATIONS = ("none", "int8", "int4")  # weight-only: int8 per output channel, int4 group-wise
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8")
+QUANTIZED_KV_DTYPES = ("fp8_e4m3", "int8")  # scaled formats: read only through the sdpa path
 MODES = ("disaggregated", "colocated")
 # Ray asks for these per actor itself (one CPU or GPU slot each); a spec lists custom ones only.
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -59,6 +61,16 @@ def _auto_or_positive_int(value: Any) -> int | Literal["auto"]:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
         return value  # type: ignore[no-any-return]
     raise ValueError(f"must be auto or a positive integer, got {value!r}")
+
+
+def _capture_sizes(value: Any) -> tuple[int, ...] | None:
+    """A list of positive batch sizes, kept sorted and without repeats; None: auto."""
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and value
+    if not ok or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in value):
+        raise ValueError(f"must be a list of batch sizes such as [1, 2, 4, 8], got {value!r}")
+    return tuple(sorted(set(value)))
 
 
 def parse_memory(value: Any) -> int | None:
@@ -119,9 +131,11 @@ def _check_address(value: str | None) -> str | None:
 
 
 Positive = Annotated[int, Field(ge=1)]
+GPUShare = Annotated[float, Field(gt=0, le=1)]
 Resources = Annotated[dict[str, Annotated[float, Field(gt=0)]], AfterValidator(_check_resources)]
 AutoInt = Annotated[int | Literal["auto"], PlainValidator(_auto_or_positive_int)]
 Memory = Annotated[int | None, PlainValidator(parse_memory)]
+CaptureSizes = Annotated[tuple[int, ...] | None, PlainValidator(_capture_sizes)]
 NonEmpty = Annotated[str, _check(lambda s: bool(s.strip()), "must not be empty")]
 
 
@@ -205,6 +219,8 @@ class PrefillSection(Section):
     # prompts over max_batch_tokens run in chunks, short prompts interleaved with them
     chunked_prefill: bool = kw(False, "prefill_chunked_prefill")
     resources: Resources = Field(default_factory=dict)
+    # each rank's share of one GPU (Ray's fractional GPUs, and that share of its memory)
+    gpus_per_worker: GPUShare = kw(1.0, "prefill_gpus_per_worker")
 
 
 class SpeculativeSection(Section):
@@ -245,6 +261,8 @@ class DecodeSection(Section):
     block_size: Annotated[int, Field(ge=1, le=1024)] = kw(16, "block_size")
     kv_cache: KVCache = Field(default_factory=KVCache)
     resources: Resources = Field(default_factory=dict)
+    # each replica's share of one GPU: 0.5 puts a prefill rank and a replica on one GPU
+    gpus_per_worker: GPUShare = kw(1.0, "gpus_per_worker")
     # colocated: the instances prefill in chunks; disaggregated: the prefill pool does (as
     # prefill.chunked_prefill, within prefill.max_batch_tokens)
     chunked_prefill: bool = kw(False, "enable_chunked_prefill")
@@ -255,6 +273,32 @@ class DecodeSection(Section):
     kv_lease_s: Annotated[float, Field(gt=0, le=86400)] = kw(60.0, "kv_lease_s")
     # speculative decoding (off when absent): n-gram prompt lookup or a draft model
     speculative: SpeculativeSection | None = kw(None, "speculative_config")
+    # decode attention: sdpa gathers each sequence's blocks (any KV cache dtype), flex reads
+    # them in place (KV cache in the model's dtype); auto: flex on CUDA when it can, else sdpa
+    attention_backend: Annotated[str, _one_of(*ATTENTION_BACKENDS)] = kw(
+        "auto", "attention_backend"
+    )
+    # CUDA graphs for pure decode steps (flex only; CPU never uses them); true: none (vLLM's)
+    enforce_eager: bool = kw(False, "enforce_eager")
+    # batch sizes decode steps are padded to and captured at; auto: 1, 2, 4, ... max_num_seqs
+    cudagraph_capture_sizes: CaptureSizes = kw(None, "cudagraph_capture_sizes")
+
+    @model_validator(mode="after")
+    def _attention_consistent(self) -> DecodeSection:
+        if self.attention_backend == "flex" and self.kv_cache.dtype in QUANTIZED_KV_DTYPES:
+            raise ValueError(
+                "attention_backend: flex reads the KV cache in place and needs it in the "
+                f"model's dtype, but kv_cache.dtype is {self.kv_cache.dtype}: write "
+                "attention_backend: sdpa (or auto, which falls back to sdpa), or "
+                "kv_cache.dtype: auto"
+            )
+        over = [s for s in self.cudagraph_capture_sizes or () if s > self.max_num_seqs]
+        if over:
+            raise ValueError(
+                f"cudagraph_capture_sizes: {over} exceed max_num_seqs ({self.max_num_seqs}), "
+                "the most sequences a decode step holds: drop them or raise max_num_seqs"
+            )
+        return self
 
 
 class KVTransferSection(Section):

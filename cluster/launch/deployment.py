@@ -14,6 +14,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pdserve.cluster.launch.gpu_fit import check_gpu_fit
 from pdserve.cluster.launch.ray_ports import RayDecodePort, RayPrefillPort
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import ModelConfig
@@ -29,8 +30,12 @@ PrefillActor = ray.remote(PrefillWorker)
 DecodeActor = ray.remote(DecodeWorker)
 
 
-def _device_slot(config: DeploymentConfig) -> dict[str, float]:
-    return {"GPU": 1.0} if config.model.device == "cuda" else {"CPU": 1.0}
+def _device_slot(config: DeploymentConfig, pool: str) -> dict[str, float]:
+    """One worker's Ray resources: its share of a GPU (``gpus_per_worker``), or a CPU slot."""
+    if config.model.device != "cuda":
+        return {"CPU": 1.0}
+    settings = config.prefill if pool == "prefill" else config.decode
+    return {"GPU": settings.gpus_per_worker if settings is not None else 1.0}
 
 
 @dataclass(frozen=True)
@@ -72,13 +77,14 @@ class Deployment:
         """Create and start every actor; ``detached`` placement groups outlive the driver that
         created the (detached) controller."""
         check_tp_size(model.num_heads, model.num_kv_heads, config.prefill_tp)
+        check_gpu_fit(config)  # Ray would wait forever for a worker no GPU can hold
         groups: list[PlacementGroup] = []
         decode = [_make_decode(config, j) for j in range(config.decode.instances)]
         prefill = []
         for i in range(config.prefill_instances):
             resources = config.prefill.resources if config.prefill else {}
             pg = placement_group(
-                [_device_slot(config) | resources] * config.prefill_tp,
+                [_device_slot(config, "prefill") | resources] * config.prefill_tp,
                 strategy="STRICT_PACK",
                 name=f"{config.link_prefix}-prefill{i}",
                 lifetime="detached" if detached else None,
@@ -135,7 +141,7 @@ class Deployment:
 
 
 def _make_decode(config: DeploymentConfig, j: int) -> Any:
-    slot = _device_slot(config)
+    slot = _device_slot(config, "decode")
     return DecodeActor.options(
         num_cpus=slot.get("CPU", 0),
         num_gpus=slot.get("GPU", 0),
@@ -148,7 +154,7 @@ def _make_prefill(
     config: DeploymentConfig, model: ModelConfig, i: int, pg: PlacementGroup
 ) -> PrefillGroup:
     assert config.prefill is not None, "colocated deployments have no prefill pool"
-    slot, tp = _device_slot(config), config.prefill.tensor_parallel_size
+    slot, tp = _device_slot(config, "prefill"), config.prefill.tensor_parallel_size
     ranks = [
         PrefillActor.options(
             num_cpus=slot.get("CPU", 0),

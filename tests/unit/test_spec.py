@@ -12,7 +12,16 @@ from typing import Any
 
 import pytest
 import yaml
-from _spec_helpers import DEPLOY, GPU_SPEC, REPO, S, cache_dir, problems_of, spec_error  # noqa: F401
+from _spec_helpers import (  # noqa: F401
+    DEPLOY,
+    GPU_SPEC,
+    REPO,
+    S,
+    cache_dir,
+    problems_of,
+    resolve_problems,
+    spec_error,
+)
 
 from pdserve.cluster.config.resolve import resolve, settle
 from pdserve.cluster.config.schema import parse_memory
@@ -241,3 +250,42 @@ def test_spec_is_frozen_and_errors_survive_pickling() -> None:
         spec.name = "other"  # type: ignore[misc]
     error = SpecError(["a.b: bad", "c: worse"], "x.yaml")
     assert pickle.loads(pickle.dumps(error)).problems == error.problems
+
+
+# --- one GPU shared by workers ------------------------------------------------------------
+
+
+def test_gpu_1x_puts_a_prefill_rank_and_a_decode_replica_on_one_gpu() -> None:
+    from pdserve.cluster.launch.deployment import _device_slot
+
+    c = resolve(load_spec(DEPLOY / "gpu-1x.yaml"), gpus_available=True)
+    assert c.model.device == "cuda" and c.kv_backend == "auto"  # cuda_ipc between the two
+    assert c.prefill is not None and (c.prefill_instances, c.prefill_tp) == (1, 1)
+    slots = [_device_slot(c, "prefill"), _device_slot(c, "decode")]
+    assert slots == [{"GPU": 0.5}, {"GPU": 0.5}]  # Ray's fractional GPUs: one GPU in all
+    assert c.decode.kv_cache == KVCacheSize(memory_fraction=0.8)  # of the replica's half
+
+
+def test_whole_gpus_and_cpu_slots_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdserve.cluster.launch.deployment import _device_slot
+
+    monkeypatch.setenv("PDSERVE_API_KEY", "sk-test")
+    gpu = resolve(load_spec(GPU_SPEC), gpus_available=True)
+    assert [_device_slot(gpu, p) for p in ("prefill", "decode")] == [{"GPU": 1.0}] * 2
+    cpu = settle(load_spec(DEPLOY / "local.yaml"), "cpu")
+    assert [_device_slot(cpu, p) for p in ("prefill", "decode")] == [{"CPU": 1.0}] * 2
+
+
+@pytest.mark.parametrize(
+    ("data", "gpus", "hint"),
+    [
+        (S(decode={"gpus_per_worker": 1.5}), True, "decode.gpus_per_worker: must be <= 1"),
+        (S(decode={"gpus_per_worker": 0}), True, "decode.gpus_per_worker: must be > 0"),
+        (S(decode={"gpus_per_worker": 0.5}), False, "decode.gpus_per_worker: only applies on GPUs"),
+        (S(model={"device": "cuda"}, prefill={"tensor_parallel_size": 2, "gpus_per_worker": 0.5}),
+         True, "prefill.gpus_per_worker: 0.5 would put ranks of a tensor-parallel group"),
+    ],
+)  # fmt: skip
+def test_bad_gpu_shares_name_the_fix(data: dict[str, Any], gpus: bool, hint: str) -> None:
+    problems = resolve_problems(data, gpus)
+    assert any(p.startswith(hint) for p in problems), problems

@@ -1,0 +1,25 @@
+"""How much GPU memory a worker may count on: the whole GPU, or its share of one.
+
+With ``gpus_per_worker`` below 1, Ray places several workers on one GPU (fractional GPUs); Ray
+only counts the fractions, it does not divide the memory. So a worker with a share caps its
+caching allocator at that share (``set_per_process_memory_fraction``) and sizes its KV cache
+from its share less what it holds itself (the weights, loaded first), not from the GPU's free
+memory, which its neighbours are filling at the same time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def worker_memory(device: torch.device, share: float = 1.0) -> tuple[int, int] | None:
+    """(free, total) bytes for sizing a ``memory_fraction`` KV cache on ``device`` (None off
+    CUDA): the GPU's own figures for a whole GPU, else the share's."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    if share >= 1:
+        return free, total
+    torch.cuda.set_per_process_memory_fraction(share, device)
+    budget = int(total * share)
+    return max(budget - torch.cuda.memory_reserved(device), 0), budget
