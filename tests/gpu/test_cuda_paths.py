@@ -56,11 +56,32 @@ def test_nccl_link_moves_kv_between_gpus() -> None:
     dist.destroy_process_group() if dist.is_initialized() else None
 
 
-def test_llm_generates_on_cuda(tmp_path: Path) -> None:
+TWO_GPUS = torch.cuda.device_count() >= 2
+HALVES = {"prefill_gpus_per_worker": 0.5, "gpus_per_worker": 0.5}  # 1P1D sharing one GPU
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "keywords",
+    [
+        pytest.param({"mode": "colocated"}, id="colocated-one-gpu"),
+        pytest.param(HALVES, id="1p1d-one-gpu"),
+        pytest.param(
+            {},
+            id="1p1d-a-gpu-each",
+            marks=pytest.mark.skipif(not TWO_GPUS, reason="a whole GPU per worker needs two"),
+        ),
+    ],
+)
+def test_llm_generates_on_cuda(tmp_path: Path, keywords: dict[str, object]) -> None:
+    """On one GPU Ray must be able to place every worker (one whole-GPU worker, or two halves):
+    asking for more GPUs than there are would wait for them forever."""
     from pdserve.cluster import LLM, SamplingParams
 
     model = make_tiny_model(tmp_path / "tiny", "llama")
-    with LLM(str(model), device="cuda", dtype="float32") as llm:
+    # one prompt: CUDA graphs at batch 1 only (each captured size costs a flex compile)
+    sizes = {"cudagraph_capture_sizes": [1]}
+    with LLM(str(model), device="cuda", dtype="float32", **sizes, **keywords) as llm:
         out = llm.generate("hello", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
         assert len(out[0].token_ids) == 8
         assert llm.check_integrity() == 0
