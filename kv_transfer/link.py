@@ -75,6 +75,14 @@ def _agree(
     return chosen
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current>``: the receiver compares it with its cache's device to land
+    KV in place, and a tensor's device always carries its index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _set_bytes(store: dist.Store, key: str, value: bytes) -> None:
     """``store.set`` with a bytes value (the store keeps bytes; torch's stub says str)."""
     store.set(key, value)  # type: ignore[arg-type]
@@ -181,7 +189,7 @@ class KVLink:
         waiter = None
         if rank == RECEIVER:  # idle waits block a store connection: one of its own
             waiter = dist.TCPStore(host, port, 2, False, timeout)
-        wire_device = device if chosen != "gloo" else torch.device("cpu")
+        wire_device = _indexed(device) if chosen != "gloo" else torch.device("cpu")
         logger.info("kv link %s up: rank %d, backend %s", name, rank, chosen)
         return cls(name, pg, rank, wire_device, store, chosen, staged, waiter)
 
