@@ -22,7 +22,7 @@ def load_engine(config: DeploymentConfig, instance: int, device: torch.device) -
     d = config.decode
     cfg = ModelConfig.of(config.model)
     model = load_model(cfg, TPGroup.single(), device)  # first: the cache gets the rest
-    memory = worker_memory(device, d.gpus_per_worker)  # a GPU, or its share
+    memory = worker_memory(device, d.gpus_per_worker or 1.0)  # a GPU, or its share
     per_block = bytes_per_block(cfg, 1, d.block_size, d.kv_cache.dtype)  # scales included
     num_blocks = d.kv_cache.num_blocks(per_block, memory)
     limits = model_limits(

@@ -101,7 +101,9 @@ class PrefillSettings:
     kv_cache: KVCacheSize = field(default_factory=lambda: KVCacheSize(memory_bytes=512 << 20))
     chunked_prefill: bool = False
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, per rank
-    gpus_per_worker: float = 1.0  # CUDA: each rank's share of a GPU (engine/device_memory.py)
+    # CUDA: each rank's share of a GPU (engine/device_memory.py); None until the deployment
+    # starts and fits the workers to the cluster's GPUs (cluster/launch/gpu_fit.py)
+    gpus_per_worker: float | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class DecodeSettings:
     max_num_batched_tokens: int = WHOLE_PREFILL_BUDGET
     chunked_prefill: bool = False
     resources: dict[str, float] = field(default_factory=dict)
-    gpus_per_worker: float = 1.0  # CUDA: each replica's share of a GPU (engine/device_memory.py)
+    gpus_per_worker: float | None = None  # CUDA: each replica's share of a GPU (as prefill's)
     kv_lease_s: float = 60.0  # reservations without KV, and stalled transfers, freed after it
     speculative: SpeculativeSettings | None = None  # speculative decoding; None: off
     # decode attention (one of ATTENTION_BACKENDS); auto stays auto here: flex on CUDA when the

@@ -41,7 +41,7 @@ def num_cache_blocks(
     assert deployment.prefill is not None
     d = deployment.decode
     per_block = bytes_per_block(config, tp.size, d.block_size, d.kv_cache.dtype)
-    memory = worker_memory(device, deployment.prefill.gpus_per_worker)  # a GPU, or its share
+    memory = worker_memory(device, deployment.prefill.gpus_per_worker or 1.0)  # a GPU, or its share
     n = deployment.prefill.kv_cache.num_blocks(per_block, memory, "prefill.kv_cache")
     if tp.size > 1:
         assert tp.pg is not None

@@ -185,13 +185,13 @@ def _check_gpu_shares(spec: DeploySpec, device: str, problems: list[str]) -> Non
     if spec.mode != "colocated":
         pools.append(("prefill", spec.prefill_pool.gpus_per_worker))
     for pool, share in pools:
-        if share < 1 and device != "cuda":
+        if share is not None and share < 1 and device != "cuda":
             problems.append(
                 f"{pool}.gpus_per_worker: only applies on GPUs and the model runs on cpu; "
                 "leave it out"
             )
-    tp = spec.prefill_pool.tensor_parallel_size
-    if spec.mode != "colocated" and spec.prefill_pool.gpus_per_worker < 1 and tp > 1:
+    tp, share = spec.prefill_pool.tensor_parallel_size, spec.prefill_pool.gpus_per_worker
+    if spec.mode != "colocated" and share is not None and share < 1 and tp > 1:
         problems.append(
             f"prefill.gpus_per_worker: {spec.prefill_pool.gpus_per_worker} would put ranks of a "
             f"tensor-parallel group (size {tp}) on one GPU, where NCCL cannot join them; give "

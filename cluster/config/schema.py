@@ -219,8 +219,9 @@ class PrefillSection(Section):
     # prompts over max_batch_tokens run in chunks, short prompts interleaved with them
     chunked_prefill: bool = kw(False, "prefill_chunked_prefill")
     resources: Resources = Field(default_factory=dict)
-    # each rank's share of one GPU (Ray's fractional GPUs, and that share of its memory)
-    gpus_per_worker: GPUShare = kw(1.0, "prefill_gpus_per_worker")
+    # each rank's share of one GPU (Ray's fractional GPUs, and that share of its memory);
+    # absent: a whole GPU each when the cluster has enough, else an equal share (gpu_fit.py)
+    gpus_per_worker: GPUShare | None = kw(None, "prefill_gpus_per_worker")
 
 
 class SpeculativeSection(Section):
@@ -261,8 +262,9 @@ class DecodeSection(Section):
     block_size: Annotated[int, Field(ge=1, le=1024)] = kw(16, "block_size")
     kv_cache: KVCache = Field(default_factory=KVCache)
     resources: Resources = Field(default_factory=dict)
-    # each replica's share of one GPU: 0.5 puts a prefill rank and a replica on one GPU
-    gpus_per_worker: GPUShare = kw(1.0, "gpus_per_worker")
+    # each replica's share of one GPU: 0.5 puts a prefill rank and a replica on one GPU;
+    # absent: as prefill.gpus_per_worker
+    gpus_per_worker: GPUShare | None = kw(None, "gpus_per_worker")
     # colocated: the instances prefill in chunks; disaggregated: the prefill pool does (as
     # prefill.chunked_prefill, within prefill.max_batch_tokens)
     chunked_prefill: bool = kw(False, "enable_chunked_prefill")

@@ -14,7 +14,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pdserve.cluster.launch.gpu_fit import check_gpu_fit
+from pdserve.cluster.launch.gpu_fit import fit_gpus
 from pdserve.cluster.launch.ray_ports import RayDecodePort, RayPrefillPort
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import ModelConfig
@@ -35,7 +35,8 @@ def _device_slot(config: DeploymentConfig, pool: str) -> dict[str, float]:
     if config.model.device != "cuda":
         return {"CPU": 1.0}
     settings = config.prefill if pool == "prefill" else config.decode
-    return {"GPU": settings.gpus_per_worker if settings is not None else 1.0}
+    share = settings.gpus_per_worker if settings is not None else None
+    return {"GPU": share if share is not None else 1.0}
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class Deployment:
         """Create and start every actor; ``detached`` placement groups outlive the driver that
         created the (detached) controller."""
         check_tp_size(model.num_heads, model.num_kv_heads, config.prefill_tp)
-        check_gpu_fit(config)  # Ray would wait forever for a worker no GPU can hold
+        config = fit_gpus(config)  # Ray would wait forever for a worker no GPU can hold
         groups: list[PlacementGroup] = []
         decode = [_make_decode(config, j) for j in range(config.decode.instances)]
         prefill = []
