@@ -8,26 +8,24 @@ cache and sends their K/V as the forward makes them (the benchmarks' cache-free 
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from pdserve.engine.attention import MixedMetadata, PrefillMetadata
 from pdserve.engine.kv_cache import allocate_kv_cache
-from pdserve.engine.kv_quant import kv_dtype_name, storage_dtype, to_cache_rows
+from pdserve.engine.kv_quant import kv_dtype_name, storage_dtype
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup, is_kv_sender, kv_head_range
 from pdserve.engine.request import PrefillItem, replay_row
 from pdserve.engine.sampling import Sampler
 from pdserve.engine.sampling_types import SamplerOutput, SamplingRow
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
-from pdserve.kv_transfer.layout import pack_layer, token_ranges, wire_plan
+from pdserve.kv_transfer.layout import token_ranges
 from pdserve.kv_transfer.link import KVLink
 from pdserve.prefill_worker.scheduler import PrefillWork
-from pdserve.prefill_worker.sends import CacheSends
+from pdserve.prefill_worker.sends import CacheSends, ForwardSends
 
 
 class PrefillRunner:
@@ -148,7 +146,7 @@ class PrefillRunner:
         # each item's KV from its first block the decode replica does not hold
         bs = self.block_size
         sent = [(s + it.decode_cached_blocks * bs, e) for it, (s, e) in zip(items, ranges)]
-        sends = _BatchSends(items, links, sent, bs, self.kv_dtype)
+        sends = ForwardSends(items, links, sent, bs, self.kv_dtype)
         if self.sends_kv:
             sends.headers(self._header)
         input_ids = torch.tensor(
@@ -178,64 +176,6 @@ def _transfer_item(item: PrefillItem, block_size: int) -> TransferItem:
     cached = item.decode_cached_blocks
     n = len(item.prompt_token_ids) - cached * block_size
     return TransferItem(item.transfer_id, item.request_id, n, item.block_ids[cached:], cached)
-
-
-class _BatchSends:
-    """One batch's sends, per destination decode replica; a destination whose link fails is
-    skipped from then on (``broken`` says why)."""
-
-    def __init__(
-        self,
-        items: Sequence[PrefillItem],
-        links: Mapping[int, KVLink],
-        ranges: Sequence[tuple[int, int]],
-        block_size: int,
-        kv_dtype: torch.dtype,
-    ) -> None:
-        self.items, self.links = items, links
-        self.kv_dtype = kv_dtype
-        self.by_dest: dict[int, list[int]] = defaultdict(list)  # replica -> its items' indices
-        for i, item in enumerate(items):
-            self.by_dest[item.decode_instance].append(i)
-        self.plans = {
-            dest: wire_plan([ranges[i] for i in idx], block_size)
-            for dest, idx in self.by_dest.items()
-        }
-        self.broken: dict[int, str] = {}
-
-    def headers(self, header: Callable[[Sequence[PrefillItem]], TransferHeader]) -> None:
-        for dest, idx in self.by_dest.items():
-            h = header([self.items[i] for i in idx])
-            self._on_link(dest, partial(KVLink.send_header, header=h))
-
-    def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        # k, v: [T, kv_heads_local, head_dim] views for the whole packed batch, converted (or
-        # quantized) once into the cache's format, as the decode side's own writes would
-        k, v = to_cache_rows(k, self.kv_dtype), to_cache_rows(v, self.kv_dtype)
-        for dest, plan in self.plans.items():
-            if dest not in self.broken and plan.num_blocks:  # whole prompts cached: no layers
-                self._on_link(dest, partial(KVLink.send_tensor, tensor=pack_layer(k, v, plan)))
-
-    def trailers(self, first_tokens: Sequence[int]) -> None:
-        for dest, idx in self.by_dest.items():
-            tokens = torch.tensor([first_tokens[i] for i in idx])
-            self._on_link(dest, partial(KVLink.send_tensor, tensor=tokens))
-
-    def flush(self) -> None:
-        for dest in self.by_dest:
-            self._on_link(dest, KVLink.flush)
-
-    def _on_link(self, dest: int, op: Callable[[KVLink], None]) -> None:
-        if dest in self.broken:
-            return
-        link = self.links.get(dest)
-        if link is None:
-            self.broken[dest] = f"no KV link to decode replica {dest} on this rank"
-            return
-        try:
-            op(link)
-        except RuntimeError as e:  # gloo/NCCL: the peer closed or the group was torn down
-            self.broken[dest] = f"KV link to decode replica {dest} failed: {e}"
 
 
 def _row(item: PrefillItem) -> SamplingRow:
