@@ -8,136 +8,37 @@ Values written ``auto`` stay ``auto`` here; ``spec.resolve`` settles them once a
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from pdserve.cluster.config.errors import did_you_mean, section_type
-from pdserve.engine.builtin_models import BUILTIN_MODELS, BUILTIN_PREFIX, DEFAULT_MODEL
+from pdserve.cluster.config.errors import section_type
+from pdserve.cluster.config.fields import (
+    DEVICES,
+    DTYPES,
+    KV_BACKENDS,
+    KV_CACHE_DTYPES,
+    MODES,
+    NAME_RE,
+    QUANTIZATIONS,
+    QUANTIZED_KV_DTYPES,
+    AutoInt,
+    CaptureSizes,
+    GPUShare,
+    Memory,
+    NonEmpty,
+    Positive,
+    Resources,
+    check,
+    check_address,
+    check_api_key,
+    check_model_path,
+    one_of,
+)
+from pdserve.engine.builtin_models import BUILTIN_PREFIX, DEFAULT_MODEL
 from pdserve.engine.deploy_config import ATTENTION_BACKENDS
 from pdserve.engine.speculative import SPEC_METHODS
 from pdserve.router.policies import DECODE_POLICIES, PREFILL_POLICIES
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda")
-KV_BACKENDS = ("auto", "nccl", "gloo", "host", "cuda_ipc")  # kv_transfer.peers.BACKENDS
-QUANTIZATIONS = ("none", "int8", "int4")  # weight-only: int8 per output channel, int4 group-wise
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8")
-QUANTIZED_KV_DTYPES = ("fp8_e4m3", "int8")  # scaled formats: read only through the sdpa path
-MODES = ("disaggregated", "colocated")
-# Ray asks for these per actor itself (one CPU or GPU slot each); a spec lists custom ones only.
-RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
-_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")
-_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_ADDRESS_RE = re.compile(r"(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}")
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-_MEMORY_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
-
-
-def _one_of(*choices: str) -> AfterValidator:
-    def check(value: str) -> str:
-        if value not in choices:
-            raise ValueError(
-                f"must be one of {', '.join(choices)}, got {value!r}{did_you_mean(value, choices)}"
-            )
-        return value
-
-    return AfterValidator(check)
-
-
-def _check(predicate: Callable[[Any], bool], requirement: str) -> AfterValidator:
-    def check(value: Any) -> Any:
-        if not predicate(value):
-            raise ValueError(f"{requirement}, got {value!r}")
-        return value
-
-    return AfterValidator(check)
-
-
-def _auto_or_positive_int(value: Any) -> int | Literal["auto"]:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        return value  # type: ignore[no-any-return]
-    raise ValueError(f"must be auto or a positive integer, got {value!r}")
-
-
-def _capture_sizes(value: Any) -> tuple[int, ...] | None:
-    """A list of positive batch sizes, kept sorted and without repeats; None: auto."""
-    if value is None:
-        return None
-    ok = isinstance(value, (list, tuple)) and value
-    if not ok or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in value):
-        raise ValueError(f"must be a list of batch sizes such as [1, 2, 4, 8], got {value!r}")
-    return tuple(sorted(set(value)))
-
-
-def parse_memory(value: Any) -> int | None:
-    """Bytes from ``2GiB``, ``512MiB``, ``1.5GB`` or a plain integer count of bytes."""
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = _MEMORY_RE.fullmatch(value.strip().lower()) if isinstance(value, str) else None
-    if match is None or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
-        raise ValueError(f'must be a size such as "512MiB", "2GiB" or "8GB", got {value!r}')
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def _check_resources(value: dict[str, float]) -> dict[str, float]:
-    for key in value:
-        if key in RAY_BUILTIN_RESOURCES:
-            raise ValueError(
-                f"{key!r} is requested per actor already (one GPU on cuda, one CPU on cpu); "
-                "list custom resources only, e.g. {prefill: 1}"
-            )
-    return value
-
-
-def _check_model_path(value: str) -> str:
-    if not value.strip():
-        raise ValueError(
-            "must be a local model directory, a .gguf file or a built-in name such as "
-            f"{BUILTIN_PREFIX}{DEFAULT_MODEL}"
-        )
-    name = value.removeprefix(BUILTIN_PREFIX)
-    if value.startswith(BUILTIN_PREFIX) and name not in BUILTIN_MODELS:
-        builtins = [BUILTIN_PREFIX + m for m in BUILTIN_MODELS]
-        raise ValueError(
-            f"unknown built-in model {value!r}{did_you_mean(value, builtins)}; "
-            f"choose one of {', '.join(builtins)}"
-        )
-    return value
-
-
-def _check_api_key(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if not value:
-        raise ValueError('must be null (no key), a literal key, or "env:VARNAME", got ""')
-    var = value.removeprefix("env:")
-    if value.startswith("env:") and not _ENV_RE.fullmatch(var):
-        raise ValueError(
-            f'"env:" must be followed by a variable name such as PDSERVE_API_KEY, got {value!r}'
-        )
-    return value
-
-
-def _check_address(value: str | None) -> str | None:
-    if value is None or value == "auto" or _ADDRESS_RE.fullmatch(value):
-        return value
-    raise ValueError(f"must be null (start a local Ray), auto, or host:port, got {value!r}")
-
-
-Positive = Annotated[int, Field(ge=1)]
-GPUShare = Annotated[float, Field(gt=0, le=1)]
-Resources = Annotated[dict[str, Annotated[float, Field(gt=0)]], AfterValidator(_check_resources)]
-AutoInt = Annotated[int | Literal["auto"], PlainValidator(_auto_or_positive_int)]
-Memory = Annotated[int | None, PlainValidator(parse_memory)]
-CaptureSizes = Annotated[tuple[int, ...] | None, PlainValidator(_capture_sizes)]
-NonEmpty = Annotated[str, _check(lambda s: bool(s.strip()), "must not be empty")]
-
 
 LLM_KEYWORD = "llm"  # json_schema_extra key: the `LLM(...)` keyword that sets a field
 
@@ -156,11 +57,11 @@ class Section(BaseModel):
 class ModelSection(Section):
     """Which checkpoint to serve, in which dtype, on which device."""
 
-    path: Annotated[str, AfterValidator(_check_model_path)] = BUILTIN_PREFIX + DEFAULT_MODEL
-    dtype: Annotated[str, _one_of(*DTYPES)] = kw("auto", "dtype")
-    device: Annotated[str, _one_of(*DEVICES)] = kw("auto", "device")
+    path: Annotated[str, AfterValidator(check_model_path)] = BUILTIN_PREFIX + DEFAULT_MODEL
+    dtype: Annotated[str, one_of(*DTYPES)] = kw("auto", "dtype")
+    device: Annotated[str, one_of(*DEVICES)] = kw("auto", "device")
     max_model_len: AutoInt = kw("auto", "max_model_len")
-    quantization: Annotated[str, _one_of(*QUANTIZATIONS)] = kw("none", "quantization")
+    quantization: Annotated[str, one_of(*QUANTIZATIONS)] = kw("none", "quantization")
     served_name: NonEmpty = kw("auto", "served_model_name")
 
 
@@ -203,7 +104,7 @@ class KVCache(_CacheSize):
     memory: Memory = kw(None, "kv_cache_memory")
     memory_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
     # auto: the model's dtype; fp8_e4m3 and int8 store (and send) KV compressed, scaled per token
-    dtype: Annotated[str, _one_of(*KV_CACHE_DTYPES)] = kw("auto", "kv_cache_dtype")
+    dtype: Annotated[str, one_of(*KV_CACHE_DTYPES)] = kw("auto", "kv_cache_dtype")
 
 
 class PrefillSection(Section):
@@ -228,7 +129,7 @@ class SpeculativeSection(Section):
     """``decode.speculative``: draft tokens verified in each decode step (vLLM's
     ``speculative_config``); see engine/speculative.py."""
 
-    method: Annotated[str, _one_of(*SPEC_METHODS)] = "ngram"
+    method: Annotated[str, one_of(*SPEC_METHODS)] = "ngram"
     num_speculative_tokens: Annotated[int, Field(ge=1, le=16)] = 4
     prompt_lookup_max: Annotated[int, Field(ge=1, le=64)] = 4
     prompt_lookup_min: Annotated[int, Field(ge=1, le=64)] = 2
@@ -277,9 +178,7 @@ class DecodeSection(Section):
     speculative: SpeculativeSection | None = kw(None, "speculative_config")
     # decode attention: sdpa gathers each sequence's blocks (any KV cache dtype), flex reads
     # them in place (KV cache in the model's dtype); auto: flex on CUDA when it can, else sdpa
-    attention_backend: Annotated[str, _one_of(*ATTENTION_BACKENDS)] = kw(
-        "auto", "attention_backend"
-    )
+    attention_backend: Annotated[str, one_of(*ATTENTION_BACKENDS)] = kw("auto", "attention_backend")
     # CUDA graphs for pure decode steps (flex only; CPU never uses them); true: none (vLLM's)
     enforce_eager: bool = kw(False, "enforce_eager")
     # batch sizes decode steps are padded to and captured at; auto: 1, 2, 4, ... max_num_seqs
@@ -304,14 +203,12 @@ class DecodeSection(Section):
 
 
 class KVTransferSection(Section):
-    backend: Annotated[str, _one_of(*KV_BACKENDS)] = kw("auto", "kv_transfer_backend")
+    backend: Annotated[str, one_of(*KV_BACKENDS)] = kw("auto", "kv_transfer_backend")
 
 
 class RouterSection(Section):
-    prefill_policy: Annotated[str, _one_of(*PREFILL_POLICIES)] = kw(
-        "least_loaded", "prefill_policy"
-    )
-    decode_policy: Annotated[str, _one_of(*DECODE_POLICIES)] = kw(
+    prefill_policy: Annotated[str, one_of(*PREFILL_POLICIES)] = kw("least_loaded", "prefill_policy")
+    decode_policy: Annotated[str, one_of(*DECODE_POLICIES)] = kw(
         "most_free_blocks", "decode_policy"
     )
     max_queued_requests: Positive = 256
@@ -331,12 +228,12 @@ class RouterSection(Section):
 class ServerSection(Section):
     host: NonEmpty = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
-    api_key: Annotated[str | None, AfterValidator(_check_api_key)] = None
+    api_key: Annotated[str | None, AfterValidator(check_api_key)] = None
     max_request_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
 
 
 class RaySection(Section):
-    address: Annotated[str | None, AfterValidator(_check_address)] = kw(None, "ray_address")
+    address: Annotated[str | None, AfterValidator(check_address)] = kw(None, "ray_address")
     num_threads_per_cpu_worker: Positive = kw(1, "num_threads")
 
 
@@ -345,12 +242,12 @@ class DeploySpec(Section):
 
     name: Annotated[
         str,
-        _check(
-            lambda s: bool(_NAME_RE.fullmatch(s)),
+        check(
+            lambda s: bool(NAME_RE.fullmatch(s)),
             "must be 1-32 characters of a-z, 0-9 and '-' (not at either end), e.g. my-model",
         ),
     ]
-    mode: Annotated[str, _one_of(*MODES)] = kw("disaggregated", "mode")
+    mode: Annotated[str, one_of(*MODES)] = kw("disaggregated", "mode")
     # KV reuse across requests in both pools (vLLM v1's default); false turns it off
     prefix_caching: bool = kw(True, "enable_prefix_caching")
     model: ModelSection = Field(default_factory=ModelSection)

@@ -23,8 +23,8 @@ from _spec_helpers import (  # noqa: F401
     spec_error,
 )
 
+from pdserve.cluster.config.fields import parse_memory
 from pdserve.cluster.config.resolve import resolve, settle
-from pdserve.cluster.config.schema import parse_memory
 from pdserve.cluster.config.spec import (
     LOCAL_SPEC_YAML,
     DeploySpec,
