@@ -50,6 +50,9 @@ PLACEMENTS = (
     Placement("colocated", "colocated", 0, 1, 1),
 )
 SHUTDOWN_TIMEOUT_S = 30
+# decode CUDA graphs at these batch sizes only, for both placements: each size costs a flex
+# compilation at start-up, and a cold first run of seven (1 ... 64) would eat the step's budget
+PROBE_CAPTURE_SIZES = [4, 16, 32, 64]
 
 
 def probe_placement(
@@ -59,6 +62,7 @@ def probe_placement(
     spec = placement_deploy_spec(base, placement, model_path=None, threads=1, port=_free_port())
     if placement.colocated:  # the one instance has the whole GPU the 1P1D pair shares
         spec["decode"].pop("gpus_per_worker", None)
+    spec["decode"]["cudagraph_capture_sizes"] = PROBE_CAPTURE_SIZES
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     config = resolve(load_spec(spec), gpus_available=gpus)
     start = time.perf_counter()

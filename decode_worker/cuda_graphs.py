@@ -107,6 +107,13 @@ class StaticDecode:
             self.graphs[size] = (graph, out)
         logger.info("captured decode CUDA graphs at batch sizes %s", list(self.sizes))
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One all-padding run at the smallest size: on CUDA it compiles the flex kernel there,
+        so a kernel this GPU cannot build fails at start-up, not in a step."""
+        self._fill([], [], [], self.sizes[0])
+        self._forward(self.sizes[0])
+
     def _forward(self, size: int) -> torch.Tensor:
         ids, positions, ctx, slots = self.vectors[:, :size]
         meta = DecodeMetadata(self.tables[:size], ctx, slots, backend=self.backend)
@@ -136,3 +143,26 @@ class StaticDecode:
             table[i, : len(t)] = torch.as_tensor(t, dtype=torch.int64)
         self.vectors[:, :size].copy_(vectors)
         self.tables[:size].copy_(table)
+
+
+def start_static(static: StaticDecode, graphs: bool, required: bool) -> StaticDecode | None:
+    """Ready the padded path at start-up on CUDA: capture its graphs (``graphs``), else compile
+    its smallest size. When ``auto`` chose flex (not ``required``) and that fails (a kernel this
+    GPU's Triton cannot build, a capture that meets a host sync), the replica runs its decode
+    steps on the SDPA path instead of failing to start, and says so; an explicit ``flex``
+    raises."""
+    try:
+        static.capture() if graphs else static.warm_up()
+        return static
+    except Exception as e:
+        if required:
+            raise
+        static.graphs.clear()
+        logger.warning(
+            "decode: the flex attention path failed to start on this device (%s: %s); decode "
+            "steps run on SDPA instead. decode.attention_backend: flex shows the error, sdpa "
+            "skips the attempt",
+            type(e).__name__,
+            e,
+        )
+        return None

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from pdserve.decode_worker.cuda_graphs import StaticDecode, capture_sizes
+from pdserve.decode_worker.cuda_graphs import StaticDecode, capture_sizes, start_static
 from pdserve.decode_worker.engine import DecodeEngine
 from pdserve.decode_worker.seq import DecodeSeq
 from pdserve.decode_worker.step import EngineLimits, StepBatch
@@ -153,8 +153,8 @@ def build_engine(
         static = StaticDecode(
             model, cache, limits.block_size, sizes, max_blocks, limits.num_blocks, backend
         )
-        if device.type == "cuda" and not enforce_eager:
-            static.capture()
+        if device.type == "cuda":  # graphs, or with enforce_eager one compile, now
+            static = start_static(static, not enforce_eager, required=attention_backend == FLEX)
     runner = DecodeRunner(model, cache, limits.block_size, device, static)
     return DecodeEngine(runner, limits, instance, proposer)
 

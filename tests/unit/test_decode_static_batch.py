@@ -14,7 +14,7 @@ from _colocated import ColocatedEngine, StepRecord
 from pdserve.cluster.config.resolve import settle
 from pdserve.cluster.config.schema import llm_keywords
 from pdserve.cluster.config.spec import SpecError, load_spec
-from pdserve.decode_worker.cuda_graphs import StaticDecode, capture_sizes
+from pdserve.decode_worker.cuda_graphs import StaticDecode, capture_sizes, start_static
 from pdserve.decode_worker.runner import DecodeRunner, build_engine, model_limits
 from pdserve.decode_worker.seq import DecodeSeq
 from pdserve.decode_worker.step import ChunkInput, StepBatch
@@ -140,6 +140,22 @@ def test_steps_that_do_not_fit_take_the_plain_path(models: dict[str, CausalLM]) 
     assert not static.takes(StepBatch([seq], [[1]], [chunk], []))  # a mixed step
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
         static.capture()
+
+
+def test_a_flex_path_that_fails_to_start_falls_back_to_sdpa_unless_asked_for(
+    models: dict[str, CausalLM], caplog: pytest.LogCaptureFixture
+) -> None:
+    """On CUDA, start-up captures the graphs (CPU refuses to: the failure stands in for a
+    kernel a GPU cannot build). Chosen by auto, the replica then runs SDPA steps and says so;
+    asked for explicitly, the error stands."""
+    cache = allocate_kv_cache(models["llama"].config, 1, NUM_BLOCKS + 1, BS, CPU)
+    static = StaticDecode(models["llama"], cache, BS, (1, 2), 4, NUM_BLOCKS, "flex")
+    assert start_static(static, graphs=False, required=True) is static  # one compile: fine
+    with caplog.at_level("WARNING"):
+        assert start_static(static, graphs=True, required=False) is None
+    assert "decode steps run on SDPA instead" in caplog.text and static.graphs == {}
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        start_static(static, graphs=True, required=True)
 
 
 def test_build_engine_pads_decode_for_flex_only(models: dict[str, CausalLM]) -> None:
