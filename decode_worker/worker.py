@@ -23,7 +23,7 @@ from pdserve.decode_worker.step import Output
 from pdserve.engine.deploy_config import DeploymentConfig, resolve_host
 from pdserve.engine.load import DecodeLoad, DecodeStats
 from pdserve.engine.request import DecodeRequest, Reservation, StepDelta
-from pdserve.kv_transfer.auth import GroupAuth, PeerRefused
+from pdserve.kv_transfer.auth import GroupAuth
 from pdserve.kv_transfer.descriptor import TransferItem
 from pdserve.kv_transfer.layout import blocks_for
 from pdserve.kv_transfer.link import RECEIVER, KVLink
@@ -85,8 +85,8 @@ class DecodeWorker:
                 link = KVLink.connect(
                     name, backend, RECEIVER, self.device, self.host, store.port, store, auth=auth
                 )
-            except (PeerRefused, RuntimeError) as e:  # no peer proved the secret in time
-                logger.error("kv link %s not made: %s", name, e)
+            except Exception as e:  # no peer proved the secret in time, no backend fits, ...
+                logger.error("kv link %s not made: %s: %s", name, type(e).__name__, e)
                 return
             receiver = KVReceiver(
                 link,
@@ -108,7 +108,7 @@ class DecodeWorker:
         cannot close its end (an idle link waits on the store, not on the peer)."""
         closing = [self._receivers.pop(n) for n in names if n in self._receivers]
         for receiver in closing:
-            receiver.stop()
+            receiver.stop(peer_dead=True)
         return len(closing)
 
     def _accept(self, link: str, item: TransferItem) -> bool:

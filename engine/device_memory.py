@@ -17,9 +17,11 @@ def worker_memory(device: torch.device, share: float = 1.0) -> tuple[int, int] |
     CUDA): the GPU's own figures for a whole GPU, else the share's."""
     if device.type != "cuda":
         return None
-    free, total = torch.cuda.mem_get_info(device)
+    # a worker's device is "cuda" (Ray shows it one GPU); the allocator cap wants an index
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
     if share >= 1:
         return free, total
-    torch.cuda.set_per_process_memory_fraction(share, device)
+    torch.cuda.set_per_process_memory_fraction(float(share), index)
     budget = int(total * share)
-    return max(budget - torch.cuda.memory_reserved(device), 0), budget
+    return max(budget - torch.cuda.memory_reserved(index), 0), budget

@@ -38,7 +38,8 @@ from pdserve.kv_transfer.descriptor import MAX_HEADER_BYTES, TransferHeader, Tra
 from pdserve.kv_transfer.errors import KVLinkError as KVLinkError  # re-exported: older imports
 from pdserve.kv_transfer.peers import BACKENDS as BACKENDS
 from pdserve.kv_transfer.peers import STAGED, device_identity, resolve_backend
-from pdserve.kv_transfer.staged import StagedReceiver, StagedSender, create_ring, open_ring
+from pdserve.kv_transfer.ring import create_ring, open_ring
+from pdserve.kv_transfer.staged import StagedReceiver, StagedSender
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,10 @@ _ERROR = "error: "
 # one idle wait on the store; a wait that ends without a header just waits again (each end
 # logs a line in torch's C++ layer, hence not seconds)
 IDLE_WAIT_S = 3600.0
-GROUP_TIMEOUT_S = 1800.0  # bounds each posted send/receive of a batch, never an idle link
+# bounds each posted send/receive of a batch (never an idle link): a batch's receives are
+# posted when its header comes and its sends as the forward makes each layer, so minutes are
+# already a stuck peer (a live peer that tore its group down is only noticed this way)
+GROUP_TIMEOUT_S = 300.0
 
 
 def _agree(
@@ -100,14 +104,24 @@ def _staged_plane(
             raise
         _set_bytes(store, _RING_KEY, description)
         try:
-            store.get(_RING_OPEN_KEY)
+            opened = store.get(_RING_OPEN_KEY)
+        except BaseException:
+            ring.close()
+            raise
         finally:
             ring.unlink()
+        if opened.startswith(_ERROR.encode()):
+            ring.close()
+            raise RuntimeError(opened.decode()[len(_ERROR) :])
         return StagedReceiver(pg, ring, device)
     description = store.get(_RING_KEY)
     if description.startswith(_ERROR.encode()):
         raise RuntimeError(description.decode()[len(_ERROR) :])
-    ring = open_ring(description, device)
+    try:
+        ring = open_ring(description, device)
+    except (OSError, RuntimeError, TransferProtocolError) as e:  # the receiver waits on it
+        store.set(_RING_OPEN_KEY, _ERROR + f"the sender could not map the staging ring: {e}")
+        raise
     store.set(_RING_OPEN_KEY, "1")
     return StagedSender(pg, ring, device, name)
 
@@ -254,9 +268,12 @@ class KVLink:
             return self._staged.recv(tensor)
         return self._pg.recv([movable(tensor)], SENDER, 0)
 
-    def stop(self) -> None:
+    def stop(self, peer_dead: bool = False) -> None:
         """Receiver side: end an idle wait for the next header (the peer is gone or replaced):
-        a closing header is written into the key being waited on."""
+        a closing header is written into the key being waited on. ``peer_dead``: the sender's
+        process died, so what it held of a GPU staging ring is let go too."""
+        if peer_dead and isinstance(self._staged, StagedReceiver):
+            self._staged.release_peer()
         self._stopped.set()
         try:
             _set_bytes(self._store, f"{_HEADER_KEY}{self._seq}", TransferHeader.closing().encode())
@@ -276,8 +293,9 @@ class KVLink:
             self._staged.close()
 
     def abort(self) -> None:
-        """Tear the group down after a failure (the peer's pending receives then fail; an idle
-        receiver is told to stop)."""
+        """Tear the group down after a failure; an idle receiver is told to stop. The peer's
+        posted operations fail when its process is gone; a live peer's end at the latest after
+        the group's timeout (gloo does not tell it of a shutdown)."""
         self._pending.clear()
         if self.rank == SENDER:
             with contextlib.suppress(RuntimeError):  # the receiver may be gone too

@@ -1,7 +1,7 @@
 """Which way KV moves between two ends of a link: where each end is, and the backend that fits.
 
-Each end names its device as ``<machine>/<device>``: the machine by its boot id (two Ray nodes
-started on one host share it, and can share memory), the device by its GPU's UUID (so two
+Each end names its device as ``<machine>/<device>``: the machine by its boot id and IPC
+namespace (two Ray nodes started on one host share them, and can share memory), the device by its GPU's UUID (so two
 workers given fractions of one GPU see the same name) or ``cpu``. The decode replica hosting a
 link writes its name into the link's store; the prefill rank reads it, picks the backend and
 writes its choice back, so both ends always agree (``KVLink.connect``).
@@ -22,6 +22,7 @@ Backends:
 from __future__ import annotations
 
 import functools
+import os
 import socket
 from pathlib import Path
 
@@ -33,12 +34,14 @@ STAGED = ("host", "cuda_ipc")  # the backends that move KV through a staging rin
 
 @functools.cache
 def machine_id() -> str:
-    """This boot of this host: ends with the same id can share memory."""
+    """This boot of this host, and this IPC namespace: ends with the same id can share memory
+    (containers on one host share the boot id, not their /dev/shm or CUDA IPC handles)."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ipc = os.stat("/proc/self/ns/ipc").st_ino
     except OSError:  # not Linux: the host name alone
-        boot = "noboot"
-    return f"{socket.gethostname()}:{boot}"
+        boot, ipc = "noboot", 0
+    return f"{socket.gethostname()}:{boot}:{ipc}"
 
 
 def device_identity(device: torch.device) -> str:

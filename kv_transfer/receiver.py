@@ -94,9 +94,9 @@ class KVReceiver:
         """Still receiving (not closed by either end, not failed)."""
         return self._thread.is_alive()
 
-    def stop(self) -> None:
+    def stop(self, peer_dead: bool = False) -> None:
         """End the thread once the link is idle (its sender is gone or was replaced)."""
-        self.link.stop()
+        self.link.stop(peer_dead)
 
     def _problem(self, header: TransferHeader) -> str | None:
         """Why this cache cannot take the header's KV as it is sent, or None."""

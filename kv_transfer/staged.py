@@ -17,124 +17,26 @@ Only the forward's own thread is never blocked: ``send`` queues, the copy thread
 link is idle: see ``KVLink`` on idle links). Notices and credits are 16-byte gloo messages; the
 bytes themselves never touch a socket.
 
-The host ring is a file in /dev/shm (mode 0600, unlinked once the sender mapped it), pinned with
-``cudaHostRegister`` on CUDA so copies to and from it run at full PCIe speed. The GPU ring is a
-CUDA allocation the sender opens from its IPC handle.
+The ring itself: ``kv_transfer.ring``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import secrets
-import tempfile
 import threading
 from collections import deque
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import msgpack
 import torch
 
 from pdserve.engine.kv_quant import movable
 from pdserve.kv_transfer.descriptor import TransferProtocolError
+from pdserve.kv_transfer.ring import Ring
 
 logger = logging.getLogger(__name__)
 
 SENDER, RECEIVER = 0, 1
-RING_BYTES = 64 << 20  # per link: a few layers of a long prompt in flight at once
-RING_SLOTS = 32  # 2 MiB slots: a short prompt's layers (one chunk each) do not lap the ring
-_SHM_DIR = Path("/dev/shm")
-
-
-@dataclass
-class Ring:
-    """The staging memory, as one flat uint8 tensor of ``slots * slot_bytes`` bytes."""
-
-    data: torch.Tensor
-    slots: int
-    slot_bytes: int
-    cleanup: Any = None  # called when the link goes
-    path: Path | None = None  # a host ring's file, until the sender mapped it
-
-    def unlink(self) -> None:
-        """The sender mapped the ring: its name goes (the memory stays until both unmap)."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-            self.path = None
-
-    def slot(self, index: int, nbytes: int) -> torch.Tensor:
-        start = (index % self.slots) * self.slot_bytes
-        return self.data[start : start + nbytes]
-
-    def close(self) -> None:
-        if self.cleanup is not None:
-            cleanup, self.cleanup = self.cleanup, None
-            cleanup()
-
-
-def create_ring(backend: str, device: torch.device, total: int | None = None) -> tuple[Ring, bytes]:
-    """Receiver side: a ring (``RING_BYTES`` unless ``total``) and the msgpack description the
-    sender opens it from."""
-    total = total or RING_BYTES
-    slot_bytes = total // RING_SLOTS
-    if backend == "cuda_ipc":
-        data = torch.empty(total, dtype=torch.uint8, device=device)
-        handle = list(data.untyped_storage()._share_cuda_())
-        spec = {"kind": "cuda_ipc", "handle": handle, "bytes": total}
-        return Ring(data, RING_SLOTS, slot_bytes), msgpack.packb(spec)
-    folder = _SHM_DIR if _SHM_DIR.is_dir() else Path(tempfile.gettempdir())
-    path = folder / f"pdserve-kv-{secrets.token_hex(8)}"
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    try:
-        os.ftruncate(fd, total)
-    finally:
-        os.close(fd)
-    try:
-        data = torch.from_file(str(path), shared=True, size=total, dtype=torch.uint8)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    unpin = _pin(data, device)
-
-    def cleanup() -> None:
-        path.unlink(missing_ok=True)
-        if unpin is not None:
-            unpin()
-
-    spec = {"kind": "host", "path": str(path), "bytes": total}
-    return Ring(data, RING_SLOTS, slot_bytes, cleanup, path), msgpack.packb(spec)
-
-
-def open_ring(description: bytes, device: torch.device) -> Ring:
-    """Sender side: map the receiver's ring."""
-    spec = msgpack.unpackb(description)
-    total = int(spec["bytes"])
-    if spec["kind"] == "cuda_ipc":
-        storage = torch.UntypedStorage._new_shared_cuda(*spec["handle"])
-        data = torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (total,), (1,))
-        return Ring(data, RING_SLOTS, total // RING_SLOTS)
-    path = Path(spec["path"])
-    if not path.name.startswith("pdserve-kv-") or path.parent not in (
-        _SHM_DIR,
-        Path(tempfile.gettempdir()),
-    ):
-        raise TransferProtocolError(f"staging ring {path} is not a pdserve ring")
-    data = torch.from_file(str(path), shared=True, size=total, dtype=torch.uint8)
-    return Ring(data, RING_SLOTS, total // RING_SLOTS, _pin(data, device))
-
-
-def _pin(data: torch.Tensor, device: torch.device) -> Any:
-    """Page-lock host ring memory for fast copies to and from ``device``; returns the undo."""
-    if device.type != "cuda":
-        return None
-    cudart = torch.cuda.cudart()
-    if int(cudart.cudaHostRegister(data.data_ptr(), data.numel(), 0)) != 0:
-        logger.warning("staging ring not pinned: host copies run at pageable speed")
-        return None
-    return lambda: cudart.cudaHostUnregister(data.data_ptr())
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -165,11 +67,12 @@ class StagedSender:
     def send(self, tensor: torch.Tensor) -> None:
         if self._error is not None:
             raise RuntimeError(f"staged send failed: {self._error}") from self._error
+        tensor = tensor.contiguous()  # first: a copy it makes is queued before the event
         event = None
         if tensor.device.type == "cuda":  # the copy waits for the forward that made it
             event = torch.cuda.Event()
             event.record()
-        self._queue.put((tensor.contiguous(), event))
+        self._queue.put((tensor, event))
 
     def flush(self) -> None:
         """Wait until every queued chunk was copied out by the receiver (credits all back)."""
@@ -232,6 +135,9 @@ class StagedReceiver:
 
     def __init__(self, pg: Any, ring: Ring, device: torch.device) -> None:
         self._pg, self._ring, self._device = pg, ring, device
+        # copies out on a stream of their own: a credit waits for its copy, not for the decode
+        # steps queued on the default stream
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._order: deque[StagedWork] = deque()  # posted, not yet copied out
         self._next = 0  # the next chunk number
         self._credits: list[Any] = []  # credit sends in flight (done once the sender takes them)
@@ -261,9 +167,12 @@ class StagedReceiver:
                 raise TransferProtocolError(
                     f"staged chunk {seq} of {size} bytes, expected {self._next} of {n}"
                 )
-            work.flat[offset : offset + n].copy_(self._ring.slot(seq, n), non_blocking=True)
-            if self._device.type == "cuda":
-                torch.cuda.current_stream(self._device).synchronize()
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    work.flat[offset : offset + n].copy_(self._ring.slot(seq, n), non_blocking=True)
+                self._stream.synchronize()
+            else:
+                work.flat[offset : offset + n].copy_(self._ring.slot(seq, n))
             credit = torch.tensor([seq], dtype=torch.int64)
             self._credits = [w for w in self._credits if not w.is_completed()]
             self._credits.append(self._pg.send([credit], SENDER, 0))
@@ -271,6 +180,10 @@ class StagedReceiver:
             work.next_chunk += 1
         work.done = True
         self._order.popleft()
+
+    def release_peer(self) -> None:
+        """The sender's process died: what it held of the ring is let go (``Ring``)."""
+        self._ring.release_peer()
 
     def close(self) -> None:
         self._order.clear()

@@ -17,7 +17,7 @@ pytestmark = [
 ]
 
 HOST = "127.0.0.1"
-LAYERS, BLOCKS, BLOCK, HEADS, DIM = 4, 40, 16, 2, 64  # a layer: 40 blocks of K and V, 640 KiB
+LAYERS, BLOCKS, BLOCK, HEADS, DIM = 4, 40, 16, 2, 64  # a layer: 40 blocks of K and V, 320 KiB
 
 
 def _layers(seed: int) -> torch.Tensor:
@@ -32,9 +32,9 @@ def _header() -> TransferHeader:
 
 def _receiver(backend: str, ring_bytes: int, result: dict) -> None:  # type: ignore[type-arg]
     """The decode end, in its own process (a CUDA IPC handle opens only in another process)."""
-    from pdserve.kv_transfer import staged
+    from pdserve.kv_transfer import ring
 
-    staged.RING_BYTES = ring_bytes
+    ring.RING_BYTES = ring_bytes
     store = KVLink.host_store(HOST)
     result["port"] = store.port
     link = KVLink.connect("g", backend, RECEIVER, torch.device("cuda:0"), HOST, store.port, store)
@@ -89,5 +89,5 @@ def test_two_processes_on_one_gpu_move_kv_exactly(backend: str) -> None:
 
 
 def test_the_same_gpu_ring_laps_within_a_batch() -> None:
-    result = _run("cuda_ipc", ring_bytes=8 * 64 * 1024)  # slots of 64 KiB: 10 chunks a layer
+    result = _run("cuda_ipc", ring_bytes=32 * 16 * 1024)  # 16 KiB slots: 20 chunks a layer
     assert result["equal"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.cluster.launch.deployment import _device_slot
-from pdserve.cluster.launch.gpu_fit import gpu_shortfall, with_shares, worker_shares
+from pdserve.cluster.launch.gpu_fit import gpu_shortfall, with_shares, worker_groups
 from pdserve.engine.deploy_config import (
     DecodeSettings,
     DeploymentConfig,
@@ -27,7 +27,14 @@ from pdserve.engine.deploy_config import (
     ],
 )
 def test_first_fit_over_every_gpu(shares: list[float], gpus: list[float], fits: bool) -> None:
-    assert (gpu_shortfall(shares, gpus) is None) == fits
+    assert (gpu_shortfall([(1, s) for s in shares], gpus) is None) == fits
+
+
+def test_a_tp_group_needs_its_gpus_on_one_node() -> None:
+    assert gpu_shortfall([(2, 1.0)], [2]) is None
+    why = gpu_shortfall([(2, 1.0)], [1, 1])  # two GPUs, but on two nodes
+    assert why is not None and "a TP group of 2 ranks on one node" in why
+    assert gpu_shortfall([(2, 1.0), (1, 0.5), (1, 0.5)], [2, 1]) is None
 
 
 def _config(
@@ -73,4 +80,4 @@ def test_every_prefill_rank_and_decode_replica_counts() -> None:
         PrefillSettings(instances=2, tensor_parallel_size=2, gpus_per_worker=1.0),
         DecodeSettings(instances=3, gpus_per_worker=0.5),
     )
-    assert sorted(worker_shares(c)) == [0.5] * 3 + [1.0] * 4
+    assert sorted(worker_groups(c)) == [(1, 0.5)] * 3 + [(2, 1.0)] * 2

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pdserve.kv_transfer import link as link_mod
-from pdserve.kv_transfer import staged
+from pdserve.kv_transfer import ring
 from pdserve.kv_transfer.descriptor import TransferHeader, TransferItem
 from pdserve.kv_transfer.link import RECEIVER, SENDER, KVLink
 from pdserve.kv_transfer.peers import device_identity, machine_id, resolve_backend
@@ -169,10 +169,10 @@ def test_auto_between_cpu_workers_is_gloo() -> None:
 def test_a_tensor_larger_than_the_ring_goes_through_in_chunks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(staged, "RING_BYTES", 8 * 1024)  # 8 slots of 1 KiB
+    monkeypatch.setattr(ring, "RING_BYTES", 8 * 1024)  # 32 slots of 256 bytes
     rx, tx = _pair("host")
     c = _Cache(rx, tx, blocks=80)
-    first = c.send(1, 0, 70)  # 18 blocks: 4.6 KiB a layer, the ring laps within one batch
+    first = c.send(1, 0, 70)  # 18 blocks: 4.6 KiB (18 chunks) a layer: the ring laps
     second = c.send(2, 40, 33)
     c.check(first, 0)
     c.check(second, 40)
@@ -218,3 +218,27 @@ def test_a_backend_that_cannot_work_fails_both_ends_at_once() -> None:
     rx, tx = _both(lambda: connect(RECEIVER), lambda: connect(SENDER))
     assert isinstance(tx, ValueError) and "needs CUDA" in str(tx)
     assert isinstance(rx, ValueError) and "needs CUDA" in str(rx)
+
+
+def test_a_ring_the_sender_cannot_map_fails_both_ends_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(description: bytes, device: torch.device) -> None:
+        raise OSError("no such file")
+
+    monkeypatch.setattr(link_mod, "open_ring", refuse)
+    # a store timeout far past _both's 60 s: a receiver left waiting for the ring fails the test
+    store = KVLink.host_store(HOST, timeout_s=600)
+
+    def connect(rank: int) -> KVLink:
+        own = store if rank == RECEIVER else None
+        return KVLink.connect("t", "host", rank, CPU, HOST, store.port, own, 600)
+
+    rx, tx = _both(lambda: connect(RECEIVER), lambda: connect(SENDER))
+    assert isinstance(tx, OSError)
+    assert isinstance(rx, RuntimeError) and "could not map the staging ring" in str(rx)
+
+
+def test_a_host_ring_leaves_a_full_dev_shm_for_the_temp_folder() -> None:
+    assert ring._ring_folder(1 << 20) == ring._SHM_DIR  # room: /dev/shm
+    assert ring._ring_folder(1 << 60) != ring._SHM_DIR  # none: the temp folder
