@@ -18,7 +18,6 @@ work queued; a decode step hands its tokens to Python, which waits for them anyw
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,53 +32,19 @@ from pdserve.bench.micro.engine_bench import batch_sizes, measure
 from pdserve.bench.micro.engine_report import Row, format_table, to_json
 from pdserve.bench.micro.engine_timers import Timed
 from pdserve.bench.models import DTYPES, load_hf, num_params, resolve_model
-from pdserve.decode_worker.runner import build_engine, model_limits
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.loader import load_model
 from pdserve.engine.model import CausalLM
 from pdserve.engine.parallel import TPGroup
-from pdserve.engine.request import DecodeRequest
 
 
 def pdserve_decode(
     model: CausalLM, prompts: list[list[int]], new_tokens: int, block_size: int, device: str
 ) -> Timed:
-    """``engine_timers.pdserve_decode`` (greedy) with the engine's cache on ``device``: the
-    prompts prefilled untimed, then ``DecodeEngine.step`` timed until every sequence is done."""
-    max_len = max(len(p) for p in prompts) + new_tokens
-    num_blocks = len(prompts) * math.ceil(max_len / block_size)
-    limits = model_limits(
-        model, num_blocks, block_size, max_len,
-        max_num_seqs=len(prompts), max_num_batched_tokens=sum(map(len, prompts)),
-    )  # fmt: skip
-    # the batch's own size only: one flex compile and CUDA graph per batch size, not a ladder
-    engine = build_engine(
-        model, limits, torch.device(device), cudagraph_capture_sizes=[len(prompts)]
+    """``engine_timers.pdserve_decode`` (greedy) with the engine's cache on ``device``."""
+    return timers.pdserve_decode(
+        model, prompts, new_tokens, block_size, False, device=torch.device(device)
     )
-    outputs: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        req = DecodeRequest(
-            i, f"bench-{i}", tuple(p), timers.greedy(new_tokens), local_prefill=True
-        )
-        assert engine.reserve(req) is not None, "the cache is sized for every sequence"
-        outputs[i] = []
-    while len(engine.prefills):  # untimed: the prompts' KV and first tokens
-        _collect(engine.step(), outputs)
-    counted, start = 0, time.perf_counter()
-    while engine.has_work:
-        counted += _collect(engine.step(), outputs)
-    seconds = time.perf_counter() - start
-    assert engine.check_integrity() == 0
-    return Timed(seconds, counted, [outputs[i] for i in range(len(prompts))])
-
-
-def _collect(outputs: Any, into: dict[int, list[int]]) -> int:
-    n = 0
-    for tid, delta in outputs:
-        assert delta.error is None, delta.error
-        into[tid] += delta.token_ids
-        n += len(delta.token_ids)
-    return n
 
 
 def on_device(device: str, call: Callable[[], Timed], own_clock: bool = False) -> Timed:

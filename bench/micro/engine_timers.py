@@ -103,10 +103,12 @@ def pdserve_decode(
     block_size: int,
     sample: bool,
     kv_dtype: str = "auto",
+    device: torch.device = CPU,
 ) -> Timed:
     """Prefill into a paged cache (untimed), then time `DecodeEngine.step` (the step a decode
     replica runs) until every sequence has new_tokens tokens; greedy, or sampled if `sample`.
-    The cache holds KV in `kv_dtype` (decode.kv_cache.dtype)."""
+    The cache holds KV in `kv_dtype` (decode.kv_cache.dtype). On CUDA the decode steps pad to
+    the batch's own size only: one flex compile and CUDA graph, not a ladder of them."""
     max_len = max(len(p) for p in prompts) + new_tokens
     num_blocks = len(prompts) * math.ceil(max_len / block_size)
     engine = build_engine(
@@ -115,8 +117,9 @@ def pdserve_decode(
             model, num_blocks, block_size, max_len,
             max_num_seqs=len(prompts), max_num_batched_tokens=sum(map(len, prompts)),
         ),
-        CPU,
+        device,
         kv_dtype=kv_dtype,
+        cudagraph_capture_sizes=[len(prompts)],
     )  # fmt: skip
     outputs: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
