@@ -72,6 +72,8 @@ class DecodeWorker:
     async def listen(self, name: str) -> tuple[str, int]:
         """Host link ``name``; the prefill rank joins at the returned address."""
         self._ensure_loop()
+        for ended in [n for n, r in list(self._receivers.items()) if not r.alive]:
+            self._receivers.pop(ended, None)  # closed by their senders
         store = KVLink.host_store(self.host)
         backend = self.kv_backend  # the two ends agree on what it means for them
         assert self._loop is not None

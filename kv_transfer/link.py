@@ -59,16 +59,19 @@ IDLE_WAIT_S = 3600.0
 GROUP_TIMEOUT_S = 300.0
 
 
-def _agree(
-    store: dist.Store, backend: str, rank: int, device: torch.device, timeout_s: float
-) -> str:
+def _get(store: dist.Store, key: str, error: type[Exception] = RuntimeError) -> bytes:
+    """A key the other end sets, or ``error`` with the reason it wrote instead (``_ERROR``)."""
+    value = store.get(key)
+    if value.startswith(_ERROR.encode()):
+        raise error(value.decode()[len(_ERROR) :])
+    return value
+
+
+def _agree(store: dist.Store, backend: str, rank: int, device: torch.device) -> str:
     """Both ends settle on one backend: the receiver names its device, the sender chooses."""
     if rank == RECEIVER:
         store.set(_RECEIVER_KEY, device_identity(device))
-        chosen = store.get(_BACKEND_KEY).decode()
-        if chosen.startswith(_ERROR):
-            raise ValueError(chosen[len(_ERROR) :])
-        return chosen
+        return _get(store, _BACKEND_KEY, ValueError).decode()
     receiver = store.get(_RECEIVER_KEY).decode()
     try:
         chosen = resolve_backend(backend, device_identity(device), receiver)
@@ -104,19 +107,14 @@ def _staged_plane(
             raise
         _set_bytes(store, _RING_KEY, description)
         try:
-            opened = store.get(_RING_OPEN_KEY)
+            _get(store, _RING_OPEN_KEY)
         except BaseException:
             ring.close()
             raise
         finally:
             ring.unlink()
-        if opened.startswith(_ERROR.encode()):
-            ring.close()
-            raise RuntimeError(opened.decode()[len(_ERROR) :])
         return StagedReceiver(pg, ring, device)
-    description = store.get(_RING_KEY)
-    if description.startswith(_ERROR.encode()):
-        raise RuntimeError(description.decode()[len(_ERROR) :])
+    description = _get(store, _RING_KEY)
     try:
         ring = open_ring(description, device)
     except (OSError, RuntimeError, TransferProtocolError) as e:  # the receiver waits on it
@@ -190,16 +188,21 @@ class KVLink:
             store = dist.TCPStore(host, port, 2, False, timeout)
         # kv_transfer.auth's three steps, with the ends agreeing on a backend after the first
         nonce = handshake(store, auth, name, timeout_s) if auth is not None else ""
-        chosen = _agree(store, backend, rank, device, timeout_s)
+        chosen = _agree(store, backend, rank, device)
         group_backend = "nccl" if chosen == "nccl" else "gloo"
         group_store = dist.PrefixStore(name, store)
         pg = make_process_group(group_backend, group_store, rank, 2, group_timeout_s)
-        if auth is not None:
-            group_device = device if chosen == "nccl" else torch.device("cpu")
-            verify_group(pg, rank, 2, auth.secret, name, nonce, group_device)
         staged = None
-        if chosen in STAGED:
-            staged = _staged_plane(store, chosen, rank, device, pg, name)
+        try:
+            if auth is not None:
+                group_device = device if chosen == "nccl" else torch.device("cpu")
+                verify_group(pg, rank, 2, auth.secret, name, nonce, group_device)
+            if chosen in STAGED:
+                staged = _staged_plane(store, chosen, rank, device, pg, name)
+        except BaseException:  # a link not made holds no group
+            with contextlib.suppress(RuntimeError):
+                pg.shutdown()
+            raise
         waiter = None
         if rank == RECEIVER:  # idle waits block a store connection: one of its own
             waiter = dist.TCPStore(host, port, 2, False, timeout)

@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -160,7 +161,10 @@ class StagedReceiver:
     def _copy_out(self, work: StagedWork, timeout: Any) -> None:
         while work.next_chunk < len(work.spans):
             i = work.next_chunk
-            (work.works[i].wait() if timeout is None else work.works[i].wait(timeout))
+            if timeout is None:
+                work.works[i].wait()
+            else:
+                work.works[i].wait(timeout)
             offset, n = work.spans[i]
             seq, size = (int(x) for x in work.notices[i])
             if seq != self._next or size != n:
@@ -178,7 +182,6 @@ class StagedReceiver:
             self._credits.append(self._pg.send([credit], SENDER, 0))
             self._next += 1
             work.next_chunk += 1
-        work.done = True
         self._order.popleft()
 
     def release_peer(self) -> None:
@@ -191,26 +194,20 @@ class StagedReceiver:
         self._ring.close()
 
 
+@dataclass
 class StagedWork:
     """One posted staged receive (``dist.Work``'s ``wait``, with an optional timeout)."""
 
-    def __init__(
-        self,
-        owner: StagedReceiver,
-        flat: torch.Tensor,
-        spans: list[tuple[int, int]],
-        notices: list[torch.Tensor],
-        works: list[Any],
-    ) -> None:
-        self.owner, self.flat, self.spans, self.notices, self.works = (
-            owner,
-            flat,
-            spans,
-            notices,
-            works,
-        )
-        self.next_chunk = 0
-        self.done = not spans
+    owner: StagedReceiver
+    flat: torch.Tensor  # the destination's bytes
+    spans: list[tuple[int, int]]  # its chunks: (offset, bytes)
+    notices: list[torch.Tensor]  # each chunk's notice, as it lands
+    works: list[Any]  # the notices' posted receives
+    next_chunk: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.next_chunk == len(self.spans)
 
     def wait(self, timeout: Any = None) -> bool:
         self.owner._complete(self, timeout)

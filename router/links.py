@@ -47,6 +47,7 @@ class KVLinks:
         another failure already replaced ``task``)."""
         if self._tasks.get((p.index, d)) is task:
             del self._tasks[(p.index, d)]
+            self._names.pop((p.index, d), None)  # the prefill side closed them itself
 
     def drop_prefill(self, index: int) -> None:
         """Prefill instance ``index`` died: its links are forgotten, and their decode ends are
