@@ -175,7 +175,7 @@ def flex_decode_attention(
         )
     # GQA as a query length: [B, kv_heads, group, D]
     grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    attend = _compiled() if q.device.type == "cuda" else _paged_flex
+    attend = compiled_flex() if q.device.type == "cuda" else _paged_flex
     o = attend(grouped, cache, plan.block_mask, scale)
     return o.reshape(batch, heads, head_dim)
 
@@ -194,9 +194,13 @@ def _paged_flex(
 
 
 @functools.cache
-def _compiled() -> Callable[[torch.Tensor, torch.Tensor, BlockMask, float], torch.Tensor]:
-    """The flex call compiled for CUDA, built on first use. Static shapes: the decode kernel
-    needs a static batch, and the runner pads batches to a few sizes, each compiled once."""
+def compiled_flex(
+    backend: str = "inductor",
+) -> Callable[[torch.Tensor, torch.Tensor, BlockMask, float], torch.Tensor]:
+    """The flex call compiled (inductor on CUDA: one Triton kernel), built on first use. Whole
+    graph, static shapes: the decode kernel needs a static batch, and the runner pads batches
+    to a few sizes, each compiled once; a step's new tables, lengths and mask closure reuse its
+    size's compilation. Another backend (``aot_eager``) traces the same graph without a GPU."""
     limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = max(limit, COMPILED_SHAPES)
-    return torch.compile(_paged_flex, fullgraph=True, dynamic=False)
+    return torch.compile(_paged_flex, fullgraph=True, dynamic=False, backend=backend)

@@ -6,10 +6,12 @@ runs the same code without them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from _colocated import ColocatedEngine, StepRecord
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from pdserve.cluster.config.resolve import settle
 from pdserve.cluster.config.schema import llm_keywords
@@ -18,6 +20,7 @@ from pdserve.decode_worker.cuda_graphs import StaticDecode, capture_sizes, start
 from pdserve.decode_worker.runner import DecodeRunner, build_engine, model_limits
 from pdserve.decode_worker.seq import DecodeSeq
 from pdserve.decode_worker.step import ChunkInput, StepBatch
+from pdserve.engine import paged_flex_attention
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.kv_cache import allocate_kv_cache
 from pdserve.engine.loader import load_model
@@ -126,6 +129,46 @@ def test_padding_rows_write_the_scratch_block_and_no_live_block(
             assert bool(changed[:, block, :, offset].any()) == ((block, offset) in written)
     assert changed[:, NUM_BLOCKS, :, 0].all()  # the padding row's K and V, every layer
     assert not changed[:, NUM_BLOCKS, :, 1:].any()
+
+
+# ops a CUDA graph cannot hold: a host sync (item, a data-dependent size) or a tensor made from
+# Python values (an upload from pageable memory while the stream captures)
+HOST_SYNCS = ("item", "_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select",
+              "unique", "lift_fresh", "_assert_async")  # fmt: skip
+
+
+class OpLog(TorchDispatchMode):
+    """Every ATen op run while it is active (what a capture records, on CUDA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_a_padded_step_holds_no_op_a_cuda_graph_cannot_capture(
+    models: dict[str, CausalLM], arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the eager step a capture records, op by op; the flex call itself is one compiled kernel
+    # on CUDA (its graph is checked in test_paged_flex_attention), so it runs unlogged here
+    cache = allocate_kv_cache(models[arch].config, 1, NUM_BLOCKS + 1, BS, CPU)
+    static = StaticDecode(models[arch], cache, BS, SIZES, MAX_LEN // BS, NUM_BLOCKS, "flex")
+    static._fill([5, 6], [3, 140], [[0], [1, 2, 4, 7, 8, 9, 10, 11, 12]], 4)
+    flex = paged_flex_attention._paged_flex
+
+    def unlogged(*args: Any) -> torch.Tensor:
+        with _disable_current_modes():
+            return flex(*args)
+
+    monkeypatch.setattr(paged_flex_attention, "_paged_flex", unlogged)
+    with torch.inference_mode(), OpLog() as log:
+        static._forward(4)
+    assert {"linear", "index_copy_", "gather", "scatter_"} <= log.ops  # it saw the step
+    assert not log.ops & set(HOST_SYNCS)
 
 
 def test_steps_that_do_not_fit_take_the_plain_path(models: dict[str, CausalLM]) -> None:

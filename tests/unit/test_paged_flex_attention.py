@@ -17,7 +17,12 @@ from pdserve.engine.decode_attention import (
     decode_attention,
     plan_decode,
 )
-from pdserve.engine.paged_flex_attention import plan_flex_decode, resolve_attention_backend
+from pdserve.engine.paged_flex_attention import (
+    _paged_flex,
+    compiled_flex,
+    plan_flex_decode,
+    resolve_attention_backend,
+)
 
 BS = 4  # small blocks: many of them, and context lengths on every offset
 NUM_BLOCKS = 24
@@ -119,6 +124,28 @@ def test_block_list_holds_every_visible_page_and_only_the_sequences_own(
         assert set(pages_seen[b].nonzero().flatten().tolist()) <= set(listed)
         own = {2 * block for block in tables[b, : -(-n // BS)].tolist()}
         assert set(listed) <= own
+
+
+def test_compiled_call_traces_whole_and_compiles_once_per_batch_size() -> None:
+    # the graph CUDA compiles with inductor, traced here by aot_eager (no GPU): one whole graph
+    # (fullgraph, the mask closure included), one compilation per padded batch size, and a
+    # step's new tables, lengths and closure reuse it (a recompile would land inside a capture)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = compiled_flex("aot_eager")
+    g = torch.Generator().manual_seed(2)
+    cache = torch.randn(NUM_BLOCKS, 2, BS, 2, 16, generator=g)
+    for step, lens in enumerate([(5, 13, 1, 22), (16, 4, 9, 3), LENS, (2, 17, 8, 11)]):
+        tables, ctx = paged_case(lens, seed=step)
+        # one width for every step: the decode runner pads tables to max_blocks
+        tables = torch.cat([tables, tables[:, :1].expand(-1, 8 - tables.shape[1])], 1)
+        mask = plan_flex_decode(tables, ctx, BS, None, NUM_BLOCKS, group=3).block_mask
+        q = torch.randn(len(lens), 2, 3, 16, generator=g)
+        torch.testing.assert_close(
+            compiled(q, cache, mask, 0.25), _paged_flex(q, cache, mask, 0.25)
+        )
+    assert torch._dynamo.utils.counters["aot_autograd"]["total"] == 2  # batch sizes 4 and 7
+    assert not torch._dynamo.utils.counters["graph_break"]
 
 
 def test_auto_is_flex_on_cuda_with_a_cache_in_the_model_dtype_only() -> None:
