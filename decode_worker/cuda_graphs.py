@@ -30,6 +30,7 @@ import torch
 from pdserve.decode_worker.step import StepBatch
 from pdserve.engine.attention import DecodeMetadata
 from pdserve.engine.model import CausalLM
+from pdserve.engine.paged_flex_attention import allow_compiled_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class StaticDecode:
             raise ValueError(f"scratch block {scratch_block} is not in the cache")
         self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
         self.sizes = tuple(sorted(sizes))
+        allow_compiled_shapes(len(self.sizes))  # each size is one compilation of the flex call
         self.max_blocks, self.scratch, self.backend = max_blocks, scratch_block, backend
         dev, most = kv_cache.device, self.sizes[-1]
         # rows: ids, positions, context_lens, slots, each [S] contiguous (one copy fills all)
@@ -96,15 +98,20 @@ class StaticDecode:
         pool). Each is run once before: the warm-up compiles the flex kernel for that size."""
         if self.kv_cache.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device; CPU runs the padded path eagerly")
-        pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):
-            self._fill([], [], [], size)  # every row padding: only the scratch block is written
-            self._forward(size)
-            torch.cuda.synchronize(self.kv_cache.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(size)
-            self.graphs[size] = (graph, out)
+        pool, device = torch.cuda.graph_pool_handle(), self.kv_cache.device
+        try:
+            for size in reversed(self.sizes):
+                self._fill([], [], [], size)  # every row padding: only the scratch block is written
+                self._forward(size)
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self._forward(size)
+                self.graphs[size] = (graph, out)
+        finally:
+            # a capture that fails ends inside torch.cuda.graph's exit, before it puts the
+            # thread's stream back: later steps must not run on the capture stream
+            torch.cuda.set_stream(torch.cuda.default_stream(device))
         logger.info("captured decode CUDA graphs at batch sizes %s", list(self.sizes))
 
     @torch.inference_mode()
@@ -155,7 +162,7 @@ def start_static(static: StaticDecode, graphs: bool, required: bool) -> StaticDe
         static.capture() if graphs else static.warm_up()
         return static
     except Exception as e:
-        if required:
+        if required or not _device_usable(static.kv_cache.device):
             raise
         static.graphs.clear()
         logger.warning(
@@ -166,3 +173,15 @@ def start_static(static: StaticDecode, graphs: bool, required: bool) -> StaticDe
             e,
         )
         return None
+
+
+def _device_usable(device: torch.device) -> bool:
+    """Whether the GPU still runs work after a failed start: an error CUDA keeps (an illegal
+    memory access) fails every later step too, so it must fail the start, not fall back."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:
+        return False
+    return True

@@ -142,7 +142,9 @@ def build_engine(
     """
     c = model.config
     cache_dtype = storage_dtype(kv_dtype, c.dtype)
-    backend = resolve_attention_backend(attention_backend, device, cache_dtype, c.dtype)
+    backend = resolve_attention_backend(
+        attention_backend, device, cache_dtype, c.dtype, limits.block_size
+    )
     padded = backend == FLEX
     blocks = limits.num_blocks + 1 if padded else limits.num_blocks  # + the scratch block
     cache = allocate_kv_cache(c, 1, blocks, limits.block_size, device, kv_dtype)

@@ -28,6 +28,18 @@ KV_ACTIVATION_RESERVE = 0.1  # CUDA: share of the memory left after the weights 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 
 
+def flex_page_problem(block_size: int) -> str | None:
+    """Why flex's decode kernel cannot tile pages of ``block_size`` tokens (None if it can):
+    its key tile is clipped to one page, and a Triton tile is a power of two of 16 or more."""
+    if block_size >= 16 and block_size & (block_size - 1) == 0:
+        return None
+    return (
+        f"tiles keys a page at a time and needs a power-of-two page of at least 16 tokens, "
+        f"not decode.block_size {block_size}: write block_size: 16 (or 32, 64), or "
+        "attention_backend: sdpa"
+    )
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """What every worker loads, and where it runs."""

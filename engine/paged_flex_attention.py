@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from pdserve.engine.deploy_config import ATTENTION_BACKENDS
+from pdserve.engine.deploy_config import ATTENTION_BACKENDS, flex_page_problem
 
 Q_BLOCK = 128  # one query tile holds a row's queries (its GQA group); a multiple of 16
 # torch.compile keeps this many specialisations of the flex call (one per padded batch size)
@@ -59,11 +59,15 @@ class FlexDecodePlan:
 
 
 def resolve_attention_backend(
-    setting: str, device: torch.device, cache_dtype: torch.dtype, model_dtype: torch.dtype
+    setting: str,
+    device: torch.device,
+    cache_dtype: torch.dtype,
+    model_dtype: torch.dtype,
+    block_size: int = 16,
 ) -> str:
     """``decode.attention_backend`` settled: "sdpa" or "flex". ``auto`` is flex on CUDA when
-    the cache holds the model's dtype, else sdpa; an explicit ``flex`` over a cache in another
-    format is an error that names the fix."""
+    the cache holds the model's dtype in pages the kernel can tile (``flex_page_problem``),
+    else sdpa; an explicit ``flex`` that cannot hold is an error that names the fix."""
     if setting not in ATTENTION_BACKENDS:
         raise ValueError(
             f"decode.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
@@ -71,7 +75,10 @@ def resolve_attention_backend(
         )
     in_place = cache_dtype == model_dtype
     if setting == "auto":
-        return "flex" if device.type == "cuda" and in_place else "sdpa"
+        tiles = flex_page_problem(block_size) is None
+        return "flex" if device.type == "cuda" and in_place and tiles else "sdpa"
+    if setting == "flex" and (problem := flex_page_problem(block_size)):
+        raise ValueError(f"decode.attention_backend: flex {problem}")
     if setting == "flex" and not in_place:
         raise ValueError(
             f"decode.attention_backend: flex reads the KV cache in place, so the cache must "
@@ -79,6 +86,13 @@ def resolve_attention_backend(
             "decode.kv_cache.dtype to auto, or attention_backend to sdpa (or auto)"
         )
     return setting
+
+
+def allow_compiled_shapes(count: int) -> None:
+    """Let torch.compile keep ``count`` specialisations of the flex call (one per padded batch
+    size): past Dynamo's recompile limit a whole-graph compile fails instead of recompiling."""
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, count + 1)
 
 
 def plan_flex_decode(
@@ -201,6 +215,5 @@ def compiled_flex(
     graph, static shapes: the decode kernel needs a static batch, and the runner pads batches
     to a few sizes, each compiled once; a step's new tables, lengths and mask closure reuse its
     size's compilation. Another backend (``aot_eager``) traces the same graph without a GPU."""
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, COMPILED_SHAPES)
+    allow_compiled_shapes(COMPILED_SHAPES)
     return torch.compile(_paged_flex, fullgraph=True, dynamic=False, backend=backend)

@@ -150,7 +150,14 @@ class StagedReceiver:
         spans = _spans(flat.numel(), self._ring.slot_bytes)
         notices = [torch.zeros(2, dtype=torch.int64) for _ in spans]
         works = [self._pg.recv([n], SENDER, 0) for n in notices]
-        work = StagedWork(self, flat, spans, notices, works)
+        ready = None
+        if self._stream is not None:
+            # the destination was allocated on the caller's stream, where kernels that used its
+            # memory before (freed, then handed out again by the caching allocator) may still be
+            # queued: the side stream's copies wait for them
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self._device))
+        work = StagedWork(self, flat, spans, notices, works, ready)
         self._order.append(work)
         return work
 
@@ -172,6 +179,8 @@ class StagedReceiver:
                     f"staged chunk {seq} of {size} bytes, expected {self._next} of {n}"
                 )
             if self._stream is not None:
+                if work.ready is not None:
+                    self._stream.wait_event(work.ready)
                 with torch.cuda.stream(self._stream):
                     work.flat[offset : offset + n].copy_(self._ring.slot(seq, n), non_blocking=True)
                 self._stream.synchronize()
@@ -203,6 +212,7 @@ class StagedWork:
     spans: list[tuple[int, int]]  # its chunks: (offset, bytes)
     notices: list[torch.Tensor]  # each chunk's notice, as it lands
     works: list[Any]  # the notices' posted receives
+    ready: Any = None  # CUDA: an event on the caller's stream the copies wait for
     next_chunk: int = 0
 
     @property

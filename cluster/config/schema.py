@@ -36,7 +36,7 @@ from pdserve.cluster.config.fields import (
     one_of,
 )
 from pdserve.engine.builtin_models import BUILTIN_PREFIX, DEFAULT_MODEL
-from pdserve.engine.deploy_config import ATTENTION_BACKENDS
+from pdserve.engine.deploy_config import ATTENTION_BACKENDS, flex_page_problem
 from pdserve.engine.speculative import SPEC_METHODS
 from pdserve.router.policies import DECODE_POLICIES, PREFILL_POLICIES
 
@@ -193,6 +193,8 @@ class DecodeSection(Section):
                 "attention_backend: sdpa (or auto, which falls back to sdpa), or "
                 "kv_cache.dtype: auto"
             )
+        if self.attention_backend == "flex" and (problem := flex_page_problem(self.block_size)):
+            raise ValueError(f"attention_backend: flex {problem}")
         over = [s for s in self.cudagraph_capture_sizes or () if s > self.max_num_seqs]
         if over:
             raise ValueError(

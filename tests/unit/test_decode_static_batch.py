@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from pdserve.cluster.config.resolve import settle
 from pdserve.cluster.config.schema import llm_keywords
 from pdserve.cluster.config.spec import SpecError, load_spec
+from pdserve.decode_worker import cuda_graphs
 from pdserve.decode_worker.cuda_graphs import StaticDecode, capture_sizes, start_static
 from pdserve.decode_worker.runner import DecodeRunner, build_engine, model_limits
 from pdserve.decode_worker.seq import DecodeSeq
@@ -199,6 +200,17 @@ def test_a_flex_path_that_fails_to_start_falls_back_to_sdpa_unless_asked_for(
     assert "decode steps run on SDPA instead" in caplog.text and static.graphs == {}
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
         start_static(static, graphs=True, required=True)
+
+
+def test_a_start_that_left_the_device_broken_fails_rather_than_falling_back(
+    models: dict[str, CausalLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an error CUDA keeps (an illegal memory access) would fail every SDPA step after it
+    cache = allocate_kv_cache(models["llama"].config, 1, NUM_BLOCKS + 1, BS, CPU)
+    static = StaticDecode(models["llama"], cache, BS, (1, 2), 4, NUM_BLOCKS, "flex")
+    monkeypatch.setattr(cuda_graphs, "_device_usable", lambda device: False)
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        start_static(static, graphs=True, required=False)
 
 
 def test_build_engine_pads_decode_for_flex_only(models: dict[str, CausalLM]) -> None:

@@ -19,6 +19,7 @@ from pdserve.engine.decode_attention import (
 )
 from pdserve.engine.paged_flex_attention import (
     _paged_flex,
+    allow_compiled_shapes,
     compiled_flex,
     plan_flex_decode,
     resolve_attention_backend,
@@ -158,6 +159,30 @@ def test_auto_is_flex_on_cuda_with_a_cache_in_the_model_dtype_only() -> None:
     assert resolve_attention_backend("sdpa", cuda, bf16, bf16) == "sdpa"
     with pytest.raises(ValueError, match=r"decode\.kv_cache\.dtype to auto"):
         resolve_attention_backend("flex", cuda, torch.float8_e4m3fn, bf16)
+
+
+@pytest.mark.parametrize("block_size", [8, 24, 48])
+def test_flex_needs_pages_its_kernel_can_tile(block_size: int) -> None:
+    # the CUDA decode kernel clips its key tile to one page, and Triton tiles are powers of 2
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert resolve_attention_backend("auto", cuda, bf16, bf16, block_size) == "sdpa"
+    assert resolve_attention_backend("auto", cuda, bf16, bf16, 2 * 16) == "flex"
+    with pytest.raises(ValueError, match="write block_size: 16"):
+        resolve_attention_backend("flex", cuda, bf16, bf16, block_size)
+    spec = {"name": "t", "decode": {"attention_backend": "flex", "block_size": block_size}}
+    with pytest.raises(SpecError, match="power-of-two page of at least 16 tokens"):
+        load_spec(spec)
+    assert load_spec({"name": "t", "decode": {"block_size": block_size}})  # auto: sdpa there
+
+
+def test_every_capture_size_may_compile_without_a_recompile_limit_failure() -> None:
+    # past Dynamo's recompile limit a fullgraph compile fails: a vLLM-style list of dozens of
+    # capture sizes raises the limit above its length
+    with torch._dynamo.config.patch(recompile_limit=8):
+        allow_compiled_shapes(67)
+        assert torch._dynamo.config.recompile_limit == 68
+        allow_compiled_shapes(3)  # never lowered
+        assert torch._dynamo.config.recompile_limit == 68
 
 
 def test_flex_refuses_a_cache_in_another_dtype() -> None:
