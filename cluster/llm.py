@@ -42,7 +42,8 @@ class LLM:
     ``kv_transfer_backend``, ``prefill_policy``, ``decode_policy``, ``ray_address``,
     ``num_threads``, ``attention_backend`` (auto, sdpa, flex), ``enforce_eager`` (no CUDA
     graphs), ``cudagraph_capture_sizes``, ``gpus_per_worker`` and ``prefill_gpus_per_worker``
-    (a worker's share of a GPU: 0.5 each runs 1P1D on one GPU). The table is
+    (a worker's share of a GPU: 0.5 each runs 1P1D on one GPU), ``start_timeout_s`` (how long
+    the workers may take to be placed and loaded before the start fails). The table is
     ``spec_schema.llm_keywords()``; None means the default.
 
     ``mode="colocated"`` is the baseline instead: ``decode_instances`` instances, each running

@@ -186,6 +186,7 @@ class DeploymentConfig:
     router: RouterSettings = field(default_factory=RouterSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     ray_address: str | None = None
+    start_timeout_s: float = 600.0  # placing and starting every worker, at most
     # authenticates the members of every KV link and TP group (kv_transfer.auth): drawn afresh
     # each time a spec is resolved (`pdserve up`, `LLM(...)`), reaching workers with the tree
     link_secret: bytes = field(

@@ -129,6 +129,7 @@ def settle(
             jobs_dir=str(envs.cache_dir() / "jobs" / spec.name),
         ),
         ray_address=spec.ray.address,
+        start_timeout_s=spec.ray.start_timeout_s,
     )  # fmt: skip
     if problems:
         raise SpecError(problems, f"deploy spec {spec.name!r}")

@@ -237,6 +237,9 @@ class ServerSection(Section):
 class RaySection(Section):
     address: Annotated[str | None, AfterValidator(check_address)] = kw(None, "ray_address")
     num_threads_per_cpu_worker: Positive = kw(1, "num_threads")
+    # how long a deployment's workers may take to be placed and started (Ray waits forever
+    # for resources no node has free); vLLM waits as long for its engine
+    start_timeout_s: Annotated[float, Field(gt=0, le=86400)] = kw(600.0, "start_timeout_s")
 
 
 class DeploySpec(Section):

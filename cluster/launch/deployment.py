@@ -16,6 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pdserve.cluster.launch.gpu_fit import fit_gpus
 from pdserve.cluster.launch.ray_ports import RayDecodePort, RayPrefillPort
+from pdserve.cluster.launch.start_wait import waiting, within
 from pdserve.decode_worker.worker import DecodeWorker
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.deploy_config import DeploymentConfig
@@ -92,16 +93,13 @@ class Deployment:
             )
             groups.append(pg)
             prefill.append(_make_prefill(config, model, i, pg))
+        loads = [d.get_load.remote() for d in decode]  # answered once a replica has started
         try:
-            await asyncio.gather(*(pg.ready() for pg in groups))
-            await asyncio.gather(
-                *(_start_prefill(p) for p in prefill), *(d.get_load.remote() for d in decode)
+            prefill, router = await within(
+                config.start_timeout_s,
+                _start_workers(config, prefill, decode, loads, groups),
+                lambda: waiting(loads, groups, _asks(config)),
             )
-            sizes = await asyncio.gather(*(p.leader.cache_blocks.remote() for p in prefill))
-            prefill = [dataclasses.replace(p, cache_blocks=n) for p, n in zip(prefill, sizes)]
-            ports: list[DecodePort] = [RayDecodePort(h, j) for j, h in enumerate(decode)]
-            router = Router([g.router_instance() for g in prefill], ports, config)
-            await router.start()
         except BaseException:
             _kill([r for p in prefill for r in p.ranks] + decode, groups)
             raise
@@ -139,6 +137,32 @@ class Deployment:
             raise
         self.prefill[i] = dataclasses.replace(group, cache_blocks=blocks)
         self.router.replace_prefill(self.prefill[i].router_instance())
+
+
+async def _start_workers(
+    config: DeploymentConfig,
+    prefill: list[PrefillGroup],
+    decode: list[Any],
+    loads: list[Any],
+    groups: list[PlacementGroup],
+) -> tuple[list[PrefillGroup], Router]:
+    """Wait for every worker to be placed and started, then start the router over them."""
+    await asyncio.gather(*(pg.ready() for pg in groups))
+    await asyncio.gather(*(_start_prefill(p) for p in prefill), *loads)
+    sizes = await asyncio.gather(*(p.leader.cache_blocks.remote() for p in prefill))
+    prefill = [dataclasses.replace(p, cache_blocks=n) for p, n in zip(prefill, sizes)]
+    ports: list[DecodePort] = [RayDecodePort(h, j) for j, h in enumerate(decode)]
+    router = Router([g.router_instance() for g in prefill], ports, config)
+    await router.start()
+    return prefill, router
+
+
+def _asks(config: DeploymentConfig) -> dict[str, dict[str, float]]:
+    """What one worker of each pool asks Ray for."""
+    asks = {"decode": _device_slot(config, "decode") | config.decode.resources}
+    if config.prefill is not None:
+        asks["prefill"] = _device_slot(config, "prefill") | config.prefill.resources
+    return asks
 
 
 def _make_decode(config: DeploymentConfig, j: int) -> Any:

@@ -211,3 +211,35 @@ def test_two_deployments_share_a_ray_cluster(
         ray.get(second.shutdown.remote(), timeout=120)
         ray.kill(second)
     assert_idle(first)
+
+
+def test_a_deployment_the_cluster_cannot_place_fails_in_time_and_holds_nothing(
+    served: tuple[Any, str], tiny_dirs: dict[str, Path]
+) -> None:
+    """Ray keeps a worker that asks for what no node has pending forever; the start gives up
+    after ray.start_timeout_s naming what waits and why, kills what it started, and the
+    deployment beside it serves on."""
+    first, _ = served
+    free = ray.available_resources().get("CPU", 0)
+    spec = deploy_spec(
+        "deploy/local.yaml",
+        "itest-unplaceable",
+        tiny_dirs["llama"],
+        decode={"resources": {"pdserve-absent": 1}},
+        ray={"start_timeout_s": 8},
+    )
+    with pytest.raises(Exception, match=r"did not start within 8 s") as info:
+        launch(resolve(load_spec(spec), gpus_available=False), detached=False)
+    text = str(info.value)
+    assert "decode replica(s) 0 not running" in text
+    assert "the cluster has no pdserve-absent at all" in text
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < free:  # killed actors hand slots back
+        assert time.monotonic() < deadline, "the failed start left workers holding CPU slots"
+        time.sleep(0.2)
+    assert not [
+        pg
+        for pg in ray.util.placement_group_table().values()
+        if pg["name"].startswith("pdserve-itest-unplaceable") and pg["state"] != "REMOVED"
+    ]
+    assert_idle(first)
