@@ -8,7 +8,8 @@ rank), so ``LLM(model, device="cuda")`` runs 1P1D on one GPU as it is. Ray packs
 requests onto a GPU while its remainder holds them, and a prefill instance's TP ranks on one
 node; first fit over every GPU of every node, biggest groups first, gives the same answer for
 the shares a spec can write. It counts the cluster's GPUs, not what other deployments use of
-them: Ray still waits for GPUs another deployment holds.
+them: a worker waiting for GPUs another deployment holds fails the start after
+``ray.start_timeout_s`` (launch/start_wait.py), naming them.
 """
 
 from __future__ import annotations
