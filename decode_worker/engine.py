@@ -23,7 +23,8 @@ abort of a request in the running step takes effect at its commit. Every verb re
 
 Here: the steps, aborts and the engine's state. What is held per request from its reservation
 until it is dropped (admission, KV landing, leases, the one exit that frees) is the
-`RequestTable`'s (``request_table.py``); the engine's verbs for those hand over to it.
+`RequestTable`'s (``request_table.py``); the engine's verbs for those hand over to it. The
+runner's inputs that `prepare()` returns are built in ``step_inputs.py``.
 """
 
 from __future__ import annotations
@@ -36,18 +37,12 @@ from pdserve.decode_worker.request_table import RequestTable
 from pdserve.decode_worker.scheduler import DecodeScheduler
 from pdserve.decode_worker.seq import DecodeSeq, ScheduleOutput
 from pdserve.decode_worker.speculator import Speculator
-from pdserve.decode_worker.step import (
-    ChunkInput,
-    EngineLimits,
-    EngineStep,
-    Output,
-    StepBatch,
-    StepRunner,
-)
+from pdserve.decode_worker.step import EngineLimits, EngineStep, Output, StepBatch, StepRunner
+from pdserve.decode_worker.step_inputs import step_batch
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.load import DecodeLoad
-from pdserve.engine.request import DecodeRequest, Reservation, StepDelta, replay_row
-from pdserve.engine.sampling_types import SamplerOutput, SamplingRow, TokenLogprobs
+from pdserve.engine.request import DecodeRequest, Reservation, StepDelta
+from pdserve.engine.sampling_types import SamplerOutput, TokenLogprobs
 from pdserve.engine.speculative import Proposer, SpecCounters
 
 
@@ -169,26 +164,9 @@ class DecodeEngine:
         return step
 
     def prepare(self, step: EngineStep) -> StepBatch:
-        """The runner's inputs: recomputes, then prompt chunks; rows for the decode seqs, then
-        for the prompts whose last chunk runs."""
-        table = self.blocks.block_table
-        # recompute: rebuild the cache of all but the last token, which the next step decodes
-        # (from its first block that is not a prefix-cache hit)
-        starts = [step.out.recompute_start(s) for s in step.out.recompute]
-        chunks = [
-            ChunkInput(s.token_ids[start:-1], start, table(s.seq_id), False)
-            for s, start in zip(step.out.recompute, starts)
-        ]
-        rows = [r for s in step.out.decode for r in self._rows(s, step.drafts.get(s.seq_id, ()))]
-        for c in step.chunks:
-            req = self._held[c.seq_id].req
-            prompt = req.prompt_token_ids
-            chunks.append(ChunkInput(prompt[c.start : c.end], c.start, table(c.seq_id), c.last))
-            if c.last:
-                rows.append(replay_row(req.sampling, prompt, req.num_replayed))
-        tables = [table(s.seq_id) for s in step.out.decode]
-        drafts = [step.drafts.get(s.seq_id, []) for s in step.out.decode] if step.drafts else []
-        return StepBatch(step.out.decode, tables, chunks, rows, drafts)
+        """The runner's inputs (``step_inputs.py``): recomputes, then prompt chunks; rows for
+        the decode seqs, then for the prompts whose last chunk runs."""
+        return step_batch(step, self.blocks.block_table, self._held)
 
     def commit(self, step: EngineStep, result: SamplerOutput | None) -> list[Output]:
         """The step ran: append each sampled token, stop what must stop, land finished prompts."""
@@ -282,19 +260,6 @@ class DecodeEngine:
         return len(self._held)
 
     # -- internals --------------------------------------------------------------------------
-
-    def _rows(self, seq: DecodeSeq, drafts: Sequence[int]) -> list[SamplingRow]:
-        """A decode seq's sampling rows, one per position it computes: row i draws the token
-        after drafts[:i], so its outputs include them (penalties, min_tokens and a seeded draw
-        see what non-speculative decoding would). A migrated request's replayed tokens are
-        outputs too."""
-        req = self._held[seq.seq_id].req
-        cut = seq.prompt_len - req.num_replayed
-        prompt, outputs = seq.token_ids[:cut], seq.token_ids[cut:]
-        return [
-            SamplingRow(req.sampling, prompt, [*outputs, *drafts[:i]])
-            for i in range(len(drafts) + 1)
-        ]
 
     def _append(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 
+from pdserve.decode_worker.scheduler_integrity import check_scheduler
 from pdserve.decode_worker.seq import (
     DecodeSeq,
     PromptTooLongError,
@@ -15,7 +16,6 @@ from pdserve.decode_worker.seq import (
 )
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.request import Reservation
-from pdserve.engine.speculative import MAX_SPECULATIVE_TOKENS
 
 __all__ = ["DecodeScheduler", "DecodeSeq", "PromptTooLongError", "ScheduleOutput", "SchedulerError"]
 
@@ -276,52 +276,14 @@ class DecodeScheduler:
     # ---- self-check ----------------------------------------------------------------------
 
     def check_integrity(self) -> None:
-        """Raise SchedulerError (or BlockManagerError) if queues, statuses and blocks disagree."""
-        self.blocks.check_integrity()
-        queues = (
-            (SeqStatus.RUNNING, self._running),
-            (SeqStatus.READY, self._ready),
-            (SeqStatus.PREEMPTED, self._preempted),
+        """Raise SchedulerError (or BlockManagerError) if queues, statuses and blocks disagree
+        (``scheduler_integrity.py``)."""
+        check_scheduler(
+            self.blocks,
+            self.max_num_seqs,
+            self._reserved,
+            self._seqs,
+            self._running,
+            self._ready,
+            self._preempted,
         )
-        queued = [seq for _, queue in queues for seq in queue]
-        if sorted(s.seq_id for s in queued) != sorted(self._seqs):
-            raise SchedulerError("queues and the seq table disagree (a seq is lost or doubled)")
-        if self._reserved.keys() & self._seqs.keys():
-            raise SchedulerError("a seq is both reserved and activated")
-        holders = set(self._reserved) | {s.seq_id for s in self._running + self._ready}
-        if set(self.blocks.owners()) != holders:
-            raise SchedulerError(
-                f"block owners {sorted(self.blocks.owners())} != seqs holding blocks "
-                f"{sorted(holders)}"
-            )
-        if len(self._running) > self.max_num_seqs:
-            raise SchedulerError(f"{len(self._running)} running > max_num_seqs")
-        for seq_id, tokens in self._reserved.items():
-            if self.blocks.num_tokens(seq_id) != tokens:
-                raise SchedulerError(f"reserved seq {seq_id} lost its prompt blocks")
-        for status, queue in queues:
-            for seq in queue:
-                self._check_seq(seq, status)
-        arrivals = [s.arrival for s in self._preempted]
-        if arrivals != sorted(arrivals):
-            raise SchedulerError("the preempted queue is out of arrival order")
-
-    def _check_seq(self, seq: DecodeSeq, status: SeqStatus) -> None:
-        if seq.status is not status or self._seqs.get(seq.seq_id) is not seq:
-            raise SchedulerError(
-                f"seq {seq.seq_id} is {seq.status.value} in the {status.value} queue"
-            )
-        if status is SeqStatus.PREEMPTED:
-            ok = seq.num_cached == 0
-        else:
-            # ready: capacity == cached; running: more while a decode step is scheduled (one,
-            # plus its drafts' slots)
-            spare = self.blocks.num_tokens(seq.seq_id) - seq.num_cached
-            most = 1 + MAX_SPECULATIVE_TOKENS
-            ok = spare == 0 if status is SeqStatus.READY else 0 <= spare <= most
-            ok = ok and seq.num_cached <= len(seq.token_ids)
-        if not ok:
-            raise SchedulerError(
-                f"seq {seq.seq_id} ({seq.status.value}) caches {seq.num_cached} of "
-                f"{len(seq.token_ids)} tokens, which its blocks do not match"
-            )
