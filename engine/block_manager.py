@@ -3,10 +3,10 @@ share, and which cached blocks a new prompt can reuse. Pure Python, no tensors."
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Sequence
 
+from pdserve.engine import block_audit
 from pdserve.engine.free_runs import BlockManagerError as BlockManagerError  # re-exported
 from pdserve.engine.free_runs import FreeRuns
 
@@ -213,24 +213,8 @@ class BlockManager:
     def check_integrity(self) -> None:
         """Raise BlockManagerError if any block is lost, in two states, out of range or wrongly
         counted, if the hash index is not a bijection onto cached blocks, or if a table's length
-        does not match its owner's capacity."""
-        self._free.check_integrity()
-        holders = self._holders()
-        free, evictable = set(self._free.blocks()), set(self._evictable)
-        for block in range(self.num_blocks):
-            if self._refs[block] != holders[block]:
-                raise BlockManagerError(
-                    f"block {block} has refcount {self._refs[block]} but {holders[block]} holders"
-                )
-        states = [("free", free), ("evictable", evictable), ("referenced", set(holders))]
-        for (a, one), (b, other) in itertools.combinations(states, 2):
-            if one & other:
-                raise BlockManagerError(f"blocks {sorted(one & other)[:10]} are {a} and {b}")
-        if len(free) + len(evictable) + len(holders) != self.num_blocks:
-            lost = sorted(set(range(self.num_blocks)) - free - evictable - set(holders))
-            raise BlockManagerError(f"blocks {lost[:10]} are neither free, cached nor owned")
-        self._check_index(free, evictable)
-        self._check_owners()
+        does not match its owner's capacity (`engine.block_audit`)."""
+        block_audit.check_integrity(self)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -270,41 +254,6 @@ class BlockManager:
 
     def _extra_blocks(self, owner: int, num_tokens: int) -> int:
         return max(0, self.blocks_for(num_tokens) - len(self._table(owner)))
-
-    def _holders(self) -> Counter[int]:
-        """How many owners' tables hold each block (checked: in range, once per table)."""
-        holders: Counter[int] = Counter()
-        for owner, table in self._tables.items():
-            if len(set(table)) != len(table):
-                raise BlockManagerError(f"owner {owner} holds a block twice")
-            for block in table:
-                if not 0 <= block < self.num_blocks:
-                    raise BlockManagerError(f"block {block} held by owner {owner} is out of range")
-                holders[block] += 1
-        return holders
-
-    def _check_index(self, free: set[int], evictable: set[int]) -> None:
-        if len(self._block_of) != len(self._hash_of) or any(
-            self._hash_of.get(block) != h for h, block in self._block_of.items()
-        ):
-            raise BlockManagerError("the hash index and the blocks' hashes disagree")
-        if not evictable <= self._hash_of.keys() or free & self._hash_of.keys():
-            raise BlockManagerError("an evictable block is not indexed, or a free block is")
-        if not self.caching and (self._hash_of or max(self._refs) > 1):
-            raise BlockManagerError("prefix caching is off but blocks are indexed or shared")
-
-    def _check_owners(self) -> None:
-        if not self._tables.keys() == self._tokens.keys() == self._offered.keys():
-            raise BlockManagerError("owner tables and token counts disagree on the set of owners")
-        for owner, table in self._tables.items():
-            want = self.blocks_for(self._tokens[owner])
-            if len(table) != want:
-                raise BlockManagerError(
-                    f"owner {owner} holds {len(table)} blocks for {self._tokens[owner]} tokens; "
-                    f"expected {want}"
-                )
-            if self._offered[owner] > len(table):
-                raise BlockManagerError(f"owner {owner} offered more blocks than it holds")
 
 
 def _check_tokens(num_tokens: int) -> None:

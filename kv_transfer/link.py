@@ -2,7 +2,8 @@
 
 Rank 0 sends, rank 1 receives. The group is built directly on a TCPStore (the receiver hosts it)
 rather than through ``init_process_group``, because one process holds many such groups (one per
-peer) next to its tensor-parallel group; a dead peer then breaks only its own link.
+peer) next to its tensor-parallel group; a dead peer then breaks only its own link. What the two
+ends say through the store besides (keys, errors, the backend agreement): ``link_store``.
 
 **Idle links.** A link may sit idle for hours between batches, and a process group enforces its
 timeout on every posted operation (gloo fails a receive after it; NCCL's watchdog tears the
@@ -36,20 +37,24 @@ from pdserve.engine.parallel import make_process_group
 from pdserve.kv_transfer.auth import GroupAuth, bound_store, handshake, verify_group
 from pdserve.kv_transfer.descriptor import MAX_HEADER_BYTES, TransferHeader, TransferProtocolError
 from pdserve.kv_transfer.errors import KVLinkError as KVLinkError  # re-exported: older imports
+from pdserve.kv_transfer.link_store import (
+    ERROR,
+    HEADER_KEY,
+    RING_KEY,
+    RING_OPEN_KEY,
+    agree_backend,
+    get_checked,
+    set_bytes,
+)
+from pdserve.kv_transfer.link_store import RECEIVER as RECEIVER  # re-exported: a link's ranks
+from pdserve.kv_transfer.link_store import SENDER as SENDER
 from pdserve.kv_transfer.peers import BACKENDS as BACKENDS
-from pdserve.kv_transfer.peers import STAGED, device_identity, resolve_backend
+from pdserve.kv_transfer.peers import STAGED
 from pdserve.kv_transfer.ring import create_ring, open_ring
 from pdserve.kv_transfer.staged import StagedReceiver, StagedSender
 
 logger = logging.getLogger(__name__)
 
-SENDER, RECEIVER = 0, 1
-_HEADER_KEY = "pdserve/kv/header/"
-_RECEIVER_KEY = "pdserve/kv/receiver"  # the receiver's device_identity
-_BACKEND_KEY = "pdserve/kv/backend"  # the sender's choice (or "error: why")
-_RING_KEY = "pdserve/kv/ring"  # a staged link's ring, as the sender opens it
-_RING_OPEN_KEY = "pdserve/kv/ring-open"
-_ERROR = "error: "
 # one idle wait on the store; a wait that ends without a header just waits again (each end
 # logs a line in torch's C++ layer, hence not seconds)
 IDLE_WAIT_S = 3600.0
@@ -57,29 +62,6 @@ IDLE_WAIT_S = 3600.0
 # posted when its header comes and its sends as the forward makes each layer, so minutes are
 # already a stuck peer (a live peer that tore its group down is only noticed this way)
 GROUP_TIMEOUT_S = 300.0
-
-
-def _get(store: dist.Store, key: str, error: type[Exception] = RuntimeError) -> bytes:
-    """A key the other end sets, or ``error`` with the reason it wrote instead (``_ERROR``)."""
-    value = store.get(key)
-    if value.startswith(_ERROR.encode()):
-        raise error(value.decode()[len(_ERROR) :])
-    return value
-
-
-def _agree(store: dist.Store, backend: str, rank: int, device: torch.device) -> str:
-    """Both ends settle on one backend: the receiver names its device, the sender chooses."""
-    if rank == RECEIVER:
-        store.set(_RECEIVER_KEY, device_identity(device))
-        return _get(store, _BACKEND_KEY, ValueError).decode()
-    receiver = store.get(_RECEIVER_KEY).decode()
-    try:
-        chosen = resolve_backend(backend, device_identity(device), receiver)
-    except ValueError as e:
-        store.set(_BACKEND_KEY, _ERROR + str(e))
-        raise
-    store.set(_BACKEND_KEY, chosen)
-    return chosen
 
 
 def _indexed(device: torch.device) -> torch.device:
@@ -90,11 +72,6 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
-def _set_bytes(store: dist.Store, key: str, value: bytes) -> None:
-    """``store.set`` with a bytes value (the store keeps bytes; torch's stub says str)."""
-    store.set(key, value)  # type: ignore[arg-type]
-
-
 def _staged_plane(
     store: dist.Store, backend: str, rank: int, device: torch.device, pg: Any, name: str
 ) -> StagedSender | StagedReceiver:
@@ -103,24 +80,24 @@ def _staged_plane(
         try:
             ring, description = create_ring(backend, device)
         except (OSError, RuntimeError) as e:
-            store.set(_RING_KEY, _ERROR + f"staging ring not made: {e}")
+            store.set(RING_KEY, ERROR + f"staging ring not made: {e}")
             raise
-        _set_bytes(store, _RING_KEY, description)
+        set_bytes(store, RING_KEY, description)
         try:
-            _get(store, _RING_OPEN_KEY)
+            get_checked(store, RING_OPEN_KEY)
         except BaseException:
             ring.close()
             raise
         finally:
             ring.unlink()
         return StagedReceiver(pg, ring, device)
-    description = _get(store, _RING_KEY)
+    description = get_checked(store, RING_KEY)
     try:
         ring = open_ring(description, device)
     except (OSError, RuntimeError, TransferProtocolError) as e:  # the receiver waits on it
-        store.set(_RING_OPEN_KEY, _ERROR + f"the sender could not map the staging ring: {e}")
+        store.set(RING_OPEN_KEY, ERROR + f"the sender could not map the staging ring: {e}")
         raise
-    store.set(_RING_OPEN_KEY, "1")
+    store.set(RING_OPEN_KEY, "1")
     return StagedSender(pg, ring, device, name)
 
 
@@ -188,7 +165,7 @@ class KVLink:
             store = dist.TCPStore(host, port, 2, False, timeout)
         # kv_transfer.auth's three steps, with the ends agreeing on a backend after the first
         nonce = handshake(store, auth, name, timeout_s) if auth is not None else ""
-        chosen = _agree(store, backend, rank, device)
+        chosen = agree_backend(store, backend, rank, device)
         group_backend = "nccl" if chosen == "nccl" else "gloo"
         group_store = dist.PrefixStore(name, store)
         pg = make_process_group(group_backend, group_store, rank, 2, group_timeout_s)
@@ -214,7 +191,7 @@ class KVLink:
 
     def send_header(self, header: TransferHeader) -> None:
         """Announce a batch: the receiver wakes and posts its receives (see the module doc)."""
-        _set_bytes(self._store, f"{_HEADER_KEY}{self._seq}", header.encode())
+        set_bytes(self._store, f"{HEADER_KEY}{self._seq}", header.encode())
         self._seq += 1
 
     def send_tensor(self, tensor: torch.Tensor) -> None:
@@ -247,7 +224,7 @@ class KVLink:
     def recv_header(self) -> TransferHeader:
         """Block until the next header arrives: an idle link waits indefinitely, with nothing
         posted on its group. After ``stop``, a closing header."""
-        key = f"{_HEADER_KEY}{self._seq}"
+        key = f"{HEADER_KEY}{self._seq}"
         while not self._stopped.is_set():
             try:
                 self._waiter.wait([key], datetime.timedelta(seconds=IDLE_WAIT_S))
@@ -279,7 +256,7 @@ class KVLink:
             self._staged.release_peer()
         self._stopped.set()
         try:
-            _set_bytes(self._store, f"{_HEADER_KEY}{self._seq}", TransferHeader.closing().encode())
+            set_bytes(self._store, f"{HEADER_KEY}{self._seq}", TransferHeader.closing().encode())
         except RuntimeError as e:
             logger.warning("kv link %s: stop not delivered: %s", self.name, e)
 

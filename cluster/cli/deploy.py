@@ -10,13 +10,12 @@ import json
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:  # annotations only: it imports Ray and torch
-    from pdserve.engine.deploy_config import DeploymentConfig
+from pdserve.cluster.cli.deploy_preflight import listen_problem, resolve_spec
 
 DEFAULT_DEPLOYMENT = "local"
 UP_DESCRIPTION = (
@@ -79,13 +78,13 @@ def up(args: argparse.Namespace) -> int:
     from pdserve.cluster.launch.controller import launch
 
     console = Console(stderr=True)
-    resolved = _resolve(args, console)
+    resolved = resolve_spec(args, console)
     if resolved is None:
         return 2
     c = resolved
     if not c.ray_address:
         # the controller will run on this machine: a taken port fails now, before Ray starts
-        if taken := _listen_problem(c.server.host, c.server.port):
+        if taken := listen_problem(c.server.host, c.server.port):
             console.print(f"[red]deploying {c.name!r} failed[/]: {taken}", highlight=False)
             return 1
         from pdserve.cluster.launch.ray_env import init_ray
@@ -125,58 +124,6 @@ def up(args: argparse.Namespace) -> int:
             address_book.forget(resolved.name)  # its local Ray instance ends with `up`
         console.print(f"deployment {resolved.name!r} stopped")
     return 0
-
-
-def _listen_problem(host: str, port: int) -> str | None:
-    """Why the server could not listen on host:port here (None if it can), checked by binding
-    and closing a socket as the server will."""
-    from pdserve.cluster.serving.http_server import ListenError, bind_socket
-
-    try:
-        bind_socket(host, port).close()
-    except ListenError as e:
-        return str(e)
-    return None
-
-
-def _resolve(args: argparse.Namespace, console: Console) -> DeploymentConfig | None:
-    """The spec, resolved on the Ray cluster it names (joined here), or for this machine (`up`
-    then starts a local Ray instance, once the spec says how many actors it needs); None
-    (after saying why) if bad."""
-    import ray
-    import torch
-
-    from pdserve.cluster.config.resolve import resolve
-    from pdserve.cluster.config.spec import (
-        SpecError,
-        default_spec_path,
-        load_spec,
-        with_ray_address,
-    )
-    from pdserve.cluster.launch.ray_env import RayAddressError, init_ray
-
-    try:
-        spec = load_spec(args.file or default_spec_path())
-        if args.address:
-            spec = with_ray_address(spec, args.address)
-        address = spec.ray.address
-        if args.detach and not address:
-            console.print(
-                "[red]--detach needs a running Ray cluster[/]: start one with "
-                "`ray start --head` and pass `--address auto`"
-            )
-            return None
-        if address:
-            init_ray(address, namespace="pdserve")  # RayAddressError when none answers
-        gpus = ray.cluster_resources().get("GPU", 0) > 0 if address else torch.cuda.is_available()
-        resolved = resolve(spec, gpus_available=gpus)
-    except SpecError as e:
-        console.print(f"[red]invalid deploy spec[/]:\n{e}")
-        return None
-    except RayAddressError as e:
-        console.print(f"[red]cannot reach Ray[/]: {e}", highlight=False)
-        return None
-    return resolved
 
 
 def _serve_until_down(actor: Any, console: Console) -> None:
