@@ -144,14 +144,20 @@ def write_config(reader: gguf.GGUFReader, path: Path, out: Path) -> dict[str, An
     return config
 
 
-def write_tokenizer(path: Path, out: Path) -> None:
-    """transformers' GGUF tokenizer (vocab, merges, special tokens, chat template), saved to `out`."""
+def write_tokenizer(reader: gguf.GGUFReader, path: Path, out: Path) -> None:
+    """transformers' GGUF tokenizer (vocab, merges, special tokens, chat template), saved to
+    `out`, adding BOS/EOS as the file says (tokenizer.ggml.add_bos_token / add_eos_token, as
+    llama.cpp does): transformers before 5.2x read neither flag, so a llama GGUF lost its BOS."""
     try:
         tok = AutoTokenizer.from_pretrained(
             str(path.parent), gguf_file=path.name, local_files_only=True
         )
     except (ValueError, KeyError, OSError) as e:
         raise ModelLoadError(f"transformers cannot build a tokenizer from {path}: {e}") from e
+    for special in ("bos", "eos"):
+        flag = field(reader, f"tokenizer.ggml.add_{special}_token")
+        if flag is not None:
+            setattr(tok, f"add_{special}_token", bool(flag))
     tok.save_pretrained(str(out))
 
 

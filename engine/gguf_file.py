@@ -27,7 +27,7 @@ from pdserve.engine.gguf_reader import is_gguf_file, open_gguf, require_file
 
 logger = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 1  # bump when the output changes, so cached conversions are redone
+CONVERTER_VERSION = 2  # bump when the output changes, so cached conversions are redone
 MARKER = "pdserve_gguf.json"  # written last: a directory without it is not a finished conversion
 
 
@@ -76,6 +76,6 @@ def _convert(out: Path, source: Path, progress: bool) -> None:
     reader = open_gguf(source)  # every check, before anything is written
     logger.info("converting %s into %s (float32)", source, out)
     config = write_config(reader, source, out)
-    write_tokenizer(source, out)
+    write_tokenizer(reader, source, out)
     write_tensors(reader, config, source, out, progress)
     logger.info("converted %s in %.1f s", source.name, time.perf_counter() - started)
