@@ -16,7 +16,7 @@ what earlier calls carried while it stays warm, so the last call reassembles and
 
 and runs ``PYTHONPATH=/tmp/pdroot:/tmp/site python3 -m pdserve.bench.gpu_check``. Only the
 standard library is imported at the top: ``install`` runs before anything is installed.
-docs/operations.md ("A GPU check on a lent machine") gives the calls.
+docs/operations.md (section 1a, "On a machine with no package registry") gives the calls.
 """
 
 from __future__ import annotations
