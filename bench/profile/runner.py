@@ -83,12 +83,8 @@ def _spec_source(args: argparse.Namespace) -> Path | dict[str, Any]:
     if args.file is not None:
         raise ProfileSetupError("give -f SPEC or --experiment EXPERIMENT.yaml, not both")
     from pdserve.bench.models import servable_model
-    from pdserve.bench.sweep.experiment import (
-        ExperimentError,
-        Placement,
-        load_experiment,
-        placement_deploy_spec,
-    )
+    from pdserve.bench.sweep.experiment import ExperimentError, Placement, placement_deploy_spec
+    from pdserve.bench.sweep.experiment_loader import load_experiment
 
     try:
         e = load_experiment(args.experiment)

@@ -61,7 +61,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if args.file is None:
         console.print("[red]pdserve sweep[/]: give -f EXPERIMENT.yaml (or --plot-only DIR)")
         return 2
-    from pdserve.bench.sweep.experiment import ExperimentError, load_experiment
+    from pdserve.bench.sweep.experiment import ExperimentError
+    from pdserve.bench.sweep.experiment_loader import load_experiment
 
     try:
         experiment = load_experiment(args.file).narrowed(

@@ -2,8 +2,8 @@
 unknown keys rejected, every error one line naming the key path and what to write instead
 (`cluster.spec_errors.describe_error`, shared with the deploy spec).
 
-`sweep.experiment.load_experiment` validates a file with it and turns it into frozen dataclasses;
-docs/experiments.md documents every key.
+`sweep.experiment_loader.load_experiment` validates a file with it and turns it into frozen
+dataclasses; docs/experiments.md documents every key.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ import yaml
 from _bad_inputs import JSON, NATIVE, OPENAI, Case
 from cluster_helpers import deploy_spec, free_port
 
-from pdserve.bench.sweep.experiment import ExperimentError, load_experiment
+from pdserve.bench.sweep.experiment import ExperimentError
+from pdserve.bench.sweep.experiment_loader import load_experiment
 from pdserve.cluster import Client
 from pdserve.cluster.client import PdserveError, read_prompts
 from pdserve.cluster.config.resolve import resolve

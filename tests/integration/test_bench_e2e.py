@@ -26,7 +26,7 @@ from pdserve.bench.serve.runner import (
 )
 from pdserve.bench.serve.tokens import find_tokens
 from pdserve.bench.serve.workloads import parse_workload
-from pdserve.bench.sweep.experiment import load_experiment
+from pdserve.bench.sweep.experiment_loader import load_experiment
 from pdserve.bench.sweep.phase_metrics import PhaseTotals
 from pdserve.bench.sweep.plots import plot_all
 from pdserve.bench.sweep.probe import scrape_phases

@@ -14,9 +14,9 @@ from pdserve.bench.sweep.experiment import (
     Experiment,
     ExperimentError,
     Placement,
-    load_experiment,
     placement_deploy_spec,
 )
+from pdserve.bench.sweep.experiment_loader import load_experiment
 from pdserve.cluster.config.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[2]
