@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,11 @@ MISSING = (
 
 
 def build(out: Path) -> list[Path]:
-    """Download the wheels and pack them into parts; the parts."""
+    """Download the wheels and pack them into parts (``out`` starts empty: a part left from
+    an earlier build would carry stale chunks); the parts."""
     from importlib.metadata import version
 
+    shutil.rmtree(out, ignore_errors=True)
     wheels = out / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     pins = [f"{name}=={version(name)}" for name in MISSING]
