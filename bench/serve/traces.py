@@ -12,7 +12,7 @@ import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 TRACE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -97,7 +97,7 @@ def _timestamp_s(where: str, text: str) -> float:
             "(e.g. 2023-11-16 18:15:46.6805900); fix or delete the row"
         ) from None
     if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=timezone.utc)  # only differences matter
+        stamp = stamp.replace(tzinfo=UTC)  # only differences matter
     return stamp.timestamp()
 
 

@@ -168,7 +168,7 @@ async def lane(
                 tokens, why = await asyncio.wait_for(
                     stream(client, url, PROMPTS[i]), REQUEST_TIMEOUT_S
                 )
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 figures.hung += 1
                 continue
             except httpx.TransportError as e:  # the server's connection is gone
