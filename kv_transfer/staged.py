@@ -166,6 +166,8 @@ class StagedReceiver:
             self._copy_out(self._order[0], timeout)
 
     def _copy_out(self, work: StagedWork, timeout: Any) -> None:
+        if self._stream is not None and work.ready is not None:
+            self._stream.wait_event(work.ready)  # once per tensor: its chunks share it
         while work.next_chunk < len(work.spans):
             i = work.next_chunk
             if timeout is None:
@@ -179,8 +181,6 @@ class StagedReceiver:
                     f"staged chunk {seq} of {size} bytes, expected {self._next} of {n}"
                 )
             if self._stream is not None:
-                if work.ready is not None:
-                    self._stream.wait_event(work.ready)
                 with torch.cuda.stream(self._stream):
                     work.flat[offset : offset + n].copy_(self._ring.slot(seq, n), non_blocking=True)
                 self._stream.synchronize()
